@@ -1,0 +1,245 @@
+//! The system collector: CPU, load, memory, disks, network, uptime, temperatures and process
+//! count, read through `sysinfo`. Only the parts that are sampled are refreshed, so the agent
+//! stays small.
+
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use shoal_proto::v1::{
+    Cpu, DeviceHello, Disk, LoadAverage, Memory, NetInterface, Sample, Temperature,
+};
+use sysinfo::{
+    Components, CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
+};
+
+pub struct SystemCollector {
+    system: System,
+    // Each optional part is `None` on a host that does not expose it; the rest still works.
+    disks: Option<Disks>,
+    networks: Option<Networks>,
+    components: Option<Components>,
+    last_net: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read system statistics: {0}")]
+pub struct CollectorError(String);
+
+/// Logs once that an optional part of the collector is unavailable.
+fn optional<T>(what: &str, r: Result<T, sysinfo::Error>) -> Option<T> {
+    r.map_err(|e| tracing::warn!(error = %e, "{what} statistics unavailable on this host; reporting without them"))
+        .ok()
+}
+
+impl SystemCollector {
+    pub fn new() -> Result<Self, CollectorError> {
+        let system = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_usage())
+                .with_memory(MemoryRefreshKind::everything()),
+        )
+        .map_err(|e| CollectorError(e.to_string()))?;
+        Ok(Self {
+            system,
+            disks: optional("disk", Disks::new_with_refreshed_list()),
+            networks: optional("network", Networks::new_with_refreshed_list()),
+            components: optional("temperature", Components::new_with_refreshed_list()),
+            last_net: Instant::now(),
+        })
+    }
+
+    /// Takes one sample. CPU usage and network rates are measured since the previous call (the
+    /// first call after [`Self::new`] measures since construction).
+    pub fn sample(&mut self) -> Sample {
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        if let Some(d) = &mut self.disks {
+            d.refresh(true);
+        }
+        if let Some(n) = &mut self.networks {
+            n.refresh(true);
+        }
+        if let Some(c) = &mut self.components {
+            c.refresh(true);
+        }
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_net).as_secs_f64().max(1e-3);
+        self.last_net = now;
+
+        let load = System::load_average().ok();
+        let mut disks: Vec<Disk> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.iter())
+            .map(|d| Disk {
+                mount_point: d.mount_point().to_string_lossy().into_owned(),
+                device: d.name().to_string_lossy().into_owned(),
+                filesystem: d.file_system().to_string_lossy().into_owned(),
+                total_bytes: d.total_space(),
+                used_bytes: d.total_space().saturating_sub(d.available_space()),
+            })
+            .collect();
+        disks.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+        disks.dedup_by(|a, b| a.mount_point == b.mount_point);
+        let mut networks: Vec<NetInterface> = self
+            .networks
+            .iter()
+            .flat_map(|n| n.iter())
+            .map(|(name, n)| NetInterface {
+                name: name.to_string_lossy().into_owned(),
+                rx_bytes: n.total_received(),
+                tx_bytes: n.total_transmitted(),
+                rx_bytes_per_second: n.received() as f64 / elapsed,
+                tx_bytes_per_second: n.transmitted() as f64 / elapsed,
+            })
+            .collect();
+        networks.sort_by(|a, b| a.name.cmp(&b.name));
+        let temperatures = self
+            .components
+            .iter()
+            .flat_map(|c| c.iter())
+            .filter_map(|c| {
+                c.temperature()
+                    .filter(|t| t.is_finite())
+                    .map(|t| Temperature {
+                        sensor: c.label().to_string(),
+                        celsius: f64::from(t),
+                    })
+            })
+            .collect();
+
+        Sample {
+            seq: 0,
+            timestamp_ms: now_ms(),
+            cpu: Some(Cpu {
+                total_percent: f64::from(self.system.global_cpu_usage()),
+                core_percent: self
+                    .system
+                    .cpus()
+                    .iter()
+                    .map(|c| f64::from(c.usage()))
+                    .collect(),
+            }),
+            load: load.map(|l| LoadAverage {
+                one: l.one,
+                five: l.five,
+                fifteen: l.fifteen,
+            }),
+            memory: Some(Memory {
+                total_bytes: self.system.total_memory(),
+                used_bytes: self.system.used_memory(),
+                available_bytes: self.system.available_memory(),
+                swap_total_bytes: self.system.total_swap(),
+                swap_used_bytes: self.system.used_swap(),
+            }),
+            disks,
+            networks,
+            uptime_seconds: System::uptime().unwrap_or(0),
+            temperatures,
+            process_count: process_count(Path::new("/proc")),
+            gpus: Vec::new(),
+            pi: None,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch on this device's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Counts the numeric entries of `/proc` (one per process) without loading process details.
+fn process_count(proc_root: &Path) -> u32 {
+    std::fs::read_dir(proc_root)
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .count() as u32
+        })
+        .unwrap_or(0)
+}
+
+/// Who this device is, for the hello message.
+pub fn describe_device(
+    device_id: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> DeviceHello {
+    DeviceHello {
+        device_id: device_id.to_string(),
+        hostname: System::host_name().unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+        os: System::long_os_version().unwrap_or_else(|_| std::env::consts::OS.to_string()),
+        kernel: System::kernel_version().unwrap_or_default(),
+        hardware_model: hardware_model(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        last_written_seq: 0,
+    }
+}
+
+/// The board or product name: the device tree model on ARM boards, DMI on PCs and servers.
+fn hardware_model() -> String {
+    for path in [
+        "/proc/device-tree/model",
+        "/sys/firmware/devicetree/base/model",
+        "/sys/class/dmi/id/product_name",
+    ] {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    String::new()
+}
+
+/// A stable id for this machine: `/etc/machine-id` (systemd), else the D-Bus one, else the
+/// hostname. `None` when none of them gives a valid device id.
+pub fn default_device_id() -> Option<String> {
+    for path in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            let s = s.trim();
+            if shoal_proto::device_id::validate(s).is_ok() {
+                return Some(s.to_string());
+            }
+        }
+    }
+    System::host_name()
+        .ok()
+        .filter(|h| shoal_proto::device_id::validate(h).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_this_host() {
+        let mut c = SystemCollector::new().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let s = c.sample();
+        let mem = s.memory.unwrap();
+        assert!(mem.total_bytes > 0 && mem.used_bytes <= mem.total_bytes);
+        assert!(!s.cpu.unwrap().core_percent.is_empty());
+        assert!(s.process_count > 0);
+        assert!(s.uptime_seconds > 0);
+        assert!(s.timestamp_ms > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn counts_processes_from_proc_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["1", "42", "self", "cpuinfo", "1000"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        assert_eq!(process_count(dir.path()), 3);
+    }
+}

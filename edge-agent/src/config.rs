@@ -1,0 +1,224 @@
+//! Agent configuration: a TOML file, overridden by environment variables, overridden by flags
+//! (the merging happens in `main.rs` through clap; this module holds the types, the defaults in
+//! one place and `validate()`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `shoal-agent run` needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The hub's ingest endpoint, `http://HOST:PORT` (gRPC).
+    pub hub: String,
+    /// This device's id; defaults to the machine id.
+    pub device_id: Option<String>,
+    /// How often to sample.
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// Where the spool lives.
+    pub spool_dir: PathBuf,
+    /// Bound on the spool's size on disk, e.g. "64MiB".
+    pub spool_max_size: String,
+    /// Most samples in one batch to the hub.
+    pub batch_max_samples: usize,
+    /// Labels reported in the hello (e.g. `site = "lab"`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            hub: "http://127.0.0.1:50051".into(),
+            device_id: None,
+            interval: Duration::from_secs(10),
+            spool_dir: PathBuf::from("/var/lib/shoal-agent/spool"),
+            spool_max_size: "64MiB".into(),
+            batch_max_samples: 500,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl AgentConfig {
+    /// Reads a TOML file; unknown keys are an error (a typo must not be silently ignored).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every field; the first problem is returned, naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let scheme = self.hub.split_once("://").map(|(s, _)| s);
+        match scheme {
+            Some("http" | "https") => {}
+            _ => {
+                return Err(invalid(
+                    "hub",
+                    format!("{:?} is not a URL like http://HOST:PORT", self.hub),
+                ));
+            }
+        }
+        if let Some(id) = &self.device_id {
+            shoal_proto::device_id::validate(id)
+                .map_err(|e| invalid("device-id", e.to_string()))?;
+        }
+        if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(3600) {
+            return Err(invalid("interval", "must be between 10ms and 1h"));
+        }
+        let max = self.spool_max_bytes()?;
+        if max < 64 * 1024 {
+            return Err(invalid("spool-max-size", "must be at least 64KiB"));
+        }
+        if self.batch_max_samples == 0 || self.batch_max_samples > 10_000 {
+            return Err(invalid("batch-max-samples", "must be between 1 and 10000"));
+        }
+        Ok(())
+    }
+
+    pub fn spool_max_bytes(&self) -> Result<u64, ConfigError> {
+        parse_size(&self.spool_max_size).map_err(|r| invalid("spool-max-size", r))
+    }
+}
+
+/// Parses "64MiB", "512KiB", "1GiB", "10MB" or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Durations in TOML as human strings ("1s", "250ms").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        AgentConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn reads_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "hub = \"http://hub:50051\"\ninterval = \"2s\"\nspool_max_size = \"8MiB\"\n[labels]\nsite = \"lab\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::from_file(&path).unwrap();
+        assert_eq!(c.interval, Duration::from_secs(2));
+        assert_eq!(c.spool_max_bytes().unwrap(), 8 << 20);
+        assert_eq!(c.labels["site"], "lab");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "hubb = \"x\"\n").unwrap();
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("hubb"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let bad = [
+            AgentConfig {
+                hub: "127.0.0.1:50051".into(),
+                ..Default::default()
+            },
+            AgentConfig {
+                device_id: Some("a b".into()),
+                ..Default::default()
+            },
+            AgentConfig {
+                interval: Duration::from_millis(1),
+                ..Default::default()
+            },
+            AgentConfig {
+                spool_max_size: "12 parsecs".into(),
+                ..Default::default()
+            },
+        ];
+        let fields = ["hub", "device-id", "interval", "spool-max-size"];
+        for (c, field) in bad.iter().zip(fields) {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("2KB"), Ok(2000));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("5 furlongs").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! `shoal-agent`: samples its device and reports to the hub without losing a sample.
+//!
+//! # Layout
+//! - [`config`]: the agent's settings, defaults and validation.
+//! - [`collector`]: what a sample holds (system metrics via `sysinfo`) and who the device is.
+//! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
+//! - [`transport`]: the gRPC stream to the hub, acks, reconnects with backoff.
+//!
+//! [`run`] wires them: a sampler task appends to the spool every interval, a sender task drains
+//! it; both stop on the shutdown signal.
+#![forbid(unsafe_code)]
+
+pub mod collector;
+pub mod config;
+pub mod spool;
+pub mod transport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::sync::{Notify, watch};
+
+use crate::collector::SystemCollector;
+use crate::config::{AgentConfig, ConfigError};
+use crate::spool::{Spool, SpoolError, SpoolLimits, SpoolStatus};
+use crate::transport::{Sender, Stopped};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Collector(#[from] collector::CollectorError),
+    #[error(
+        "no device id given and none could be derived from /etc/machine-id or the hostname; pass --device-id"
+    )]
+    NoDeviceId,
+}
+
+/// Counters of one agent run.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub samples_taken: AtomicU64,
+    pub samples_sent: AtomicU64,
+    pub samples_acked: AtomicU64,
+    pub samples_rejected: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub device_id: String,
+    pub samples_taken: u64,
+    pub samples_acked: u64,
+    pub samples_rejected: u64,
+    pub reconnects: u64,
+    pub spool: SpoolStatus,
+    pub drained: bool,
+}
+
+/// Options of a run that are not device configuration.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Take this many samples, wait until all are acknowledged, then return.
+    pub count: Option<u64>,
+}
+
+/// Samples and reports until `shutdown` turns true (or, with `count`, until done).
+pub async fn run(
+    config: AgentConfig,
+    options: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<RunSummary, AgentError> {
+    config.validate()?;
+    let device_id = match &config.device_id {
+        Some(id) => id.clone(),
+        None => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
+    };
+    let mut collector = SystemCollector::new()?;
+    let limits = SpoolLimits::with_max_bytes(config.spool_max_bytes()?);
+    let (spool, report) = Spool::open(&config.spool_dir, limits)?;
+    let status = spool.status();
+    tracing::info!(
+        device_id = %device_id,
+        hub = %config.hub,
+        spool = %config.spool_dir.display(),
+        pending = status.pending,
+        torn_bytes = report.torn_bytes,
+        "agent starting"
+    );
+    let spool = Arc::new(Mutex::new(spool));
+    let new_data = Arc::new(Notify::new());
+    let stats = Arc::new(Stats::default());
+    let (done_tx, done_rx) = watch::channel(false);
+
+    let sender = Sender {
+        hub: config.hub.clone(),
+        hello: collector::describe_device(&device_id, &config.labels),
+        spool: spool.clone(),
+        new_data: new_data.clone(),
+        stats: stats.clone(),
+        batch_max_samples: config.batch_max_samples,
+        sampling_done: done_rx,
+    };
+    let sender = tokio::spawn(sender.run(shutdown.clone()));
+
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut spool_error = None;
+    loop {
+        if options
+            .count
+            .is_some_and(|n| stats.samples_taken.load(Ordering::Relaxed) >= n)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = ticker.tick() => {}
+        }
+        let mut sample = collector.sample();
+        let appended = {
+            let mut spool = spool.lock().expect("spool lock");
+            sample.seq = spool.next_seq();
+            spool.append(sample.seq, &sample.encode_to_vec())
+        };
+        match appended {
+            Ok(()) => {
+                stats.samples_taken.fetch_add(1, Ordering::Relaxed);
+                new_data.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write to the spool; stopping so that no sample is lost silently");
+                spool_error = Some(e);
+                break;
+            }
+        }
+    }
+    let _ = done_tx.send(true);
+    let stopped = match spool_error {
+        Some(e) => {
+            sender.abort();
+            return Err(e.into());
+        }
+        None => sender.await.unwrap_or(Stopped::Shutdown),
+    };
+    let summary = RunSummary {
+        device_id,
+        samples_taken: stats.samples_taken.load(Ordering::Relaxed),
+        samples_acked: stats.samples_acked.load(Ordering::Relaxed),
+        samples_rejected: stats.samples_rejected.load(Ordering::Relaxed),
+        reconnects: stats.reconnects.load(Ordering::Relaxed),
+        spool: spool.lock().expect("spool lock").status(),
+        drained: stopped == Stopped::Drained,
+    };
+    tracing::info!(?summary, "agent stopped");
+    Ok(summary)
+}

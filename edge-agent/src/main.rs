@@ -1,0 +1,218 @@
+//! `shoal-agent`: parse arguments, load and validate config (exit 64 on a bad one), run.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shoal_agent::collector::SystemCollector;
+use shoal_agent::config::AgentConfig;
+use shoal_agent::spool::Spool;
+use shoal_agent::{AgentError, RunOptions};
+
+/// Shoal's device agent: samples this machine and reports to a Shoal hub, keeping every sample
+/// in an on-disk spool until the hub has acknowledged it.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample every interval and stream to the hub until stopped (SIGINT/SIGTERM).
+    ///
+    /// Settings come from --config FILE (TOML), then SHOAL_* environment variables, then flags;
+    /// later ones win. Example:
+    ///   shoal-agent run --hub http://hub:50051 --interval 1s --spool-dir /var/lib/shoal-agent/spool
+    Run(RunArgs),
+    /// Take one sample and print it as JSON.
+    Sample {
+        /// Take a single sample (the only mode for now; kept explicit for scripts).
+        #[arg(long, required = true)]
+        once: bool,
+    },
+    /// Inspect the spool (read-only; safe while an agent runs).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+    /// Print the default configuration as TOML, a starting point for /etc/shoal/agent.toml.
+    DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Positions and counters as JSON: acked and last written seq, pending samples, bytes, drops.
+    Status {
+        #[arg(long, env = "SHOAL_SPOOL_DIR")]
+        spool_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, env = "SHOAL_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Hub ingest URL (gRPC), e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "SHOAL_HUB")]
+    hub: Option<String>,
+    /// Device id [default: this machine's /etc/machine-id].
+    #[arg(long, env = "SHOAL_DEVICE_ID")]
+    device_id: Option<String>,
+    /// Sampling interval, e.g. 1s, 500ms, 1m [default: 10s].
+    #[arg(long, env = "SHOAL_INTERVAL", value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// Spool directory [default: /var/lib/shoal-agent/spool].
+    #[arg(long, env = "SHOAL_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Spool size bound; past it the oldest unacknowledged samples are dropped and counted
+    /// [default: 64MiB].
+    #[arg(long, env = "SHOAL_SPOOL_MAX_SIZE")]
+    spool_max_size: Option<String>,
+    /// Label reported to the hub, KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Take N samples, wait until the hub has acknowledged all of them, then exit.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<AgentConfig, AgentError> {
+        let mut c = match &self.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = self.hub {
+            c.hub = v;
+        }
+        if let Some(v) = self.device_id {
+            c.device_id = Some(v);
+        }
+        if let Some(v) = self.interval {
+            c.interval = v;
+        }
+        if let Some(v) = self.spool_dir {
+            c.spool_dir = v;
+        }
+        if let Some(v) = self.spool_max_size {
+            c.spool_max_size = v;
+        }
+        let labels: BTreeMap<_, _> = self.labels.into_iter().collect();
+        c.labels.extend(labels);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let count = args.count;
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoal-agent: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            // One thread: the agent's work is small and a single thread keeps memory low.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(run(config, RunOptions { count })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shoal-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sample { once: _ } => {
+            let mut c = match SystemCollector::new() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoal-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // CPU usage and network rates are differences: measure over a short window.
+            std::thread::sleep(Duration::from_millis(250));
+            print_json(&c.sample())
+        }
+        Command::Spool {
+            command: SpoolCommand::Status { spool_dir },
+        } => match Spool::inspect(&spool_dir) {
+            Ok(status) => print_json(&status),
+            Err(e) => {
+                eprintln!("shoal-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DefaultConfig => {
+            let text =
+                toml::to_string_pretty(&AgentConfig::default()).expect("default config serialises");
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+    ExitCode::SUCCESS
+}
+
+async fn run(config: AgentConfig, options: RunOptions) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    let summary = shoal_agent::run(config, options, rx)
+        .await
+        .context("agent failed")?;
+    if options.count.is_some() && !summary.drained {
+        anyhow::bail!(
+            "stopped before the hub acknowledged every sample ({} pending)",
+            summary.spool.pending
+        );
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

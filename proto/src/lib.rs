@@ -1,0 +1,21 @@
+//! Shoal's wire contract.
+//!
+//! # Layout
+//! - `proto/shoal/v1/*.proto`: the messages and the `Ingest` service (package `shoal.v1`),
+//!   compiled at build time by protox + tonic-prost-build (no system `protoc` needed).
+//! - [`v1`]: the generated types, client and server.
+//! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the
+//!   contract (the REST API, CLI and datasets use them).
+//! - [`device_id`]: what a valid device id is.
+
+pub mod device_id;
+pub mod metrics;
+
+/// Generated from `proto/shoal/v1`.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("shoal.v1");
+}
+
+/// Largest encoded gRPC message the hub accepts by default, and the ceiling an agent batches to.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -1,0 +1,178 @@
+//! A sample as named metric points, Prometheus style: `name` or `name{label="value"}`.
+//!
+//! These names are what operators query (`shoal telemetry ID --metric NAME`), so they are part
+//! of the contract: add new ones freely, never rename.
+
+use crate::v1::Sample;
+
+/// Calls `f(name, value)` for every metric point in `s`, in a fixed order.
+pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
+    let mut name = String::with_capacity(64);
+    let mut labelled =
+        |f: &mut dyn FnMut(&str, f64), metric: &str, key: &str, val: &str, v: f64| {
+            name.clear();
+            name.push_str(metric);
+            name.push('{');
+            name.push_str(key);
+            name.push_str("=\"");
+            name.push_str(val);
+            name.push_str("\"}");
+            f(&name, v);
+        };
+    if let Some(cpu) = &s.cpu {
+        f("cpu_percent", cpu.total_percent);
+        for (i, c) in cpu.core_percent.iter().enumerate() {
+            labelled(&mut f, "cpu_core_percent", "core", &i.to_string(), *c);
+        }
+    }
+    if let Some(l) = &s.load {
+        f("load1", l.one);
+        f("load5", l.five);
+        f("load15", l.fifteen);
+    }
+    if let Some(m) = &s.memory {
+        f("memory_total_bytes", m.total_bytes as f64);
+        f("memory_used_bytes", m.used_bytes as f64);
+        f("memory_available_bytes", m.available_bytes as f64);
+        f("swap_total_bytes", m.swap_total_bytes as f64);
+        f("swap_used_bytes", m.swap_used_bytes as f64);
+    }
+    for d in &s.disks {
+        labelled(
+            &mut f,
+            "disk_total_bytes",
+            "mount",
+            &d.mount_point,
+            d.total_bytes as f64,
+        );
+        labelled(
+            &mut f,
+            "disk_used_bytes",
+            "mount",
+            &d.mount_point,
+            d.used_bytes as f64,
+        );
+    }
+    for n in &s.networks {
+        labelled(&mut f, "net_rx_bytes", "iface", &n.name, n.rx_bytes as f64);
+        labelled(&mut f, "net_tx_bytes", "iface", &n.name, n.tx_bytes as f64);
+        labelled(
+            &mut f,
+            "net_rx_bytes_per_second",
+            "iface",
+            &n.name,
+            n.rx_bytes_per_second,
+        );
+        labelled(
+            &mut f,
+            "net_tx_bytes_per_second",
+            "iface",
+            &n.name,
+            n.tx_bytes_per_second,
+        );
+    }
+    f("uptime_seconds", s.uptime_seconds as f64);
+    for t in &s.temperatures {
+        labelled(
+            &mut f,
+            "temperature_celsius",
+            "sensor",
+            &t.sensor,
+            t.celsius,
+        );
+    }
+    f("process_count", f64::from(s.process_count));
+    for g in &s.gpus {
+        let i = g.index.to_string();
+        labelled(
+            &mut f,
+            "gpu_utilization_percent",
+            "gpu",
+            &i,
+            g.utilization_percent,
+        );
+        labelled(
+            &mut f,
+            "gpu_memory_used_bytes",
+            "gpu",
+            &i,
+            g.memory_used_bytes as f64,
+        );
+        labelled(
+            &mut f,
+            "gpu_memory_total_bytes",
+            "gpu",
+            &i,
+            g.memory_total_bytes as f64,
+        );
+        labelled(
+            &mut f,
+            "gpu_temperature_celsius",
+            "gpu",
+            &i,
+            g.temperature_celsius,
+        );
+        labelled(&mut f, "gpu_power_watts", "gpu", &i, g.power_watts);
+    }
+    if let Some(pi) = &s.pi {
+        f("pi_soc_temperature_celsius", pi.soc_temperature_celsius);
+        f("pi_throttled_flags", f64::from(pi.throttled_flags));
+        f("pi_cpu_frequency_mhz", f64::from(pi.cpu_frequency_mhz));
+    }
+}
+
+/// The number of metric points in `s`.
+pub fn point_count(s: &Sample) -> usize {
+    let mut n = 0;
+    for_each_point(s, |_, _| n += 1);
+    n
+}
+
+/// The value of metric `metric` in `s`, if it has one.
+pub fn value_of(s: &Sample, metric: &str) -> Option<f64> {
+    let mut found = None;
+    for_each_point(s, |name, v| {
+        if found.is_none() && name == metric {
+            found = Some(v);
+        }
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{Cpu, Disk, LoadAverage};
+
+    #[test]
+    fn names_points() {
+        let s = Sample {
+            seq: 1,
+            cpu: Some(Cpu {
+                total_percent: 12.5,
+                core_percent: vec![10.0, 15.0],
+            }),
+            load: Some(LoadAverage {
+                one: 0.5,
+                five: 0.25,
+                fifteen: 0.125,
+            }),
+            disks: vec![Disk {
+                mount_point: "/".into(),
+                total_bytes: 100,
+                used_bytes: 40,
+                ..Default::default()
+            }],
+            process_count: 7,
+            ..Default::default()
+        };
+        assert_eq!(value_of(&s, "cpu_percent"), Some(12.5));
+        assert_eq!(value_of(&s, "cpu_core_percent{core=\"1\"}"), Some(15.0));
+        assert_eq!(value_of(&s, "load5"), Some(0.25));
+        assert_eq!(value_of(&s, "disk_used_bytes{mount=\"/\"}"), Some(40.0));
+        assert_eq!(value_of(&s, "process_count"), Some(7.0));
+        assert_eq!(value_of(&s, "nope"), None);
+        // cpu 3 + load 3 + disk 2 + uptime + process count
+        assert_eq!(point_count(&s), 10);
+    }
+}
