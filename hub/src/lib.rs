@@ -1,1 +1,141 @@
+//! `shoal`: the hub that keeps the fleet registry and its telemetry, and the operators' CLI.
+//!
+//! # Layout
+//! - [`store`]: the embedded redb store; [`writer`]: the one thread that writes it (group
+//!   commit, dedup on `(device, seq)`), and the in-memory [`writer::Fleet`] view.
+//! - [`ingest`]: the gRPC ingest service (validation, acks); [`grpc`]: its accept loop.
+//! - [`http`]: the REST API, `/healthz`, `/metrics`; [`series`]: time ranges and downsampling.
+//! - [`registry`]: device records and online/stale/offline status; [`metrics`]: counters.
+//! - [`cli`]: the operator commands that talk to the REST API; [`up`]: the one-command demo.
+//!
+//! [`run`] takes bound listeners and a shutdown signal from the caller, so tests start a hub
+//! in-process on `127.0.0.1:0`.
+#![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod registry;
+pub mod series;
+pub mod store;
+pub mod up;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ingest::{IngestLimits, IngestService};
+use crate::metrics::Metrics;
+use crate::registry::StatusThresholds;
+use crate::store::{Store, StoreError};
+use crate::writer::{Fleet, Writer};
+
+pub use series::now_ms;
+
+/// Everything `shoal serve` needs besides its sockets.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    pub thresholds: StatusThresholds,
+    pub limits: IngestLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid {field}: {reason}")]
+    Config { field: &'static str, reason: String },
+}
+
+impl HubConfig {
+    pub fn validate(&self) -> Result<(), HubError> {
+        if self.thresholds.stale_after >= self.thresholds.offline_after {
+            return Err(HubError::Config {
+                field: "stale-after",
+                reason: "must be shorter than --offline-after".into(),
+            });
+        }
+        if self.limits.max_message_bytes < 64 * 1024 {
+            return Err(HubError::Config {
+                field: "max-message-size",
+                reason: "must be at least 64KiB".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The addresses a running hub listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Serves gRPC ingest on `grpc` and the REST API on `http` until `shutdown` turns true, then
+/// drains: open streams end, queued writes are committed, and the store is closed.
+pub async fn run(
+    config: HubConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), HubError> {
+    config.validate()?;
+    let store = Store::open(&config.data_dir)?;
+    let fleet = Arc::new(Fleet::from_loaded(&store)?);
+    let metrics = Arc::new(Metrics::default());
+    let (writer, writer_thread) = Writer::start(store.clone(), fleet.clone(), metrics.clone());
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        grpc = %grpc.local_addr()?,
+        http = %http.local_addr()?,
+        devices = fleet.len(),
+        "hub serving"
+    );
+
+    let service = IngestService::new(writer, metrics.clone(), config.limits);
+    let grpc_task = tokio::spawn(grpc::serve(
+        grpc,
+        service,
+        config.limits,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let state = http::AppState {
+        store,
+        fleet,
+        metrics,
+        thresholds: config.thresholds,
+    };
+    let mut http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let (grpc_res, http_res) = tokio::join!(grpc_task, http_task);
+    grpc_res.expect("grpc task")?;
+    http_res.expect("http task")?;
+    // The service (and with it the last writer handle) is gone: the writer commits what is
+    // queued and stops.
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    tracing::info!("hub stopped");
+    Ok(())
+}
+
+/// How long open ingest connections get to finish on shutdown.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);

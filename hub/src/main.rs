@@ -1,1 +1,264 @@
-fn main() {}
+//! `shoal`: the hub (`serve`, `up`) and the operators' commands. Thin: parse, validate (exit 64
+//! on bad config), run until a signal.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use shoal_hub::cli::{Client, Output};
+use shoal_hub::ingest::IngestLimits;
+use shoal_hub::registry::StatusThresholds;
+use shoal_hub::up::UpOptions;
+use shoal_hub::{HubConfig, HubError};
+use tokio::sync::watch;
+
+/// Shoal: an edge-and-ML fleet manager. Run a hub, then point `shoal-agent`s at it.
+///
+/// Try it:  shoal up          (hub + a local agent, data in ./shoal-data)
+///          shoal devices list
+///          shoal telemetry DEVICE --metric cpu_percent --since 15m
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// The hub's REST URL, for the operator commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_HUB_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    hub: String,
+    /// Output format of the operator commands.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub: gRPC ingest, REST API, /metrics. Prints its endpoints as one JSON line.
+    Serve {
+        /// Where the store lives (one redb file inside).
+        #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
+        data_dir: PathBuf,
+        /// Address for agents (gRPC).
+        #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+        grpc_listen: String,
+        /// Address for the REST API, /healthz and /metrics.
+        #[arg(long, env = "SHOAL_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+        http_listen: String,
+        /// A device silent this long is "stale".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        stale_after: Duration,
+        /// A device silent this long is "offline".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        offline_after: Duration,
+        /// Samples timestamped further ahead of the hub's clock are rejected.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        max_clock_skew: Duration,
+        /// Largest gRPC message accepted, in bytes.
+        #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+        max_message_bytes: usize,
+    },
+    /// The one-command demo: a hub plus a local agent reporting to it; Ctrl-C stops both.
+    Up {
+        /// Everything goes under this folder (hub store and agent spool).
+        #[arg(long, default_value = "./shoal-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_listen: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_listen: String,
+        /// The local agent's sampling interval.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        interval: Duration,
+    },
+    /// The fleet's devices.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// A device's metric over time, downsampled (avg/min/max per step).
+    ///
+    /// Metric names: cpu_percent, load1, memory_used_bytes, uptime_seconds, process_count,
+    /// cpu_core_percent{core="0"}, disk_used_bytes{mount="/"}, net_rx_bytes_per_second{iface="eth0"},
+    /// temperature_celsius{sensor="..."} and more (see docs/telemetry.md).
+    Telemetry {
+        /// Device id.
+        id: String,
+        #[arg(long)]
+        metric: String,
+        /// How far back, e.g. 15m, 1h, 2d.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        since: Duration,
+        /// Bucket width [default: about 120 buckets over the range].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        step: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Every device with its status (online / stale / offline) and last heartbeat.
+    List,
+    /// One device: identity, status and its latest sample.
+    Show { id: String },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let client = Client::new(&cli.hub);
+    let printed = match cli.command {
+        Command::Serve {
+            data_dir,
+            grpc_listen,
+            http_listen,
+            stale_after,
+            offline_after,
+            max_clock_skew,
+            max_message_bytes,
+        } => {
+            let config = HubConfig {
+                data_dir,
+                thresholds: StatusThresholds {
+                    stale_after,
+                    offline_after,
+                },
+                limits: IngestLimits {
+                    max_clock_skew,
+                    max_message_bytes,
+                },
+            };
+            return serve(config, &grpc_listen, &http_listen).await;
+        }
+        Command::Up {
+            data_dir,
+            grpc_listen,
+            http_listen,
+            interval,
+        } => {
+            let opts = UpOptions {
+                data_dir,
+                grpc_listen,
+                http_listen,
+                interval,
+            };
+            let result = shoal_hub::up::up(
+                opts,
+                |ep, agent| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(
+                        out,
+                        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC; point shoal-agent --hub here)\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal devices list\n      shoal telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.",
+                        http = ep.http,
+                        grpc = ep.grpc,
+                        data = agent.spool_dir.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                        interval = humantime::format_duration(agent.interval),
+                        spool = agent.spool_dir.display(),
+                    );
+                },
+                signal_channel(),
+            )
+            .await;
+            return exit_for(result);
+        }
+        Command::Devices {
+            command: DevicesCommand::List,
+        } => client.devices_list(cli.output).await,
+        Command::Devices {
+            command: DevicesCommand::Show { id },
+        } => client.devices_show(&id, cli.output).await,
+        Command::Telemetry {
+            id,
+            metric,
+            since,
+            step,
+        } => {
+            client
+                .telemetry(&id, &metric, since, step, cli.output)
+                .await
+        }
+    };
+    match printed {
+        Ok(text) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: HubConfig, grpc_listen: &str, http_listen: &str) -> ExitCode {
+    if let Err(e) = config.validate() {
+        eprintln!("shoal: {e}");
+        return ExitCode::from(64);
+    }
+    let bind = |addr: String| async move {
+        tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| (addr, e))
+    };
+    let (grpc, http) = match (
+        bind(grpc_listen.to_string()).await,
+        bind(http_listen.to_string()).await,
+    ) {
+        (Ok(g), Ok(h)) => (g, h),
+        (Err((addr, e)), _) | (_, Err((addr, e))) => {
+            eprintln!("shoal: cannot listen on {addr}: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let endpoints = serde_json::json!({
+        "grpc": grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "http": http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+    });
+    let _ = writeln!(std::io::stdout(), "{endpoints}");
+    exit_for(shoal_hub::run(config, grpc, http, signal_channel()).await)
+}
+
+fn exit_for(result: Result<(), HubError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ HubError::Config { .. }) => {
+            eprintln!("shoal: {e}");
+            ExitCode::from(64)
+        }
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Turns true on SIGINT or SIGTERM.
+fn signal_channel() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}

@@ -35,7 +35,11 @@ impl DeviceRecord {
         self.kernel.clone_from(&hello.kernel);
         self.hardware_model.clone_from(&hello.hardware_model);
         self.agent_version.clone_from(&hello.agent_version);
-        self.labels = hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.labels = hello
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         self.last_seen_ms = self.last_seen_ms.max(now_ms);
     }
 }
@@ -68,7 +72,10 @@ pub struct StatusThresholds {
 
 impl Default for StatusThresholds {
     fn default() -> Self {
-        Self { stale_after: Duration::from_secs(60), offline_after: Duration::from_secs(300) }
+        Self {
+            stale_after: Duration::from_secs(60),
+            offline_after: Duration::from_secs(300),
+        }
     }
 }
 
@@ -91,7 +98,10 @@ mod tests {
 
     #[test]
     fn status_from_heartbeat_age() {
-        let t = StatusThresholds { stale_after: Duration::from_secs(30), offline_after: Duration::from_secs(120) };
+        let t = StatusThresholds {
+            stale_after: Duration::from_secs(30),
+            offline_after: Duration::from_secs(120),
+        };
         let now = 1_000_000;
         assert_eq!(t.status(now, now), Status::Online);
         assert_eq!(t.status(now - 29_999, now), Status::Online);
@@ -105,9 +115,19 @@ mod tests {
     #[test]
     fn hello_keeps_first_seen() {
         let mut r = DeviceRecord::default();
-        let hello = DeviceHello { device_id: "d1".into(), arch: "aarch64".into(), ..Default::default() };
+        let hello = DeviceHello {
+            device_id: "d1".into(),
+            arch: "aarch64".into(),
+            ..Default::default()
+        };
         r.apply_hello(&hello, 100);
-        r.apply_hello(&DeviceHello { agent_version: "0.2.0".into(), ..hello }, 200);
+        r.apply_hello(
+            &DeviceHello {
+                agent_version: "0.2.0".into(),
+                ..hello
+            },
+            200,
+        );
         assert_eq!(r.first_seen_ms, 100);
         assert_eq!(r.last_seen_ms, 200);
         assert_eq!(r.agent_version, "0.2.0");

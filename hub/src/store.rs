@@ -45,7 +45,13 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// A loaded device: its key, record and highest stored seq.
 #[derive(Debug, Clone)]
@@ -63,10 +69,15 @@ pub struct Store {
 impl Store {
     /// Opens or creates `DATA_DIR/shoal.redb`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Open { path: data_dir.to_path_buf(), message: e.to_string() })?;
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+            path: data_dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let path = data_dir.join("shoal.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), message: e.to_string() })?;
+        let db = Database::create(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let txn = db.begin_write()?;
         txn.open_table(DEVICE_KEYS)?;
         txn.open_table(DEVICES)?;
@@ -88,24 +99,36 @@ impl Store {
         for row in devices.iter()? {
             let (key, value) = row?;
             let key = key.value();
-            let record: DeviceRecord =
-                serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let record: DeviceRecord = serde_json::from_slice(value.value())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let max_seq = samples
                 .range((key, 0)..=(key, u64::MAX))?
                 .next_back()
                 .transpose()?
                 .map_or(0, |(k, _)| k.value().1);
-            out.push(LoadedDevice { key, record, max_seq });
+            out.push(LoadedDevice {
+                key,
+                record,
+                max_seq,
+            });
         }
         Ok(out)
     }
 
     /// Samples of device `key` with seq > `after_seq`, at most `limit`.
-    pub fn samples_after(&self, key: u32, after_seq: u64, limit: usize) -> Result<Vec<Sample>, StoreError> {
+    pub fn samples_after(
+        &self,
+        key: u32,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Sample>, StoreError> {
         let txn = self.db.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let mut out = Vec::new();
-        for row in samples.range((key, after_seq.saturating_add(1))..=(key, u64::MAX))?.take(limit) {
+        for row in samples
+            .range((key, after_seq.saturating_add(1))..=(key, u64::MAX))?
+            .take(limit)
+        {
             let (_, v) = row?;
             out.push(decode(v.value())?);
         }
@@ -116,7 +139,10 @@ impl Store {
     pub fn latest(&self, key: u32) -> Result<Option<Sample>, StoreError> {
         let txn = self.db.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
-        let last = samples.range((key, 0)..=(key, u64::MAX))?.next_back().transpose()?;
+        let last = samples
+            .range((key, 0)..=(key, u64::MAX))?
+            .next_back()
+            .transpose()?;
         last.map(|(_, v)| decode(v.value())).transpose()
     }
 
@@ -133,12 +159,18 @@ impl Store {
         let txn = self.db.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let first_at_or_after = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
-            match samples.range((key, seq)..=(key, u64::MAX))?.next().transpose()? {
+            match samples
+                .range((key, seq)..=(key, u64::MAX))?
+                .next()
+                .transpose()?
+            {
                 Some((k, v)) => Ok(Some((k.value().1, decode(v.value())?.timestamp_ms))),
                 None => Ok(None),
             }
         };
-        let Some((mut lo, _)) = first_at_or_after(0)? else { return Ok(()) };
+        let Some((mut lo, _)) = first_at_or_after(0)? else {
+            return Ok(());
+        };
         let mut hi = samples
             .range((key, 0)..=(key, u64::MAX))?
             .next_back()

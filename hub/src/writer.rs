@@ -42,17 +42,38 @@ impl Fleet {
         let devices = store
             .load_devices()?
             .into_iter()
-            .map(|d| (d.record.device_id.clone(), DeviceState { key: d.key, record: d.record, max_seq: d.max_seq }))
+            .map(|d| {
+                (
+                    d.record.device_id.clone(),
+                    DeviceState {
+                        key: d.key,
+                        record: d.record,
+                        max_seq: d.max_seq,
+                    },
+                )
+            })
             .collect();
-        Ok(Self { devices: RwLock::new(devices) })
+        Ok(Self {
+            devices: RwLock::new(devices),
+        })
     }
 
     pub fn get(&self, device_id: &str) -> Option<DeviceState> {
-        self.devices.read().expect("fleet lock").get(device_id).cloned()
+        self.devices
+            .read()
+            .expect("fleet lock")
+            .get(device_id)
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<DeviceState> {
-        let mut v: Vec<_> = self.devices.read().expect("fleet lock").values().cloned().collect();
+        let mut v: Vec<_> = self
+            .devices
+            .read()
+            .expect("fleet lock")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
         v
     }
@@ -83,8 +104,17 @@ pub struct BatchOutcome {
 }
 
 enum Op {
-    Hello { hello: DeviceHello, now_ms: i64, reply: oneshot::Sender<Result<u64, StoreError>> },
-    Batch { device_id: String, rows: Vec<Row>, now_ms: i64, reply: oneshot::Sender<Result<BatchOutcome, StoreError>> },
+    Hello {
+        hello: DeviceHello,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Batch {
+        device_id: String,
+        rows: Vec<Row>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<BatchOutcome, StoreError>>,
+    },
 }
 
 /// Handle to the writer thread; cheap to clone. The thread ends when every handle is dropped.
@@ -94,7 +124,11 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>) -> (Self, std::thread::JoinHandle<()>) {
+    pub fn start(
+        store: Store,
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4096);
         let handle = std::thread::Builder::new()
             .name("shoal-store-writer".into())
@@ -106,14 +140,34 @@ impl Writer {
     /// Registers or updates a device; returns the highest seq stored for it.
     pub async fn hello(&self, hello: DeviceHello, now_ms: i64) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op::Hello { hello, now_ms, reply }).await.map_err(|_| closed())?;
+        self.tx
+            .send(Op::Hello {
+                hello,
+                now_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 
     /// Stores the rows of a known device; resolves once they are durably committed.
-    pub async fn write(&self, device_id: String, rows: Vec<Row>, now_ms: i64) -> Result<BatchOutcome, StoreError> {
+    pub async fn write(
+        &self,
+        device_id: String,
+        rows: Vec<Row>,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op::Batch { device_id, rows, now_ms, reply }).await.map_err(|_| closed())?;
+        self.tx
+            .send(Op::Batch {
+                device_id,
+                rows,
+                now_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
@@ -153,7 +207,9 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
                             let _ = reply.send(Ok(outcome));
                         }
                         (Op::Batch { reply, .. }, OpResult::UnknownDevice(id)) => {
-                            let _ = reply.send(Err(StoreError::Db(format!("device {id} sent a batch before its hello"))));
+                            let _ = reply.send(Err(StoreError::Db(format!(
+                                "device {id} sent a batch before its hello"
+                            ))));
                         }
                         _ => unreachable!("results follow ops"),
                     }
@@ -189,7 +245,12 @@ struct Applied {
     devices: Vec<DeviceState>,
 }
 
-fn apply(store: &Store, fleet: &Fleet, ops: &[Op], next_key: &mut u32) -> Result<Applied, StoreError> {
+fn apply(
+    store: &Store,
+    fleet: &Fleet,
+    ops: &[Op],
+    next_key: &mut u32,
+) -> Result<Applied, StoreError> {
     let txn = store.db().begin_write()?;
     // Devices touched by this group, as they will be after the commit.
     let mut touched: HashMap<String, DeviceState> = HashMap::new();
@@ -201,13 +262,20 @@ fn apply(store: &Store, fleet: &Fleet, ops: &[Op], next_key: &mut u32) -> Result
         for op in ops {
             match op {
                 Op::Hello { hello, now_ms, .. } => {
-                    let state = match touched.remove(&hello.device_id).or_else(|| fleet.get(&hello.device_id)) {
+                    let state = match touched
+                        .remove(&hello.device_id)
+                        .or_else(|| fleet.get(&hello.device_id))
+                    {
                         Some(s) => s,
                         None => {
                             let key = *next_key;
                             *next_key += 1;
                             keys.insert(hello.device_id.as_str(), key)?;
-                            DeviceState { key, record: DeviceRecord::default(), max_seq: 0 }
+                            DeviceState {
+                                key,
+                                record: DeviceRecord::default(),
+                                max_seq: 0,
+                            }
                         }
                     };
                     let mut state = state;
@@ -217,14 +285,22 @@ fn apply(store: &Store, fleet: &Fleet, ops: &[Op], next_key: &mut u32) -> Result
                     results.push(OpResult::Hello(state.max_seq));
                     touched.insert(hello.device_id.clone(), state);
                 }
-                Op::Batch { device_id, rows, now_ms, .. } => {
-                    let Some(mut state) = touched.remove(device_id).or_else(|| fleet.get(device_id)) else {
+                Op::Batch {
+                    device_id,
+                    rows,
+                    now_ms,
+                    ..
+                } => {
+                    let Some(mut state) =
+                        touched.remove(device_id).or_else(|| fleet.get(device_id))
+                    else {
                         results.push(OpResult::UnknownDevice(device_id.clone()));
                         continue;
                     };
                     let mut outcome = BatchOutcome::default();
                     for row in rows {
-                        let new = row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
+                        let new =
+                            row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
                         if new {
                             samples.insert((state.key, row.seq), row.bytes.as_slice())?;
                             state.max_seq = state.max_seq.max(row.seq);
@@ -244,5 +320,8 @@ fn apply(store: &Store, fleet: &Fleet, ops: &[Op], next_key: &mut u32) -> Result
         }
     }
     txn.commit()?;
-    Ok(Applied { results, devices: touched.into_values().collect() })
+    Ok(Applied {
+        results,
+        devices: touched.into_values().collect(),
+    })
 }

@@ -1,0 +1,356 @@
+//! Operator commands: talk to a hub's REST API and print tables (or JSON with `--output json`).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "cannot reach the hub at {url}: {reason}. Is `shoal serve` (or `shoal up`) running there? Set --hub or SHOAL_HUB_URL."
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("{0}")]
+    Api(String),
+    #[error("the hub answered something that is not JSON: {0}")]
+    BadAnswer(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        let url = format!("{}{path}", self.base);
+        let resp =
+            self.http
+                .get(&url)
+                .query(query)
+                .send()
+                .await
+                .map_err(|e| CliError::Unreachable {
+                    url: self.base.clone(),
+                    reason: root_cause(&e),
+                })?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| CliError::BadAnswer(e.to_string()))?;
+        if !status.is_success() {
+            let msg = body["error"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_string();
+            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+        }
+        Ok(body)
+    }
+
+    pub async fn devices_list(&self, output: Output) -> Result<String, CliError> {
+        let body = self.get("/api/v1/devices", &[]).await?;
+        if output == Output::Json {
+            return Ok(pretty(&body));
+        }
+        let now = crate::now_ms();
+        let rows: Vec<Vec<String>> = body["devices"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|d| {
+                vec![
+                    str_of(&d["device_id"]),
+                    str_of(&d["status"]),
+                    ago(now, d["last_seen_ms"].as_i64().unwrap_or(0)),
+                    str_of(&d["hostname"]),
+                    str_of(&d["arch"]),
+                    str_of(&d["agent_version"]),
+                    d["stored_up_to_seq"].to_string(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok("no devices have reported yet\n".into());
+        }
+        Ok(table(
+            &[
+                "DEVICE",
+                "STATUS",
+                "LAST SEEN",
+                "HOSTNAME",
+                "ARCH",
+                "AGENT",
+                "SEQ",
+            ],
+            &rows,
+        ))
+    }
+
+    pub async fn devices_show(&self, id: &str, output: Output) -> Result<String, CliError> {
+        let d = self
+            .get(&format!("/api/v1/devices/{}", encode(id)), &[])
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&d));
+        }
+        let now = crate::now_ms();
+        let mut rows = vec![
+            vec!["device".into(), str_of(&d["device_id"])],
+            vec!["status".into(), str_of(&d["status"])],
+            vec![
+                "last seen".into(),
+                ago(now, d["last_seen_ms"].as_i64().unwrap_or(0)),
+            ],
+            vec![
+                "first seen".into(),
+                ago(now, d["first_seen_ms"].as_i64().unwrap_or(0)),
+            ],
+            vec!["hostname".into(), str_of(&d["hostname"])],
+            vec!["hardware".into(), str_of(&d["hardware_model"])],
+            vec![
+                "os".into(),
+                format!("{} (kernel {})", str_of(&d["os"]), str_of(&d["kernel"])),
+            ],
+            vec!["arch".into(), str_of(&d["arch"])],
+            vec!["agent".into(), str_of(&d["agent_version"])],
+            vec!["stored up to seq".into(), d["stored_up_to_seq"].to_string()],
+        ];
+        if let Some(labels) = d["labels"].as_object().filter(|l| !l.is_empty()) {
+            let l: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", str_of(v)))
+                .collect();
+            rows.push(vec!["labels".into(), l.join(", ")]);
+        }
+        let s = &d["latest_sample"];
+        if s.is_object() {
+            rows.push(vec![
+                "cpu".into(),
+                format!("{:.1}%", s["cpu"]["total_percent"].as_f64().unwrap_or(0.0)),
+            ]);
+            rows.push(vec![
+                "load".into(),
+                format!(
+                    "{:.2} {:.2} {:.2}",
+                    s["load"]["one"].as_f64().unwrap_or(0.0),
+                    s["load"]["five"].as_f64().unwrap_or(0.0),
+                    s["load"]["fifteen"].as_f64().unwrap_or(0.0)
+                ),
+            ]);
+            let m = &s["memory"];
+            rows.push(vec![
+                "memory".into(),
+                format!(
+                    "{} of {}",
+                    bytes(m["used_bytes"].as_f64()),
+                    bytes(m["total_bytes"].as_f64())
+                ),
+            ]);
+            for disk in s["disks"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or_default()
+            {
+                rows.push(vec![
+                    format!("disk {}", str_of(&disk["mount_point"])),
+                    format!(
+                        "{} of {}",
+                        bytes(disk["used_bytes"].as_f64()),
+                        bytes(disk["total_bytes"].as_f64())
+                    ),
+                ]);
+            }
+            for t in s["temperatures"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or_default()
+            {
+                rows.push(vec![
+                    format!("temp {}", str_of(&t["sensor"])),
+                    format!("{:.1} °C", t["celsius"].as_f64().unwrap_or(0.0)),
+                ]);
+            }
+            rows.push(vec!["processes".into(), s["process_count"].to_string()]);
+        }
+        Ok(rows
+            .iter()
+            .map(|r| format!("{:<18} {}\n", r[0], r[1]))
+            .collect())
+    }
+
+    pub async fn telemetry(
+        &self,
+        id: &str,
+        metric: &str,
+        since: Duration,
+        step: Option<Duration>,
+        output: Output,
+    ) -> Result<String, CliError> {
+        let mut q = vec![
+            ("metric", metric.to_string()),
+            ("from", humantime::format_duration(since).to_string()),
+        ];
+        if let Some(step) = step {
+            q.push(("step", humantime::format_duration(step).to_string()));
+        }
+        let body = self
+            .get(&format!("/api/v1/devices/{}/series", encode(id)), &q)
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&body));
+        }
+        let rows: Vec<Vec<String>> = body["points"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                let t = std::time::UNIX_EPOCH + Duration::from_millis(p["t"].as_u64().unwrap_or(0));
+                vec![
+                    humantime::format_rfc3339_seconds(t).to_string(),
+                    num(&p["avg"]),
+                    num(&p["min"]),
+                    num(&p["max"]),
+                    p["count"].to_string(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(format!(
+                "no {metric} values for {id} in the last {}\n",
+                humantime::format_duration(since)
+            ));
+        }
+        Ok(table(&["TIME", "AVG", "MIN", "MAX", "SAMPLES"], &rows))
+    }
+}
+
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut source: &dyn std::error::Error = e;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
+}
+
+/// Percent-encodes a path segment (device ids are already URL-safe; this guards typos).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'-' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).expect("json value serialises");
+    s.push('\n');
+    s
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+fn num(v: &Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.2}"))
+}
+
+fn bytes(v: Option<f64>) -> String {
+    let v = v.unwrap_or(0.0);
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = v;
+    let mut i = 0;
+    while x >= 1024.0 && i < units.len() - 1 {
+        x /= 1024.0;
+        i += 1;
+    }
+    format!("{x:.1} {}", units[i])
+}
+
+fn ago(now_ms: i64, then_ms: i64) -> String {
+    if then_ms <= 0 {
+        return "never".into();
+    }
+    let secs = ((now_ms - then_ms).max(0) / 1000) as u64;
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(secs))
+    )
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            l.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn formats_units() {
+        assert_eq!(bytes(Some(1536.0)), "1.5 KiB");
+        assert_eq!(ago(10_000, 0), "never");
+        assert_eq!(ago(70_000, 10_000), "1m ago");
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+}
