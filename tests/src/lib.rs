@@ -1,1 +1,292 @@
+//! Helpers for the end-to-end suites: start the real `shoal` and `shoal-agent` binaries as
+//! processes (each in its own process group), kill them with SIGKILL, and read what the hub
+//! stored through its REST API.
+//!
+//! The binaries come from the same target directory as the test executable; the test command
+//! (`tests/run`) builds them first.
 
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, which tests/run does)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Self {
+        cmd.process_group(0).stdin(Stdio::null());
+        if std::env::var_os("SHOAL_E2E_QUIET").is_some() {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.wait(Duration::from_secs(20)).await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `shoal serve` process on fixed ports (so it can be restarted on the same ones).
+pub struct Hub {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Hub {
+    /// Starts a hub on fresh ports and waits until it answers `/healthz`.
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_on(data_dir, free_port(), free_port(), &[]).await
+    }
+
+    pub async fn start_on(data_dir: &Path, grpc_port: u16, http_port: u16, extra: &[&str]) -> Self {
+        let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().expect("addr");
+        let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+        let mut cmd = Command::new(bin("shoal"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--grpc-listen")
+            .arg(grpc.to_string())
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .args(extra)
+            .stdout(Stdio::null());
+        let hub = Self {
+            proc: Proc::spawn("shoal serve", cmd),
+            grpc,
+            http,
+            data_dir: data_dir.to_path_buf(),
+        };
+        let url = format!("{}/healthz", hub.http_url());
+        wait_until("the hub's /healthz", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        hub
+    }
+
+    /// SIGKILL, then start again on the same ports and data.
+    pub async fn crash_and_restart(&mut self, down_for: Duration) {
+        self.proc.kill9();
+        tokio::time::sleep(down_for).await;
+        let again = Hub::start_on(&self.data_dir, self.grpc.port(), self.http.port(), &[]).await;
+        *self = again;
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let resp = reqwest::get(format!("{}{path}", self.http_url()))
+            .await
+            .expect("hub REST request");
+        resp.json().await.expect("JSON body")
+    }
+
+    /// Every seq the hub stored for `device`, in order, read page by page.
+    pub async fn stored_seqs(&self, device: &str) -> Vec<u64> {
+        self.stored_samples(device)
+            .await
+            .iter()
+            .map(|s| s["seq"].as_u64().expect("seq"))
+            .collect()
+    }
+
+    pub async fn stored_samples(&self, device: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .get(&format!(
+                    "/api/v1/devices/{device}/samples?after_seq={after}&limit=10000"
+                ))
+                .await;
+            let Some(samples) = page["samples"].as_array() else {
+                return out;
+            };
+            out.extend(samples.iter().cloned());
+            match page["next_after_seq"].as_u64() {
+                Some(n) => after = n,
+                None => return out,
+            }
+        }
+    }
+
+    /// Highest seq stored for `device` (0 when unknown).
+    pub async fn stored_up_to(&self, device: &str) -> u64 {
+        self.get(&format!("/api/v1/devices/{device}")).await["stored_up_to_seq"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// The value of one line of `/metrics`, e.g. `shoal_ingest_samples_accepted_total`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http_url()))
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+            .trim()
+            .parse()
+            .expect("metric value")
+    }
+}
+
+/// A `shoal-agent run` process.
+pub fn agent(
+    hub_grpc_url: &str,
+    device: &str,
+    spool: &Path,
+    interval: &str,
+    count: Option<u64>,
+) -> Proc {
+    let mut cmd = Command::new(bin("shoal-agent"));
+    cmd.arg("run")
+        .arg("--hub")
+        .arg(hub_grpc_url)
+        .arg("--device-id")
+        .arg(device)
+        .arg("--interval")
+        .arg(interval)
+        .arg("--spool-dir")
+        .arg(spool);
+    if let Some(n) = count {
+        cmd.arg("--count").arg(n.to_string());
+    }
+    Proc::spawn("shoal-agent", cmd)
+}
+
+/// Runs a binary to completion.
+pub fn run_bin(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run binary")
+}
+
+/// `shoal-agent spool status` as JSON.
+pub fn spool_status(spool: &Path) -> Value {
+    let out = run_bin(
+        "shoal-agent",
+        &[
+            "spool",
+            "status",
+            "--spool-dir",
+            spool.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "spool status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("spool status JSON")
+}
