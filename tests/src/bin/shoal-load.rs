@@ -1,1 +1,311 @@
-fn main() {}
+//! `shoal-load`: the ingest load harness. Simulates N devices, each with its own gRPC connection
+//! and stream, sending batches and waiting for each acknowledgement (an ack means durably
+//! stored), and prints accepted samples/s, metric points/s and ack latency percentiles.
+//!
+//!   cargo build --release --bins
+//!   target/release/shoal-load --devices 1000 --duration 20s
+//!
+//! Without `--hub` it starts `shoal serve` (the binary next to itself) on a fresh data folder
+//! and port, so the figures include a real hub process writing a real store.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use shoal_proto::v1::ingest_client::IngestClient;
+use shoal_proto::v1::{
+    Cpu, DeviceHello, Disk, IngestRequest, LoadAverage, Memory, NetInterface, Sample,
+    TelemetryBatch, Temperature, ingest_request, ingest_response,
+};
+use tokio::sync::{Barrier, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Load harness for the hub's gRPC ingest.
+#[derive(Parser)]
+struct Args {
+    /// Simulated devices, each with its own connection.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 20)]
+    batch: usize,
+    /// How long to send.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    duration: Duration,
+    /// Pause between a device's batches (0 = send the next batch as soon as the last is acked).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pause: Duration,
+    /// An already running hub's gRPC URL; without it a hub is started.
+    #[arg(long)]
+    hub: Option<String>,
+    /// Data folder for the started hub [default: a temporary folder].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// A server-shaped sample: 8 cores, 3 disks, 2 interfaces, 4 sensors (37 metric points).
+fn template() -> Sample {
+    Sample {
+        seq: 0,
+        timestamp_ms: 0,
+        cpu: Some(Cpu {
+            total_percent: 37.5,
+            core_percent: vec![12.0, 55.0, 31.0, 44.0, 20.0, 70.0, 35.0, 33.0],
+        }),
+        load: Some(LoadAverage {
+            one: 1.2,
+            five: 0.9,
+            fifteen: 0.7,
+        }),
+        memory: Some(Memory {
+            total_bytes: 16 << 30,
+            used_bytes: 9 << 30,
+            available_bytes: 7 << 30,
+            swap_total_bytes: 2 << 30,
+            swap_used_bytes: 1 << 20,
+        }),
+        disks: ["/", "/var", "/data"]
+            .iter()
+            .map(|m| Disk {
+                mount_point: m.to_string(),
+                device: "/dev/nvme0n1p2".into(),
+                filesystem: "ext4".into(),
+                total_bytes: 512 << 30,
+                used_bytes: 200 << 30,
+            })
+            .collect(),
+        networks: ["eth0", "wlan0"]
+            .iter()
+            .map(|n| NetInterface {
+                name: n.to_string(),
+                rx_bytes: 123_456_789,
+                tx_bytes: 98_765_432,
+                rx_bytes_per_second: 12_345.0,
+                tx_bytes_per_second: 6_789.0,
+            })
+            .collect(),
+        uptime_seconds: 86_400,
+        temperatures: ["cpu_thermal", "nvme", "acpitz", "gpu"]
+            .iter()
+            .map(|s| Temperature {
+                sensor: s.to_string(),
+                celsius: 48.5,
+            })
+            .collect(),
+        process_count: 231,
+        gpus: vec![],
+        pi: None,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+struct DeviceResult {
+    samples: u64,
+    latencies_us: Vec<u32>,
+}
+
+async fn device(
+    hub: String,
+    id: String,
+    batch: usize,
+    pause: Duration,
+    offset: Duration,
+    start: Arc<Barrier>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<DeviceResult> {
+    let mut client = IngestClient::connect(hub).await.context("connect")?;
+    let (tx, rx) = mpsc::channel(2);
+    tx.send(IngestRequest {
+        msg: Some(ingest_request::Msg::Hello(DeviceHello {
+            device_id: id,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut answers = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    answers.message().await?.context("welcome")?;
+    let tmpl = template();
+    let mut seq = 0u64;
+    let mut result = DeviceResult {
+        samples: 0,
+        latencies_us: Vec::with_capacity(4096),
+    };
+    start.wait().await;
+    // Real fleets are not synchronised: spread the devices' first batches over one pause.
+    tokio::time::sleep(offset).await;
+    while !stop.load(Ordering::Relaxed) {
+        let ts = now_ms();
+        let samples: Vec<Sample> = (0..batch)
+            .map(|_| {
+                seq += 1;
+                Sample {
+                    seq,
+                    timestamp_ms: ts,
+                    ..tmpl.clone()
+                }
+            })
+            .collect();
+        let sent = Instant::now();
+        tx.send(IngestRequest {
+            msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
+        })
+        .await?;
+        let ack = answers.message().await?.context("stream ended")?;
+        let Some(ingest_response::Msg::Ack(ack)) = ack.msg else {
+            bail!("expected an ack")
+        };
+        if ack.up_to_seq != seq || ack.accepted as usize != batch {
+            bail!("ack {ack:?} does not cover the batch up to {seq}");
+        }
+        result
+            .latencies_us
+            .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        result.samples += batch as u64;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Ok(result)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[idx]) / 1000.0
+}
+
+struct StartedHub {
+    child: std::process::Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for StartedHub {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_hub(data_dir: Option<PathBuf>) -> anyhow::Result<(String, String, StartedHub)> {
+    let exe = std::env::current_exe()?;
+    let shoal = exe.with_file_name("shoal");
+    if !shoal.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release --bins` first",
+            shoal.display()
+        );
+    }
+    let (dir, tmp) = match data_dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let mut child = Command::new(&shoal)
+        .args([
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start shoal serve")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("hub stdout")?).read_line(&mut line)?;
+    let endpoints: serde_json::Value = serde_json::from_str(&line).context("hub endpoints line")?;
+    let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
+    let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
+    Ok((grpc, http, StartedHub { child, _dir: tmp }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.devices == 0 || args.batch == 0 {
+        bail!("--devices and --batch must be at least 1");
+    }
+    let (hub, http, _started) = match &args.hub {
+        Some(h) => (h.clone(), None, None),
+        None => {
+            let (g, h, s) = start_hub(args.data_dir.clone())?;
+            (g, Some(h), Some(s))
+        }
+    };
+    let points = shoal_proto::metrics::point_count(&template());
+    eprintln!(
+        "shoal-load: {} devices, {} samples/batch, {points} points/sample, {} against {hub}",
+        args.devices,
+        args.batch,
+        humantime::format_duration(args.duration)
+    );
+    let start = Arc::new(Barrier::new(args.devices + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let run_id = now_ms();
+    let tasks: Vec<_> = (0..args.devices)
+        .map(|i| {
+            tokio::spawn(device(
+                hub.clone(),
+                format!("load-{run_id}-{i:05}"),
+                args.batch,
+                args.pause,
+                args.pause.mul_f64(i as f64 / args.devices as f64),
+                start.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    start.wait().await;
+    let began = Instant::now();
+    tokio::time::sleep(args.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = 0u64;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let r = t.await?.context("a simulated device failed")?;
+        samples += r.samples;
+        lat.extend(r.latencies_us);
+    }
+    let secs = began.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let rate = samples as f64 / secs;
+    println!("devices              {}", args.devices);
+    println!("batch size           {}", args.batch);
+    println!("acked samples        {samples} in {secs:.1}s");
+    println!("samples/s            {rate:.0}");
+    println!("metric points/s      {:.0}", rate * points as f64);
+    println!("ack latency p50      {:.2} ms", percentile(&lat, 0.50));
+    println!("ack latency p99      {:.2} ms", percentile(&lat, 0.99));
+    println!("ack latency max      {:.2} ms", percentile(&lat, 1.0));
+    if let Some(http) = http {
+        let text = reqwest::get(format!("{http}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let stored = text
+            .lines()
+            .find_map(|l| l.strip_prefix("shoal_ingest_samples_accepted_total "))
+            .unwrap_or("?");
+        println!("hub stored samples   {stored} (acked {samples})");
+    }
+    Ok(())
+}
