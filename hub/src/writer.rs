@@ -325,3 +325,153 @@ fn apply(
         devices: touched.into_values().collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use shoal_proto::v1::{Cpu, Sample};
+
+    use super::*;
+
+    fn row(seq: u64, ts: i64, cpu: f64) -> Row {
+        let s = Sample {
+            seq,
+            timestamp_ms: ts,
+            cpu: Some(Cpu {
+                total_percent: cpu,
+                core_percent: vec![],
+            }),
+            ..Default::default()
+        };
+        Row {
+            seq,
+            points: 1,
+            bytes: s.encode_to_vec(),
+        }
+    }
+
+    fn hello(id: &str) -> DeviceHello {
+        DeviceHello {
+            device_id: id.into(),
+            arch: "aarch64".into(),
+            ..Default::default()
+        }
+    }
+
+    fn start(dir: &std::path::Path) -> (Store, Arc<Fleet>, Writer, std::thread::JoinHandle<()>) {
+        let store = Store::open(dir).unwrap();
+        let fleet = Arc::new(Fleet::from_loaded(&store).unwrap());
+        let (writer, thread) =
+            Writer::start(store.clone(), fleet.clone(), Arc::new(Metrics::default()));
+        (store, fleet, writer, thread)
+    }
+
+    #[tokio::test]
+    async fn dedups_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_store, fleet, writer, thread) = start(dir.path());
+            assert_eq!(writer.hello(hello("d1"), 1_000).await.unwrap(), 0);
+            let o = writer
+                .write(
+                    "d1".into(),
+                    (1..=5).map(|s| row(s, 1_000 + s as i64, 1.0)).collect(),
+                    2_000,
+                )
+                .await
+                .unwrap();
+            assert_eq!((o.accepted, o.duplicates, o.points), (5, 0, 5));
+            let o = writer
+                .write(
+                    "d1".into(),
+                    (3..=8).map(|s| row(s, 1_000 + s as i64, 1.0)).collect(),
+                    3_000,
+                )
+                .await
+                .unwrap();
+            assert_eq!((o.accepted, o.duplicates), (3, 3));
+            // A gap filled later is new, not a duplicate.
+            writer
+                .write("d1".into(), vec![row(20, 1_020, 1.0)], 3_000)
+                .await
+                .unwrap();
+            let o = writer
+                .write(
+                    "d1".into(),
+                    vec![row(15, 1_015, 1.0), row(20, 1_020, 1.0)],
+                    3_000,
+                )
+                .await
+                .unwrap();
+            assert_eq!((o.accepted, o.duplicates), (1, 1));
+            let d = fleet.get("d1").unwrap();
+            assert_eq!(
+                (d.max_seq, d.record.first_seen_ms, d.record.last_seen_ms),
+                (20, 1_000, 3_000)
+            );
+            let err = writer
+                .write("ghost".into(), vec![row(1, 1, 1.0)], 1)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("before its hello"));
+            drop(writer);
+            thread.join().unwrap();
+        }
+        let (store, fleet, writer, _thread) = start(dir.path());
+        let d = fleet.get("d1").unwrap();
+        assert_eq!(d.max_seq, 20);
+        assert_eq!(d.record.arch, "aarch64");
+        assert_eq!(
+            writer.hello(hello("d1"), 9_000).await.unwrap(),
+            20,
+            "the welcome carries the stored seq"
+        );
+        let seqs: Vec<u64> = store
+            .samples_after(d.key, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|s| s.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6, 7, 8, 15, 20]);
+        let o = writer
+            .write("d1".into(), vec![row(7, 1, 1.0)], 9_000)
+            .await
+            .unwrap();
+        assert_eq!(o.duplicates, 1, "dedup holds across a restart");
+    }
+
+    #[tokio::test]
+    async fn time_range_scan_finds_the_start_by_binary_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, fleet, writer, _thread) = start(dir.path());
+        writer.hello(hello("d"), 0).await.unwrap();
+        writer.hello(hello("other"), 0).await.unwrap();
+        // 1,000 samples one second apart, with a gap in seqs.
+        let rows: Vec<Row> = (1..=1_000u64)
+            .filter(|s| !(400..500).contains(s))
+            .map(|s| row(s, s as i64 * 1_000, s as f64))
+            .collect();
+        writer.write("d".into(), rows, 1).await.unwrap();
+        writer
+            .write("other".into(), vec![row(1, 450_000, -1.0)], 1)
+            .await
+            .unwrap();
+        let key = fleet.get("d").unwrap().key;
+        let mut seen = Vec::new();
+        store
+            .scan_time_range(key, 450_000, 510_500, |s| seen.push(s.seq))
+            .unwrap();
+        assert_eq!(seen, (500..=510).collect::<Vec<_>>());
+        seen.clear();
+        store
+            .scan_time_range(key, 0, 3_500, |s| seen.push(s.seq))
+            .unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        seen.clear();
+        store
+            .scan_time_range(key, 2_000_000, 3_000_000, |s| seen.push(s.seq))
+            .unwrap();
+        assert!(seen.is_empty());
+        assert_eq!(store.latest(key).unwrap().unwrap().seq, 1_000);
+    }
+}
