@@ -8,6 +8,9 @@
 //! Without `--hub` it starts `shoal serve` (the binary next to itself) on a fresh data folder
 //! and port, so the figures include a real hub process writing a real store.
 
+// The report on stdout is this program's output.
+#![allow(clippy::print_stdout)]
+
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
