@@ -90,25 +90,27 @@ fn ack_trims_whole_segments_and_persists() {
     assert_eq!(spool.next_seq(), 61);
 }
 
-#[test]
-fn torn_tail_is_dropped_and_the_rest_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut spool, _) = Spool::open(
-        dir.path(),
-        SpoolLimits {
-            max_bytes: 1 << 20,
-            segment_bytes: 1 << 20,
-        },
-    )
-    .unwrap();
-    fill(&mut spool, 10);
+/// Writes `n` records into a single segment, closes the spool, returns the segment's path.
+fn one_closed_segment(dir: &Path, n: u64) -> PathBuf {
+    let big = SpoolLimits {
+        max_bytes: 1 << 20,
+        segment_bytes: 1 << 20,
+    };
+    let (mut spool, _) = Spool::open(dir, big).unwrap();
+    fill(&mut spool, n);
     drop(spool);
-    let seg = fs::read_dir(dir.path().join("segments"))
+    fs::read_dir(dir.join("segments"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
-        .path();
+        .path()
+}
+
+#[test]
+fn torn_tail_is_dropped_and_the_rest_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = one_closed_segment(dir.path(), 10);
     let len = fs::metadata(&seg).unwrap().len();
     // Power loss mid-write: half a record at the end.
     let f = OpenOptions::new().write(true).open(&seg).unwrap();
@@ -128,22 +130,7 @@ fn torn_tail_is_dropped_and_the_rest_kept() {
 #[test]
 fn flipped_bit_fails_the_checksum() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut spool, _) = Spool::open(
-        dir.path(),
-        SpoolLimits {
-            max_bytes: 1 << 20,
-            segment_bytes: 1 << 20,
-        },
-    )
-    .unwrap();
-    fill(&mut spool, 5);
-    drop(spool);
-    let seg = fs::read_dir(dir.path().join("segments"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = one_closed_segment(dir.path(), 5);
     let mut bytes = fs::read(&seg).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
