@@ -6,7 +6,8 @@ use std::time::Duration;
 use prost::Message;
 use shoal_proto::v1::ingest_server::Ingest;
 use shoal_proto::v1::{
-    Ack, IngestRequest, IngestResponse, Rejection, Sample, Welcome, ingest_request, ingest_response,
+    Ack, DeviceHello, IngestRequest, IngestResponse, Rejection, Sample, Welcome, ingest_request,
+    ingest_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,21 +35,91 @@ impl Default for IngestLimits {
     }
 }
 
-pub struct IngestService {
+/// The transport-independent ingest path: every transport (gRPC, MQTT) hands hellos and
+/// batches to this, so validation, dedup, storage and counting are the same everywhere.
+#[derive(Clone)]
+pub struct Ingestor {
     writer: Writer,
     metrics: Arc<Metrics>,
     limits: IngestLimits,
     limiter: Arc<LogLimiter>,
 }
 
-impl IngestService {
+/// Why a hello was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("invalid device id {id:?}: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("hub store unavailable: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Ingestor {
     pub fn new(writer: Writer, metrics: Arc<Metrics>, limits: IngestLimits) -> Self {
-        Self {
-            writer,
-            metrics,
-            limits,
-            limiter: Arc::new(LogLimiter::new(Duration::from_secs(60))),
+        Self { writer, metrics, limits, limiter: Arc::new(LogLimiter::new(Duration::from_secs(60))) }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn limits(&self) -> IngestLimits {
+        self.limits
+    }
+
+    /// Counts a refused stream or message and logs it at most once a minute per `key`.
+    pub fn refuse(&self, why: StreamReject, key: &str, detail: &str) {
+        self.metrics.reject_stream(why);
+        if self.limiter.allow(&format!("{key}:{}", why.label())) {
+            tracing::warn!(source = %key, reason = why.label(), detail = %detail, "refused ingest input");
         }
+    }
+
+    /// Registers (or refreshes) a device; the welcome says how far the hub has its samples.
+    pub async fn hello(&self, hello: DeviceHello) -> Result<Welcome, HelloError> {
+        if let Err(e) = shoal_proto::device_id::validate(&hello.device_id) {
+            let err = HelloError::InvalidId { id: hello.device_id.clone(), reason: e.to_string() };
+            self.refuse(StreamReject::InvalidDeviceId, &format!("host {}", hello.hostname), &err.to_string());
+            return Err(err);
+        }
+        let stored = self.writer.hello(hello, now_ms()).await?;
+        Ok(Welcome { stored_up_to_seq: stored })
+    }
+
+    /// Validates and stores one batch of a device that said hello; the ack is sent only after
+    /// the store has committed.
+    pub async fn batch(&self, device_id: &str, samples: Vec<Sample>) -> Result<Ack, crate::store::StoreError> {
+        let first_seq = samples.first().map_or(0, |s| s.seq);
+        let checked = check_batch(samples, now_ms(), self.limits.max_clock_skew);
+        for (seq, why, reason) in &checked.rejected {
+            self.metrics.reject_sample(*why);
+            if self.limiter.allow(&format!("{device_id}:{}", why.label())) {
+                tracing::warn!(device_id = %device_id, seq, reason = %reason, "rejected a sample");
+            }
+        }
+        let outcome = self.writer.write(device_id.to_string(), checked.rows, now_ms()).await?;
+        self.metrics.samples_accepted.add(u64::from(outcome.accepted));
+        self.metrics.samples_duplicate.add(u64::from(outcome.duplicates));
+        self.metrics.points_accepted.add(outcome.points);
+        self.metrics.batches.inc();
+        Ok(Ack {
+            up_to_seq: checked.up_to_seq,
+            first_seq,
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            rejected: checked.rejected.into_iter().map(|(seq, _, reason)| Rejection { seq, reason }).collect(),
+        })
+    }
+}
+
+/// The gRPC face of the [`Ingestor`].
+pub struct IngestService {
+    ingestor: Ingestor,
+}
+
+impl IngestService {
+    pub fn new(ingestor: Ingestor) -> Self {
+        Self { ingestor }
     }
 }
 
@@ -169,13 +240,16 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let ingestor = self.ingestor.clone();
+        let max_bytes = ingestor.limits().max_message_bytes;
+        let peer = request.remote_addr().map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
         let first = match inbound.message().await {
             Ok(m) => m,
             Err(status) => {
-                return Err(match classify(&status, self.limits.max_message_bytes) {
+                return Err(match classify(&status, max_bytes) {
                     Some((why, answer)) => {
-                        self.metrics.reject_stream(why);
+                        ingestor.refuse(why, &peer, status.message());
                         answer
                     }
                     None => status,
@@ -185,54 +259,28 @@ impl Ingest for IngestService {
         let hello = match first.and_then(|m| m.msg) {
             Some(ingest_request::Msg::Hello(h)) => h,
             _ => {
-                self.metrics.reject_stream(StreamReject::NoHello);
-                return Err(Status::invalid_argument(
-                    "the first message of an ingest stream must be a hello",
-                ));
+                ingestor.refuse(StreamReject::NoHello, &peer, "first message is not a hello");
+                return Err(Status::invalid_argument("the first message of an ingest stream must be a hello"));
             }
         };
-        if let Err(e) = shoal_proto::device_id::validate(&hello.device_id) {
-            self.metrics.reject_stream(StreamReject::InvalidDeviceId);
-            if self.limiter.allow(&format!("bad-id:{}", hello.hostname)) {
-                tracing::warn!(device_id = %hello.device_id, hostname = %hello.hostname, error = %e, "refused an ingest stream");
-            }
-            return Err(Status::invalid_argument(format!(
-                "invalid device id {:?}: {e}",
-                hello.device_id
-            )));
-        }
         let device_id = hello.device_id.clone();
-        let stored = self
-            .writer
-            .hello(hello, now_ms())
-            .await
-            .map_err(|e| Status::unavailable(format!("hub store unavailable: {e}")))?;
-        tracing::debug!(device_id = %device_id, stored_up_to_seq = stored, "device connected");
+        let welcome = ingestor.hello(hello).await.map_err(|e| match e {
+            HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
+            HelloError::Store(_) => Status::unavailable(e.to_string()),
+        })?;
+        tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
 
         let (tx, rx) = mpsc::channel(8);
-        let _ = tx
-            .send(Ok(IngestResponse {
-                msg: Some(ingest_response::Msg::Welcome(Welcome {
-                    stored_up_to_seq: stored,
-                })),
-            }))
-            .await;
-        let writer = self.writer.clone();
-        let metrics = self.metrics.clone();
-        let limits = self.limits;
-        let limiter = self.limiter.clone();
+        let _ = tx.send(Ok(IngestResponse { msg: Some(ingest_response::Msg::Welcome(welcome)) })).await;
         tokio::spawn(async move {
-            let _active = ActiveStream::new(metrics.clone());
+            let _active = ActiveStream::new(ingestor.metrics().clone());
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(status) => {
-                        if let Some((why, answer)) = classify(&status, limits.max_message_bytes) {
-                            metrics.reject_stream(why);
-                            if limiter.allow(&format!("{device_id}:{}", why.label())) {
-                                tracing::warn!(device_id = %device_id, reason = why.label(), error = %status.message(), "refused an ingest message");
-                            }
+                        if let Some((why, answer)) = classify(&status, max_bytes) {
+                            ingestor.refuse(why, &device_id, status.message());
                             let _ = tx.send(Err(answer)).await;
                         }
                         break;
@@ -241,57 +289,19 @@ impl Ingest for IngestService {
                 let batch = match msg.msg {
                     Some(ingest_request::Msg::Batch(b)) => b,
                     _ => {
-                        metrics.reject_stream(StreamReject::Malformed);
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "after the hello only batches may follow",
-                            )))
-                            .await;
+                        ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
+                        let _ = tx.send(Err(Status::invalid_argument("after the hello only batches may follow"))).await;
                         break;
                     }
                 };
-                let checked = check_batch(batch.samples, now_ms(), limits.max_clock_skew);
-                for (seq, why, reason) in &checked.rejected {
-                    metrics.reject_sample(*why);
-                    if limiter.allow(&format!("{device_id}:{}", why.label())) {
-                        tracing::warn!(device_id = %device_id, seq, reason = %reason, "rejected a sample");
-                    }
-                }
-                let outcome = match writer
-                    .write(device_id.clone(), checked.rows, now_ms())
-                    .await
-                {
-                    Ok(o) => o,
+                let ack = match ingestor.batch(&device_id, batch.samples).await {
+                    Ok(ack) => ack,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "hub store unavailable: {e}"
-                            ))))
-                            .await;
+                        let _ = tx.send(Err(Status::unavailable(format!("hub store unavailable: {e}")))).await;
                         break;
                     }
                 };
-                metrics.samples_accepted.add(u64::from(outcome.accepted));
-                metrics.samples_duplicate.add(u64::from(outcome.duplicates));
-                metrics.points_accepted.add(outcome.points);
-                metrics.batches.inc();
-                let ack = Ack {
-                    up_to_seq: checked.up_to_seq,
-                    accepted: outcome.accepted,
-                    duplicates: outcome.duplicates,
-                    rejected: checked
-                        .rejected
-                        .into_iter()
-                        .map(|(seq, _, reason)| Rejection { seq, reason })
-                        .collect(),
-                };
-                if tx
-                    .send(Ok(IngestResponse {
-                        msg: Some(ingest_response::Msg::Ack(ack)),
-                    }))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })).await.is_err() {
                     break;
                 }
             }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::ingest::{IngestLimits, IngestService};
+use crate::ingest::{IngestLimits, IngestService, Ingestor};
 use crate::metrics::Metrics;
 use crate::registry::StatusThresholds;
 use crate::store::{Store, StoreError};
@@ -103,7 +103,8 @@ pub async fn run(
         "hub serving"
     );
 
-    let service = IngestService::new(writer, metrics.clone(), config.limits);
+    let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
+    let service = IngestService::new(ingestor);
     let grpc_task = tokio::spawn(grpc::serve(
         grpc,
         service,
