@@ -12,8 +12,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The hub's ingest endpoint, `http://HOST:PORT` (gRPC).
+    /// The hub's ingest endpoint: `http://HOST:PORT` for gRPC, `mqtt://HOST:PORT` for MQTT
+    /// (a broker the hub listens on).
     pub hub: String,
+    /// MQTT user name (the broker's per-device credentials).
+    pub mqtt_username: Option<String>,
+    /// MQTT password; prefer `mqtt_password_file` or the SHOAL_MQTT_PASSWORD variable.
+    pub mqtt_password: Option<String>,
+    /// A file holding the MQTT password.
+    pub mqtt_password_file: Option<PathBuf>,
+    /// Resend what the hub has not acknowledged after this long.
+    #[serde(with = "humantime_serde_compat")]
+    pub ack_timeout: Duration,
     /// This device's id; defaults to the machine id.
     pub device_id: Option<String>,
     /// How often to sample.
@@ -33,6 +43,10 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             hub: "http://127.0.0.1:50051".into(),
+            mqtt_username: None,
+            mqtt_password: None,
+            mqtt_password_file: None,
+            ack_timeout: Duration::from_secs(30),
             device_id: None,
             interval: Duration::from_secs(10),
             spool_dir: PathBuf::from("/var/lib/shoal-agent/spool"),
@@ -81,10 +95,22 @@ impl AgentConfig {
         let scheme = self.hub.split_once("://").map(|(s, _)| s);
         match scheme {
             Some("http" | "https") => {}
+            Some("mqtt") => {
+                crate::transport::mqtt::parse_broker(&self.hub).map_err(|e| invalid("hub", e))?;
+            }
+            Some("mqtts") => {
+                return Err(invalid(
+                    "hub",
+                    "mqtts:// (MQTT over TLS) is not supported yet; use mqtt:// or http://",
+                ));
+            }
             _ => {
                 return Err(invalid(
                     "hub",
-                    format!("{:?} is not a URL like http://HOST:PORT", self.hub),
+                    format!(
+                        "{:?} is not a URL like http://HOST:PORT (gRPC) or mqtt://HOST:PORT",
+                        self.hub
+                    ),
                 ));
             }
         }
@@ -99,10 +125,33 @@ impl AgentConfig {
         if max < 64 * 1024 {
             return Err(invalid("spool-max-size", "must be at least 64KiB"));
         }
+        if self.ack_timeout < Duration::from_millis(100) {
+            return Err(invalid("ack-timeout", "must be at least 100ms"));
+        }
+        if self.mqtt_password.is_some() && self.mqtt_password_file.is_some() {
+            return Err(invalid(
+                "mqtt-password",
+                "give the password or a password file, not both",
+            ));
+        }
         if self.batch_max_samples == 0 || self.batch_max_samples > 10_000 {
             return Err(invalid("batch-max-samples", "must be between 1 and 10000"));
         }
         Ok(())
+    }
+
+    /// The MQTT password from the config, or read from `mqtt_password_file`.
+    pub fn mqtt_password(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.mqtt_password, &self.mqtt_password_file) {
+            (Some(p), _) => Ok(Some(p.clone())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            (None, None) => Ok(None),
+        }
     }
 
     pub fn spool_max_bytes(&self) -> Result<u64, ConfigError> {

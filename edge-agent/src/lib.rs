@@ -105,6 +105,16 @@ pub async fn run(
         stats: stats.clone(),
         batch_max_samples: config.batch_max_samples,
         sampling_done: done_rx,
+        ack_timeout: config.ack_timeout,
+        mqtt_credentials: config
+            .mqtt_username
+            .clone()
+            .map(|user| {
+                config
+                    .mqtt_password()
+                    .map(|p| (user, p.unwrap_or_default()))
+            })
+            .transpose()?,
     };
     let sender = tokio::spawn(sender.run(shutdown.clone()));
 

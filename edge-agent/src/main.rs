@@ -59,9 +59,22 @@ struct RunArgs {
     /// TOML config file.
     #[arg(long, env = "SHOAL_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Hub ingest URL (gRPC), e.g. http://127.0.0.1:50051.
+    /// Where to report: http://HOST:PORT (the hub's gRPC port) or mqtt://HOST:PORT (a broker
+    /// the hub listens on).
     #[arg(long, env = "SHOAL_HUB")]
     hub: Option<String>,
+    /// MQTT user name.
+    #[arg(long, env = "SHOAL_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// MQTT password (prefer SHOAL_MQTT_PASSWORD or --mqtt-password-file).
+    #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
+    /// File holding the MQTT password.
+    #[arg(long, env = "SHOAL_MQTT_PASSWORD_FILE")]
+    mqtt_password_file: Option<PathBuf>,
+    /// Resend what the hub has not acknowledged after this long [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ack_timeout: Option<Duration>,
     /// Device id [default: this machine's /etc/machine-id].
     #[arg(long, env = "SHOAL_DEVICE_ID")]
     device_id: Option<String>,
@@ -101,6 +114,18 @@ impl RunArgs {
         };
         if let Some(v) = self.hub {
             c.hub = v;
+        }
+        if let Some(v) = self.mqtt_username {
+            c.mqtt_username = Some(v);
+        }
+        if let Some(v) = self.mqtt_password {
+            c.mqtt_password = Some(v);
+        }
+        if let Some(v) = self.mqtt_password_file {
+            c.mqtt_password_file = Some(v);
+        }
+        if let Some(v) = self.ack_timeout {
+            c.ack_timeout = v;
         }
         if let Some(v) = self.device_id {
             c.device_id = Some(v);

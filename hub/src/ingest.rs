@@ -56,7 +56,12 @@ pub enum HelloError {
 
 impl Ingestor {
     pub fn new(writer: Writer, metrics: Arc<Metrics>, limits: IngestLimits) -> Self {
-        Self { writer, metrics, limits, limiter: Arc::new(LogLimiter::new(Duration::from_secs(60))) }
+        Self {
+            writer,
+            metrics,
+            limits,
+            limiter: Arc::new(LogLimiter::new(Duration::from_secs(60))),
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -78,17 +83,30 @@ impl Ingestor {
     /// Registers (or refreshes) a device; the welcome says how far the hub has its samples.
     pub async fn hello(&self, hello: DeviceHello) -> Result<Welcome, HelloError> {
         if let Err(e) = shoal_proto::device_id::validate(&hello.device_id) {
-            let err = HelloError::InvalidId { id: hello.device_id.clone(), reason: e.to_string() };
-            self.refuse(StreamReject::InvalidDeviceId, &format!("host {}", hello.hostname), &err.to_string());
+            let err = HelloError::InvalidId {
+                id: hello.device_id.clone(),
+                reason: e.to_string(),
+            };
+            self.refuse(
+                StreamReject::InvalidDeviceId,
+                &format!("host {}", hello.hostname),
+                &err.to_string(),
+            );
             return Err(err);
         }
         let stored = self.writer.hello(hello, now_ms()).await?;
-        Ok(Welcome { stored_up_to_seq: stored })
+        Ok(Welcome {
+            stored_up_to_seq: stored,
+        })
     }
 
     /// Validates and stores one batch of a device that said hello; the ack is sent only after
     /// the store has committed.
-    pub async fn batch(&self, device_id: &str, samples: Vec<Sample>) -> Result<Ack, crate::store::StoreError> {
+    pub async fn batch(
+        &self,
+        device_id: &str,
+        samples: Vec<Sample>,
+    ) -> Result<Ack, crate::store::StoreError> {
         let first_seq = samples.first().map_or(0, |s| s.seq);
         let checked = check_batch(samples, now_ms(), self.limits.max_clock_skew);
         for (seq, why, reason) in &checked.rejected {
@@ -97,9 +115,16 @@ impl Ingestor {
                 tracing::warn!(device_id = %device_id, seq, reason = %reason, "rejected a sample");
             }
         }
-        let outcome = self.writer.write(device_id.to_string(), checked.rows, now_ms()).await?;
-        self.metrics.samples_accepted.add(u64::from(outcome.accepted));
-        self.metrics.samples_duplicate.add(u64::from(outcome.duplicates));
+        let outcome = self
+            .writer
+            .write(device_id.to_string(), checked.rows, now_ms())
+            .await?;
+        self.metrics
+            .samples_accepted
+            .add(u64::from(outcome.accepted));
+        self.metrics
+            .samples_duplicate
+            .add(u64::from(outcome.duplicates));
         self.metrics.points_accepted.add(outcome.points);
         self.metrics.batches.inc();
         Ok(Ack {
@@ -107,7 +132,11 @@ impl Ingestor {
             first_seq,
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
-            rejected: checked.rejected.into_iter().map(|(seq, _, reason)| Rejection { seq, reason }).collect(),
+            rejected: checked
+                .rejected
+                .into_iter()
+                .map(|(seq, _, reason)| Rejection { seq, reason })
+                .collect(),
         })
     }
 }
@@ -242,7 +271,9 @@ impl Ingest for IngestService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let ingestor = self.ingestor.clone();
         let max_bytes = ingestor.limits().max_message_bytes;
-        let peer = request.remote_addr().map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
         let first = match inbound.message().await {
             Ok(m) => m,
@@ -260,7 +291,9 @@ impl Ingest for IngestService {
             Some(ingest_request::Msg::Hello(h)) => h,
             _ => {
                 ingestor.refuse(StreamReject::NoHello, &peer, "first message is not a hello");
-                return Err(Status::invalid_argument("the first message of an ingest stream must be a hello"));
+                return Err(Status::invalid_argument(
+                    "the first message of an ingest stream must be a hello",
+                ));
             }
         };
         let device_id = hello.device_id.clone();
@@ -271,7 +304,11 @@ impl Ingest for IngestService {
         tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
 
         let (tx, rx) = mpsc::channel(8);
-        let _ = tx.send(Ok(IngestResponse { msg: Some(ingest_response::Msg::Welcome(welcome)) })).await;
+        let _ = tx
+            .send(Ok(IngestResponse {
+                msg: Some(ingest_response::Msg::Welcome(welcome)),
+            }))
+            .await;
         tokio::spawn(async move {
             let _active = ActiveStream::new(ingestor.metrics().clone());
             loop {
@@ -290,18 +327,32 @@ impl Ingest for IngestService {
                     Some(ingest_request::Msg::Batch(b)) => b,
                     _ => {
                         ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
-                        let _ = tx.send(Err(Status::invalid_argument("after the hello only batches may follow"))).await;
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "after the hello only batches may follow",
+                            )))
+                            .await;
                         break;
                     }
                 };
                 let ack = match ingestor.batch(&device_id, batch.samples).await {
                     Ok(ack) => ack,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("hub store unavailable: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "hub store unavailable: {e}"
+                            ))))
+                            .await;
                         break;
                     }
                 };
-                if tx.send(Ok(IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })).await.is_err() {
+                if tx
+                    .send(Ok(IngestResponse {
+                        msg: Some(ingest_response::Msg::Ack(ack)),
+                    }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }

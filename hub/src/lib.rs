@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt;
 pub mod registry;
 pub mod series;
 pub mod store;
@@ -45,6 +46,8 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub thresholds: StatusThresholds,
     pub limits: IngestLimits,
+    /// Also ingest from this external MQTT broker.
+    pub mqtt_broker: Option<mqtt::BrokerConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,14 @@ impl HubConfig {
             return Err(HubError::Config {
                 field: "stale-after",
                 reason: "must be shorter than --offline-after".into(),
+            });
+        }
+        if let Some(b) = &self.mqtt_broker
+            && let Err(reason) = shoal_agent::transport::mqtt::parse_broker(&b.url)
+        {
+            return Err(HubError::Config {
+                field: "mqtt-broker",
+                reason,
             });
         }
         if self.limits.max_message_bytes < 64 * 1024 {
@@ -104,6 +115,13 @@ pub async fn run(
     );
 
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
+    let mqtt_task = config.mqtt_broker.clone().map(|broker| {
+        tokio::spawn(mqtt::run_external(
+            broker,
+            ingestor.clone(),
+            shutdown.clone(),
+        ))
+    });
     let service = IngestService::new(ingestor);
     let grpc_task = tokio::spawn(grpc::serve(
         grpc,
@@ -129,6 +147,9 @@ pub async fn run(
     });
 
     let (grpc_res, http_res) = tokio::join!(grpc_task, http_task);
+    if let Some(t) = mqtt_task {
+        let _ = t.await;
+    }
     grpc_res.expect("grpc task")?;
     http_res.expect("http task")?;
     // The service (and with it the last writer handle) is gone: the writer commits what is

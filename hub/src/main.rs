@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_hub::cli::{Client, Output};
 use shoal_hub::ingest::IngestLimits;
+use shoal_hub::mqtt::BrokerConfig;
 use shoal_hub::registry::StatusThresholds;
 use shoal_hub::up::UpOptions;
 use shoal_hub::{HubConfig, HubError};
@@ -59,9 +60,24 @@ enum Command {
         /// Samples timestamped further ahead of the hub's clock are rejected.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
         max_clock_skew: Duration,
-        /// Largest gRPC message accepted, in bytes.
+        /// Largest gRPC message or MQTT payload accepted, in bytes.
         #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
         max_message_bytes: usize,
+        /// Also ingest from this MQTT broker, mqtt://HOST:PORT (agents run with --hub mqtt://...).
+        #[arg(long, env = "SHOAL_MQTT_BROKER")]
+        mqtt_broker: Option<String>,
+        /// Client id of the hub's persistent session on the broker.
+        #[arg(long, default_value = "shoal-hub")]
+        mqtt_client_id: String,
+        /// Shared-subscription group, so several hubs split the devices; "" subscribes plainly.
+        #[arg(long, default_value = "shoal")]
+        mqtt_share_group: String,
+        /// User name on the broker.
+        #[arg(long, env = "SHOAL_MQTT_USERNAME")]
+        mqtt_username: Option<String>,
+        /// Password on the broker (prefer the environment variable).
+        #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
+        mqtt_password: Option<String>,
     },
     /// The one-command demo: a hub plus a local agent reporting to it; Ctrl-C stops both.
     Up {
@@ -131,6 +147,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
             offline_after,
             max_clock_skew,
             max_message_bytes,
+            mqtt_broker,
+            mqtt_client_id,
+            mqtt_share_group,
+            mqtt_username,
+            mqtt_password,
         } => {
             let config = HubConfig {
                 data_dir,
@@ -142,6 +163,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     max_clock_skew,
                     max_message_bytes,
                 },
+                mqtt_broker: mqtt_broker.map(|url| BrokerConfig {
+                    url,
+                    client_id: mqtt_client_id,
+                    share_group: mqtt_share_group,
+                    credentials: mqtt_username.map(|u| (u, mqtt_password.unwrap_or_default())),
+                }),
             };
             return serve(config, &grpc_listen, &http_listen).await;
         }

@@ -37,6 +37,7 @@ pub async fn up(
         data_dir: opts.data_dir.join("hub"),
         thresholds: StatusThresholds::default(),
         limits: IngestLimits::default(),
+        mqtt_broker: None,
     };
     let agent_config = AgentConfig {
         hub: format!("http://{}", endpoints.grpc),

@@ -1,0 +1,138 @@
+//! The gRPC transport: drains the spool to the hub over one bidirectional stream, trims on the
+//! hub's acknowledgements, and reconnects with exponential backoff and jitter.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prost::Message;
+use shoal_proto::v1::ingest_client::IngestClient;
+use shoal_proto::v1::{IngestRequest, Sample, TelemetryBatch, ingest_request, ingest_response};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use super::inflight::InFlight;
+use super::{BATCH_MAX_BYTES, Backoff, Sender, Stopped, TransportError, WINDOW};
+
+impl Sender {
+    pub(super) async fn grpc_stream_once(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<Stopped, TransportError> {
+        if self.drained() {
+            return Ok(Stopped::Drained);
+        }
+        let endpoint = Endpoint::from_shared(self.hub.clone())
+            .map_err(|e| TransportError::Connect {
+                hub: self.hub.clone(),
+                source: e,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| TransportError::Connect {
+                hub: self.hub.clone(),
+                source: e,
+            })?;
+        let mut client = IngestClient::new(channel)
+            .max_encoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES);
+
+        let (tx, rx) = mpsc::channel::<IngestRequest>(WINDOW + 1);
+        let mut hello = self.hello.clone();
+        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
+        tx.send(IngestRequest {
+            msg: Some(ingest_request::Msg::Hello(hello)),
+        })
+        .await
+        .map_err(|_| TransportError::Closed)?;
+        let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let welcome = match tokio::time::timeout(self.ack_timeout, responses.message()).await {
+            Err(_) => return Err(TransportError::AckTimeout(self.ack_timeout)),
+            Ok(r) => r?.ok_or(TransportError::Closed)?,
+        };
+        let Some(ingest_response::Msg::Welcome(welcome)) = welcome.msg else {
+            return Err(TransportError::Protocol(
+                "first answer is not a welcome".into(),
+            ));
+        };
+        {
+            let mut spool = self.spool.lock().expect("spool lock");
+            if welcome.stored_up_to_seq > spool.last_written_seq() {
+                tracing::warn!(
+                    hub_has = welcome.stored_up_to_seq,
+                    spool_has = spool.last_written_seq(),
+                    "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
+                );
+                spool.ack(welcome.stored_up_to_seq)?;
+            }
+        }
+        backoff.reset();
+        tracing::info!(hub = %self.hub, "streaming to hub");
+
+        let mut last_sent = self.spool.lock().expect("spool lock").acked_seq();
+        let mut in_flight = InFlight::default();
+        loop {
+            while in_flight.len() < WINDOW {
+                let records = self.spool.lock().expect("spool lock").read_after(
+                    last_sent,
+                    self.batch_max_samples,
+                    BATCH_MAX_BYTES,
+                )?;
+                let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last())
+                else {
+                    break;
+                };
+                let mut samples = Vec::with_capacity(records.len());
+                for (seq, bytes) in records {
+                    samples.push(
+                        Sample::decode(bytes.as_slice())
+                            .map_err(|source| TransportError::Decode { seq, source })?,
+                    );
+                }
+                let n = samples.len() as u64;
+                tx.send(IngestRequest {
+                    msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
+                })
+                .await
+                .map_err(|_| TransportError::Closed)?;
+                self.stats.samples_sent.fetch_add(n, Ordering::Relaxed);
+                last_sent = last;
+                in_flight.sent(first, last, std::time::Instant::now());
+            }
+            if in_flight.is_empty() && self.drained() {
+                return Ok(Stopped::Drained);
+            }
+            let ack_deadline = in_flight
+                .oldest_unacked()
+                .map(|t| tokio::time::Instant::from_std(t + self.ack_timeout));
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(Stopped::Shutdown),
+                _ = self.new_data.notified() => {}
+                _ = self.sampling_done.changed() => {}
+                _ = async { tokio::time::sleep_until(ack_deadline.expect("set")).await }, if ack_deadline.is_some() => {
+                    return Err(TransportError::AckTimeout(self.ack_timeout));
+                }
+                msg = responses.message() => {
+                    let msg = msg?.ok_or(TransportError::Closed)?;
+                    let Some(ingest_response::Msg::Ack(ack)) = msg.msg else {
+                        return Err(TransportError::Protocol("expected an ack".into()));
+                    };
+                    for r in &ack.rejected {
+                        tracing::warn!(seq = r.seq, reason = %r.reason, "hub rejected a sample for good; it is dropped");
+                    }
+                    self.stats.samples_rejected.fetch_add(ack.rejected.len() as u64, Ordering::Relaxed);
+                    self.stats.samples_acked.fetch_add(u64::from(ack.accepted + ack.duplicates), Ordering::Relaxed);
+                    if let Some(trim) = in_flight.acked(ack.first_seq, ack.up_to_seq) {
+                        self.spool.lock().expect("spool lock").ack(trim)?;
+                    }
+                }
+            }
+        }
+    }
+}

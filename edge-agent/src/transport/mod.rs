@@ -1,0 +1,163 @@
+//! Transports from the spool to the hub: gRPC ([`grpc`]) and MQTT ([`mqtt`]), picked by the
+//! scheme of `--hub`. Both trim the spool only on the hub's acknowledgement ([`inflight`]).
+
+pub mod grpc;
+pub mod inflight;
+pub mod mqtt;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_proto::v1::DeviceHello;
+use tokio::sync::{Notify, watch};
+
+use crate::Stats;
+use crate::spool::{Spool, SpoolError};
+
+/// Batches sent before waiting for their acks.
+const WINDOW: usize = 4;
+/// Bytes of samples per batch; well under the hub's default message limit.
+const BATCH_MAX_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("MQTT connection to {broker}: {message}")]
+    Mqtt { broker: String, message: String },
+    #[error("cannot connect to hub {hub}: {source}")]
+    Connect {
+        hub: String,
+        source: tonic::transport::Error,
+    },
+    #[error("hub refused the stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("hub closed the stream")]
+    Closed,
+    #[error("hub did not acknowledge within {0:?}")]
+    AckTimeout(Duration),
+    #[error("hub answered out of protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("spooled sample {seq} does not decode: {source}")]
+    Decode {
+        seq: u64,
+        source: prost::DecodeError,
+    },
+}
+
+/// Why the sender stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    Shutdown,
+    /// Sampling finished (`--count`) and everything was acknowledged.
+    Drained,
+}
+
+/// Exponential backoff with jitter: each wait is drawn from [cap/2, cap], cap doubling from
+/// `base` up to `max`, so a fleet reconnecting after a hub restart spreads out.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = cap / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+pub struct Sender {
+    pub hub: String,
+    pub hello: DeviceHello,
+    pub spool: Arc<Mutex<Spool>>,
+    pub new_data: Arc<Notify>,
+    pub stats: Arc<Stats>,
+    pub batch_max_samples: usize,
+    /// Becomes true when sampling has finished for good.
+    pub sampling_done: watch::Receiver<bool>,
+    /// Resend what the hub has not acknowledged after this long.
+    pub ack_timeout: Duration,
+    /// MQTT user name and password, when the broker wants them.
+    pub mqtt_credentials: Option<(String, String)>,
+}
+
+impl Sender {
+    /// Runs until shutdown (or, with sampling finished, until the spool is drained).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
+        if self.hub.starts_with("mqtt://") {
+            return self.run_mqtt(shutdown).await;
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            match self.grpc_stream_once(&mut shutdown, &mut backoff).await {
+                Ok(stopped) => return stopped,
+                Err(e) => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(hub = %self.hub, error = %e, retry_in = ?delay, "hub stream failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Stopped::Shutdown,
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn drained(&self) -> bool {
+        *self.sampling_done.borrow() && self.spool.lock().expect("spool lock").status().pending == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        let mut last = first;
+        for _ in 0..10 {
+            last = b.next_delay();
+        }
+        assert!(
+            last >= Duration::from_secs(1) && last <= Duration::from_secs(2),
+            "{last:?}"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+            seen.insert(b.next_delay());
+        }
+        assert!(seen.len() > 1, "delays differ between agents");
+    }
+}

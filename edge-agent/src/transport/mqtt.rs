@@ -1,0 +1,233 @@
+//! The MQTT transport: QoS 1 publishes on a persistent session, trimmed only on the hub's own
+//! acknowledgement (never on the broker's PUBACK, which says nothing about storage).
+//!
+//! Topics (device id `D`):
+//! - `shoal/v1/devices/D/hello`: a `DeviceHello`, on every (re)connect;
+//! - `shoal/v1/devices/D/telemetry`: `TelemetryBatch`es;
+//! - `shoal/v1/devices/D/acks`: the hub's `IngestResponse`s (welcome, acks), subscribed QoS 1.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shoal_proto::v1::{IngestResponse, Sample, TelemetryBatch, ingest_response};
+use tokio::sync::watch;
+
+use super::inflight::InFlight;
+use super::{BATCH_MAX_BYTES, Backoff, Sender, Stopped, TransportError, WINDOW};
+
+/// The topic of `kind` (`hello`, `telemetry`, `acks`) for `device_id`.
+pub fn topic(device_id: &str, kind: &str) -> String {
+    format!("shoal/v1/devices/{device_id}/{kind}")
+}
+
+/// `mqtt://HOST:PORT` → (host, port); the port defaults to 1883.
+pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| format!("{url:?} does not start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            let port = port
+                .parse()
+                .map_err(|_| format!("{url:?} has a bad port"))?;
+            Ok((host.trim_matches(['[', ']']).to_string(), port))
+        }
+        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        _ => Err(format!("{url:?} names no host")),
+    }
+}
+
+impl Sender {
+    pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
+        let device_id = self.hello.device_id.clone();
+        let (host, port) = match parse_broker(&self.hub) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "bad MQTT broker URL");
+                return Stopped::Shutdown;
+            }
+        };
+        let mut opts = MqttOptions::new(device_id.clone(), host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(false);
+        opts.set_max_packet_size(
+            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
+        );
+        if let Some((user, pass)) = &self.mqtt_credentials {
+            opts.set_credentials(user.clone(), pass.clone());
+        }
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let acks_topic = topic(&device_id, "acks");
+        let telemetry_topic = topic(&device_id, "telemetry");
+
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut connected = false;
+        let mut in_flight = InFlight::default();
+        let mut last_sent = self.spool.lock().expect("spool lock").acked_seq();
+        loop {
+            if connected {
+                if let Err(e) =
+                    self.fill_window(&client, &telemetry_topic, &mut in_flight, &mut last_sent)
+                {
+                    tracing::error!(error = %e, "cannot read the spool");
+                    return Stopped::Shutdown;
+                }
+                if in_flight.is_empty() && self.drained() {
+                    let _ = client.try_disconnect();
+                    return Stopped::Drained;
+                }
+            }
+            let ack_deadline = in_flight
+                .oldest_unacked()
+                .filter(|_| connected)
+                .map(|t| tokio::time::Instant::from_std(t + self.ack_timeout));
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    let _ = client.try_disconnect();
+                    return Stopped::Shutdown;
+                }
+                _ = self.new_data.notified() => {}
+                _ = self.sampling_done.changed() => {}
+                _ = async { tokio::time::sleep_until(ack_deadline.expect("set")).await }, if ack_deadline.is_some() => {
+                    tracing::warn!(timeout = ?self.ack_timeout, "the hub has not acknowledged; resending from the spool");
+                    in_flight.clear();
+                    last_sent = self.spool.lock().expect("spool lock").acked_seq();
+                }
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        backoff.reset();
+                        tracing::info!(broker = %self.hub, "connected to the MQTT broker");
+                        let mut hello = self.hello.clone();
+                        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
+                        let _ = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce);
+                        let _ = client.try_publish(topic(&device_id, "hello"), QoS::AtLeastOnce, false, hello.encode_to_vec());
+                        // Whatever was in flight may be lost with the old connection: resend.
+                        in_flight.clear();
+                        last_sent = self.spool.lock().expect("spool lock").acked_seq();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
+                        if let Err(e) = self.on_response(&p.payload, &mut in_flight) {
+                            tracing::warn!(error = %e, "ignored a message on the acks topic");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        connected = false;
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        let delay = backoff.next_delay();
+                        tracing::warn!(broker = %self.hub, error = %e, retry_in = ?delay, "MQTT connection failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.changed() => return Stopped::Shutdown,
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Publishes batches from the spool until the window is full.
+    fn fill_window(
+        &self,
+        client: &AsyncClient,
+        telemetry_topic: &str,
+        in_flight: &mut InFlight,
+        last_sent: &mut u64,
+    ) -> Result<(), TransportError> {
+        while in_flight.len() < WINDOW {
+            let records = self.spool.lock().expect("spool lock").read_after(
+                *last_sent,
+                self.batch_max_samples,
+                BATCH_MAX_BYTES,
+            )?;
+            let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) else {
+                return Ok(());
+            };
+            let mut samples = Vec::with_capacity(records.len());
+            for (seq, bytes) in records {
+                samples.push(
+                    Sample::decode(bytes.as_slice())
+                        .map_err(|source| TransportError::Decode { seq, source })?,
+                );
+            }
+            let n = samples.len() as u64;
+            let payload = TelemetryBatch { samples }.encode_to_vec();
+            if client
+                .try_publish(telemetry_topic, QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                // The client's queue is full; the next loop turn tries again.
+                return Ok(());
+            }
+            self.stats.samples_sent.fetch_add(n, Ordering::Relaxed);
+            *last_sent = last;
+            in_flight.sent(first, last, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn on_response(&self, payload: &[u8], in_flight: &mut InFlight) -> Result<(), TransportError> {
+        let msg =
+            IngestResponse::decode(payload).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        match msg.msg {
+            Some(ingest_response::Msg::Welcome(w)) => {
+                let mut spool = self.spool.lock().expect("spool lock");
+                if w.stored_up_to_seq > spool.last_written_seq() {
+                    tracing::warn!(
+                        hub_has = w.stored_up_to_seq,
+                        spool_has = spool.last_written_seq(),
+                        "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
+                    );
+                    spool.ack(w.stored_up_to_seq)?;
+                }
+            }
+            Some(ingest_response::Msg::Ack(ack)) => {
+                for r in &ack.rejected {
+                    tracing::warn!(seq = r.seq, reason = %r.reason, "hub rejected a sample for good; it is dropped");
+                }
+                self.stats
+                    .samples_rejected
+                    .fetch_add(ack.rejected.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .samples_acked
+                    .fetch_add(u64::from(ack.accepted + ack.duplicates), Ordering::Relaxed);
+                if let Some(trim) = in_flight.acked(ack.first_seq, ack.up_to_seq) {
+                    self.spool.lock().expect("spool lock").ack(trim)?;
+                }
+            }
+            None => return Err(TransportError::Protocol("empty response".into())),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_urls() {
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1884"),
+            Ok(("127.0.0.1".into(), 1884))
+        );
+        assert_eq!(parse_broker("mqtt://broker"), Ok(("broker".into(), 1883)));
+        assert_eq!(parse_broker("mqtt://[::1]:1883/"), Ok(("::1".into(), 1883)));
+        assert!(parse_broker("mqtt://").is_err());
+        assert!(parse_broker("mqtt://h:port").is_err());
+        assert!(parse_broker("http://h:1").is_err());
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(
+            topic("pi-4", "telemetry"),
+            "shoal/v1/devices/pi-4/telemetry"
+        );
+    }
+}

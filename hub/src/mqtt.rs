@@ -1,0 +1,264 @@
+//! MQTT ingest from an external broker (Mosquitto, EMQX): the hub subscribes (through a
+//! shared subscription, so several hubs split the load) to every device's hello and telemetry
+//! topics and answers on its acks topic. Messages go through the same [`Ingestor`] as gRPC.
+//!
+//! The hub PUBACKs a message only after it is stored (manual acks on a persistent session), so
+//! a hub killed mid-batch gets the message again from the broker; the agent's own ack timeout
+//! covers a broker that lost it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prost::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use shoal_proto::v1::{DeviceHello, IngestResponse, TelemetryBatch, ingest_response};
+use tokio::sync::{mpsc, watch};
+
+use crate::ingest::{HelloError, Ingestor};
+use crate::metrics::StreamReject;
+
+/// How the hub reaches an external broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// `mqtt://HOST:PORT`
+    pub url: String,
+    /// Client id of the hub's persistent session.
+    pub client_id: String,
+    /// Shared-subscription group; empty subscribes plainly (one hub per broker).
+    pub share_group: String,
+    pub credentials: Option<(String, String)>,
+}
+
+/// Where a message was published: `shoal/v1/devices/{device}/{kind}`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceTopic<'a> {
+    pub device_id: &'a str,
+    pub kind: &'a str,
+}
+
+/// Splits a Shoal device topic; `None` for anything else.
+pub fn parse_topic(topic: &str) -> Option<DeviceTopic<'_>> {
+    let rest = topic.strip_prefix("shoal/v1/devices/")?;
+    let (device_id, kind) = rest.split_once('/')?;
+    if device_id.is_empty() || kind.contains('/') {
+        return None;
+    }
+    Some(DeviceTopic { device_id, kind })
+}
+
+fn subscription(group: &str, kind: &str) -> String {
+    let filter = format!("shoal/v1/devices/+/{kind}");
+    if group.is_empty() {
+        filter
+    } else {
+        format!("$share/{group}/{filter}")
+    }
+}
+
+/// Subscribes to `config.url` and ingests until `shutdown`; reconnects on its own.
+pub async fn run_external(
+    config: BrokerConfig,
+    ingestor: Ingestor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (host, port) = match shoal_agent::transport::mqtt::parse_broker(&config.url) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "bad --mqtt-broker");
+            return;
+        }
+    };
+    let mut opts = MqttOptions::new(config.client_id.clone(), host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    // Accept anything the broker delivers and judge the size ourselves, so an oversized
+    // payload is a counted rejection rather than a dropped connection.
+    opts.set_max_packet_size(256 * 1024 * 1024, shoal_proto::DEFAULT_MAX_MESSAGE_BYTES);
+    if let Some((u, p)) = &config.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let mut workers: HashMap<String, mpsc::UnboundedSender<Publish>> = HashMap::new();
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            event = events.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    tracing::info!(broker = %config.url, "hub subscribed to the MQTT broker");
+                    for kind in ["hello", "telemetry"] {
+                        let _ = client.subscribe(subscription(&config.share_group, kind), QoS::AtLeastOnce).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&client, &ingestor, &mut workers, p).await,
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tracing::warn!(broker = %config.url, error = %e, retry_in = ?delay, "MQTT broker connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+        }
+    }
+    drop(workers);
+    let _ = client.try_disconnect();
+}
+
+/// Hands a message to its device's worker, so each device's messages are handled in order
+/// while devices proceed in parallel.
+async fn dispatch(
+    client: &AsyncClient,
+    ingestor: &Ingestor,
+    workers: &mut HashMap<String, mpsc::UnboundedSender<Publish>>,
+    p: Publish,
+) {
+    let topic = p.topic.clone();
+    let Some(t) = parse_topic(&topic) else {
+        ingestor.refuse(
+            StreamReject::Malformed,
+            "mqtt",
+            &format!("message on unexpected topic {topic}"),
+        );
+        let _ = client.ack(&p).await;
+        return;
+    };
+    let device_id = t.device_id.to_string();
+    if let Some(w) = workers.get(&device_id)
+        && !w.is_closed()
+    {
+        let _ = w.send(p);
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(p);
+    workers.insert(device_id.clone(), tx);
+    tokio::spawn(device_worker(
+        device_id,
+        rx,
+        client.clone(),
+        ingestor.clone(),
+    ));
+}
+
+/// Processes one device's messages in arrival order; exits when idle for a minute.
+async fn device_worker(
+    device_id: String,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
+    client: AsyncClient,
+    ingestor: Ingestor,
+) {
+    let acks = format!("shoal/v1/devices/{device_id}/acks");
+    let max = ingestor.limits().max_message_bytes;
+    loop {
+        let p = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: refuse new messages (dispatch starts a fresh worker) and finish the rest.
+                rx.close();
+                continue;
+            }
+        };
+        let topic = p.topic.clone();
+        let kind = parse_topic(&topic).map_or("", |t| t.kind);
+        if p.payload.len() > max {
+            ingestor.refuse(
+                StreamReject::Oversized,
+                &device_id,
+                &format!("{} bytes on {topic}, the limit is {max}", p.payload.len()),
+            );
+            let _ = client.ack(&p).await;
+            continue;
+        }
+        let response = match kind {
+            "hello" => match DeviceHello::decode(p.payload.as_ref()) {
+                Ok(hello) if hello.device_id != device_id => {
+                    ingestor.refuse(
+                        StreamReject::InvalidDeviceId,
+                        &device_id,
+                        &format!(
+                            "hello names device {:?} on the topic of {device_id:?}",
+                            hello.device_id
+                        ),
+                    );
+                    None
+                }
+                Ok(hello) => match ingestor.hello(hello).await {
+                    Ok(w) => Some(ingest_response::Msg::Welcome(w)),
+                    Err(HelloError::InvalidId { .. }) => None,
+                    Err(e @ HelloError::Store(_)) => {
+                        // Not PUBACKed: the broker redelivers it once the store recovers.
+                        tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    ingestor.refuse(StreamReject::Malformed, &device_id, &format!("hello: {e}"));
+                    None
+                }
+            },
+            "telemetry" => match TelemetryBatch::decode(p.payload.as_ref()) {
+                Ok(batch) => match ingestor.batch(&device_id, batch.samples).await {
+                    Ok(ack) => Some(ingest_response::Msg::Ack(ack)),
+                    Err(e) => {
+                        tracing::error!(device_id = %device_id, error = %e, "cannot store a batch");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    ingestor.refuse(
+                        StreamReject::Malformed,
+                        &device_id,
+                        &format!("telemetry: {e}"),
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(msg) = response {
+            let body = IngestResponse { msg: Some(msg) }.encode_to_vec();
+            let _ = client
+                .publish(acks.clone(), QoS::AtLeastOnce, false, body)
+                .await;
+        }
+        let _ = client.ack(&p).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_topics() {
+        assert_eq!(
+            parse_topic("shoal/v1/devices/pi-4/telemetry"),
+            Some(DeviceTopic {
+                device_id: "pi-4",
+                kind: "telemetry"
+            })
+        );
+        assert_eq!(parse_topic("shoal/v1/devices//telemetry"), None);
+        assert_eq!(parse_topic("shoal/v1/devices/a/b/c"), None);
+        assert_eq!(parse_topic("sensor/pi-4"), None);
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        assert_eq!(
+            subscription("shoal", "hello"),
+            "$share/shoal/shoal/v1/devices/+/hello"
+        );
+        assert_eq!(
+            subscription("", "telemetry"),
+            "shoal/v1/devices/+/telemetry"
+        );
+    }
+}
