@@ -240,23 +240,30 @@ impl Hub {
 }
 
 /// A `shoal-agent run` process.
-pub fn agent(
-    hub_grpc_url: &str,
+pub fn agent(hub: &str, device: &str, spool: &Path, interval: &str, count: Option<u64>) -> Proc {
+    agent_with(hub, device, spool, interval, count, &[])
+}
+
+/// A `shoal-agent run` process with extra flags.
+pub fn agent_with(
+    hub: &str,
     device: &str,
     spool: &Path,
     interval: &str,
     count: Option<u64>,
+    extra: &[&str],
 ) -> Proc {
     let mut cmd = Command::new(bin("shoal-agent"));
     cmd.arg("run")
         .arg("--hub")
-        .arg(hub_grpc_url)
+        .arg(hub)
         .arg("--device-id")
         .arg(device)
         .arg("--interval")
         .arg(interval)
         .arg("--spool-dir")
-        .arg(spool);
+        .arg(spool)
+        .args(extra);
     if let Some(n) = count {
         cmd.arg("--count").arg(n.to_string());
     }
@@ -289,4 +296,84 @@ pub fn spool_status(spool: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("spool status JSON")
+}
+
+/// A Mosquitto broker on a fixed port (so it can be restarted), config in a temp folder.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` on 127.0.0.1 with anonymous access. Fails (never skips) when the
+    /// broker is not installed: `tests/run` installs it.
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, free_port(), "allow_anonymous true\n").await
+    }
+
+    /// Starts with extra configuration lines.
+    pub async fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
+        let exe = which("mosquitto")
+            .unwrap_or_else(|| panic!("mosquitto is not installed: run tests/run (it installs it) or apt-get install mosquitto"));
+        std::fs::create_dir_all(dir).expect("broker dir");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\npersistence false\n{extra}"),
+        )
+        .expect("write conf");
+        let m = Self {
+            proc: Self::spawn(&exe, &conf),
+            port,
+            conf,
+        };
+        m.wait_ready().await;
+        m
+    }
+
+    fn spawn(exe: &Path, conf: &Path) -> Proc {
+        let mut cmd = Command::new(exe);
+        cmd.arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Proc::spawn("mosquitto", cmd)
+    }
+
+    async fn wait_ready(&self) {
+        let port = self.port;
+        wait_until(
+            "mosquitto to listen",
+            Duration::from_secs(10),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, then start again on the same port.
+    pub async fn crash_and_restart(&mut self, down_for: Duration) {
+        self.proc.kill9();
+        tokio::time::sleep(down_for).await;
+        let exe = which("mosquitto").expect("mosquitto");
+        self.proc = Self::spawn(&exe, &self.conf);
+        self.wait_ready().await;
+    }
+}
+
+/// Finds a program on PATH (and in /usr/sbin, where Debian puts mosquitto).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }

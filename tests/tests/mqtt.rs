@@ -1,0 +1,136 @@
+//! MQTT transport against a real Mosquitto: delivery, hub and broker crashes, and
+//! `mosquitto_sub` seeing the telemetry topic.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use shoal_e2e::{Hub, Mosquitto, Proc, agent_with, free_port, spool_status, wait_until, which};
+
+fn assert_exactly(seqs: &[u64], n: u64) {
+    let expected: Vec<u64> = (1..=n).collect();
+    assert!(
+        seqs == expected.as_slice(),
+        "stored {} samples, expected exactly 1..={n}",
+        seqs.len()
+    );
+}
+
+async fn hub_on(dir: &std::path::Path, broker: &Mosquitto, grpc: u16, http: u16) -> Hub {
+    Hub::start_on(dir, grpc, http, &["--mqtt-broker", &broker.url()]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_flows_through_mosquitto_and_mosquitto_sub_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&dir.path().join("broker")).await;
+    let hub = hub_on(&dir.path().join("hub"), &broker, free_port(), free_port()).await;
+    let sub_exe = which("mosquitto_sub")
+        .expect("mosquitto_sub is not installed (tests/run installs mosquitto-clients)");
+    let mut sub = Command::new(sub_exe);
+    sub.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &broker.port.to_string(),
+        "-t",
+        "shoal/v1/devices/+/telemetry",
+        "-C",
+        "1",
+        "-F",
+        "%t %l",
+    ])
+    .stdout(Stdio::piped());
+    let mut sub = Proc::spawn("mosquitto_sub", sub);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut a = agent_with(
+        &broker.url(),
+        "mqtt-dev",
+        &dir.path().join("spool"),
+        "20ms",
+        Some(100),
+        &[],
+    );
+    assert!(a.wait(Duration::from_secs(60)).await.success());
+    assert_exactly(&hub.stored_seqs("mqtt-dev").await, 100);
+    let device = hub.get("/api/v1/devices/mqtt-dev").await;
+    assert_eq!(device["status"], "online");
+    assert!(
+        !device["kernel"].as_str().unwrap().is_empty(),
+        "the hello arrived: {device}"
+    );
+
+    assert!(sub.wait(Duration::from_secs(10)).await.success());
+    let mut seen = String::new();
+    std::io::Read::read_to_string(sub.child.stdout.as_mut().unwrap(), &mut seen).unwrap();
+    assert!(
+        seen.starts_with("shoal/v1/devices/mqtt-dev/telemetry "),
+        "mosquitto_sub saw: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_killed_mid_stream_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&dir.path().join("broker")).await;
+    let (grpc, http) = (free_port(), free_port());
+    let mut hub = hub_on(&dir.path().join("hub"), &broker, grpc, http).await;
+    let spool = dir.path().join("spool");
+    let mut a = agent_with(
+        &broker.url(),
+        "mqtt-crash",
+        &spool,
+        "10ms",
+        Some(400),
+        &["--ack-timeout", "2s"],
+    );
+    wait_until(
+        "samples before the crash",
+        Duration::from_secs(30),
+        || async { hub.stored_up_to("mqtt-crash").await >= 50 },
+    )
+    .await;
+    hub.proc.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hub = hub_on(&dir.path().join("hub"), &broker, grpc, http).await;
+    wait_until(
+        "samples after the restart",
+        Duration::from_secs(30),
+        || async { hub.stored_up_to("mqtt-crash").await >= 200 },
+    )
+    .await;
+    hub.proc.kill9();
+    hub = hub_on(&dir.path().join("hub"), &broker, grpc, http).await;
+
+    let status = a.wait(Duration::from_secs(90)).await;
+    assert!(status.success(), "the agent drains and exits 0: {status}");
+    assert_exactly(&hub.stored_seqs("mqtt-crash").await, 400);
+    assert_eq!(spool_status(&spool)["pending"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(&dir.path().join("broker")).await;
+    let hub = hub_on(&dir.path().join("hub"), &broker, free_port(), free_port()).await;
+    let spool = dir.path().join("spool");
+    let mut a = agent_with(
+        &broker.url(),
+        "mqtt-broker-crash",
+        &spool,
+        "10ms",
+        Some(300),
+        &["--ack-timeout", "2s"],
+    );
+    wait_until(
+        "samples before the broker crash",
+        Duration::from_secs(30),
+        || async { hub.stored_up_to("mqtt-broker-crash").await >= 50 },
+    )
+    .await;
+    // The broker forgets everything (no persistence): the agent's spool and acks carry it.
+    broker.crash_and_restart(Duration::from_millis(1000)).await;
+    let status = a.wait(Duration::from_secs(90)).await;
+    assert!(status.success(), "{status}");
+    assert_exactly(&hub.stored_seqs("mqtt-broker-crash").await, 300);
+}
