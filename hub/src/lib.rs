@@ -48,6 +48,8 @@ pub struct HubConfig {
     pub limits: IngestLimits,
     /// Also ingest from this external MQTT broker.
     pub mqtt_broker: Option<mqtt::BrokerConfig>,
+    /// Credentials for the embedded broker; `None` lets any client connect.
+    pub mqtt_users: Option<mqtt::broker::acl::Users>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,21 +88,34 @@ impl HubConfig {
     }
 }
 
+/// The sockets a hub serves, bound by the caller (tests bind `127.0.0.1:0`).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    /// The embedded MQTT broker's socket, when it runs.
+    pub mqtt: Option<TcpListener>,
+}
+
 /// The addresses a running hub listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoints {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// Serves gRPC ingest on `grpc` and the REST API on `http` until `shutdown` turns true, then
 /// drains: open streams end, queued writes are committed, and the store is closed.
 pub async fn run(
     config: HubConfig,
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), HubError> {
+    let Listeners {
+        grpc,
+        http,
+        mqtt: mqtt_listener,
+    } = listeners;
     config.validate()?;
     let store = Store::open(&config.data_dir)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
@@ -118,6 +133,14 @@ pub async fn run(
     let mqtt_task = config.mqtt_broker.clone().map(|broker| {
         tokio::spawn(mqtt::run_external(
             broker,
+            ingestor.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let broker_task = mqtt_listener.map(|l| {
+        tokio::spawn(mqtt::broker::serve(
+            l,
+            config.mqtt_users.clone(),
             ingestor.clone(),
             shutdown.clone(),
         ))
@@ -147,7 +170,7 @@ pub async fn run(
     });
 
     let (grpc_res, http_res) = tokio::join!(grpc_task, http_task);
-    if let Some(t) = mqtt_task {
+    for t in [mqtt_task, broker_task].into_iter().flatten() {
         let _ = t.await;
     }
     grpc_res.expect("grpc task")?;

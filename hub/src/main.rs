@@ -10,9 +10,10 @@ use clap::{Parser, Subcommand};
 use shoal_hub::cli::{Client, Output};
 use shoal_hub::ingest::IngestLimits;
 use shoal_hub::mqtt::BrokerConfig;
+use shoal_hub::mqtt::broker::acl::Users;
 use shoal_hub::registry::StatusThresholds;
 use shoal_hub::up::UpOptions;
-use shoal_hub::{HubConfig, HubError};
+use shoal_hub::{HubConfig, HubError, Listeners};
 use tokio::sync::watch;
 
 /// Shoal: an edge-and-ML fleet manager. Run a hub, then point `shoal-agent`s at it.
@@ -63,6 +64,13 @@ enum Command {
         /// Largest gRPC message or MQTT payload accepted, in bytes.
         #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
         max_message_bytes: usize,
+        /// Run the embedded MQTT broker on this address (agents use --hub mqtt://ADDR).
+        #[arg(long, env = "SHOAL_MQTT_LISTEN")]
+        mqtt_listen: Option<String>,
+        /// Users of the embedded broker, one NAME:PASSWORD[:ROLE] per line (ROLE device or
+        /// observer); without it any client may connect and its client id is its device id.
+        #[arg(long, env = "SHOAL_MQTT_USERS")]
+        mqtt_users: Option<PathBuf>,
         /// Also ingest from this MQTT broker, mqtt://HOST:PORT (agents run with --hub mqtt://...).
         #[arg(long, env = "SHOAL_MQTT_BROKER")]
         mqtt_broker: Option<String>,
@@ -88,6 +96,9 @@ enum Command {
         grpc_listen: String,
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_listen: String,
+        /// The embedded MQTT broker, for agents and `mosquitto_pub` scripts.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt_listen: String,
         /// The local agent's sampling interval.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         interval: Duration,
@@ -147,6 +158,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
             offline_after,
             max_clock_skew,
             max_message_bytes,
+            mqtt_listen,
+            mqtt_users,
             mqtt_broker,
             mqtt_client_id,
             mqtt_share_group,
@@ -163,6 +176,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     max_clock_skew,
                     max_message_bytes,
                 },
+                mqtt_users: match mqtt_users.as_deref().map(Users::load).transpose() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        eprintln!("shoal: invalid mqtt-users: {e}");
+                        return ExitCode::from(64);
+                    }
+                },
                 mqtt_broker: mqtt_broker.map(|url| BrokerConfig {
                     url,
                     client_id: mqtt_client_id,
@@ -170,18 +190,20 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     credentials: mqtt_username.map(|u| (u, mqtt_password.unwrap_or_default())),
                 }),
             };
-            return serve(config, &grpc_listen, &http_listen).await;
+            return serve(config, &grpc_listen, &http_listen, mqtt_listen.as_deref()).await;
         }
         Command::Up {
             data_dir,
             grpc_listen,
             http_listen,
+            mqtt_listen,
             interval,
         } => {
             let opts = UpOptions {
                 data_dir,
                 grpc_listen,
                 http_listen,
+                mqtt_listen,
                 interval,
             };
             let result = shoal_hub::up::up(
@@ -190,9 +212,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(
                         out,
-                        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC; point shoal-agent --hub here)\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal devices list\n      shoal telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.",
+                        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal devices list\n      shoal telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.",
                         http = ep.http,
                         grpc = ep.grpc,
+                        mqtt = ep.mqtt.map(|a| a.to_string()).unwrap_or_default(),
                         data = agent.spool_dir.parent().map(|p| p.display().to_string()).unwrap_or_default(),
                         interval = humantime::format_duration(agent.interval),
                         spool = agent.spool_dir.display(),
@@ -232,32 +255,49 @@ async fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
-async fn serve(config: HubConfig, grpc_listen: &str, http_listen: &str) -> ExitCode {
+async fn serve(
+    config: HubConfig,
+    grpc_listen: &str,
+    http_listen: &str,
+    mqtt_listen: Option<&str>,
+) -> ExitCode {
     if let Err(e) = config.validate() {
         eprintln!("shoal: {e}");
         return ExitCode::from(64);
     }
-    let bind = |addr: String| async move {
-        tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|e| (addr, e))
+    let bind = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        }
     };
-    let (grpc, http) = match (
-        bind(grpc_listen.to_string()).await,
-        bind(http_listen.to_string()).await,
-    ) {
-        (Ok(g), Ok(h)) => (g, h),
-        (Err((addr, e)), _) | (_, Err((addr, e))) => {
-            eprintln!("shoal: cannot listen on {addr}: {e}");
+    let bound = async {
+        let grpc = bind(grpc_listen).await?;
+        let http = bind(http_listen).await?;
+        let mqtt = match mqtt_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        Ok::<_, String>(Listeners { grpc, http, mqtt })
+    };
+    let listeners = match bound.await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("shoal: {e}");
             return ExitCode::from(64);
         }
     };
+    let addr =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let endpoints = serde_json::json!({
-        "grpc": grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        "http": http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "grpc": addr(&listeners.grpc),
+        "http": addr(&listeners.http),
+        "mqtt": listeners.mqtt.as_ref().map(addr),
     });
     let _ = writeln!(std::io::stdout(), "{endpoints}");
-    exit_for(shoal_hub::run(config, grpc, http, signal_channel()).await)
+    exit_for(shoal_hub::run(config, listeners, signal_channel()).await)
 }
 
 fn exit_for(result: Result<(), HubError>) -> ExitCode {

@@ -48,14 +48,20 @@ pub enum StreamReject {
     NoHello,
     Oversized,
     Malformed,
+    /// An MQTT client publishing or subscribing outside its own device's topics.
+    ForeignTopic,
+    /// An MQTT client with a wrong or missing user name or password.
+    BadCredentials,
 }
 
 impl StreamReject {
-    const ALL: [StreamReject; 4] = [
+    const ALL: [StreamReject; 6] = [
         Self::InvalidDeviceId,
         Self::NoHello,
         Self::Oversized,
         Self::Malformed,
+        Self::ForeignTopic,
+        Self::BadCredentials,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -63,6 +69,8 @@ impl StreamReject {
             Self::NoHello => "no_hello",
             Self::Oversized => "oversized_message",
             Self::Malformed => "malformed_message",
+            Self::ForeignTopic => "foreign_topic",
+            Self::BadCredentials => "bad_credentials",
         }
     }
 }
@@ -84,7 +92,7 @@ pub struct Metrics {
     pub grpc_connection_errors: Counter,
     pub streams_active: AtomicI64,
     samples_rejected: [Counter; 3],
-    streams_rejected: [Counter; 4],
+    streams_rejected: [Counter; 6],
     pub http_requests: Counter,
 }
 

@@ -18,6 +18,7 @@ pub struct UpOptions {
     pub data_dir: PathBuf,
     pub grpc_listen: String,
     pub http_listen: String,
+    pub mqtt_listen: String,
     pub interval: Duration,
 }
 
@@ -29,15 +30,18 @@ pub async fn up(
 ) -> Result<(), HubError> {
     let grpc = bind(&opts.grpc_listen, "grpc-listen").await?;
     let http = bind(&opts.http_listen, "http-listen").await?;
+    let mqtt = bind(&opts.mqtt_listen, "mqtt-listen").await?;
     let endpoints = Endpoints {
         grpc: grpc.local_addr()?,
         http: http.local_addr()?,
+        mqtt: Some(mqtt.local_addr()?),
     };
     let hub_config = HubConfig {
         data_dir: opts.data_dir.join("hub"),
         thresholds: StatusThresholds::default(),
         limits: IngestLimits::default(),
         mqtt_broker: None,
+        mqtt_users: None,
     };
     let agent_config = AgentConfig {
         hub: format!("http://{}", endpoints.grpc),
@@ -52,7 +56,12 @@ pub async fn up(
     })?;
     on_ready(&endpoints, &agent_config);
 
-    let hub = tokio::spawn(crate::run(hub_config, grpc, http, shutdown.clone()));
+    let listeners = crate::Listeners {
+        grpc,
+        http,
+        mqtt: Some(mqtt),
+    };
+    let hub = tokio::spawn(crate::run(hub_config, listeners, shutdown.clone()));
     let agent = tokio::spawn(shoal_agent::run(
         agent_config,
         RunOptions::default(),

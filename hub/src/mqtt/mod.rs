@@ -1,4 +1,6 @@
-//! MQTT ingest from an external broker (Mosquitto, EMQX): the hub subscribes (through a
+//! MQTT ingest, from an external broker or the embedded one ([`broker`]).
+//!
+//! From an external broker (Mosquitto, EMQX): the hub subscribes (through a
 //! shared subscription, so several hubs split the load) to every device's hello and telemetry
 //! topics and answers on its acks topic. Messages go through the same [`Ingestor`] as gRPC.
 //!
@@ -13,6 +15,8 @@ use prost::Message;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use shoal_proto::v1::{DeviceHello, IngestResponse, TelemetryBatch, ingest_response};
 use tokio::sync::{mpsc, watch};
+
+pub mod broker;
 
 use crate::ingest::{HelloError, Ingestor};
 use crate::metrics::StreamReject;
@@ -79,7 +83,7 @@ pub async fn run_external(
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, mut events) = AsyncClient::new(opts, 1024);
-    let mut workers: HashMap<String, mpsc::UnboundedSender<Publish>> = HashMap::new();
+    let mut dispatcher = Dispatcher::new(ingestor, Replier::External(client.clone()));
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -92,7 +96,7 @@ pub async fn run_external(
                         let _ = client.subscribe(subscription(&config.share_group, kind), QoS::AtLeastOnce).await;
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&client, &ingestor, &mut workers, p).await,
+                Ok(Event::Incoming(Packet::Publish(p))) => dispatcher.dispatch(p),
                 Ok(_) => {}
                 Err(e) => {
                     failures += 1;
@@ -106,51 +110,93 @@ pub async fn run_external(
             },
         }
     }
-    drop(workers);
+    drop(dispatcher);
     let _ = client.try_disconnect();
 }
 
-/// Hands a message to its device's worker, so each device's messages are handled in order
-/// while devices proceed in parallel.
-async fn dispatch(
-    client: &AsyncClient,
-    ingestor: &Ingestor,
-    workers: &mut HashMap<String, mpsc::UnboundedSender<Publish>>,
-    p: Publish,
-) {
-    let topic = p.topic.clone();
-    let Some(t) = parse_topic(&topic) else {
-        ingestor.refuse(
-            StreamReject::Malformed,
-            "mqtt",
-            &format!("message on unexpected topic {topic}"),
-        );
-        let _ = client.ack(&p).await;
-        return;
-    };
-    let device_id = t.device_id.to_string();
-    if let Some(w) = workers.get(&device_id)
-        && !w.is_closed()
-    {
-        let _ = w.send(p);
-        return;
+/// Where the hub's answers go: back through the external broker, or into the embedded one.
+#[derive(Clone)]
+pub enum Replier {
+    External(AsyncClient),
+    Embedded(broker::Handle),
+}
+
+impl Replier {
+    async fn reply(&self, topic: String, body: Vec<u8>) {
+        match self {
+            Replier::External(c) => {
+                let _ = c.publish(topic, QoS::AtLeastOnce, false, body).await;
+            }
+            Replier::Embedded(h) => h.publish(&topic, body.into()),
+        }
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let _ = tx.send(p);
-    workers.insert(device_id.clone(), tx);
-    tokio::spawn(device_worker(
-        device_id,
-        rx,
-        client.clone(),
-        ingestor.clone(),
-    ));
+
+    /// The message is dealt with (stored, or refused for good): PUBACK it to an external
+    /// broker, which otherwise redelivers it.
+    async fn done(&self, p: &Publish) {
+        if let Replier::External(c) = self {
+            let _ = c.ack(p).await;
+        }
+    }
+
+    fn done_now(&self, p: &Publish) {
+        if let Replier::External(c) = self {
+            let _ = c.try_ack(p);
+        }
+    }
+}
+
+/// Routes device messages to one worker per device, so each device's messages are handled in
+/// order while devices proceed in parallel.
+pub struct Dispatcher {
+    ingestor: Ingestor,
+    replier: Replier,
+    workers: HashMap<String, mpsc::UnboundedSender<Publish>>,
+}
+
+impl Dispatcher {
+    pub fn new(ingestor: Ingestor, replier: Replier) -> Self {
+        Self {
+            ingestor,
+            replier,
+            workers: HashMap::new(),
+        }
+    }
+
+    pub fn dispatch(&mut self, p: Publish) {
+        let Some(t) = parse_topic(&p.topic) else {
+            self.ingestor.refuse(
+                StreamReject::Malformed,
+                "mqtt",
+                &format!("message on unexpected topic {}", p.topic),
+            );
+            self.replier.done_now(&p);
+            return;
+        };
+        let device_id = t.device_id.to_string();
+        if let Some(w) = self.workers.get(&device_id)
+            && !w.is_closed()
+        {
+            let _ = w.send(p);
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(p);
+        self.workers.insert(device_id.clone(), tx);
+        tokio::spawn(device_worker(
+            device_id,
+            rx,
+            self.replier.clone(),
+            self.ingestor.clone(),
+        ));
+    }
 }
 
 /// Processes one device's messages in arrival order; exits when idle for a minute.
 async fn device_worker(
     device_id: String,
     mut rx: mpsc::UnboundedReceiver<Publish>,
-    client: AsyncClient,
+    replier: Replier,
     ingestor: Ingestor,
 ) {
     let acks = format!("shoal/v1/devices/{device_id}/acks");
@@ -165,15 +211,18 @@ async fn device_worker(
                 continue;
             }
         };
-        let topic = p.topic.clone();
-        let kind = parse_topic(&topic).map_or("", |t| t.kind);
+        let kind = parse_topic(&p.topic).map_or("", |t| t.kind);
         if p.payload.len() > max {
             ingestor.refuse(
                 StreamReject::Oversized,
                 &device_id,
-                &format!("{} bytes on {topic}, the limit is {max}", p.payload.len()),
+                &format!(
+                    "{} bytes on {}, the limit is {max}",
+                    p.payload.len(),
+                    p.topic
+                ),
             );
-            let _ = client.ack(&p).await;
+            replier.done(&p).await;
             continue;
         }
         let response = match kind {
@@ -193,7 +242,7 @@ async fn device_worker(
                     Ok(w) => Some(ingest_response::Msg::Welcome(w)),
                     Err(HelloError::InvalidId { .. }) => None,
                     Err(e @ HelloError::Store(_)) => {
-                        // Not PUBACKed: the broker redelivers it once the store recovers.
+                        // Not acknowledged: the agent's ack timeout resends it.
                         tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
                         continue;
                     }
@@ -220,15 +269,18 @@ async fn device_worker(
                     None
                 }
             },
+            // The hub's own answers (acks) and future command topics are not ingested.
             _ => None,
         };
         if let Some(msg) = response {
-            let body = IngestResponse { msg: Some(msg) }.encode_to_vec();
-            let _ = client
-                .publish(acks.clone(), QoS::AtLeastOnce, false, body)
+            replier
+                .reply(
+                    acks.clone(),
+                    IngestResponse { msg: Some(msg) }.encode_to_vec(),
+                )
                 .await;
         }
-        let _ = client.ack(&p).await;
+        replier.done(&p).await;
     }
 }
 

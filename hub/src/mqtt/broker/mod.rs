@@ -1,0 +1,94 @@
+//! The embedded MQTT 3.1.1 broker, so `shoal up` needs no Mosquitto: QoS 0 and 1, persistent
+//! sessions, wildcard subscriptions, per-device credentials and a topic rule that a device may
+//! publish only under its own topic. Device messages go straight to the hub's ingest
+//! ([`super::Dispatcher`]) and to any other subscriber (e.g. `mosquitto_sub`).
+//!
+//! Packets are encoded and decoded with rumqttc's MQTT codec; [`state`] holds sessions and
+//! routing without I/O; [`conn`] runs one client connection.
+
+pub mod acl;
+mod conn;
+pub mod state;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rumqttc::QoS;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use self::acl::Users;
+use self::state::Sessions;
+use super::{Dispatcher, Replier};
+use crate::ingest::Ingestor;
+
+/// Shared by every connection of the embedded broker.
+struct Shared {
+    sessions: Mutex<Sessions>,
+    /// `None` once the broker is shutting down (this also breaks the reference cycle
+    /// dispatcher → replier → handle → dispatcher).
+    dispatcher: Mutex<Option<Dispatcher>>,
+    users: Option<Users>,
+    ingestor: Ingestor,
+}
+
+/// A cheap handle to the embedded broker.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Publishes from the hub itself (acks), QoS 1.
+    pub fn publish(&self, topic: &str, payload: Bytes) {
+        self.shared.sessions.lock().expect("sessions lock").route(
+            topic,
+            &payload,
+            QoS::AtLeastOnce,
+        );
+    }
+}
+
+/// Serves MQTT on `listener` until `shutdown`. `users`: `None` lets anyone connect (client id
+/// = device id); `Some` requires a user name and password from the list.
+pub async fn serve(
+    listener: TcpListener,
+    users: Option<Users>,
+    ingestor: Ingestor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let shared = Arc::new(Shared {
+        sessions: Mutex::new(Sessions::default()),
+        dispatcher: Mutex::new(None),
+        users,
+        ingestor: ingestor.clone(),
+    });
+    let handle = Handle {
+        shared: shared.clone(),
+    };
+    *shared.dispatcher.lock().expect("dispatcher lock") =
+        Some(Dispatcher::new(ingestor, Replier::Embedded(handle.clone())));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tasks.spawn(conn::run(stream, peer, handle.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    shared.dispatcher.lock().expect("dispatcher lock").take();
+    let _ = tokio::time::timeout(crate::DRAIN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+}
