@@ -29,7 +29,7 @@ enum Command {
     /// Settings come from --config FILE (TOML), then SHOAL_* environment variables, then flags;
     /// later ones win. Example:
     ///   shoal-agent run --hub http://hub:50051 --interval 1s --spool-dir /var/lib/shoal-agent/spool
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Take one sample and print it as JSON.
     Sample {
         /// Take a single sample (the only mode for now; kept explicit for scripts).
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let count = args.count;
-            let config = match args.into_config() {
+            let config = match (*args).into_config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("shoal-agent: {e}");

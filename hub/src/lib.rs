@@ -50,6 +50,8 @@ pub struct HubConfig {
     pub mqtt_broker: Option<mqtt::BrokerConfig>,
     /// Credentials for the embedded broker; `None` lets any client connect.
     pub mqtt_users: Option<mqtt::broker::acl::Users>,
+    /// MQTT topic filter of the plain JSON form (`sensor/+`); empty turns it off.
+    pub mqtt_json_topic: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,7 @@ pub async fn run(
         tokio::spawn(mqtt::broker::serve(
             l,
             config.mqtt_users.clone(),
+            config.mqtt_json_topic.clone(),
             ingestor.clone(),
             shutdown.clone(),
         ))

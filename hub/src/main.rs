@@ -42,51 +42,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub: gRPC ingest, REST API, /metrics. Prints its endpoints as one JSON line.
-    Serve {
-        /// Where the store lives (one redb file inside).
-        #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
-        data_dir: PathBuf,
-        /// Address for agents (gRPC).
-        #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
-        grpc_listen: String,
-        /// Address for the REST API, /healthz and /metrics.
-        #[arg(long, env = "SHOAL_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
-        http_listen: String,
-        /// A device silent this long is "stale".
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-        stale_after: Duration,
-        /// A device silent this long is "offline".
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
-        offline_after: Duration,
-        /// Samples timestamped further ahead of the hub's clock are rejected.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
-        max_clock_skew: Duration,
-        /// Largest gRPC message or MQTT payload accepted, in bytes.
-        #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
-        max_message_bytes: usize,
-        /// Run the embedded MQTT broker on this address (agents use --hub mqtt://ADDR).
-        #[arg(long, env = "SHOAL_MQTT_LISTEN")]
-        mqtt_listen: Option<String>,
-        /// Users of the embedded broker, one NAME:PASSWORD[:ROLE] per line (ROLE device or
-        /// observer); without it any client may connect and its client id is its device id.
-        #[arg(long, env = "SHOAL_MQTT_USERS")]
-        mqtt_users: Option<PathBuf>,
-        /// Also ingest from this MQTT broker, mqtt://HOST:PORT (agents run with --hub mqtt://...).
-        #[arg(long, env = "SHOAL_MQTT_BROKER")]
-        mqtt_broker: Option<String>,
-        /// Client id of the hub's persistent session on the broker.
-        #[arg(long, default_value = "shoal-hub")]
-        mqtt_client_id: String,
-        /// Shared-subscription group, so several hubs split the devices; "" subscribes plainly.
-        #[arg(long, default_value = "shoal")]
-        mqtt_share_group: String,
-        /// User name on the broker.
-        #[arg(long, env = "SHOAL_MQTT_USERNAME")]
-        mqtt_username: Option<String>,
-        /// Password on the broker (prefer the environment variable).
-        #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
-        mqtt_password: Option<String>,
-    },
+    Serve(Box<ServeArgs>),
     /// The one-command demo: a hub plus a local agent reporting to it; Ctrl-C stops both.
     Up {
         /// Everything goes under this folder (hub store and agent spool).
@@ -127,6 +83,57 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where the store lives (one redb file inside).
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
+    data_dir: PathBuf,
+    /// Address for agents (gRPC).
+    #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: String,
+    /// Address for the REST API, /healthz and /metrics.
+    #[arg(long, env = "SHOAL_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: String,
+    /// A device silent this long is "stale".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    stale_after: Duration,
+    /// A device silent this long is "offline".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    offline_after: Duration,
+    /// Samples timestamped further ahead of the hub's clock are rejected.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    max_clock_skew: Duration,
+    /// Largest gRPC message or MQTT payload accepted, in bytes.
+    #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Run the embedded MQTT broker on this address (agents use --hub mqtt://ADDR).
+    #[arg(long, env = "SHOAL_MQTT_LISTEN")]
+    mqtt_listen: Option<String>,
+    /// Users of the embedded broker, one NAME:PASSWORD[:ROLE] per line (ROLE device or
+    /// observer); without it any client may connect and its client id is its device id.
+    #[arg(long, env = "SHOAL_MQTT_USERS")]
+    mqtt_users: Option<PathBuf>,
+    /// Topic filter of the plain JSON form {"device":…,"temp":…,"load":…} (the book's
+    /// mosquitto_pub scripts); "" turns it off. See docs/mqtt.md for the mapping.
+    #[arg(long, default_value = "sensor/+")]
+    mqtt_json_topic: String,
+    /// Also ingest from this MQTT broker, mqtt://HOST:PORT (agents run with --hub mqtt://...).
+    #[arg(long, env = "SHOAL_MQTT_BROKER")]
+    mqtt_broker: Option<String>,
+    /// Client id of the hub's persistent session on the broker.
+    #[arg(long, default_value = "shoal-hub")]
+    mqtt_client_id: String,
+    /// Shared-subscription group, so several hubs split the devices; "" subscribes plainly.
+    #[arg(long, default_value = "shoal")]
+    mqtt_share_group: String,
+    /// User name on the broker.
+    #[arg(long, env = "SHOAL_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Password on the broker (prefer the environment variable).
+    #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum DevicesCommand {
     /// Every device with its status (online / stale / offline) and last heartbeat.
@@ -150,22 +157,24 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> ExitCode {
     let client = Client::new(&cli.hub);
     let printed = match cli.command {
-        Command::Serve {
-            data_dir,
-            grpc_listen,
-            http_listen,
-            stale_after,
-            offline_after,
-            max_clock_skew,
-            max_message_bytes,
-            mqtt_listen,
-            mqtt_users,
-            mqtt_broker,
-            mqtt_client_id,
-            mqtt_share_group,
-            mqtt_username,
-            mqtt_password,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                data_dir,
+                grpc_listen,
+                http_listen,
+                stale_after,
+                offline_after,
+                max_clock_skew,
+                max_message_bytes,
+                mqtt_listen,
+                mqtt_users,
+                mqtt_json_topic,
+                mqtt_broker,
+                mqtt_client_id,
+                mqtt_share_group,
+                mqtt_username,
+                mqtt_password,
+            } = *args;
             let config = HubConfig {
                 data_dir,
                 thresholds: StatusThresholds {
@@ -183,7 +192,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
                         return ExitCode::from(64);
                     }
                 },
+                mqtt_json_topic: mqtt_json_topic.clone(),
                 mqtt_broker: mqtt_broker.map(|url| BrokerConfig {
+                    json_topic: mqtt_json_topic,
                     url,
                     client_id: mqtt_client_id,
                     share_group: mqtt_share_group,

@@ -42,6 +42,7 @@ pub async fn up(
         limits: IngestLimits::default(),
         mqtt_broker: None,
         mqtt_users: None,
+        mqtt_json_topic: "sensor/+".into(),
     };
     let agent_config = AgentConfig {
         hub: format!("http://{}", endpoints.grpc),

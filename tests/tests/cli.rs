@@ -198,7 +198,7 @@ async fn bad_config_exits_64_and_names_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc, http, mqtt) = (free_port(), free_port(), free_port());
     let mut cmd = Command::new(bin("shoal"));
     cmd.args([
         "up",
@@ -208,6 +208,7 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
         &format!("127.0.0.1:{grpc}"),
     ])
     .args(["--http-listen", &format!("127.0.0.1:{http}")])
+    .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
     .arg("--data-dir")
     .arg(dir.path())
     .stdout(std::process::Stdio::piped());

@@ -60,6 +60,32 @@ async fn telemetry_flows_through_mosquitto_and_mosquitto_sub_sees_it() {
         "the hello arrived: {device}"
     );
 
+    // The book's plain JSON form through Mosquitto as well.
+    let pub_exe = which("mosquitto_pub").expect("mosquitto_pub is not installed");
+    let out = Command::new(pub_exe)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            "sensor/pi-ext",
+        ])
+        .args(["-m", r#"{"device":"pi-ext","temp":51000,"load":1.5}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_until("the JSON sample", Duration::from_secs(10), || async {
+        hub.stored_up_to("pi-ext").await == 1
+    })
+    .await;
+    assert_eq!(
+        hub.stored_samples("pi-ext").await[0]["temperatures"][0]["celsius"],
+        51.0
+    );
+
     assert!(sub.wait(Duration::from_secs(10)).await.success());
     let mut seen = String::new();
     std::io::Read::read_to_string(sub.child.stdout.as_mut().unwrap(), &mut seen).unwrap();

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use prost::Message;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
-use shoal_proto::v1::{DeviceHello, IngestResponse, TelemetryBatch, ingest_response};
+use shoal_proto::v1::{DeviceHello, IngestResponse, Sample, TelemetryBatch, ingest_response};
 use tokio::sync::{mpsc, watch};
 
 pub mod broker;
+pub mod json;
 
 use crate::ingest::{HelloError, Ingestor};
 use crate::metrics::StreamReject;
@@ -31,6 +32,8 @@ pub struct BrokerConfig {
     /// Shared-subscription group; empty subscribes plainly (one hub per broker).
     pub share_group: String,
     pub credentials: Option<(String, String)>,
+    /// Topic filter of the plain JSON form; empty turns it off.
+    pub json_topic: String,
 }
 
 /// Where a message was published: `shoal/v1/devices/{device}/{kind}`.
@@ -83,7 +86,11 @@ pub async fn run_external(
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, mut events) = AsyncClient::new(opts, 1024);
-    let mut dispatcher = Dispatcher::new(ingestor, Replier::External(client.clone()));
+    let mut dispatcher = Dispatcher::new(
+        ingestor,
+        Replier::External(client.clone()),
+        config.json_topic.clone(),
+    );
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -94,6 +101,14 @@ pub async fn run_external(
                     tracing::info!(broker = %config.url, "hub subscribed to the MQTT broker");
                     for kind in ["hello", "telemetry"] {
                         let _ = client.subscribe(subscription(&config.share_group, kind), QoS::AtLeastOnce).await;
+                    }
+                    if !config.json_topic.is_empty() {
+                        let filter = if config.share_group.is_empty() {
+                            config.json_topic.clone()
+                        } else {
+                            format!("$share/{}/{}", config.share_group, config.json_topic)
+                        };
+                        let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => dispatcher.dispatch(p),
@@ -151,37 +166,75 @@ impl Replier {
 pub struct Dispatcher {
     ingestor: Ingestor,
     replier: Replier,
-    workers: HashMap<String, mpsc::UnboundedSender<Publish>>,
+    /// Topic filter of the plain JSON form ([`json`]); empty turns it off.
+    json_topic: String,
+    workers: HashMap<String, mpsc::UnboundedSender<Work>>,
+}
+
+/// One message for a device worker.
+enum Work {
+    /// On a `shoal/v1/devices/...` topic.
+    Device(Publish),
+    /// A plain JSON sample, already read.
+    Json(Box<Sample>, Publish),
 }
 
 impl Dispatcher {
-    pub fn new(ingestor: Ingestor, replier: Replier) -> Self {
+    pub fn new(ingestor: Ingestor, replier: Replier, json_topic: String) -> Self {
         Self {
             ingestor,
             replier,
+            json_topic,
             workers: HashMap::new(),
         }
     }
 
+    /// Is `topic` one this dispatcher ingests?
+    pub fn wants(&self, topic: &str) -> bool {
+        parse_topic(topic).is_some() || json::matches(topic, &self.json_topic)
+    }
+
+    /// Is `topic` one of the plain JSON form's?
+    pub fn is_json(&self, topic: &str) -> bool {
+        parse_topic(topic).is_none() && json::matches(topic, &self.json_topic)
+    }
+
     pub fn dispatch(&mut self, p: Publish) {
-        let Some(t) = parse_topic(&p.topic) else {
-            self.ingestor.refuse(
-                StreamReject::Malformed,
-                "mqtt",
-                &format!("message on unexpected topic {}", p.topic),
-            );
+        let (device_id, work) = if let Some(t) = parse_topic(&p.topic) {
+            (t.device_id.to_string(), Work::Device(p))
+        } else if json::matches(&p.topic, &self.json_topic) {
+            match json::parse(&p.payload, crate::now_ms()) {
+                Ok((device, sample)) => {
+                    let last_segment = p.topic.rsplit('/').next().unwrap_or_default();
+                    if self.json_topic.ends_with('+') && last_segment != device {
+                        let why = format!("JSON for device {device:?} on topic {}", p.topic);
+                        self.ingestor
+                            .refuse(StreamReject::ForeignTopic, last_segment, &why);
+                        self.replier.done_now(&p);
+                        return;
+                    }
+                    (device, Work::Json(Box::new(sample), p))
+                }
+                Err(e) => {
+                    self.ingestor.refuse(StreamReject::Malformed, &p.topic, &e);
+                    self.replier.done_now(&p);
+                    return;
+                }
+            }
+        } else {
+            let why = format!("message on unexpected topic {}", p.topic);
+            self.ingestor.refuse(StreamReject::Malformed, "mqtt", &why);
             self.replier.done_now(&p);
             return;
         };
-        let device_id = t.device_id.to_string();
         if let Some(w) = self.workers.get(&device_id)
             && !w.is_closed()
         {
-            let _ = w.send(p);
+            let _ = w.send(work);
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(p);
+        let _ = tx.send(work);
         self.workers.insert(device_id.clone(), tx);
         tokio::spawn(device_worker(
             device_id,
@@ -195,19 +248,30 @@ impl Dispatcher {
 /// Processes one device's messages in arrival order; exits when idle for a minute.
 async fn device_worker(
     device_id: String,
-    mut rx: mpsc::UnboundedReceiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Work>,
     replier: Replier,
     ingestor: Ingestor,
 ) {
     let acks = format!("shoal/v1/devices/{device_id}/acks");
     let max = ingestor.limits().max_message_bytes;
+    // The next seq for JSON samples, learnt from the hub's store on the first one.
+    let mut json_seq: Option<u64> = None;
     loop {
-        let p = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(p)) => p,
+        let work = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(w)) => w,
             Ok(None) => break,
             Err(_) => {
                 // Idle: refuse new messages (dispatch starts a fresh worker) and finish the rest.
                 rx.close();
+                continue;
+            }
+        };
+        let p = match work {
+            Work::Device(p) => p,
+            Work::Json(sample, p) => {
+                if ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await {
+                    replier.done(&p).await;
+                }
                 continue;
             }
         };
@@ -281,6 +345,43 @@ async fn device_worker(
                 .await;
         }
         replier.done(&p).await;
+    }
+}
+
+/// Stores one JSON sample under the next seq; false when the store failed (not acknowledged).
+async fn ingest_json(
+    ingestor: &Ingestor,
+    device_id: &str,
+    mut sample: Sample,
+    next: &mut Option<u64>,
+) -> bool {
+    let seq = match *next {
+        Some(n) => n,
+        None => {
+            let hello = DeviceHello {
+                device_id: device_id.to_string(),
+                labels: [("source".to_string(), "mqtt-json".to_string())].into(),
+                ..Default::default()
+            };
+            match ingestor.hello(hello).await {
+                Ok(w) => w.stored_up_to_seq + 1,
+                Err(e) => {
+                    tracing::error!(device_id = %device_id, error = %e, "cannot register a JSON device");
+                    return false;
+                }
+            }
+        }
+    };
+    sample.seq = seq;
+    match ingestor.batch(device_id, vec![sample]).await {
+        Ok(_) => {
+            *next = Some(seq + 1);
+            true
+        }
+        Err(e) => {
+            tracing::error!(device_id = %device_id, error = %e, "cannot store a JSON sample");
+            false
+        }
     }
 }
 

@@ -82,8 +82,9 @@ impl Users {
     }
 }
 
-/// May `who` publish on `topic`? `Err` says why not.
-pub fn may_publish(who: &Identity, topic: &str) -> Result<(), String> {
+/// May `who` publish on `topic`? `Err` says why not. `json_topic`: the topic is one of the
+/// plain JSON form's, whose last level must be the publisher's own device id.
+pub fn may_publish(who: &Identity, topic: &str, json_topic: bool) -> Result<(), String> {
     if who.role == Role::Observer {
         return Err("observers may not publish".into());
     }
@@ -100,6 +101,17 @@ pub fn may_publish(who: &Identity, topic: &str) -> Result<(), String> {
             _ => Err(format!(
                 "devices publish only hello and telemetry, not {kind:?}"
             )),
+        };
+    }
+    if json_topic && who.authenticated {
+        let last = topic.rsplit('/').next().unwrap_or_default();
+        return if last == who.name {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?} may not publish JSON for device {last:?}",
+                who.name
+            ))
         };
     }
     if who.authenticated {
@@ -149,20 +161,20 @@ mod tests {
     #[test]
     fn devices_publish_only_under_their_own_topic() {
         let d = device("pi-1", true);
-        assert!(may_publish(&d, "shoal/v1/devices/pi-1/telemetry").is_ok());
-        assert!(may_publish(&d, "shoal/v1/devices/pi-1/hello").is_ok());
+        assert!(may_publish(&d, "shoal/v1/devices/pi-1/telemetry", false).is_ok());
+        assert!(may_publish(&d, "shoal/v1/devices/pi-1/hello", false).is_ok());
         assert!(
-            may_publish(&d, "shoal/v1/devices/pi-2/telemetry")
+            may_publish(&d, "shoal/v1/devices/pi-2/telemetry", false)
                 .unwrap_err()
                 .contains("pi-2")
         );
         assert!(
-            may_publish(&d, "shoal/v1/devices/pi-1/acks").is_err(),
+            may_publish(&d, "shoal/v1/devices/pi-1/acks", false).is_err(),
             "only the hub acks"
         );
-        assert!(may_publish(&d, "random/topic").is_err());
+        assert!(may_publish(&d, "random/topic", false).is_err());
         assert!(
-            may_publish(&device("pi-1", false), "random/topic").is_ok(),
+            may_publish(&device("pi-1", false), "random/topic", false).is_ok(),
             "open broker without users"
         );
         let obs = Identity {
@@ -170,7 +182,7 @@ mod tests {
             role: Role::Observer,
             authenticated: true,
         };
-        assert!(may_publish(&obs, "shoal/v1/devices/g/telemetry").is_err());
+        assert!(may_publish(&obs, "shoal/v1/devices/g/telemetry", false).is_err());
     }
 
     #[test]

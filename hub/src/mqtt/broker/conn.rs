@@ -282,7 +282,13 @@ async fn on_publish<W: AsyncWrite + Unpin>(
         );
         return Ok(());
     }
-    if let Err(reason) = may_publish(who, &p.topic) {
+    let json_topic = shared
+        .dispatcher
+        .lock()
+        .expect("dispatcher lock")
+        .as_ref()
+        .is_some_and(|d| d.is_json(&p.topic));
+    if let Err(reason) = may_publish(who, &p.topic, json_topic) {
         ingestor.refuse(StreamReject::ForeignTopic, &who.name, &reason);
         return Ok(());
     }
@@ -291,10 +297,10 @@ async fn on_publish<W: AsyncWrite + Unpin>(
         .lock()
         .expect("sessions lock")
         .route(&p.topic, &p.payload, p.qos);
-    if super::super::parse_topic(&p.topic).is_some() {
-        if let Some(d) = shared.dispatcher.lock().expect("dispatcher lock").as_mut() {
-            d.dispatch(p);
-        }
+    if let Some(d) = shared.dispatcher.lock().expect("dispatcher lock").as_mut()
+        && d.wants(&p.topic)
+    {
+        d.dispatch(p);
     }
     Ok(())
 }

@@ -54,6 +54,7 @@ impl Handle {
 pub async fn serve(
     listener: TcpListener,
     users: Option<Users>,
+    json_topic: String,
     ingestor: Ingestor,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -66,8 +67,11 @@ pub async fn serve(
     let handle = Handle {
         shared: shared.clone(),
     };
-    *shared.dispatcher.lock().expect("dispatcher lock") =
-        Some(Dispatcher::new(ingestor, Replier::Embedded(handle.clone())));
+    *shared.dispatcher.lock().expect("dispatcher lock") = Some(Dispatcher::new(
+        ingestor,
+        Replier::Embedded(handle.clone()),
+        json_topic,
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {

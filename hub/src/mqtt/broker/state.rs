@@ -57,12 +57,11 @@ impl Sessions {
     ) -> Connected {
         self.next_conn += 1;
         let conn_id = self.next_conn;
-        if clean {
-            if let Some(old) = self.sessions.remove(client_id)
-                && let Some((_, old_tx)) = old.conn
-            {
-                let _ = old_tx.send(Outgoing::Kick);
-            }
+        if clean
+            && let Some(old) = self.sessions.remove(client_id)
+            && let Some((_, old_tx)) = old.conn
+        {
+            let _ = old_tx.send(Outgoing::Kick);
         }
         let present = self.sessions.contains_key(client_id);
         let session = self
