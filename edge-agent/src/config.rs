@@ -21,6 +21,8 @@ pub struct AgentConfig {
     pub mqtt_password: Option<String>,
     /// A file holding the MQTT password.
     pub mqtt_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the broker of an `mqtts://` hub.
+    pub tls_ca: Option<PathBuf>,
     /// Resend what the hub has not acknowledged after this long.
     #[serde(with = "humantime_serde_compat")]
     pub ack_timeout: Duration,
@@ -46,6 +48,7 @@ impl Default for AgentConfig {
             mqtt_username: None,
             mqtt_password: None,
             mqtt_password_file: None,
+            tls_ca: None,
             ack_timeout: Duration::from_secs(30),
             device_id: None,
             interval: Duration::from_secs(10),
@@ -95,20 +98,21 @@ impl AgentConfig {
         let scheme = self.hub.split_once("://").map(|(s, _)| s);
         match scheme {
             Some("http" | "https") => {}
-            Some("mqtt") => {
-                crate::transport::mqtt::parse_broker(&self.hub).map_err(|e| invalid("hub", e))?;
-            }
-            Some("mqtts") => {
-                return Err(invalid(
-                    "hub",
-                    "mqtts:// (MQTT over TLS) is not supported yet; use mqtt:// or http://",
-                ));
+            Some("mqtt" | "mqtts") => {
+                let addr = crate::transport::mqtt::parse_broker(&self.hub)
+                    .map_err(|e| invalid("hub", e))?;
+                if addr.tls && self.tls_ca.is_none() {
+                    return Err(invalid(
+                        "tls-ca",
+                        "an mqtts:// hub needs the CA file that signed the broker's certificate",
+                    ));
+                }
             }
             _ => {
                 return Err(invalid(
                     "hub",
                     format!(
-                        "{:?} is not a URL like http://HOST:PORT (gRPC) or mqtt://HOST:PORT",
+                        "{:?} is not a URL like http://HOST:PORT (gRPC), mqtt://HOST:PORT or mqtts://HOST:PORT",
                         self.hub
                     ),
                 ));

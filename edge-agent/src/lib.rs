@@ -4,7 +4,7 @@
 //! - [`config`]: the agent's settings, defaults and validation.
 //! - [`collector`]: what a sample holds (system metrics via `sysinfo`) and who the device is.
 //! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
-//! - [`transport`]: the gRPC stream to the hub, acks, reconnects with backoff.
+//! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff; [`tls`]: TLS settings.
 //!
 //! [`run`] wires them: a sampler task appends to the spool every interval, a sender task drains
 //! it; both stop on the shutdown signal.
@@ -13,6 +13,7 @@
 pub mod collector;
 pub mod config;
 pub mod spool;
+pub mod tls;
 pub mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +107,15 @@ pub async fn run(
         batch_max_samples: config.batch_max_samples,
         sampling_done: done_rx,
         ack_timeout: config.ack_timeout,
+        tls: match &config.tls_ca {
+            Some(ca) => Some(
+                tls::client_config(ca).map_err(|reason| ConfigError::Invalid {
+                    field: "tls-ca",
+                    reason,
+                })?,
+            ),
+            None => None,
+        },
         mqtt_credentials: config
             .mqtt_username
             .clone()

@@ -72,6 +72,9 @@ struct RunArgs {
     /// File holding the MQTT password.
     #[arg(long, env = "SHOAL_MQTT_PASSWORD_FILE")]
     mqtt_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the broker of an mqtts:// hub.
+    #[arg(long, env = "SHOAL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Resend what the hub has not acknowledged after this long [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     ack_timeout: Option<Duration>,
@@ -123,6 +126,9 @@ impl RunArgs {
         }
         if let Some(v) = self.mqtt_password_file {
             c.mqtt_password_file = Some(v);
+        }
+        if let Some(v) = self.tls_ca {
+            c.tls_ca = Some(v);
         }
         if let Some(v) = self.ack_timeout {
             c.ack_timeout = v;

@@ -52,6 +52,8 @@ pub struct HubConfig {
     pub mqtt_users: Option<mqtt::broker::acl::Users>,
     /// MQTT topic filter of the plain JSON form (`sensor/+`); empty turns it off.
     pub mqtt_json_topic: String,
+    /// TLS for the embedded broker: it then speaks MQTT over TLS only.
+    pub mqtt_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +74,20 @@ impl HubConfig {
                 reason: "must be shorter than --offline-after".into(),
             });
         }
-        if let Some(b) = &self.mqtt_broker
-            && let Err(reason) = shoal_agent::transport::mqtt::parse_broker(&b.url)
-        {
-            return Err(HubError::Config {
-                field: "mqtt-broker",
-                reason,
-            });
+        if let Some(b) = &self.mqtt_broker {
+            let addr = shoal_agent::transport::mqtt::parse_broker(&b.url).map_err(|reason| {
+                HubError::Config {
+                    field: "mqtt-broker",
+                    reason,
+                }
+            })?;
+            if addr.tls && b.tls.is_none() {
+                return Err(HubError::Config {
+                    field: "mqtt-tls-ca",
+                    reason: "an mqtts:// broker needs the CA file that signed its certificate"
+                        .into(),
+                });
+            }
         }
         if self.limits.max_message_bytes < 64 * 1024 {
             return Err(HubError::Config {
@@ -144,6 +153,7 @@ pub async fn run(
             l,
             config.mqtt_users.clone(),
             config.mqtt_json_topic.clone(),
+            config.mqtt_tls.clone(),
             ingestor.clone(),
             shutdown.clone(),
         ))

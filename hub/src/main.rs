@@ -11,6 +11,7 @@ use shoal_hub::cli::{Client, Output};
 use shoal_hub::ingest::IngestLimits;
 use shoal_hub::mqtt::BrokerConfig;
 use shoal_hub::mqtt::broker::acl::Users;
+use shoal_hub::mqtt::broker::tls::server_config;
 use shoal_hub::registry::StatusThresholds;
 use shoal_hub::up::UpOptions;
 use shoal_hub::{HubConfig, HubError, Listeners};
@@ -117,7 +118,17 @@ struct ServeArgs {
     /// mosquitto_pub scripts); "" turns it off. See docs/mqtt.md for the mapping.
     #[arg(long, default_value = "sensor/+")]
     mqtt_json_topic: String,
-    /// Also ingest from this MQTT broker, mqtt://HOST:PORT (agents run with --hub mqtt://...).
+    /// Certificate chain (PEM) of the embedded broker: with --mqtt-tls-key it speaks MQTT over
+    /// TLS only (agents use --hub mqtts://ADDR --tls-ca CA).
+    #[arg(long, env = "SHOAL_MQTT_TLS_CERT")]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the embedded broker's certificate.
+    #[arg(long, env = "SHOAL_MQTT_TLS_KEY")]
+    mqtt_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that verify an mqtts:// --mqtt-broker.
+    #[arg(long, env = "SHOAL_MQTT_TLS_CA")]
+    mqtt_tls_ca: Option<PathBuf>,
+    /// Also ingest from this MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (agents run with --hub mqtt://...).
     #[arg(long, env = "SHOAL_MQTT_BROKER")]
     mqtt_broker: Option<String>,
     /// Client id of the hub's persistent session on the broker.
@@ -154,54 +165,73 @@ fn main() -> ExitCode {
     rt.block_on(dispatch(cli))
 }
 
+/// The hub's settings from `shoal serve`'s flags; `Err` names the flag.
+fn hub_config(a: ServeArgs) -> Result<HubConfig, String> {
+    let mqtt_users = a
+        .mqtt_users
+        .as_deref()
+        .map(Users::load)
+        .transpose()
+        .map_err(|e| format!("invalid mqtt-users: {e}"))?;
+    let mqtt_tls = match (&a.mqtt_tls_cert, &a.mqtt_tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(server_config(cert, key).map_err(|e| format!("invalid mqtt-tls-cert/key: {e}"))?)
+        }
+        (None, None) => None,
+        _ => {
+            return Err(
+                "invalid mqtt-tls-cert: give both --mqtt-tls-cert and --mqtt-tls-key".into(),
+            );
+        }
+    };
+    let broker_tls = a
+        .mqtt_tls_ca
+        .as_deref()
+        .map(shoal_agent::tls::client_config)
+        .transpose()
+        .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
+    Ok(HubConfig {
+        data_dir: a.data_dir,
+        thresholds: StatusThresholds {
+            stale_after: a.stale_after,
+            offline_after: a.offline_after,
+        },
+        limits: IngestLimits {
+            max_clock_skew: a.max_clock_skew,
+            max_message_bytes: a.max_message_bytes,
+        },
+        mqtt_users,
+        mqtt_json_topic: a.mqtt_json_topic.clone(),
+        mqtt_tls,
+        mqtt_broker: a.mqtt_broker.map(|url| BrokerConfig {
+            url,
+            client_id: a.mqtt_client_id,
+            share_group: a.mqtt_share_group,
+            credentials: a
+                .mqtt_username
+                .map(|u| (u, a.mqtt_password.unwrap_or_default())),
+            json_topic: a.mqtt_json_topic,
+            tls: broker_tls,
+        }),
+    })
+}
+
 async fn dispatch(cli: Cli) -> ExitCode {
     let client = Client::new(&cli.hub);
     let printed = match cli.command {
         Command::Serve(args) => {
-            let ServeArgs {
-                data_dir,
-                grpc_listen,
-                http_listen,
-                stale_after,
-                offline_after,
-                max_clock_skew,
-                max_message_bytes,
-                mqtt_listen,
-                mqtt_users,
-                mqtt_json_topic,
-                mqtt_broker,
-                mqtt_client_id,
-                mqtt_share_group,
-                mqtt_username,
-                mqtt_password,
-            } = *args;
-            let config = HubConfig {
-                data_dir,
-                thresholds: StatusThresholds {
-                    stale_after,
-                    offline_after,
-                },
-                limits: IngestLimits {
-                    max_clock_skew,
-                    max_message_bytes,
-                },
-                mqtt_users: match mqtt_users.as_deref().map(Users::load).transpose() {
-                    Ok(u) => u,
-                    Err(e) => {
-                        eprintln!("shoal: invalid mqtt-users: {e}");
-                        return ExitCode::from(64);
-                    }
-                },
-                mqtt_json_topic: mqtt_json_topic.clone(),
-                mqtt_broker: mqtt_broker.map(|url| BrokerConfig {
-                    json_topic: mqtt_json_topic,
-                    url,
-                    client_id: mqtt_client_id,
-                    share_group: mqtt_share_group,
-                    credentials: mqtt_username.map(|u| (u, mqtt_password.unwrap_or_default())),
-                }),
+            let (grpc, http, mqtt) = (
+                args.grpc_listen.clone(),
+                args.http_listen.clone(),
+                args.mqtt_listen.clone(),
+            );
+            return match hub_config(*args) {
+                Ok(config) => serve(config, &grpc, &http, mqtt.as_deref()).await,
+                Err(e) => {
+                    eprintln!("shoal: {e}");
+                    ExitCode::from(64)
+                }
             };
-            return serve(config, &grpc_listen, &http_listen, mqtt_listen.as_deref()).await;
         }
         Command::Up {
             data_dir,

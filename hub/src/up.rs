@@ -43,6 +43,7 @@ pub async fn up(
         mqtt_broker: None,
         mqtt_users: None,
         mqtt_json_topic: "sensor/+".into(),
+        mqtt_tls: None,
     };
     let agent_config = AgentConfig {
         hub: format!("http://{}", endpoints.grpc),

@@ -186,7 +186,44 @@ async fn bad_config_exits_64_and_names_the_field() {
             "stale-after",
         ),
     ];
-    for (b, args, field) in cases {
+    let extra: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "shoal-agent",
+            vec![
+                "run",
+                "--hub",
+                "mqtts://127.0.0.1:1",
+                "--device-id",
+                "d",
+                "--spool-dir",
+                spool.to_str().unwrap(),
+            ],
+            "tls-ca",
+        ),
+        (
+            "shoal",
+            vec![
+                "serve",
+                "--mqtt-tls-cert",
+                "/nonexistent.pem",
+                "--data-dir",
+                spool.to_str().unwrap(),
+            ],
+            "mqtt-tls-cert",
+        ),
+        (
+            "shoal",
+            vec![
+                "serve",
+                "--mqtt-users",
+                "/nonexistent",
+                "--data-dir",
+                spool.to_str().unwrap(),
+            ],
+            "mqtt-users",
+        ),
+    ];
+    for (b, args, field) in cases.into_iter().chain(extra) {
         let out = run_bin(b, &args);
         assert_eq!(out.status.code(), Some(64), "{b} {args:?}");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -100,12 +100,14 @@ pub struct Sender {
     pub ack_timeout: Duration,
     /// MQTT user name and password, when the broker wants them.
     pub mqtt_credentials: Option<(String, String)>,
+    /// TLS settings for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Sender {
     /// Runs until shutdown (or, with sampling finished, until the spool is drained).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
-        if self.hub.starts_with("mqtt://") {
+        if self.hub.starts_with("mqtt://") || self.hub.starts_with("mqtts://") {
             return self.run_mqtt(shutdown).await;
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::sync::Arc;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use shoal_proto::v1::{IngestResponse, Sample, TelemetryBatch, ingest_response};
 use tokio::sync::watch;
 
@@ -22,35 +24,67 @@ pub fn topic(device_id: &str, kind: &str) -> String {
     format!("shoal/v1/devices/{device_id}/{kind}")
 }
 
-/// `mqtt://HOST:PORT` → (host, port); the port defaults to 1883.
-pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("{url:?} does not start with mqtt://"))?;
+/// Where a broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
+}
+
+/// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (TLS, default 8883).
+pub fn parse_broker(url: &str) -> Result<BrokerAddr, String> {
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false, 1883)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else {
+        return Err(format!("{url:?} does not start with mqtt:// or mqtts://"));
+    };
     let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() => {
-            let port = port
-                .parse()
-                .map_err(|_| format!("{url:?} has a bad port"))?;
-            Ok((host.trim_matches(['[', ']']).to_string(), port))
-        }
-        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
-        _ => Err(format!("{url:?} names no host")),
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.ends_with(':') => (
+            host,
+            port.parse()
+                .map_err(|_| format!("{url:?} has a bad port"))?,
+        ),
+        None if !rest.is_empty() => (rest, default_port),
+        _ => return Err(format!("{url:?} names no host")),
+    };
+    Ok(BrokerAddr {
+        host: host.trim_matches(['[', ']']).to_string(),
+        port,
+        tls,
+    })
+}
+
+/// MQTT client options for `addr`, with TLS when the URL asked for it.
+pub fn options(
+    client_id: &str,
+    addr: &BrokerAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<MqttOptions, String> {
+    let mut opts = MqttOptions::new(client_id, addr.host.clone(), addr.port);
+    if addr.tls {
+        let config = tls.ok_or("mqtts:// needs a CA file to verify the broker (--tls-ca)")?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
+    Ok(opts)
 }
 
 impl Sender {
     pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
         let device_id = self.hello.device_id.clone();
-        let (host, port) = match parse_broker(&self.hub) {
-            Ok(x) => x,
+        let opts =
+            parse_broker(&self.hub).and_then(|addr| options(&device_id, &addr, self.tls.clone()));
+        let mut opts = match opts {
+            Ok(o) => o,
             Err(e) => {
-                tracing::error!(error = %e, "bad MQTT broker URL");
+                tracing::error!(error = %e, "cannot reach the MQTT broker");
                 return Stopped::Shutdown;
             }
         };
-        let mut opts = MqttOptions::new(device_id.clone(), host, port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(false);
         opts.set_max_packet_size(
@@ -212,12 +246,24 @@ mod tests {
 
     #[test]
     fn parses_broker_urls() {
+        let addr = |host: &str, port, tls| {
+            Ok(BrokerAddr {
+                host: host.into(),
+                port,
+                tls,
+            })
+        };
+        assert_eq!(parse_broker("mqtts://hub.lab"), addr("hub.lab", 8883, true));
+        assert_eq!(
+            parse_broker("mqtts://hub.lab:9883"),
+            addr("hub.lab", 9883, true)
+        );
         assert_eq!(
             parse_broker("mqtt://127.0.0.1:1884"),
-            Ok(("127.0.0.1".into(), 1884))
+            addr("127.0.0.1", 1884, false)
         );
-        assert_eq!(parse_broker("mqtt://broker"), Ok(("broker".into(), 1883)));
-        assert_eq!(parse_broker("mqtt://[::1]:1883/"), Ok(("::1".into(), 1883)));
+        assert_eq!(parse_broker("mqtt://broker"), addr("broker", 1883, false));
+        assert_eq!(parse_broker("mqtt://[::1]:1883/"), addr("::1", 1883, false));
         assert!(parse_broker("mqtt://").is_err());
         assert!(parse_broker("mqtt://h:port").is_err());
         assert!(parse_broker("http://h:1").is_err());

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prost::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use shoal_proto::v1::{DeviceHello, IngestResponse, Sample, TelemetryBatch, ingest_response};
 use tokio::sync::{mpsc, watch};
 
@@ -34,6 +34,8 @@ pub struct BrokerConfig {
     pub credentials: Option<(String, String)>,
     /// Topic filter of the plain JSON form; empty turns it off.
     pub json_topic: String,
+    /// TLS settings for an `mqtts://` broker.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Where a message was published: `shoal/v1/devices/{device}/{kind}`.
@@ -68,14 +70,16 @@ pub async fn run_external(
     ingestor: Ingestor,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (host, port) = match shoal_agent::transport::mqtt::parse_broker(&config.url) {
-        Ok(x) => x,
+    use shoal_agent::transport::mqtt::{options, parse_broker};
+    let opts = parse_broker(&config.url)
+        .and_then(|addr| options(&config.client_id, &addr, config.tls.clone()));
+    let mut opts = match opts {
+        Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "bad --mqtt-broker");
             return;
         }
     };
-    let mut opts = MqttOptions::new(config.client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(false);
     opts.set_manual_acks(true);

@@ -9,6 +9,7 @@
 pub mod acl;
 mod conn;
 pub mod state;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 
@@ -55,9 +56,11 @@ pub async fn serve(
     listener: TcpListener,
     users: Option<Users>,
     json_topic: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ingestor: Ingestor,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let shared = Arc::new(Shared {
         sessions: Mutex::new(Sessions::default()),
         dispatcher: Mutex::new(None),
@@ -78,7 +81,25 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tasks.spawn(conn::run(stream, peer, handle.clone(), shutdown.clone()));
+                    let (handle, shutdown) = (handle.clone(), shutdown.clone());
+                    match acceptor.clone() {
+                        None => {
+                            tasks.spawn(conn::run(stream, peer, handle, shutdown));
+                        }
+                        Some(acceptor) => {
+                            tasks.spawn(async move {
+                                let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+                                match handshake.await {
+                                    Ok(Ok(tls)) => conn::run(tls, peer, handle, shutdown).await,
+                                    Ok(Err(e)) => {
+                                        let why = format!("TLS handshake: {e}");
+                                        handle.shared.ingestor.refuse(crate::metrics::StreamReject::Malformed, &peer.to_string(), &why);
+                                    }
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "MQTT accept failed");
