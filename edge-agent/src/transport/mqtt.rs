@@ -73,6 +73,14 @@ pub fn options(
     Ok(opts)
 }
 
+/// Sends small packets (acks, batches) at once instead of waiting on Nagle's algorithm, which
+/// with delayed ACKs adds about 40 ms to every exchange.
+pub fn no_delay(events: &mut rumqttc::EventLoop) {
+    let mut net = events.network_options();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
+}
+
 impl Sender {
     pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
         let device_id = self.hello.device_id.clone();
@@ -95,6 +103,7 @@ impl Sender {
             opts.set_credentials(user.clone(), pass.clone());
         }
         let (client, mut events) = AsyncClient::new(opts, 64);
+        no_delay(&mut events);
         let acks_topic = topic(&device_id, "acks");
         let telemetry_topic = topic(&device_id, "telemetry");
 

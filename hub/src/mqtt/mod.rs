@@ -90,6 +90,7 @@ pub async fn run_external(
         opts.set_credentials(u.clone(), p.clone());
     }
     let (client, mut events) = AsyncClient::new(opts, 1024);
+    shoal_agent::transport::mqtt::no_delay(&mut events);
     let mut dispatcher = Dispatcher::new(
         ingestor,
         Replier::External(client.clone()),

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use prost::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shoal_proto::v1::ingest_client::IngestClient;
 use shoal_proto::v1::{
-    Cpu, DeviceHello, Disk, IngestRequest, LoadAverage, Memory, NetInterface, Sample,
-    TelemetryBatch, Temperature, ingest_request, ingest_response,
+    Ack, Cpu, DeviceHello, Disk, IngestRequest, IngestResponse, LoadAverage, Memory, NetInterface,
+    Sample, TelemetryBatch, Temperature, ingest_request, ingest_response,
 };
 use tokio::sync::{Barrier, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,12 +45,35 @@ struct Args {
     /// Pause between a device's batches (0 = send the next batch as soon as the last is acked).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     pause: Duration,
-    /// An already running hub's gRPC URL; without it a hub is started.
+    /// How devices report: grpc, or mqtt (through --broker).
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: Transport,
+    /// With --transport mqtt and no --hub: the hub's embedded broker, or a Mosquitto started for
+    /// the run (the hub subscribing to it).
+    #[arg(long, value_enum, default_value = "embedded")]
+    broker: Broker,
+    /// An already running hub's gRPC URL (or broker's mqtt:// URL); without it a hub is started.
     #[arg(long)]
     hub: Option<String>,
+    /// Write one encoded batch (the payload devices send) to this file and exit; for measuring
+    /// a broker's own ceiling with mosquitto_pub (tests/bench/mqtt-ceiling).
+    #[arg(long)]
+    dump_batch: Option<PathBuf>,
     /// Data folder for the started hub [default: a temporary folder].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Grpc,
+    Mqtt,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Broker {
+    Embedded,
+    Mosquitto,
 }
 
 /// A server-shaped sample: 8 cores, 3 disks, 2 interfaces, 4 sensors (37 metric points).
@@ -117,7 +142,130 @@ struct DeviceResult {
     latencies_us: Vec<u32>,
 }
 
+/// One simulated device's connection: send a batch, wait for the hub's ack.
+enum Link {
+    Grpc {
+        tx: mpsc::Sender<IngestRequest>,
+        answers: tonic::Streaming<IngestResponse>,
+    },
+    Mqtt {
+        client: AsyncClient,
+        topic: String,
+        acks: mpsc::UnboundedReceiver<Ack>,
+    },
+}
+
+impl Link {
+    async fn connect(transport: Transport, hub: &str, id: &str) -> anyhow::Result<Self> {
+        let hello = DeviceHello {
+            device_id: id.to_string(),
+            ..Default::default()
+        };
+        match transport {
+            Transport::Grpc => {
+                let mut client = IngestClient::connect(hub.to_string())
+                    .await
+                    .context("connect")?;
+                let (tx, rx) = mpsc::channel(2);
+                tx.send(IngestRequest {
+                    msg: Some(ingest_request::Msg::Hello(hello)),
+                })
+                .await?;
+                let mut answers = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+                answers.message().await?.context("welcome")?;
+                Ok(Link::Grpc { tx, answers })
+            }
+            Transport::Mqtt => {
+                let addr = shoal_agent_mqtt_addr(hub)?;
+                let mut opts = MqttOptions::new(id, addr.0, addr.1);
+                opts.set_keep_alive(Duration::from_secs(60));
+                opts.set_max_packet_size(16 << 20, 16 << 20);
+                let (client, mut events) = AsyncClient::new(opts, 16);
+                let mut net = events.network_options();
+                net.set_tcp_nodelay(true);
+                events.set_network_options(net);
+                let acks_topic = format!("shoal/v1/devices/{id}/acks");
+                client
+                    .subscribe(acks_topic.clone(), QoS::AtLeastOnce)
+                    .await?;
+                client
+                    .publish(
+                        format!("shoal/v1/devices/{id}/hello"),
+                        QoS::AtLeastOnce,
+                        false,
+                        hello.encode_to_vec(),
+                    )
+                    .await?;
+                let (ack_tx, acks) = mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    loop {
+                        match events.poll().await {
+                            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
+                                if let Ok(IngestResponse {
+                                    msg: Some(ingest_response::Msg::Ack(a)),
+                                }) = IngestResponse::decode(p.payload.as_ref())
+                                    && ack_tx.send(a).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) if ack_tx.is_closed() => return,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    }
+                });
+                Ok(Link::Mqtt {
+                    client,
+                    topic: format!("shoal/v1/devices/{id}/telemetry"),
+                    acks,
+                })
+            }
+        }
+    }
+
+    async fn send(&mut self, samples: Vec<Sample>) -> anyhow::Result<Ack> {
+        match self {
+            Link::Grpc { tx, answers } => {
+                tx.send(IngestRequest {
+                    msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
+                })
+                .await?;
+                let ack = answers.message().await?.context("stream ended")?;
+                let Some(ingest_response::Msg::Ack(ack)) = ack.msg else {
+                    bail!("expected an ack")
+                };
+                Ok(ack)
+            }
+            Link::Mqtt {
+                client,
+                topic,
+                acks,
+            } => {
+                let payload = TelemetryBatch { samples }.encode_to_vec();
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                    .await?;
+                tokio::time::timeout(Duration::from_secs(30), acks.recv())
+                    .await
+                    .context("no ack within 30s")?
+                    .context("MQTT connection ended")
+            }
+        }
+    }
+}
+
+/// `mqtt://HOST:PORT` → (host, port).
+fn shoal_agent_mqtt_addr(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .context("an MQTT hub URL starts with mqtt://")?;
+    let (host, port) = rest.rsplit_once(':').context("mqtt://HOST:PORT")?;
+    Ok((host.to_string(), port.parse()?))
+}
+
 async fn device(
+    transport: Transport,
     hub: String,
     id: String,
     batch: usize,
@@ -126,17 +274,7 @@ async fn device(
     start: Arc<Barrier>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<DeviceResult> {
-    let mut client = IngestClient::connect(hub).await.context("connect")?;
-    let (tx, rx) = mpsc::channel(2);
-    tx.send(IngestRequest {
-        msg: Some(ingest_request::Msg::Hello(DeviceHello {
-            device_id: id,
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut answers = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    answers.message().await?.context("welcome")?;
+    let mut link = Link::connect(transport, &hub, &id).await?;
     let tmpl = template();
     let mut seq = 0u64;
     let mut result = DeviceResult {
@@ -159,14 +297,7 @@ async fn device(
             })
             .collect();
         let sent = Instant::now();
-        tx.send(IngestRequest {
-            msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
-        })
-        .await?;
-        let ack = answers.message().await?.context("stream ended")?;
-        let Some(ingest_response::Msg::Ack(ack)) = ack.msg else {
-            bail!("expected an ack")
-        };
+        let ack = link.send(samples).await?;
         if ack.up_to_seq != seq || ack.accepted as usize != batch {
             bail!("ack {ack:?} does not cover the batch up to {seq}");
         }
@@ -191,20 +322,55 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 struct StartedHub {
     child: std::process::Child,
+    broker: Option<std::process::Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for StartedHub {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.broker.as_mut()) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
     }
 }
 
-fn start_hub(data_dir: Option<PathBuf>) -> anyhow::Result<(String, String, StartedHub)> {
+/// Starts Mosquitto on a free port, sized for a fleet (see docs/mqtt.md); returns its URL.
+fn start_mosquitto(dir: &std::path::Path) -> anyhow::Result<(String, std::process::Child)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\n"
+        ),
+    )?;
+    let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("mosquitto is not installed (apt-get install mosquitto)")?;
+    let child = Command::new(exe)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((format!("mqtt://127.0.0.1:{port}"), child));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("mosquitto did not start")
+}
+
+/// Starts `shoal serve`; returns the URL devices report to, the REST URL and the processes.
+fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
     let exe = std::env::current_exe()?;
     let shoal = exe.with_file_name("shoal");
     if !shoal.exists() {
@@ -213,32 +379,64 @@ fn start_hub(data_dir: Option<PathBuf>) -> anyhow::Result<(String, String, Start
             shoal.display()
         );
     }
-    let (dir, tmp) = match data_dir {
-        Some(d) => (d, None),
-        None => {
-            let t = tempfile::tempdir()?;
-            (t.path().to_path_buf(), Some(t))
+    let tmp = tempfile::tempdir()?;
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("hub"));
+    let mut cmd = Command::new(&shoal);
+    cmd.args([
+        "serve",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&dir);
+    let mut broker = None;
+    let mut broker_url = None;
+    if args.transport == Transport::Mqtt {
+        match args.broker {
+            Broker::Embedded => {
+                cmd.args(["--mqtt-listen", "127.0.0.1:0"]);
+            }
+            Broker::Mosquitto => {
+                let (url, child) = start_mosquitto(tmp.path())?;
+                cmd.args(["--mqtt-broker", &url]);
+                broker = Some(child);
+                broker_url = Some(url);
+            }
         }
-    };
-    let mut child = Command::new(&shoal)
-        .args([
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .context("start shoal serve")?;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().context("hub stdout")?).read_line(&mut line)?;
     let endpoints: serde_json::Value = serde_json::from_str(&line).context("hub endpoints line")?;
-    let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
     let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
-    Ok((grpc, http, StartedHub { child, _dir: tmp }))
+    let target = match (args.transport, broker_url) {
+        (Transport::Grpc, _) => format!("http://{}", endpoints["grpc"].as_str().context("grpc")?),
+        (Transport::Mqtt, Some(url)) => url,
+        (Transport::Mqtt, None) => {
+            format!("mqtt://{}", endpoints["mqtt"].as_str().context("mqtt")?)
+        }
+    };
+    if args.broker == Broker::Mosquitto {
+        // Let the hub subscribe before devices publish.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok((
+        target,
+        http,
+        StartedHub {
+            child,
+            broker,
+            _dir: Some(tmp),
+        },
+    ))
 }
 
 #[tokio::main]
@@ -247,10 +445,21 @@ async fn main() -> anyhow::Result<()> {
     if args.devices == 0 || args.batch == 0 {
         bail!("--devices and --batch must be at least 1");
     }
+    if let Some(path) = &args.dump_batch {
+        let samples = (1..=args.batch as u64)
+            .map(|seq| Sample {
+                seq,
+                timestamp_ms: now_ms(),
+                ..template()
+            })
+            .collect();
+        std::fs::write(path, TelemetryBatch { samples }.encode_to_vec())?;
+        return Ok(());
+    }
     let (hub, http, _started) = match &args.hub {
         Some(h) => (h.clone(), None, None),
         None => {
-            let (g, h, s) = start_hub(args.data_dir.clone())?;
+            let (g, h, s) = start_hub(&args)?;
             (g, Some(h), Some(s))
         }
     };
@@ -267,6 +476,7 @@ async fn main() -> anyhow::Result<()> {
     let tasks: Vec<_> = (0..args.devices)
         .map(|i| {
             tokio::spawn(device(
+                args.transport,
                 hub.clone(),
                 format!("load-{run_id}-{i:05}"),
                 args.batch,
