@@ -320,7 +320,7 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\npersistence false\n{extra}"),
+            format!("listener {port} 127.0.0.1\npersistence false\nset_tcp_nodelay true\n{extra}"),
         )
         .expect("write conf");
         let m = Self {

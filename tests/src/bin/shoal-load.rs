@@ -151,7 +151,7 @@ enum Link {
     Mqtt {
         client: AsyncClient,
         topic: String,
-        acks: mpsc::UnboundedReceiver<Ack>,
+        acks: mpsc::UnboundedReceiver<ingest_response::Msg>,
     },
 }
 
@@ -196,15 +196,14 @@ impl Link {
                         hello.encode_to_vec(),
                     )
                     .await?;
-                let (ack_tx, acks) = mpsc::unbounded_channel();
+                let (ack_tx, mut acks) = mpsc::unbounded_channel();
                 tokio::spawn(async move {
                     loop {
                         match events.poll().await {
                             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
-                                if let Ok(IngestResponse {
-                                    msg: Some(ingest_response::Msg::Ack(a)),
-                                }) = IngestResponse::decode(p.payload.as_ref())
-                                    && ack_tx.send(a).is_err()
+                                if let Ok(IngestResponse { msg: Some(m) }) =
+                                    IngestResponse::decode(p.payload.as_ref())
+                                    && ack_tx.send(m).is_err()
                                 {
                                     return;
                                 }
@@ -215,6 +214,11 @@ impl Link {
                         }
                     }
                 });
+                // Connected and registered once the hub has answered the hello.
+                match tokio::time::timeout(Duration::from_secs(60), acks.recv()).await {
+                    Ok(Some(ingest_response::Msg::Welcome(_))) => {}
+                    _ => bail!("no welcome from the hub over MQTT"),
+                }
                 Ok(Link::Mqtt {
                     client,
                     topic: format!("shoal/v1/devices/{id}/telemetry"),
@@ -246,10 +250,12 @@ impl Link {
                 client
                     .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await?;
-                tokio::time::timeout(Duration::from_secs(30), acks.recv())
-                    .await
-                    .context("no ack within 30s")?
-                    .context("MQTT connection ended")
+                match tokio::time::timeout(Duration::from_secs(30), acks.recv()).await {
+                    Ok(Some(ingest_response::Msg::Ack(ack))) => Ok(ack),
+                    Ok(Some(_)) => bail!("expected an ack"),
+                    Ok(None) => bail!("MQTT connection ended"),
+                    Err(_) => bail!("no ack within 30s"),
+                }
             }
         }
     }
@@ -347,7 +353,7 @@ fn start_mosquitto(dir: &std::path::Path) -> anyhow::Result<(String, std::proces
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
         ),
     )?;
     let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]

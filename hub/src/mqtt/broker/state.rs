@@ -2,9 +2,10 @@
 //! and routing a publish returns nothing but messages pushed into those channels (or queued for
 //! offline persistent sessions).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
+use rumqttc::mqttbytes::has_wildcards;
 use rumqttc::{QoS, matches};
 use tokio::sync::mpsc;
 
@@ -34,6 +35,10 @@ struct Session {
 #[derive(Debug, Default)]
 pub struct Sessions {
     sessions: HashMap<String, Session>,
+    /// Which clients hold each filter, so routing looks up candidates instead of scanning
+    /// every session: exact topics (a device's acks) by key, wildcard filters in a short list.
+    exact: HashMap<String, HashSet<String>>,
+    wildcard: HashMap<String, HashSet<String>>,
     next_conn: u64,
     /// Messages dropped from full offline queues.
     pub dropped: u64,
@@ -48,6 +53,33 @@ pub struct Connected {
 }
 
 impl Sessions {
+    fn index(&mut self, filter: &str) -> &mut HashMap<String, HashSet<String>> {
+        if has_wildcards(filter) {
+            &mut self.wildcard
+        } else {
+            &mut self.exact
+        }
+    }
+
+    fn unindex(&mut self, client_id: &str, filter: &str) {
+        let index = self.index(filter);
+        if let Some(clients) = index.get_mut(filter) {
+            clients.remove(client_id);
+            if clients.is_empty() {
+                index.remove(filter);
+            }
+        }
+    }
+
+    /// Forgets a session and its subscriptions.
+    fn remove(&mut self, client_id: &str) -> Option<Session> {
+        let session = self.sessions.remove(client_id)?;
+        for (f, _) in &session.subscriptions {
+            self.unindex(client_id, f);
+        }
+        Some(session)
+    }
+
     /// Binds `client_id` to a new connection, kicking any older one.
     pub fn connect(
         &mut self,
@@ -58,7 +90,7 @@ impl Sessions {
         self.next_conn += 1;
         let conn_id = self.next_conn;
         if clean
-            && let Some(old) = self.sessions.remove(client_id)
+            && let Some(old) = self.remove(client_id)
             && let Some((_, old_tx)) = old.conn
         {
             let _ = old_tx.send(Outgoing::Kick);
@@ -94,7 +126,7 @@ impl Sessions {
         if session.conn.as_ref().is_some_and(|(id, _)| *id == conn_id) {
             session.conn = None;
             if session.clean {
-                self.sessions.remove(client_id);
+                self.remove(client_id);
             } else {
                 for m in unacked.into_iter().rev() {
                     session.queued.push_front(m);
@@ -104,21 +136,42 @@ impl Sessions {
     }
 
     pub fn subscribe(&mut self, client_id: &str, filter: &str, qos: QoS) {
-        if let Some(s) = self.sessions.get_mut(client_id) {
-            s.subscriptions.retain(|(f, _)| f != filter);
-            s.subscriptions.push((filter.to_string(), qos));
-        }
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        s.subscriptions.retain(|(f, _)| f != filter);
+        s.subscriptions.push((filter.to_string(), qos));
+        self.index(filter)
+            .entry(filter.to_string())
+            .or_default()
+            .insert(client_id.to_string());
     }
 
     pub fn unsubscribe(&mut self, client_id: &str, filter: &str) {
         if let Some(s) = self.sessions.get_mut(client_id) {
             s.subscriptions.retain(|(f, _)| f != filter);
         }
+        self.unindex(client_id, filter);
     }
 
     /// Delivers a publish to every matching subscription (at the lower of the two QoS).
     pub fn route(&mut self, topic: &str, payload: &Bytes, qos: QoS) {
-        for session in self.sessions.values_mut() {
+        let mut candidates: Vec<String> = self
+            .exact
+            .get(topic)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default();
+        for (filter, clients) in &self.wildcard {
+            if matches(topic, filter) {
+                candidates.extend(clients.iter().cloned());
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        for client_id in candidates {
+            let Some(session) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
             let Some(sub_qos) = session
                 .subscriptions
                 .iter()
@@ -186,6 +239,25 @@ mod tests {
     }
 
     #[test]
+    fn unsubscribe_stops_delivery() {
+        let mut s = Sessions::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.connect("obs", true, tx);
+        s.subscribe("obs", "a/b", QoS::AtLeastOnce);
+        s.subscribe("obs", "a/+", QoS::AtMostOnce);
+        s.route("a/b", &payload("1"), QoS::AtLeastOnce);
+        let Ok(Outgoing::Publish { qos, .. }) = rx.try_recv() else {
+            panic!("delivered")
+        };
+        assert_eq!(qos, QoS::AtLeastOnce, "once, at the best matching QoS");
+        assert!(rx.try_recv().is_err());
+        s.unsubscribe("obs", "a/b");
+        s.unsubscribe("obs", "a/+");
+        s.route("a/b", &payload("2"), QoS::AtLeastOnce);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
     fn persistent_sessions_queue_while_offline() {
         let mut s = Sessions::default();
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -225,5 +297,9 @@ mod tests {
         );
         s.disconnect("c", c2.conn_id, vec![]);
         assert!(!s.sessions.contains_key("c"));
+        assert!(
+            s.wildcard.is_empty(),
+            "a forgotten session leaves no subscription behind"
+        );
     }
 }
