@@ -160,3 +160,84 @@ async fn broker_restart_loses_nothing() {
     assert!(status.success(), "{status}");
     assert_exactly(&hub.stored_seqs("mqtt-broker-crash").await, 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_credentials_for_hub_and_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_dir = dir.path().join("broker");
+    std::fs::create_dir_all(&broker_dir).unwrap();
+    let passwords = broker_dir.join("passwd");
+    let passwd_exe =
+        which("mosquitto_passwd").expect("mosquitto_passwd is not installed (package mosquitto)");
+    for (i, (user, pass)) in [("hub", "hub-secret"), ("dev-1", "dev-secret")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut cmd = Command::new(&passwd_exe);
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(&passwords)
+            .args([user, pass])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&broker_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&passwords, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let conf = format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwords.display()
+    );
+    let broker = Mosquitto::start_with(&broker_dir, free_port(), &conf).await;
+    let hub = Hub::start_on(
+        &dir.path().join("hub"),
+        free_port(),
+        free_port(),
+        &[
+            "--mqtt-broker",
+            &broker.url(),
+            "--mqtt-username",
+            "hub",
+            "--mqtt-password",
+            "hub-secret",
+        ],
+    )
+    .await;
+
+    let mut wrong = agent_with(
+        &broker.url(),
+        "dev-1",
+        &dir.path().join("s0"),
+        "20ms",
+        Some(3),
+        &["--mqtt-username", "dev-1", "--mqtt-password", "guess"],
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wrong.kill9();
+    assert_eq!(
+        hub.stored_up_to("dev-1").await,
+        0,
+        "Mosquitto refused the wrong password"
+    );
+
+    let mut right = agent_with(
+        &broker.url(),
+        "dev-1",
+        &dir.path().join("s1"),
+        "20ms",
+        Some(25),
+        &["--mqtt-username", "dev-1", "--mqtt-password", "dev-secret"],
+    );
+    assert!(right.wait(Duration::from_secs(60)).await.success());
+    assert_exactly(&hub.stored_seqs("dev-1").await, 25);
+}
