@@ -270,16 +270,30 @@ fn shoal_agent_mqtt_addr(url: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_string(), port.parse()?))
 }
 
-async fn device(
+/// What one simulated device does.
+struct Plan {
     transport: Transport,
     hub: String,
     id: String,
     batch: usize,
     pause: Duration,
+    /// Delay before the first batch, so devices do not send in lockstep.
     offset: Duration,
+}
+
+async fn device(
+    plan: Plan,
     start: Arc<Barrier>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<DeviceResult> {
+    let Plan {
+        transport,
+        hub,
+        id,
+        batch,
+        pause,
+        offset,
+    } = plan;
     let mut link = Link::connect(transport, &hub, &id).await?;
     let tmpl = template();
     let mut seq = 0u64;
@@ -481,16 +495,15 @@ async fn main() -> anyhow::Result<()> {
     let run_id = now_ms();
     let tasks: Vec<_> = (0..args.devices)
         .map(|i| {
-            tokio::spawn(device(
-                args.transport,
-                hub.clone(),
-                format!("load-{run_id}-{i:05}"),
-                args.batch,
-                args.pause,
-                args.pause.mul_f64(i as f64 / args.devices as f64),
-                start.clone(),
-                stop.clone(),
-            ))
+            let plan = Plan {
+                transport: args.transport,
+                hub: hub.clone(),
+                id: format!("load-{run_id}-{i:05}"),
+                batch: args.batch,
+                pause: args.pause,
+                offset: args.pause.mul_f64(i as f64 / args.devices as f64),
+            };
+            tokio::spawn(device(plan, start.clone(), stop.clone()))
         })
         .collect();
     start.wait().await;
