@@ -61,17 +61,7 @@ impl Sender {
                 "first answer is not a welcome".into(),
             ));
         };
-        {
-            let mut spool = self.spool.lock().expect("spool lock");
-            if welcome.stored_up_to_seq > spool.last_written_seq() {
-                tracing::warn!(
-                    hub_has = welcome.stored_up_to_seq,
-                    spool_has = spool.last_written_seq(),
-                    "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
-                );
-                spool.ack(welcome.stored_up_to_seq)?;
-            }
-        }
+        self.on_welcome(&welcome)?;
         backoff.reset();
         tracing::info!(hub = %self.hub, "streaming to hub");
 
@@ -123,14 +113,7 @@ impl Sender {
                     let Some(ingest_response::Msg::Ack(ack)) = msg.msg else {
                         return Err(TransportError::Protocol("expected an ack".into()));
                     };
-                    for r in &ack.rejected {
-                        tracing::warn!(seq = r.seq, reason = %r.reason, "hub rejected a sample for good; it is dropped");
-                    }
-                    self.stats.samples_rejected.fetch_add(ack.rejected.len() as u64, Ordering::Relaxed);
-                    self.stats.samples_acked.fetch_add(u64::from(ack.accepted + ack.duplicates), Ordering::Relaxed);
-                    if let Some(trim) = in_flight.acked(ack.first_seq, ack.up_to_seq) {
-                        self.spool.lock().expect("spool lock").ack(trim)?;
-                    }
+                    self.on_ack(&ack, &mut in_flight)?;
                 }
             }
         }

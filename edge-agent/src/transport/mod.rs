@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal_proto::v1::DeviceHello;
+use shoal_proto::v1::{Ack, DeviceHello, Welcome};
+
+use self::inflight::InFlight;
 use tokio::sync::{Notify, watch};
 
 use crate::Stats;
@@ -125,6 +127,38 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// The hub says how far it has this device's samples; a spool behind that lost its state,
+    /// and numbering must continue above the hub's or new samples would count as duplicates.
+    fn on_welcome(&self, w: &Welcome) -> Result<(), TransportError> {
+        let mut spool = self.spool.lock().expect("spool lock");
+        if w.stored_up_to_seq > spool.last_written_seq() {
+            tracing::warn!(
+                hub_has = w.stored_up_to_seq,
+                spool_has = spool.last_written_seq(),
+                "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
+            );
+            spool.ack(w.stored_up_to_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Counts an ack and trims the spool as far as the oldest batches are all acknowledged.
+    fn on_ack(&self, ack: &Ack, in_flight: &mut InFlight) -> Result<(), TransportError> {
+        for r in &ack.rejected {
+            tracing::warn!(seq = r.seq, reason = %r.reason, "hub rejected a sample for good; it is dropped");
+        }
+        self.stats
+            .samples_rejected
+            .fetch_add(ack.rejected.len() as u64, Ordering::Relaxed);
+        self.stats
+            .samples_acked
+            .fetch_add(u64::from(ack.accepted + ack.duplicates), Ordering::Relaxed);
+        if let Some(trim) = in_flight.acked(ack.first_seq, ack.up_to_seq) {
+            self.spool.lock().expect("spool lock").ack(trim)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn drained(&self) -> bool {

@@ -218,31 +218,8 @@ impl Sender {
         let msg =
             IngestResponse::decode(payload).map_err(|e| TransportError::Protocol(e.to_string()))?;
         match msg.msg {
-            Some(ingest_response::Msg::Welcome(w)) => {
-                let mut spool = self.spool.lock().expect("spool lock");
-                if w.stored_up_to_seq > spool.last_written_seq() {
-                    tracing::warn!(
-                        hub_has = w.stored_up_to_seq,
-                        spool_has = spool.last_written_seq(),
-                        "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
-                    );
-                    spool.ack(w.stored_up_to_seq)?;
-                }
-            }
-            Some(ingest_response::Msg::Ack(ack)) => {
-                for r in &ack.rejected {
-                    tracing::warn!(seq = r.seq, reason = %r.reason, "hub rejected a sample for good; it is dropped");
-                }
-                self.stats
-                    .samples_rejected
-                    .fetch_add(ack.rejected.len() as u64, Ordering::Relaxed);
-                self.stats
-                    .samples_acked
-                    .fetch_add(u64::from(ack.accepted + ack.duplicates), Ordering::Relaxed);
-                if let Some(trim) = in_flight.acked(ack.first_seq, ack.up_to_seq) {
-                    self.spool.lock().expect("spool lock").ack(trim)?;
-                }
-            }
+            Some(ingest_response::Msg::Welcome(w)) => self.on_welcome(&w)?,
+            Some(ingest_response::Msg::Ack(ack)) => self.on_ack(&ack, in_flight)?,
             None => return Err(TransportError::Protocol("empty response".into())),
         }
         Ok(())
