@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::board::{Board, Sysroot};
 use shoal_proto::v1::{
     Cpu, DeviceHello, Disk, LoadAverage, Memory, NetInterface, Sample, Temperature,
 };
@@ -19,6 +20,8 @@ pub struct SystemCollector {
     networks: Option<Networks>,
     components: Option<Components>,
     last_net: Instant,
+    root: Sysroot,
+    board: Board,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ impl SystemCollector {
             networks: optional("network", Networks::new_with_refreshed_list()),
             components: optional("temperature", Components::new_with_refreshed_list()),
             last_net: Instant::now(),
+            board: Board::detect(&Sysroot::default()),
+            root: Sysroot::default(),
         })
     }
 
@@ -108,7 +113,7 @@ impl SystemCollector {
             })
             .collect();
 
-        Sample {
+        let mut sample = Sample {
             seq: 0,
             timestamp_ms: now_ms(),
             cpu: Some(Cpu {
@@ -139,7 +144,9 @@ impl SystemCollector {
             process_count: process_count(Path::new("/proc")),
             gpus: Vec::new(),
             pi: None,
-        }
+        };
+        crate::board::enrich(&self.root, &self.board, &mut sample);
+        sample
     }
 }
 
@@ -177,28 +184,13 @@ pub fn describe_device(
         arch: std::env::consts::ARCH.to_string(),
         os: System::long_os_version().unwrap_or_else(|_| std::env::consts::OS.to_string()),
         kernel: System::kernel_version().unwrap_or_default(),
-        hardware_model: hardware_model(),
+        hardware_model: Board::detect(&Sysroot::default()).model().to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         last_written_seq: 0,
+        gpu_driver_version: String::new(),
+        cuda_version: String::new(),
     }
-}
-
-/// The board or product name: the device tree model on ARM boards, DMI on PCs and servers.
-fn hardware_model() -> String {
-    for path in [
-        "/proc/device-tree/model",
-        "/sys/firmware/devicetree/base/model",
-        "/sys/class/dmi/id/product_name",
-    ] {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-            if !s.is_empty() {
-                return s.to_string();
-            }
-        }
-    }
-    String::new()
 }
 
 /// A stable id for this machine: `/etc/machine-id` (systemd), else the D-Bus one, else the

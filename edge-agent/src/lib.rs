@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: the agent's settings, defaults and validation.
 //! - [`collector`]: what a sample holds (system metrics via `sysinfo`) and who the device is.
+//! - [`board`]: Raspberry Pi, Jetson and thermal-zone readings through a sysroot.
 //! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
 //! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff; [`tls`]: TLS settings.
 //!
@@ -10,6 +11,7 @@
 //! it; both stop on the shutdown signal.
 #![forbid(unsafe_code)]
 
+pub mod board;
 pub mod collector;
 pub mod config;
 pub mod spool;

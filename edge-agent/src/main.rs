@@ -35,6 +35,10 @@ enum Command {
         /// Take a single sample (the only mode for now; kept explicit for scripts).
         #[arg(long, required = true)]
         once: bool,
+        /// Read /proc and /sys under this directory instead of the live system (a captured
+        /// tree; CPU usage and network rates are left out, they need two live readings).
+        #[arg(long)]
+        sysroot: Option<PathBuf>,
     },
     /// Inspect the spool (read-only; safe while an agent runs).
     Spool {
@@ -183,7 +187,25 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sample { once: _ } => {
+        Command::Sample {
+            once: _,
+            sysroot: Some(root),
+        } => {
+            if !root.join("proc").is_dir() && !root.join("sys").is_dir() {
+                eprintln!(
+                    "shoal-agent: {} holds neither proc/ nor sys/",
+                    root.display()
+                );
+                return ExitCode::from(64);
+            }
+            print_json(&shoal_agent::board::snapshot(
+                &shoal_agent::board::Sysroot::new(root),
+            ))
+        }
+        Command::Sample {
+            once: _,
+            sysroot: None,
+        } => {
             let mut c = match SystemCollector::new() {
                 Ok(c) => c,
                 Err(e) => {

@@ -5,6 +5,18 @@
 
 use crate::v1::Sample;
 
+/// The Raspberry Pi firmware's `get_throttled` bits, by name.
+pub const PI_THROTTLE_BITS: [(u32, &str); 8] = [
+    (0, "under_voltage"),
+    (1, "arm_frequency_capped"),
+    (2, "throttled"),
+    (3, "soft_temperature_limit"),
+    (16, "under_voltage_occurred"),
+    (17, "arm_frequency_capped_occurred"),
+    (18, "throttled_occurred"),
+    (19, "soft_temperature_limit_occurred"),
+];
+
 /// Calls `f(name, value)` for every metric point in `s`, in a fixed order.
 pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
     let mut name = String::with_capacity(64);
@@ -113,11 +125,34 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
             g.temperature_celsius,
         );
         labelled(&mut f, "gpu_power_watts", "gpu", &i, g.power_watts);
+        labelled(
+            &mut f,
+            "gpu_sm_clock_mhz",
+            "gpu",
+            &i,
+            f64::from(g.sm_clock_mhz),
+        );
     }
     if let Some(pi) = &s.pi {
         f("pi_soc_temperature_celsius", pi.soc_temperature_celsius);
-        f("pi_throttled_flags", f64::from(pi.throttled_flags));
         f("pi_cpu_frequency_mhz", f64::from(pi.cpu_frequency_mhz));
+        if pi.throttled_known {
+            f("pi_throttled_flags", f64::from(pi.throttled_flags));
+            for (bit, name) in PI_THROTTLE_BITS {
+                labelled(
+                    &mut f,
+                    "pi_throttle",
+                    "flag",
+                    name,
+                    f64::from((pi.throttled_flags >> bit) & 1),
+                );
+            }
+        }
+        if pi.emmc_life_time_a != 0 || pi.emmc_life_time_b != 0 {
+            f("pi_emmc_life_time_a", f64::from(pi.emmc_life_time_a));
+            f("pi_emmc_life_time_b", f64::from(pi.emmc_life_time_b));
+            f("pi_emmc_pre_eol", f64::from(pi.emmc_pre_eol));
+        }
     }
 }
 
