@@ -230,36 +230,6 @@ pub fn jetson_gpu(root: &Sysroot, model: &str) -> Option<Gpu> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_throttle_bits() {
-        assert_eq!(decode_throttled(0), Vec::<&str>::new());
-        assert_eq!(
-            decode_throttled(0x50005),
-            vec![
-                "under_voltage",
-                "throttled",
-                "under_voltage_occurred",
-                "throttled_occurred"
-            ]
-        );
-        assert_eq!(
-            decode_throttled(0x80008),
-            vec!["soft_temperature_limit", "soft_temperature_limit_occurred"]
-        );
-    }
-
-    #[test]
-    fn jedec_values() {
-        assert_eq!(hex_values("0x01 0x02"), vec![1, 2]);
-        assert_eq!(hex_values("0x0b"), vec![11]);
-        assert!(hex_values("").is_empty());
-    }
-}
-
 /// Adds what the board knows to `sample`: the Pi part, a Jetson's GPU, and the thermal zones
 /// when no other temperature source gave any.
 pub fn enrich(root: &Sysroot, board: &Board, sample: &mut shoal_proto::v1::Sample) {
@@ -321,4 +291,34 @@ pub fn snapshot(root: &Sysroot) -> shoal_proto::v1::Sample {
     };
     enrich(root, &Board::detect(root), &mut sample);
     sample
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_throttle_bits() {
+        assert_eq!(decode_throttled(0), Vec::<&str>::new());
+        assert_eq!(
+            decode_throttled(0x50005),
+            vec![
+                "under_voltage",
+                "throttled",
+                "under_voltage_occurred",
+                "throttled_occurred"
+            ]
+        );
+        assert_eq!(
+            decode_throttled(0x80008),
+            vec!["soft_temperature_limit", "soft_temperature_limit_occurred"]
+        );
+    }
+
+    #[test]
+    fn jedec_values() {
+        assert_eq!(hex_values("0x01 0x02"), vec![1, 2]);
+        assert_eq!(hex_values("0x0b"), vec![11]);
+        assert!(hex_values("").is_empty());
+    }
 }

@@ -105,7 +105,7 @@ pub struct BatchOutcome {
 
 enum Op {
     Hello {
-        hello: DeviceHello,
+        hello: Box<DeviceHello>,
         now_ms: i64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
@@ -142,7 +142,7 @@ impl Writer {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Hello {
-                hello,
+                hello: Box::new(hello),
                 now_ms,
                 reply,
             })
