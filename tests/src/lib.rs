@@ -475,3 +475,22 @@ impl TestCerts {
         }
     }
 }
+
+/// The aarch64 agent that `cross/build aarch64-unknown-linux-gnu` made (tests/run builds it
+/// first), under the same target directory as the test executable.
+pub fn aarch64_agent() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/TEST → target
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = target_dir.join("cross/aarch64-unknown-linux-gnu/release-agent/shoal-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cross/build aarch64-unknown-linux-gnu` (tests/run does)",
+        path.display()
+    );
+    path
+}
