@@ -22,6 +22,7 @@ pub struct SystemCollector {
     last_net: Instant,
     root: Sysroot,
     board: Board,
+    gpu: Option<crate::gpu::GpuCollector>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,7 @@ impl SystemCollector {
             last_net: Instant::now(),
             board: Board::detect(&Sysroot::default()),
             root: Sysroot::default(),
+            gpu: crate::gpu::GpuCollector::new(),
         })
     }
 
@@ -145,8 +147,19 @@ impl SystemCollector {
             gpus: Vec::new(),
             pi: None,
         };
+        if let Some(gpu) = &self.gpu {
+            sample.gpus = gpu.sample();
+        }
         crate::board::enrich(&self.root, &self.board, &mut sample);
         sample
+    }
+
+    /// NVIDIA driver and CUDA versions, when NVML is there.
+    pub fn gpu_versions(&self) -> (String, String) {
+        self.gpu
+            .as_ref()
+            .map(|g| (g.driver_version.clone(), g.cuda_version.clone()))
+            .unwrap_or_default()
     }
 }
 

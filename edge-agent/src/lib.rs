@@ -14,6 +14,7 @@
 pub mod board;
 pub mod collector;
 pub mod config;
+pub mod gpu;
 pub mod spool;
 pub mod tls;
 pub mod transport;
@@ -102,7 +103,11 @@ pub async fn run(
 
     let sender = Sender {
         hub: config.hub.clone(),
-        hello: collector::describe_device(&device_id, &config.labels),
+        hello: {
+            let mut hello = collector::describe_device(&device_id, &config.labels);
+            (hello.gpu_driver_version, hello.cuda_version) = collector.gpu_versions();
+            hello
+        },
         spool: spool.clone(),
         new_data: new_data.clone(),
         stats: stats.clone(),

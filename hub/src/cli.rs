@@ -133,6 +133,8 @@ impl Client {
             ],
             vec!["arch".into(), str_of(&d["arch"])],
             vec!["agent".into(), str_of(&d["agent_version"])],
+            vec!["gpu driver".into(), str_of(&d["gpu_driver_version"])],
+            vec!["cuda".into(), str_of(&d["cuda_version"])],
             vec!["stored up to seq".into(), d["stored_up_to_seq"].to_string()],
         ];
         if let Some(labels) = d["labels"].as_object().filter(|l| !l.is_empty()) {
@@ -191,6 +193,36 @@ impl Client {
                 ]);
             }
             rows.push(vec!["processes".into(), s["process_count"].to_string()]);
+            for g in s["gpus"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or_default()
+            {
+                rows.push(vec![
+                    format!("gpu {} ({})", g["index"], str_of(&g["source"])),
+                    format!(
+                        "{} · {:.0}% · {} of {} · {:.0} °C · {} MHz",
+                        str_of(&g["name"]),
+                        g["utilization_percent"].as_f64().unwrap_or(0.0),
+                        bytes(g["memory_used_bytes"].as_f64()),
+                        bytes(g["memory_total_bytes"].as_f64()),
+                        g["temperature_celsius"].as_f64().unwrap_or(0.0),
+                        g["sm_clock_mhz"]
+                    ),
+                ]);
+            }
+            if s["pi"].is_object() {
+                let pi = &s["pi"];
+                rows.push(vec![
+                    "pi".into(),
+                    format!(
+                        "SoC {:.1} °C · {} MHz · throttle flags {:#x}",
+                        pi["soc_temperature_celsius"].as_f64().unwrap_or(0.0),
+                        pi["cpu_frequency_mhz"],
+                        pi["throttled_flags"].as_u64().unwrap_or(0)
+                    ),
+                ]);
+            }
         }
         Ok(rows
             .iter()

@@ -16,6 +16,11 @@ pub struct DeviceRecord {
     pub kernel: String,
     pub hardware_model: String,
     pub agent_version: String,
+    /// NVIDIA driver and CUDA versions (empty without an NVIDIA GPU).
+    #[serde(default)]
+    pub gpu_driver_version: String,
+    #[serde(default)]
+    pub cuda_version: String,
     pub labels: BTreeMap<String, String>,
     /// Epoch milliseconds, hub clock.
     pub first_seen_ms: i64,
@@ -35,6 +40,9 @@ impl DeviceRecord {
         self.kernel.clone_from(&hello.kernel);
         self.hardware_model.clone_from(&hello.hardware_model);
         self.agent_version.clone_from(&hello.agent_version);
+        self.gpu_driver_version
+            .clone_from(&hello.gpu_driver_version);
+        self.cuda_version.clone_from(&hello.cuda_version);
         self.labels = hello
             .labels
             .iter()
