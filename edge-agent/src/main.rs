@@ -47,6 +47,9 @@ enum Command {
     },
     /// Print the default configuration as TOML, a starting point for /etc/shoal/agent.toml.
     DefaultConfig,
+    /// Load and check the configuration `run` would use (file, environment, flags) and print
+    /// it as TOML; exit 64 naming the bad field.
+    CheckConfig(Box<RunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -224,6 +227,21 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("shoal-agent: {e}");
                 ExitCode::FAILURE
+            }
+        },
+        Command::CheckConfig(args) => match (*args).into_config() {
+            Ok(mut config) => {
+                // Never print a secret.
+                if config.mqtt_password.is_some() {
+                    config.mqtt_password = Some("(hidden)".into());
+                }
+                let text = toml::to_string_pretty(&config).expect("config serialises");
+                let _ = std::io::stdout().write_all(text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shoal-agent: {e}");
+                ExitCode::from(64)
             }
         },
         Command::DefaultConfig => {

@@ -494,3 +494,23 @@ pub fn aarch64_agent() -> PathBuf {
     );
     path
 }
+
+/// A Debian package that `deploy/debian/build-deb ARCH` made (tests/run builds amd64 and
+/// arm64 first).
+pub fn agent_deb(arch: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("target directory");
+    let debs = target_dir.join("debian");
+    let found = std::fs::read_dir(&debs).ok().and_then(|d| {
+        d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&format!("_{arch}.deb")))
+        })
+    });
+    found.unwrap_or_else(|| panic!("no shoal-agent_*_{arch}.deb in {}: run `deploy/debian/build-deb {arch}` (tests/run does)", debs.display()))
+}

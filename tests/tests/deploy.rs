@@ -7,21 +7,41 @@ use std::process::Command;
 use shoal_e2e::which;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn render(dir: &str) -> String {
-    let kubectl = which("kubectl").expect("kubectl is not installed (tests/run installs kubernetes-client)");
-    let out = Command::new(kubectl).args(["kustomize"]).arg(repo().join(dir)).output().unwrap();
-    assert!(out.status.success(), "kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    let kubectl =
+        which("kubectl").expect("kubectl is not installed (tests/run installs kubernetes-client)");
+    let out = Command::new(kubectl)
+        .args(["kustomize"])
+        .arg(repo().join(dir))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn validate(file: &Path) -> (bool, String) {
     let validator = which("kubernetes-validate")
         .expect("kubernetes-validate is not installed (tests/run installs it from PyPI into a venv on PATH)");
-    let out = Command::new(validator).args(["--strict", "-k", "1.32.0"]).arg(file).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(validator)
+        .args(["--strict", "-k", "1.32.0"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success() && !text.contains("ERROR"), text)
 }
 
@@ -32,8 +52,17 @@ fn render_and_validate(dir: &str) -> String {
     std::fs::write(&file, &yaml).unwrap();
     let (ok, report) = validate(&file);
     assert!(ok, "{dir} fails the Kubernetes schemas:\n{report}");
-    for kind in ["Namespace", "StatefulSet", "Service", "Ingress", "DaemonSet"] {
-        assert!(yaml.contains(&format!("kind: {kind}\n")), "{dir} renders a {kind}");
+    for kind in [
+        "Namespace",
+        "StatefulSet",
+        "Service",
+        "Ingress",
+        "DaemonSet",
+    ] {
+        assert!(
+            yaml.contains(&format!("kind: {kind}\n")),
+            "{dir} renders a {kind}"
+        );
     }
     yaml
 }
@@ -42,14 +71,21 @@ fn render_and_validate(dir: &str) -> String {
 fn base_renders_and_validates() {
     let yaml = render_and_validate("deploy/kubernetes/base");
     assert!(yaml.contains("--mqtt-listen=0.0.0.0:1883"));
-    assert!(yaml.contains("fieldPath: spec.nodeName"), "device id = node name");
+    assert!(
+        yaml.contains("fieldPath: spec.nodeName"),
+        "device id = node name"
+    );
 }
 
 #[test]
 fn pi_overlay_places_the_agent_like_smon() {
     let yaml = render_and_validate("deploy/kubernetes/overlays/pi");
     assert!(yaml.contains("kubernetes.io/role: sensor"));
-    assert!(yaml.contains("key: dedicated") && yaml.contains("value: pi") && yaml.contains("effect: NoSchedule"));
+    assert!(
+        yaml.contains("key: dedicated")
+            && yaml.contains("value: pi")
+            && yaml.contains("effect: NoSchedule")
+    );
     assert!(yaml.contains("--interval=15s"), "the book's 15 s cadence");
 }
 
@@ -67,5 +103,8 @@ fn the_validator_catches_a_broken_manifest() {
     let broken = render("deploy/kubernetes/overlays/pi").replace("nodeSelector:", "nodeSelektor:");
     std::fs::write(&file, broken).unwrap();
     let (ok, report) = validate(&file);
-    assert!(!ok, "a misspelt field must fail strict validation:\n{report}");
+    assert!(
+        !ok,
+        "a misspelt field must fail strict validation:\n{report}"
+    );
 }
