@@ -16,6 +16,7 @@ pub mod cli;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
