@@ -267,7 +267,8 @@ pub fn parse(text: &str) -> Result<JobDefinition, ManifestError> {
     check(manifest)
 }
 
-fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
+/// Checks a manifest already read (e.g. from the store).
+pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
     if !matches!(m.api_version.as_str(), "batch/v1" | "batch/v1beta1") {
         return Err(bad(
             "apiVersion",

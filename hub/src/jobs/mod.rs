@@ -1,13 +1,17 @@
-//! Scheduled jobs with Kubernetes CronJob semantics (in progress: the schedule and the
-//! scheduling decision are here; the manifest, store, runners, REST and CLI follow).
+//! Scheduled jobs with Kubernetes CronJob semantics (in progress: REST, CLI, the Kubernetes
+//! runner and the hub wiring follow).
 //!
 //! - [`manifest`]: the job definition, a Kubernetes CronJob manifest, read and checked;
 //! - [`cron`]: the schedule syntax and next activation in a time zone;
 //! - [`local`]: the local runner (process groups, retries with backoff, deadline, capped logs);
 //! - [`policy`]: what the controller does at a given moment — start, skip (Forbid, a missed
-//!   starting deadline), replace, or refuse after more than 100 missed starts.
+//!   starting deadline), replace, or refuse after more than 100 missed starts;
+//! - [`scheduler`]: the task that applies those decisions, runs and records;
+//! - [`store`]: job definitions and run history in the hub's store.
 
 pub mod cron;
 pub mod local;
 pub mod manifest;
 pub mod policy;
+pub mod scheduler;
+pub mod store;

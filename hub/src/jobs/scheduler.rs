@@ -1,0 +1,534 @@
+//! The scheduler: one task owning every job, deciding with [`super::policy::decide`] at each
+//! job's next schedule time, starting runs on the local runner, and recording every start,
+//! skip, miss and outcome in the store.
+//!
+//! Why not tokio-cron-scheduler: Kubernetes semantics need the *controller's* view — the last
+//! schedule time survives restarts, only the most recent missed start runs, starting deadlines,
+//! concurrency policies, more than 100 missed starts — which a fire-callbacks-on-time library
+//! does not model. The loop below is small: sleep until the earliest next schedule time or a
+//! command, then decide for every job. The clock is injected, so tests drive time exactly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::local::{self, Ending, RunSpec};
+use super::manifest::{self, JobDefinition, ManifestError};
+use super::policy::{self, Decision, JobPolicy};
+use super::store::{JobRecord, JobStore, RunRecord, RunStatus};
+use crate::store::StoreError;
+
+/// The time source: the wall clock in production, a hand-moved one in tests.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+pub fn wall_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Run logs go to `runs_dir/RUN_ID/attempt-N.log`.
+    pub runs_dir: PathBuf,
+    /// Given to every run as SHOAL_HUB_URL.
+    pub hub_url: String,
+    /// Given to every run as MLFLOW_TRACKING_URI when set.
+    pub mlflow_tracking_uri: Option<String>,
+    pub backoff_base: Duration,
+    pub log_limit: u64,
+    pub grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Invalid(#[from] ManifestError),
+    #[error("no job named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the scheduler has stopped")]
+    Stopped,
+}
+
+enum Cmd {
+    Apply(Box<JobDefinition>, oneshot::Sender<Result<(), JobError>>),
+    Delete(String, oneshot::Sender<Result<(), JobError>>),
+    Trigger(String, oneshot::Sender<Result<String, JobError>>),
+    Suspend(String, bool, oneshot::Sender<Result<(), JobError>>),
+    /// Decide now (tests move the clock, then tick).
+    Tick(oneshot::Sender<()>),
+}
+
+/// Handle to the scheduler task.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Cmd>,
+}
+
+struct Active {
+    job: String,
+    cancel: watch::Sender<bool>,
+}
+
+struct Job {
+    def: JobDefinition,
+    record: JobRecord,
+    /// Last time a "too many missed starts" was logged, so it is said once, not every tick.
+    warned_missed: bool,
+}
+
+struct State {
+    store: JobStore,
+    config: SchedulerConfig,
+    clock: Clock,
+    jobs: HashMap<String, Job>,
+    active: HashMap<String, Active>,
+    done_tx: mpsc::UnboundedSender<(String, local::RunOutcome)>,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+impl Scheduler {
+    /// Loads the stored jobs, marks runs that were in flight when the hub stopped as
+    /// interrupted, and schedules until `shutdown` (then cancels active runs).
+    pub fn start(
+        store: JobStore,
+        config: SchedulerConfig,
+        clock: Clock,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), JobError> {
+        for mut run in store
+            .runs(None)?
+            .into_iter()
+            .filter(|r| r.status == RunStatus::Running)
+        {
+            run.status = RunStatus::Interrupted;
+            run.reason =
+                Some("the hub stopped while this run was in flight; its outcome is unknown".into());
+            run.finished_ms = Some(ms(clock()));
+            store.put_run(&run)?;
+        }
+        let mut jobs = HashMap::new();
+        for record in store.jobs()? {
+            match manifest::check(record.manifest.clone()) {
+                Ok(def) => {
+                    jobs.insert(
+                        def.name().to_string(),
+                        Job {
+                            def,
+                            record,
+                            warned_missed: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(job = %record.manifest.metadata.name, error = %e, "stored job no longer valid; not scheduled")
+                }
+            }
+        }
+        let (tx, mut rx) = mpsc::channel(64);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let mut state = State {
+            store,
+            config,
+            clock,
+            jobs,
+            active: HashMap::new(),
+            done_tx,
+        };
+        let task = tokio::spawn(async move {
+            loop {
+                state.evaluate();
+                let now = (state.clock)();
+                let wake = state
+                    .jobs
+                    .values()
+                    .filter_map(|j| {
+                        policy::next_wakeup(
+                            &job_policy(&j.def, j.record.manifest.spec.suspend),
+                            now,
+                        )
+                    })
+                    .min();
+                let sleep = wake.map_or(Duration::from_secs(3600), |w| {
+                    (w - now).to_std().unwrap_or_default()
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => {}
+                    cmd = rx.recv() => match cmd {
+                        Some(cmd) => state.command(cmd),
+                        None => break,
+                    },
+                    Some((id, outcome)) = done_rx.recv() => state.finished(&id, outcome),
+                    _ = shutdown.changed() => break,
+                }
+            }
+            for a in state.active.values() {
+                let _ = a.cancel.send(true);
+            }
+            // Give cancelled runs a moment to record themselves.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !state.active.is_empty() {
+                match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                    Ok(Some((id, outcome))) => state.finished(&id, outcome),
+                    _ => break,
+                }
+            }
+        });
+        Ok((Self { tx }, task))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, JobError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| JobError::Stopped)?;
+        rx.await.map_err(|_| JobError::Stopped)
+    }
+
+    /// Creates or replaces a job (its last schedule time is kept across updates).
+    pub async fn apply(&self, def: JobDefinition) -> Result<(), JobError> {
+        self.call(|tx| Cmd::Apply(Box::new(def), tx)).await?
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), JobError> {
+        self.call(|tx| Cmd::Delete(name.to_string(), tx)).await?
+    }
+
+    /// Starts a run now, whatever the schedule; returns its id.
+    pub async fn trigger(&self, name: &str) -> Result<String, JobError> {
+        self.call(|tx| Cmd::Trigger(name.to_string(), tx)).await?
+    }
+
+    pub async fn set_suspend(&self, name: &str, suspend: bool) -> Result<(), JobError> {
+        self.call(|tx| Cmd::Suspend(name.to_string(), suspend, tx))
+            .await?
+    }
+
+    /// Decides for every job at the clock's current time; returns when done.
+    pub async fn tick(&self) -> Result<(), JobError> {
+        self.call(Cmd::Tick).await
+    }
+}
+
+fn job_policy(def: &JobDefinition, suspend: Option<bool>) -> JobPolicy {
+    let spec = &def.manifest.spec;
+    JobPolicy {
+        schedule: def.schedule.clone(),
+        time_zone: def.time_zone,
+        concurrency: def.concurrency,
+        starting_deadline: spec
+            .starting_deadline_seconds
+            .map(chrono::Duration::seconds),
+        suspend: suspend.unwrap_or(false),
+        missed_starts: def.missed_starts,
+    }
+}
+
+impl State {
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Apply(def, reply) => {
+                let name = def.name().to_string();
+                let now = ms((self.clock)());
+                let (created_ms, last_schedule_ms) =
+                    self.jobs.get(&name).map_or((now, None), |j| {
+                        (j.record.created_ms, j.record.last_schedule_ms)
+                    });
+                let record = JobRecord {
+                    manifest: def.manifest.clone(),
+                    created_ms,
+                    last_schedule_ms,
+                };
+                let r = self.store.put_job(&name, &record).map_err(JobError::from);
+                if r.is_ok() {
+                    self.jobs.insert(
+                        name,
+                        Job {
+                            def: *def,
+                            record,
+                            warned_missed: false,
+                        },
+                    );
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::Delete(name, reply) => {
+                let r = match self.jobs.remove(&name) {
+                    None => Err(JobError::NotFound(name)),
+                    Some(_) => {
+                        for a in self.active.values().filter(|a| a.job == name) {
+                            let _ = a.cancel.send(true);
+                        }
+                        self.store.delete_job(&name).map_err(JobError::from)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Trigger(name, reply) => {
+                let r = match self.jobs.get(&name) {
+                    None => Err(JobError::NotFound(name)),
+                    Some(_) => {
+                        let now = (self.clock)();
+                        let id = format!("{name}-manual-{}", ms(now));
+                        self.start_run(&name, id.clone(), now, true).map(|_| id)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Suspend(name, suspend, reply) => {
+                let r = match self.jobs.get_mut(&name) {
+                    None => Err(JobError::NotFound(name)),
+                    Some(job) => {
+                        job.record.manifest.spec.suspend = Some(suspend);
+                        job.def.manifest.spec.suspend = Some(suspend);
+                        self.store
+                            .put_job(&name, &job.record)
+                            .map_err(JobError::from)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Tick(reply) => {
+                self.evaluate();
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Decides for every job at the current time.
+    fn evaluate(&mut self) {
+        let now = (self.clock)();
+        let names: Vec<String> = self.jobs.keys().cloned().collect();
+        for name in names {
+            let job = &self.jobs[&name];
+            let last = at(job.record.last_schedule_ms.unwrap_or(job.record.created_ms));
+            let active = self.active.values().filter(|a| a.job == name).count();
+            let decision = policy::decide(
+                &job_policy(&job.def, job.record.manifest.spec.suspend),
+                last,
+                now,
+                active,
+            );
+            match decision {
+                Decision::Wait => {}
+                Decision::TooManyMissed { missed } => {
+                    let job = self.jobs.get_mut(&name).expect("job");
+                    if !job.warned_missed {
+                        job.warned_missed = true;
+                        tracing::warn!(
+                            job = %name,
+                            missed,
+                            "Cannot determine if job needs to be started. Too many missed start times (> 100). Set or decrease .spec.startingDeadlineSeconds or check clock skew (or annotate shoal.dev/missed-starts: run-latest)"
+                        );
+                    }
+                }
+                Decision::Skip { scheduled, reason } => {
+                    let run = RunRecord {
+                        id: run_id(&name, scheduled),
+                        job: name.clone(),
+                        scheduled_ms: ms(scheduled),
+                        manual: false,
+                        started_ms: None,
+                        finished_ms: Some(ms(now)),
+                        status: RunStatus::Skipped,
+                        reason: Some(reason),
+                        attempts: Vec::new(),
+                    };
+                    if let Err(e) = self.store.put_run(&run) {
+                        tracing::error!(job = %name, error = %e, "cannot record a skipped start");
+                    }
+                    self.set_last_schedule(&name, scheduled);
+                    self.prune(&name);
+                }
+                Decision::Start {
+                    scheduled,
+                    replace,
+                    missed,
+                } => {
+                    if replace {
+                        for a in self.active.values().filter(|a| a.job == name) {
+                            let _ = a.cancel.send(true);
+                        }
+                    }
+                    if missed > 1 {
+                        tracing::info!(job = %name, missed, "missed starts while the hub was away; running the most recent");
+                    }
+                    if let Err(e) =
+                        self.start_run(&name, run_id(&name, scheduled), scheduled, false)
+                    {
+                        tracing::error!(job = %name, error = %e, "cannot start a run");
+                    }
+                    self.set_last_schedule(&name, scheduled);
+                }
+            }
+        }
+    }
+
+    fn set_last_schedule(&mut self, name: &str, scheduled: DateTime<Utc>) {
+        if let Some(job) = self.jobs.get_mut(name) {
+            job.record.last_schedule_ms = Some(ms(scheduled));
+            if let Err(e) = self.store.put_job(name, &job.record) {
+                tracing::error!(job = %name, error = %e, "cannot record the last schedule time");
+            }
+        }
+    }
+
+    fn start_run(
+        &mut self,
+        name: &str,
+        id: String,
+        scheduled: DateTime<Utc>,
+        manual: bool,
+    ) -> Result<(), JobError> {
+        let job = self
+            .jobs
+            .get(name)
+            .ok_or_else(|| JobError::NotFound(name.to_string()))?;
+        let spec = run_spec(&job.def, &id, &self.config);
+        let now = (self.clock)();
+        let record = RunRecord {
+            id: id.clone(),
+            job: name.to_string(),
+            scheduled_ms: ms(scheduled),
+            manual,
+            started_ms: Some(ms(now)),
+            finished_ms: None,
+            status: RunStatus::Running,
+            reason: None,
+            attempts: Vec::new(),
+        };
+        self.store.put_run(&record)?;
+        let (cancel, cancel_rx) = watch::channel(false);
+        self.active.insert(
+            id.clone(),
+            Active {
+                job: name.to_string(),
+                cancel,
+            },
+        );
+        let log_dir = self.config.runs_dir.join(&id);
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let outcome = local::run(&spec, &log_dir, cancel_rx).await;
+            let _ = done.send((id, outcome));
+        });
+        Ok(())
+    }
+
+    fn finished(&mut self, id: &str, outcome: local::RunOutcome) {
+        let job = self.active.remove(id).map(|a| a.job);
+        let Ok(Some(mut run)) = self.store.run(id) else {
+            return;
+        };
+        run.finished_ms = Some(ms((self.clock)()));
+        run.attempts = outcome.attempts.iter().map(|a| a.exit_code).collect();
+        (run.status, run.reason) = match outcome.ending {
+            Ending::Succeeded => (RunStatus::Succeeded, None),
+            Ending::Failed => (
+                RunStatus::Failed,
+                Some("BackoffLimitExceeded: every attempt failed".into()),
+            ),
+            Ending::DeadlineExceeded => (
+                RunStatus::DeadlineExceeded,
+                Some("DeadlineExceeded: activeDeadlineSeconds passed".into()),
+            ),
+            Ending::Cancelled => (
+                RunStatus::Cancelled,
+                Some("stopped: replaced by a newer run, deleted, or the hub stopping".into()),
+            ),
+            Ending::StartFailed(why) => (RunStatus::StartFailed, Some(why)),
+        };
+        if let Err(e) = self.store.put_run(&run) {
+            tracing::error!(run = %id, error = %e, "cannot record a run's outcome");
+        }
+        if let Some(job) = job {
+            self.prune(&job);
+        }
+    }
+
+    /// Keeps the newest `successfulJobsHistoryLimit` succeeded and `failedJobsHistoryLimit`
+    /// other finished runs of a job; older ones and their logs go.
+    fn prune(&mut self, name: &str) {
+        let Some(job) = self.jobs.get(name) else {
+            return;
+        };
+        let (keep_ok, keep_failed) = (
+            job.def.successful_history as usize,
+            job.def.failed_history as usize,
+        );
+        let Ok(runs) = self.store.runs(Some(name)) else {
+            return;
+        };
+        let finished: Vec<&RunRecord> = runs.iter().filter(|r| r.status.finished()).collect();
+        let (ok, failed): (Vec<&RunRecord>, Vec<&RunRecord>) =
+            finished.into_iter().partition(|r| r.status.succeeded());
+        let mut drop: Vec<String> = Vec::new();
+        drop.extend(ok.iter().rev().skip(keep_ok).map(|r| r.id.clone()));
+        drop.extend(failed.iter().rev().skip(keep_failed).map(|r| r.id.clone()));
+        if drop.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.delete_runs(&drop) {
+            tracing::error!(job = %name, error = %e, "cannot prune run history");
+            return;
+        }
+        for id in &drop {
+            let _ = std::fs::remove_dir_all(self.config.runs_dir.join(id));
+        }
+    }
+}
+
+/// Kubernetes names a CronJob's Jobs NAME-<minutes since the epoch>.
+fn run_id(job: &str, scheduled: DateTime<Utc>) -> String {
+    format!("{job}-{}", scheduled.timestamp() / 60)
+}
+
+fn run_spec(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> RunSpec {
+    let job_spec = &def.manifest.spec.job_template.spec;
+    let c = &job_spec.template.spec.containers[0];
+    let mut env: Vec<(String, String)> = c
+        .env
+        .iter()
+        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+        .collect();
+    for e in c
+        .env
+        .iter()
+        .filter(|e| e.value.is_none() && e.value_from.is_some())
+    {
+        tracing::warn!(job = %def.name(), var = %e.name, "valueFrom (Secrets, ConfigMaps) is resolved only by the Kubernetes runner; left unset locally");
+    }
+    env.push(("SHOAL_RUN_ID".into(), run_id.into()));
+    env.push(("SHOAL_JOB".into(), def.name().into()));
+    env.push(("SHOAL_HUB_URL".into(), config.hub_url.clone()));
+    if let Some(uri) = &config.mlflow_tracking_uri {
+        env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
+    }
+    RunSpec {
+        argv: c.command.iter().chain(&c.args).cloned().collect(),
+        env,
+        working_dir: c.working_dir.as_ref().map(PathBuf::from),
+        active_deadline: job_spec
+            .active_deadline_seconds
+            .map(|s| Duration::from_secs(s.max(0) as u64)),
+        backoff_limit: def.backoff_limit,
+        backoff_base: config.backoff_base,
+        log_limit: config.log_limit,
+        grace: config.grace,
+    }
+}
+
+#[cfg(test)]
+mod tests;
