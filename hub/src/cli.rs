@@ -66,6 +66,250 @@ impl Client {
         Ok(body)
     }
 
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Value, CliError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/yaml").body(b);
+        }
+        let resp = req.send().await.map_err(|e| CliError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| CliError::BadAnswer(e.to_string()))?;
+        if !status.is_success() {
+            let msg = body["error"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_string();
+            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+        }
+        Ok(body)
+    }
+
+    async fn get_text(&self, path: &str) -> Result<String, CliError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| CliError::BadAnswer(e.to_string()))?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+        }
+        Ok(text)
+    }
+
+    /// `jobs apply -f FILE`: the CronJob manifest as YAML or JSON.
+    pub async fn jobs_apply(&self, manifest: String, output: Output) -> Result<String, CliError> {
+        let v = self
+            .send(reqwest::Method::POST, "/api/v1/jobs", Some(manifest))
+            .await?;
+        Ok(if output == Output::Json {
+            pretty(&v)
+        } else {
+            format!("job {} applied\n", str_of(&v["job"]))
+        })
+    }
+
+    pub async fn jobs_list(&self, output: Output) -> Result<String, CliError> {
+        let v = self.get("/api/v1/jobs", &[]).await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        let rows: Vec<Vec<String>> = v["jobs"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|j| {
+                vec![
+                    str_of(&j["name"]),
+                    str_of(&j["schedule"]),
+                    str_of(&j["time_zone"]),
+                    str_of(&j["concurrency_policy"]),
+                    if j["suspend"].as_bool() == Some(true) {
+                        "yes".into()
+                    } else {
+                        "no".into()
+                    },
+                    time_of(&j["last_schedule_ms"]),
+                    time_of(&j["next_schedule_ms"]),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok("no jobs; add one with `shoal jobs apply -f cronjob.yaml`\n".into());
+        }
+        Ok(table(
+            &[
+                "JOB",
+                "SCHEDULE",
+                "TIME ZONE",
+                "CONCURRENCY",
+                "SUSPENDED",
+                "LAST SCHEDULE",
+                "NEXT",
+            ],
+            &rows,
+        ))
+    }
+
+    pub async fn jobs_show(&self, name: &str, output: Output) -> Result<String, CliError> {
+        let v = self
+            .get(&format!("/api/v1/jobs/{}", encode(name)), &[])
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        let mut out = String::new();
+        for key in [
+            "name",
+            "schedule",
+            "time_zone",
+            "concurrency_policy",
+            "suspend",
+        ] {
+            out.push_str(&format!(
+                "{:<18} {}\n",
+                key.replace('_', " "),
+                str_of(&v[key])
+            ));
+        }
+        out.push_str(&format!(
+            "{:<18} {}\n",
+            "last schedule",
+            time_of(&v["last_schedule_ms"])
+        ));
+        out.push_str(&format!(
+            "{:<18} {}\n",
+            "next schedule",
+            time_of(&v["next_schedule_ms"])
+        ));
+        let runs = self
+            .get("/api/v1/runs", &[("job", name.to_string())])
+            .await?;
+        out.push_str(&format!("\nruns\n{}", runs_table(&runs)));
+        Ok(out)
+    }
+
+    /// `jobs run|suspend|resume|delete NAME`.
+    pub async fn jobs_action(
+        &self,
+        name: &str,
+        action: &str,
+        output: Output,
+    ) -> Result<String, CliError> {
+        let (method, path) = match action {
+            "delete" => (
+                reqwest::Method::DELETE,
+                format!("/api/v1/jobs/{}", encode(name)),
+            ),
+            other => (
+                reqwest::Method::POST,
+                format!("/api/v1/jobs/{}/{other}", encode(name)),
+            ),
+        };
+        let v = self.send(method, &path, None).await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        Ok(match action {
+            "run" => format!("started run {}\n", str_of(&v["run"])),
+            "delete" => format!("job {name} deleted\n"),
+            _ => format!("job {name} {action}d\n"),
+        })
+    }
+
+    pub async fn runs_list(&self, job: Option<&str>, output: Output) -> Result<String, CliError> {
+        let q: Vec<(&str, String)> = job
+            .map(|j| vec![("job", j.to_string())])
+            .unwrap_or_default();
+        let v = self.get("/api/v1/runs", &q).await?;
+        Ok(if output == Output::Json {
+            pretty(&v)
+        } else {
+            runs_table(&v)
+        })
+    }
+
+    pub async fn runs_show(&self, id: &str, output: Output) -> Result<String, CliError> {
+        let v = self
+            .get(&format!("/api/v1/runs/{}", encode(id)), &[])
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        let mut out = String::new();
+        for (k, val) in [
+            ("run", str_of(&v["id"])),
+            ("job", str_of(&v["job"])),
+            ("status", str_of(&v["status"])),
+            ("scheduled", time_of(&v["scheduled_ms"])),
+            ("started", time_of(&v["started_ms"])),
+            ("finished", time_of(&v["finished_ms"])),
+            ("attempts", v["attempts"].to_string()),
+            ("reason", v["reason"].as_str().unwrap_or("").to_string()),
+        ] {
+            if !val.is_empty() {
+                out.push_str(&format!("{k:<10} {val}\n"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The run's output; with `follow`, keeps printing until the run has finished.
+    pub async fn runs_logs(
+        &self,
+        id: &str,
+        follow: bool,
+        mut sink: impl FnMut(&str),
+    ) -> Result<(), CliError> {
+        let mut shown = 0usize;
+        loop {
+            let run = self
+                .get(&format!("/api/v1/runs/{}", encode(id)), &[])
+                .await?;
+            let text = self
+                .get_text(&format!("/api/v1/runs/{}/logs", encode(id)))
+                .await?;
+            if text.len() > shown {
+                sink(&text[shown..]);
+                shown = text.len();
+            }
+            if !follow || run["status"] != "running" {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if text.len() < shown {
+                // A new attempt started: its log begins anew.
+                shown = 0;
+            }
+        }
+    }
+
     pub async fn devices_list(&self, output: Output) -> Result<String, CliError> {
         let body = self.get("/api/v1/devices", &[]).await?;
         if output == Output::Json {
@@ -275,6 +519,45 @@ impl Client {
         }
         Ok(table(&["TIME", "AVG", "MIN", "MAX", "SAMPLES"], &rows))
     }
+}
+
+fn runs_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["runs"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            vec![
+                str_of(&r["id"]),
+                str_of(&r["job"]),
+                str_of(&r["status"]),
+                time_of(&r["scheduled_ms"]),
+                r["attempts"].as_array().map_or(0, |a| a.len()).to_string(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no runs yet\n".into();
+    }
+    table(
+        &["RUN", "JOB", "STATUS", "SCHEDULED", "ATTEMPTS", "REASON"],
+        &rows,
+    )
+}
+
+/// An epoch-milliseconds field as RFC 3339, or "-".
+fn time_of(v: &Value) -> String {
+    v.as_i64().map_or_else(
+        || "-".into(),
+        |ms| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+            )
+            .to_string()
+        },
+    )
 }
 
 fn root_cause(e: &reqwest::Error) -> String {

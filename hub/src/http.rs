@@ -23,6 +23,9 @@ pub struct AppState {
     pub fleet: Arc<Fleet>,
     pub metrics: Arc<Metrics>,
     pub thresholds: StatusThresholds,
+    pub jobs: crate::jobs::scheduler::Scheduler,
+    pub job_store: crate::jobs::store::JobStore,
+    pub runs_dir: std::path::PathBuf,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -33,12 +36,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/samples", get(samples))
         .route("/api/v1/devices/{id}/series", get(series_handler))
+        .merge(crate::http_jobs::routes())
         .fallback(not_found)
         .with_state(state)
 }
 
 /// An API error: a status and a message that says what to do.
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self(status, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod grpc;
 pub mod http;
+pub mod http_jobs;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;
@@ -65,6 +66,8 @@ pub enum HubError {
     Io(#[from] std::io::Error),
     #[error("invalid {field}: {reason}")]
     Config { field: &'static str, reason: String },
+    #[error("jobs: {0}")]
+    Jobs(String),
 }
 
 impl HubConfig {
@@ -168,7 +171,29 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let job_store = jobs::store::JobStore::new(store.clone())?;
+    let runs_dir = config.data_dir.join("runs");
+    let scheduler_config = jobs::scheduler::SchedulerConfig {
+        runs_dir: runs_dir.clone(),
+        hub_url: format!("http://{}", http.local_addr()?),
+        mlflow_tracking_uri: std::env::var("MLFLOW_TRACKING_URI")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        backoff_base: Duration::from_secs(10),
+        log_limit: 1024 * 1024,
+        grace: Duration::from_secs(10),
+    };
+    let (scheduler, scheduler_task) = jobs::scheduler::Scheduler::start(
+        job_store.clone(),
+        scheduler_config,
+        jobs::scheduler::wall_clock(),
+        shutdown.clone(),
+    )
+    .map_err(|e| HubError::Jobs(e.to_string()))?;
     let state = http::AppState {
+        jobs: scheduler,
+        job_store,
+        runs_dir,
         store,
         fleet,
         metrics,
@@ -187,6 +212,7 @@ pub async fn run(
     for t in [mqtt_task, broker_task].into_iter().flatten() {
         let _ = t.await;
     }
+    let _ = scheduler_task.await;
     grpc_res.expect("grpc task")?;
     http_res.expect("http task")?;
     // The service (and with it the last writer handle) is gone: the writer commits what is

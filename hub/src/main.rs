@@ -60,6 +60,18 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         interval: Duration,
     },
+    /// Scheduled jobs: Kubernetes CronJob manifests run on the hub (or as Kubernetes Jobs).
+    ///
+    /// The book's hrdump CronJob applies unchanged:  shoal jobs apply -f hrdump.yaml
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Runs of scheduled jobs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
     /// The fleet's devices.
     Devices {
         #[command(subcommand)]
@@ -143,6 +155,54 @@ struct ServeArgs {
     /// Password on the broker (prefer the environment variable).
     #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Create or update a job from a Kubernetes CronJob manifest (YAML or JSON; `-` reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Every job with its schedule, last and next start.
+    List,
+    /// One job and its runs.
+    Show {
+        name: String,
+    },
+    /// Start a run now, whatever the schedule.
+    Run {
+        name: String,
+    },
+    /// No new runs until resumed (a run in progress goes on).
+    Suspend {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Remove a job (its active runs are stopped).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Runs, oldest first.
+    List {
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// One run: status, times, attempts, reason.
+    Show { run: String },
+    /// A run's output (the last attempt's).
+    Logs {
+        run: String,
+        /// Keep printing until the run has finished.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +327,42 @@ async fn dispatch(cli: Cli) -> ExitCode {
             .await;
             return exit_for(result);
         }
+        Command::Jobs { command } => match command {
+            JobsCommand::Apply { file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+                } else {
+                    std::fs::read_to_string(&file)
+                };
+                match text {
+                    Ok(t) => client.jobs_apply(t, cli.output).await,
+                    Err(e) => {
+                        eprintln!("shoal: cannot read {}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            JobsCommand::List => client.jobs_list(cli.output).await,
+            JobsCommand::Show { name } => client.jobs_show(&name, cli.output).await,
+            JobsCommand::Run { name } => client.jobs_action(&name, "run", cli.output).await,
+            JobsCommand::Suspend { name } => client.jobs_action(&name, "suspend", cli.output).await,
+            JobsCommand::Resume { name } => client.jobs_action(&name, "resume", cli.output).await,
+            JobsCommand::Delete { name } => client.jobs_action(&name, "delete", cli.output).await,
+        },
+        Command::Runs { command } => match command {
+            RunsCommand::List { job } => client.runs_list(job.as_deref(), cli.output).await,
+            RunsCommand::Show { run } => client.runs_show(&run, cli.output).await,
+            RunsCommand::Logs { run, follow } => {
+                let printed = client
+                    .runs_logs(&run, follow, |chunk| {
+                        let _ = std::io::stdout().write_all(chunk.as_bytes());
+                        let _ = std::io::stdout().flush();
+                    })
+                    .await;
+                printed.map(|()| String::new())
+            }
+        },
         Command::Devices {
             command: DevicesCommand::List,
         } => client.devices_list(cli.output).await,

@@ -1,0 +1,188 @@
+//! REST for scheduled jobs and their runs, under `/api/v1/jobs` and `/api/v1/runs`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{ApiError, AppState};
+use crate::jobs::manifest;
+use crate::jobs::policy;
+use crate::jobs::scheduler::JobError;
+use crate::jobs::store::JobRecord;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/jobs", get(list_jobs).post(apply_job))
+        .route("/api/v1/jobs/{name}", get(show_job).delete(delete_job))
+        .route("/api/v1/jobs/{name}/run", post(run_job))
+        .route("/api/v1/jobs/{name}/suspend", post(suspend_job))
+        .route("/api/v1/jobs/{name}/resume", post(resume_job))
+        .route("/api/v1/runs", get(list_runs))
+        .route("/api/v1/runs/{id}", get(show_run))
+        .route("/api/v1/runs/{id}/logs", get(run_logs))
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let status = match &e {
+            JobError::Invalid(_) => StatusCode::BAD_REQUEST,
+            JobError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobError::Store(_) | JobError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn summary(r: &JobRecord) -> serde_json::Value {
+    let spec = &r.manifest.spec;
+    let next = manifest::check(r.manifest.clone()).ok().and_then(|def| {
+        let p = policy::JobPolicy {
+            schedule: def.schedule.clone(),
+            time_zone: def.time_zone,
+            concurrency: def.concurrency,
+            starting_deadline: None,
+            suspend: false,
+            missed_starts: def.missed_starts,
+        };
+        policy::next_wakeup(&p, chrono::Utc::now()).map(|t| t.timestamp_millis())
+    });
+    json!({
+        "name": r.manifest.metadata.name,
+        "schedule": spec.schedule,
+        "time_zone": spec.time_zone.clone().unwrap_or_else(|| "UTC".into()),
+        "concurrency_policy": spec.concurrency_policy.clone().unwrap_or_else(|| "Allow".into()),
+        "suspend": spec.suspend.unwrap_or(false),
+        "created_ms": r.created_ms,
+        "last_schedule_ms": r.last_schedule_ms,
+        "next_schedule_ms": if spec.suspend.unwrap_or(false) { None } else { next },
+    })
+}
+
+/// Body: the CronJob manifest, YAML or JSON.
+async fn apply_job(
+    State(s): State<AppState>,
+    body: String,
+) -> Result<Json<serde_json::Value>, Response> {
+    let def = manifest::parse(&body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": e.to_string(), "field": e.field, "reason": e.reason })),
+        )
+            .into_response()
+    })?;
+    let name = def.name().to_string();
+    s.jobs
+        .apply(def)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(Json(json!({ "job": name, "applied": true })))
+}
+
+async fn list_jobs(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let jobs = s.job_store.jobs()?;
+    Ok(Json(
+        json!({ "jobs": jobs.iter().map(summary).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn show_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let record = s
+        .job_store
+        .jobs()?
+        .into_iter()
+        .find(|j| j.manifest.metadata.name == name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))?;
+    let mut v = summary(&record);
+    v["manifest"] = serde_json::to_value(&record.manifest).expect("manifest serialises");
+    Ok(Json(v))
+}
+
+async fn delete_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.jobs.delete(&name).await?;
+    Ok(Json(json!({ "job": name, "deleted": true })))
+}
+
+async fn run_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = s.jobs.trigger(&name).await?;
+    Ok(Json(json!({ "job": name, "run": id })))
+}
+
+async fn suspend_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.jobs.set_suspend(&name, true).await?;
+    Ok(Json(json!({ "job": name, "suspend": true })))
+}
+
+async fn resume_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.jobs.set_suspend(&name, false).await?;
+    Ok(Json(json!({ "job": name, "suspend": false })))
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    job: Option<String>,
+}
+
+async fn list_runs(
+    State(s): State<AppState>,
+    Query(q): Query<RunsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({ "runs": s.job_store.runs(q.job.as_deref())? })))
+}
+
+async fn show_run(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let run = s
+        .job_store
+        .run(&id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    Ok(Json(serde_json::to_value(run).expect("run serialises")))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    attempt: Option<u32>,
+}
+
+/// The output of one attempt (default: the last), as plain text.
+async fn run_logs(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let run = s
+        .job_store
+        .run(&id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    let attempts = run.attempts.len().max(1) as u32;
+    let attempt = q.attempt.unwrap_or(attempts);
+    if attempt == 0 || attempt > attempts {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("attempt must be between 1 and {attempts}"),
+        ));
+    }
+    let path = s.runs_dir.join(&id).join(format!("attempt-{attempt}.log"));
+    let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
