@@ -243,6 +243,13 @@ impl Client {
         })
     }
 
+    /// `jobs export NAME [--job]`: the Kubernetes object as JSON.
+    pub async fn jobs_export(&self, name: &str, as_job: bool) -> Result<String, CliError> {
+        let kind = if as_job { "job" } else { "cronjob" };
+        self.get_text(&format!("/api/v1/jobs/{}/export?kind={kind}", encode(name)))
+            .await
+    }
+
     pub async fn runs_list(&self, job: Option<&str>, output: Output) -> Result<String, CliError> {
         let q: Vec<(&str, String)> = job
             .map(|j| vec![("job", j.to_string())])

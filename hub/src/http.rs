@@ -26,6 +26,8 @@ pub struct AppState {
     pub jobs: crate::jobs::scheduler::Scheduler,
     pub job_store: crate::jobs::store::JobStore,
     pub runs_dir: std::path::PathBuf,
+    /// This hub's REST URL, given to runs.
+    pub hub_url: String,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -19,6 +19,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/jobs", get(list_jobs).post(apply_job))
         .route("/api/v1/jobs/{name}", get(show_job).delete(delete_job))
         .route("/api/v1/jobs/{name}/run", post(run_job))
+        .route("/api/v1/jobs/{name}/export", get(export_job))
         .route("/api/v1/jobs/{name}/suspend", post(suspend_job))
         .route("/api/v1/jobs/{name}/resume", post(resume_job))
         .route("/api/v1/runs", get(list_runs))
@@ -102,6 +103,48 @@ async fn show_job(
     let mut v = summary(&record);
     v["manifest"] = serde_json::to_value(&record.manifest).expect("manifest serialises");
     Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    /// `cronjob` (default) or `job` (the Job a run started now would submit).
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// The job as a Kubernetes object (JSON), ready for `kubectl apply -f -`.
+async fn export_job(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let record = s
+        .job_store
+        .jobs()?
+        .into_iter()
+        .find(|j| j.manifest.metadata.name == name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))?;
+    let def = manifest::check(record.manifest)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let value = match q.kind.as_deref().unwrap_or("cronjob") {
+        "cronjob" => crate::jobs::kubernetes::cronjob(&def),
+        "job" => {
+            let now = chrono::Utc::now();
+            let id = format!("{name}-manual-{}", now.timestamp_millis());
+            crate::jobs::kubernetes::job(&def, &id, now, &s.hub_url)
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("kind {other:?} is not cronjob or job"),
+            ));
+        }
+    };
+    // JSON, which kubectl takes as is: a YAML emitter would leave timestamp-like strings (the
+    // scheduled-timestamp annotation) unquoted, and YAML 1.1 readers take them for dates.
+    let mut text = serde_json::to_string_pretty(&value).expect("object serialises");
+    text.push('\n');
+    Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
 }
 
 async fn delete_job(

@@ -172,10 +172,11 @@ pub async fn run(
     ));
 
     let job_store = jobs::store::JobStore::new(store.clone())?;
+    let hub_url = format!("http://{}", http.local_addr()?);
     let runs_dir = config.data_dir.join("runs");
     let scheduler_config = jobs::scheduler::SchedulerConfig {
         runs_dir: runs_dir.clone(),
-        hub_url: format!("http://{}", http.local_addr()?),
+        hub_url: hub_url.clone(),
         mlflow_tracking_uri: std::env::var("MLFLOW_TRACKING_URI")
             .ok()
             .filter(|v| !v.is_empty()),
@@ -194,6 +195,7 @@ pub async fn run(
         jobs: scheduler,
         job_store,
         runs_dir,
+        hub_url,
         store,
         fleet,
         metrics,

@@ -185,6 +185,16 @@ enum JobsCommand {
     Delete {
         name: String,
     },
+    /// Print the job as a Kubernetes object (JSON, which `kubectl apply -f -` takes): the
+    /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be.
+    Export {
+        name: String,
+        /// Kubernetes objects (the only export format; accepted for clarity).
+        #[arg(long)]
+        k8s: bool,
+        #[arg(long)]
+        job: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +359,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             JobsCommand::Suspend { name } => client.jobs_action(&name, "suspend", cli.output).await,
             JobsCommand::Resume { name } => client.jobs_action(&name, "resume", cli.output).await,
             JobsCommand::Delete { name } => client.jobs_action(&name, "delete", cli.output).await,
+            JobsCommand::Export { name, k8s: _, job } => client.jobs_export(&name, job).await,
         },
         Command::Runs { command } => match command {
             RunsCommand::List { job } => client.runs_list(job.as_deref(), cli.output).await,

@@ -144,3 +144,43 @@ async fn jobs_survive_a_hub_restart() {
     assert_eq!(job["schedule"], "0 3 * * *");
     assert!(job["next_schedule_ms"].as_i64().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_for_kubernetes_passes_the_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path()).await;
+    let file = dir.path().join("job.yaml");
+    std::fs::write(&file, JOB).unwrap();
+    assert!(shoal(&hub, &["jobs", "apply", "-f", file.to_str().unwrap()]).0);
+    let validator = shoal_e2e::which("kubernetes-validate")
+        .expect("kubernetes-validate is not installed (tests/run installs it)");
+    for args in [
+        &["jobs", "export", "nightly-dump", "--k8s"][..],
+        &["jobs", "export", "nightly-dump", "--k8s", "--job"][..],
+    ] {
+        let (ok, yaml, err) = shoal(&hub, args);
+        assert!(ok, "{err}");
+        let out_file = dir.path().join("export.yaml");
+        std::fs::write(&out_file, &yaml).unwrap();
+        let out = std::process::Command::new(&validator)
+            .args(["--strict", "-k", "1.32.0"])
+            .arg(&out_file)
+            .output()
+            .unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !report.contains("ERROR"),
+            "{args:?}:\n{yaml}\n{report}"
+        );
+        assert!(yaml.contains("\"apiVersion\": \"batch/v1\""));
+    }
+    let (_, job_yaml, _) = shoal(&hub, &["jobs", "export", "nightly-dump", "--job"]);
+    assert!(
+        job_yaml.contains("\"kind\": \"Job\"") && job_yaml.contains("SHOAL_RUN_ID"),
+        "{job_yaml}"
+    );
+}

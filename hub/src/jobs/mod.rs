@@ -10,6 +10,7 @@
 //! - [`store`]: job definitions and run history in the hub's store.
 
 pub mod cron;
+pub mod kubernetes;
 pub mod local;
 pub mod manifest;
 pub mod policy;
