@@ -72,6 +72,16 @@ pub struct Scheduler {
 struct Active {
     job: String,
     cancel: watch::Sender<bool>,
+    record: RunRecord,
+}
+
+/// What one pass of the scheduler changes: written in one transaction, then acted on.
+#[derive(Default)]
+struct Pending {
+    runs: Vec<RunRecord>,
+    jobs: Vec<String>,
+    delete: Vec<String>,
+    launches: Vec<(String, RunSpec, PathBuf, watch::Receiver<bool>)>,
 }
 
 struct Job {
@@ -79,6 +89,8 @@ struct Job {
     record: JobRecord,
     /// Last time a "too many missed starts" was logged, so it is said once, not every tick.
     warned_missed: bool,
+    /// Finished runs, oldest first, and whether each succeeded (for the history limits).
+    history: std::collections::VecDeque<(String, bool)>,
 }
 
 struct State {
@@ -118,16 +130,30 @@ impl Scheduler {
             run.finished_ms = Some(ms(clock()));
             store.put_run(&run)?;
         }
+        let mut histories: HashMap<String, std::collections::VecDeque<(String, bool)>> =
+            HashMap::new();
+        for run in store
+            .runs(None)?
+            .into_iter()
+            .filter(|r| r.status.finished())
+        {
+            histories
+                .entry(run.job.clone())
+                .or_default()
+                .push_back((run.id, run.status.succeeded()));
+        }
         let mut jobs = HashMap::new();
         for record in store.jobs()? {
             match manifest::check(record.manifest.clone()) {
                 Ok(def) => {
+                    let history = histories.remove(def.name()).unwrap_or_default();
                     jobs.insert(
                         def.name().to_string(),
                         Job {
                             def,
                             record,
                             warned_missed: false,
+                            history,
                         },
                     );
                 }
@@ -169,7 +195,13 @@ impl Scheduler {
                         Some(cmd) => state.command(cmd),
                         None => break,
                     },
-                    Some((id, outcome)) = done_rx.recv() => state.finished(&id, outcome),
+                    Some(first) = done_rx.recv() => {
+                        let mut done = vec![first];
+                        while let Ok(more) = done_rx.try_recv() {
+                            done.push(more);
+                        }
+                        state.finished(done);
+                    }
                     _ = shutdown.changed() => break,
                 }
             }
@@ -180,7 +212,7 @@ impl Scheduler {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while !state.active.is_empty() {
                 match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                    Ok(Some((id, outcome))) => state.finished(&id, outcome),
+                    Ok(Some(done)) => state.finished(vec![done]),
                     _ => break,
                 }
             }
@@ -253,12 +285,18 @@ impl State {
                 };
                 let r = self.store.put_job(&name, &record).map_err(JobError::from);
                 if r.is_ok() {
+                    let history = self
+                        .jobs
+                        .remove(&name)
+                        .map(|j| j.history)
+                        .unwrap_or_default();
                     self.jobs.insert(
                         name,
                         Job {
                             def: *def,
                             record,
                             warned_missed: false,
+                            history,
                         },
                     );
                 }
@@ -282,7 +320,9 @@ impl State {
                     Some(_) => {
                         let now = (self.clock)();
                         let id = format!("{name}-manual-{}", ms(now));
-                        self.start_run(&name, id.clone(), now, true).map(|_| id)
+                        let mut pending = Pending::default();
+                        self.prepare_run(&mut pending, &name, id.clone(), now, true);
+                        self.commit(pending).map(|_| id)
                     }
                 };
                 let _ = reply.send(r);
@@ -307,9 +347,11 @@ impl State {
         }
     }
 
-    /// Decides for every job at the current time.
+    /// Decides for every job at the current time; everything it records goes in one
+    /// transaction, and runs start only once that is committed.
     fn evaluate(&mut self) {
         let now = (self.clock)();
+        let mut pending = Pending::default();
         let names: Vec<String> = self.jobs.keys().cloned().collect();
         for name in names {
             let job = &self.jobs[&name];
@@ -335,8 +377,9 @@ impl State {
                     }
                 }
                 Decision::Skip { scheduled, reason } => {
-                    let run = RunRecord {
-                        id: run_id(&name, scheduled),
+                    let id = run_id(&name, scheduled);
+                    pending.runs.push(RunRecord {
+                        id: id.clone(),
                         job: name.clone(),
                         scheduled_ms: ms(scheduled),
                         manual: false,
@@ -345,12 +388,9 @@ impl State {
                         status: RunStatus::Skipped,
                         reason: Some(reason),
                         attempts: Vec::new(),
-                    };
-                    if let Err(e) = self.store.put_run(&run) {
-                        tracing::error!(job = %name, error = %e, "cannot record a skipped start");
-                    }
-                    self.set_last_schedule(&name, scheduled);
-                    self.prune(&name);
+                    });
+                    self.set_last_schedule(&mut pending, &name, scheduled);
+                    self.remember(&mut pending, &name, id, false);
                 }
                 Decision::Start {
                     scheduled,
@@ -365,127 +405,165 @@ impl State {
                     if missed > 1 {
                         tracing::info!(job = %name, missed, "missed starts while the hub was away; running the most recent");
                     }
-                    if let Err(e) =
-                        self.start_run(&name, run_id(&name, scheduled), scheduled, false)
-                    {
-                        tracing::error!(job = %name, error = %e, "cannot start a run");
-                    }
-                    self.set_last_schedule(&name, scheduled);
+                    self.prepare_run(
+                        &mut pending,
+                        &name,
+                        run_id(&name, scheduled),
+                        scheduled,
+                        false,
+                    );
+                    self.set_last_schedule(&mut pending, &name, scheduled);
                 }
             }
         }
-    }
-
-    fn set_last_schedule(&mut self, name: &str, scheduled: DateTime<Utc>) {
-        if let Some(job) = self.jobs.get_mut(name) {
-            job.record.last_schedule_ms = Some(ms(scheduled));
-            if let Err(e) = self.store.put_job(name, &job.record) {
-                tracing::error!(job = %name, error = %e, "cannot record the last schedule time");
-            }
+        if let Err(e) = self.commit(pending) {
+            tracing::error!(error = %e, "cannot record the scheduler's decisions; their runs are not started");
         }
     }
 
-    fn start_run(
+    fn set_last_schedule(&mut self, pending: &mut Pending, name: &str, scheduled: DateTime<Utc>) {
+        if let Some(job) = self.jobs.get_mut(name) {
+            job.record.last_schedule_ms = Some(ms(scheduled));
+            pending.jobs.push(name.to_string());
+        }
+    }
+
+    /// Adds a finished run to its job's history and queues what the history limits drop.
+    fn remember(&mut self, pending: &mut Pending, name: &str, id: String, succeeded: bool) {
+        let Some(job) = self.jobs.get_mut(name) else {
+            return;
+        };
+        job.history.push_back((id, succeeded));
+        let (keep_ok, keep_failed) = (
+            job.def.successful_history as usize,
+            job.def.failed_history as usize,
+        );
+        let (mut ok, mut failed) = (
+            job.history.iter().filter(|(_, s)| *s).count(),
+            job.history.iter().filter(|(_, s)| !*s).count(),
+        );
+        let mut kept = std::collections::VecDeque::new();
+        while let Some((id, s)) = job.history.pop_front() {
+            if s && ok > keep_ok {
+                ok -= 1;
+                pending.delete.push(id);
+            } else if !s && failed > keep_failed {
+                failed -= 1;
+                pending.delete.push(id);
+            } else {
+                kept.push_back((id, s));
+            }
+        }
+        job.history = kept;
+    }
+
+    /// Queues a run's record and its launch (started by [`Self::commit`]).
+    fn prepare_run(
         &mut self,
+        pending: &mut Pending,
         name: &str,
         id: String,
         scheduled: DateTime<Utc>,
         manual: bool,
-    ) -> Result<(), JobError> {
-        let job = self
-            .jobs
-            .get(name)
-            .ok_or_else(|| JobError::NotFound(name.to_string()))?;
+    ) {
+        let Some(job) = self.jobs.get(name) else {
+            return;
+        };
         let spec = run_spec(&job.def, &id, &self.config);
-        let now = (self.clock)();
         let record = RunRecord {
             id: id.clone(),
             job: name.to_string(),
             scheduled_ms: ms(scheduled),
             manual,
-            started_ms: Some(ms(now)),
+            started_ms: Some(ms((self.clock)())),
             finished_ms: None,
             status: RunStatus::Running,
             reason: None,
             attempts: Vec::new(),
         };
-        self.store.put_run(&record)?;
+        pending.runs.push(record.clone());
         let (cancel, cancel_rx) = watch::channel(false);
         self.active.insert(
             id.clone(),
             Active {
                 job: name.to_string(),
                 cancel,
+                record,
             },
         );
-        let log_dir = self.config.runs_dir.join(&id);
-        let done = self.done_tx.clone();
-        tokio::spawn(async move {
-            let outcome = local::run(&spec, &log_dir, cancel_rx).await;
-            let _ = done.send((id, outcome));
-        });
+        pending
+            .launches
+            .push((id.clone(), spec, self.config.runs_dir.join(&id), cancel_rx));
+    }
+
+    /// Writes what `pending` records in one transaction, then starts its runs and removes the
+    /// logs of pruned runs.
+    fn commit(&mut self, pending: Pending) -> Result<(), JobError> {
+        if pending.runs.is_empty() && pending.jobs.is_empty() && pending.delete.is_empty() {
+            return Ok(());
+        }
+        let mut names = pending.jobs.clone();
+        names.sort();
+        names.dedup();
+        let jobs: Vec<(&str, &JobRecord)> = names
+            .iter()
+            .filter_map(|n| self.jobs.get(n).map(|j| (n.as_str(), &j.record)))
+            .collect();
+        if let Err(e) = self
+            .store
+            .write_batch(&pending.runs, &jobs, &pending.delete)
+        {
+            for (id, ..) in &pending.launches {
+                self.active.remove(id);
+            }
+            return Err(e.into());
+        }
+        for id in &pending.delete {
+            let _ = std::fs::remove_dir_all(self.config.runs_dir.join(id));
+        }
+        for (id, spec, log_dir, cancel_rx) in pending.launches {
+            let done = self.done_tx.clone();
+            tokio::spawn(async move {
+                let outcome = local::run(&spec, &log_dir, cancel_rx).await;
+                let _ = done.send((id, outcome));
+            });
+        }
         Ok(())
     }
 
-    fn finished(&mut self, id: &str, outcome: local::RunOutcome) {
-        let job = self.active.remove(id).map(|a| a.job);
-        let Ok(Some(mut run)) = self.store.run(id) else {
-            return;
-        };
-        run.finished_ms = Some(ms((self.clock)()));
-        run.attempts = outcome.attempts.iter().map(|a| a.exit_code).collect();
-        (run.status, run.reason) = match outcome.ending {
-            Ending::Succeeded => (RunStatus::Succeeded, None),
-            Ending::Failed => (
-                RunStatus::Failed,
-                Some("BackoffLimitExceeded: every attempt failed".into()),
-            ),
-            Ending::DeadlineExceeded => (
-                RunStatus::DeadlineExceeded,
-                Some("DeadlineExceeded: activeDeadlineSeconds passed".into()),
-            ),
-            Ending::Cancelled => (
-                RunStatus::Cancelled,
-                Some("stopped: replaced by a newer run, deleted, or the hub stopping".into()),
-            ),
-            Ending::StartFailed(why) => (RunStatus::StartFailed, Some(why)),
-        };
-        if let Err(e) = self.store.put_run(&run) {
-            tracing::error!(run = %id, error = %e, "cannot record a run's outcome");
+    /// Records the outcome of finished runs (one transaction for all of them).
+    fn finished(&mut self, done: Vec<(String, local::RunOutcome)>) {
+        let mut pending = Pending::default();
+        let now = ms((self.clock)());
+        for (id, outcome) in done {
+            let Some(active) = self.active.remove(&id) else {
+                continue;
+            };
+            let mut run = active.record;
+            run.finished_ms = Some(now);
+            run.attempts = outcome.attempts.iter().map(|a| a.exit_code).collect();
+            (run.status, run.reason) = match outcome.ending {
+                Ending::Succeeded => (RunStatus::Succeeded, None),
+                Ending::Failed => (
+                    RunStatus::Failed,
+                    Some("BackoffLimitExceeded: every attempt failed".into()),
+                ),
+                Ending::DeadlineExceeded => (
+                    RunStatus::DeadlineExceeded,
+                    Some("DeadlineExceeded: activeDeadlineSeconds passed".into()),
+                ),
+                Ending::Cancelled => (
+                    RunStatus::Cancelled,
+                    Some("stopped: replaced by a newer run, deleted, or the hub stopping".into()),
+                ),
+                Ending::StartFailed(why) => (RunStatus::StartFailed, Some(why)),
+            };
+            let succeeded = run.status.succeeded();
+            pending.runs.push(run);
+            self.remember(&mut pending, &active.job, id, succeeded);
         }
-        if let Some(job) = job {
-            self.prune(&job);
-        }
-    }
-
-    /// Keeps the newest `successfulJobsHistoryLimit` succeeded and `failedJobsHistoryLimit`
-    /// other finished runs of a job; older ones and their logs go.
-    fn prune(&mut self, name: &str) {
-        let Some(job) = self.jobs.get(name) else {
-            return;
-        };
-        let (keep_ok, keep_failed) = (
-            job.def.successful_history as usize,
-            job.def.failed_history as usize,
-        );
-        let Ok(runs) = self.store.runs(Some(name)) else {
-            return;
-        };
-        let finished: Vec<&RunRecord> = runs.iter().filter(|r| r.status.finished()).collect();
-        let (ok, failed): (Vec<&RunRecord>, Vec<&RunRecord>) =
-            finished.into_iter().partition(|r| r.status.succeeded());
-        let mut drop: Vec<String> = Vec::new();
-        drop.extend(ok.iter().rev().skip(keep_ok).map(|r| r.id.clone()));
-        drop.extend(failed.iter().rev().skip(keep_failed).map(|r| r.id.clone()));
-        if drop.is_empty() {
-            return;
-        }
-        if let Err(e) = self.store.delete_runs(&drop) {
-            tracing::error!(job = %name, error = %e, "cannot prune run history");
-            return;
-        }
-        for id in &drop {
-            let _ = std::fs::remove_dir_all(self.config.runs_dir.join(id));
+        if let Err(e) = self.commit(pending) {
+            tracing::error!(error = %e, "cannot record runs' outcomes");
         }
     }
 }

@@ -118,6 +118,32 @@ impl JobStore {
         Ok(())
     }
 
+    /// Writes runs and jobs and deletes runs in one transaction (one fsync for a whole tick of
+    /// the scheduler, however many jobs were due).
+    pub fn write_batch(
+        &self,
+        runs: &[RunRecord],
+        jobs: &[(&str, &JobRecord)],
+        delete: &[String],
+    ) -> Result<(), StoreError> {
+        let txn = self.store.db().begin_write()?;
+        {
+            let mut run_table = txn.open_table(RUNS)?;
+            for id in delete {
+                run_table.remove(id.as_str())?;
+            }
+            for run in runs {
+                run_table.insert(run.id.as_str(), json(run).as_slice())?;
+            }
+            let mut job_table = txn.open_table(JOBS)?;
+            for (name, job) in jobs {
+                job_table.insert(*name, json(*job).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn delete_runs(&self, ids: &[String]) -> Result<(), StoreError> {
         let txn = self.store.db().begin_write()?;
         {
