@@ -40,30 +40,7 @@ impl Client {
     }
 
     async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
-        let url = format!("{}{path}", self.base);
-        let resp =
-            self.http
-                .get(&url)
-                .query(query)
-                .send()
-                .await
-                .map_err(|e| CliError::Unreachable {
-                    url: self.base.clone(),
-                    reason: root_cause(&e),
-                })?;
-        let status = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| CliError::BadAnswer(e.to_string()))?;
-        if !status.is_success() {
-            let msg = body["error"]
-                .as_str()
-                .unwrap_or("request failed")
-                .to_string();
-            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
-        }
-        Ok(body)
+        self.request(reqwest::Method::GET, path, query, None).await
     }
 
     async fn send(
@@ -72,8 +49,19 @@ impl Client {
         path: &str,
         body: Option<String>,
     ) -> Result<Value, CliError> {
+        self.request(method, path, &[], body).await
+    }
+
+    /// One REST call; a non-2xx answer becomes the API's own error message.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<String>,
+    ) -> Result<Value, CliError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, &url).query(query);
         if let Some(b) = body {
             req = req.header("content-type", "application/yaml").body(b);
         }

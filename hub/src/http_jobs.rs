@@ -38,6 +38,14 @@ impl From<JobError> for ApiError {
     }
 }
 
+fn find_job(s: &AppState, name: &str) -> Result<JobRecord, ApiError> {
+    s.job_store
+        .jobs()?
+        .into_iter()
+        .find(|j| j.manifest.metadata.name == name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))
+}
+
 fn summary(r: &JobRecord) -> serde_json::Value {
     let spec = &r.manifest.spec;
     let next = manifest::check(r.manifest.clone()).ok().and_then(|def| {
@@ -94,12 +102,7 @@ async fn show_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let record = s
-        .job_store
-        .jobs()?
-        .into_iter()
-        .find(|j| j.manifest.metadata.name == name)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))?;
+    let record = find_job(&s, &name)?;
     let mut v = summary(&record);
     v["manifest"] = serde_json::to_value(&record.manifest).expect("manifest serialises");
     Ok(Json(v))
@@ -118,12 +121,7 @@ async fn export_job(
     Path(name): Path<String>,
     Query(q): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
-    let record = s
-        .job_store
-        .jobs()?
-        .into_iter()
-        .find(|j| j.manifest.metadata.name == name)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))?;
+    let record = find_job(&s, &name)?;
     let def = manifest::check(record.manifest)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let value = match q.kind.as_deref().unwrap_or("cronjob") {

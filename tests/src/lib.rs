@@ -479,13 +479,7 @@ impl TestCerts {
 /// The aarch64 agent that `cross/build aarch64-unknown-linux-gnu` made (tests/run builds it
 /// first), under the same target directory as the test executable.
 pub fn aarch64_agent() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/TEST → target
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .expect("target directory");
+    let target_dir = target_dir();
     let path = target_dir.join("cross/aarch64-unknown-linux-gnu/release-agent/shoal-agent");
     assert!(
         path.exists(),
@@ -498,12 +492,7 @@ pub fn aarch64_agent() -> PathBuf {
 /// A Debian package that `deploy/debian/build-deb ARCH` made (tests/run builds amd64 and
 /// arm64 first).
 pub fn agent_deb(arch: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .expect("target directory");
+    let target_dir = target_dir();
     let debs = target_dir.join("debian");
     let found = std::fs::read_dir(&debs).ok().and_then(|d| {
         d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
@@ -513,4 +502,14 @@ pub fn agent_deb(arch: &str) -> PathBuf {
         })
     });
     found.unwrap_or_else(|| panic!("no shoal-agent_*_{arch}.deb in {}: run `deploy/debian/build-deb {arch}` (tests/run does)", debs.display()))
+}
+
+/// The cargo target directory of the running test (`TARGET/debug/deps/TEST` → `TARGET`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf()
 }
