@@ -180,6 +180,7 @@ pub async fn run(
         mlflow_tracking_uri: std::env::var("MLFLOW_TRACKING_URI")
             .ok()
             .filter(|v| !v.is_empty()),
+        secrets_dir: Some(config.data_dir.join("secrets")),
         backoff_base: Duration::from_secs(10),
         log_limit: 1024 * 1024,
         grace: Duration::from_secs(10),

@@ -37,6 +37,8 @@ pub struct SchedulerConfig {
     pub hub_url: String,
     /// Given to every run as MLFLOW_TRACKING_URI when set.
     pub mlflow_tracking_uri: Option<String>,
+    /// Secrets for `secretKeyRef`: `DIR/NAME/KEY` holds the value.
+    pub secrets_dir: Option<PathBuf>,
     pub backoff_base: Duration,
     pub log_limit: u64,
     pub grace: Duration,
@@ -469,17 +471,29 @@ impl State {
         let Some(job) = self.jobs.get(name) else {
             return;
         };
-        let spec = run_spec(&job.def, &id, &self.config);
-        let record = RunRecord {
+        let now = ms((self.clock)());
+        let mut record = RunRecord {
             id: id.clone(),
             job: name.to_string(),
             scheduled_ms: ms(scheduled),
             manual,
-            started_ms: Some(ms((self.clock)())),
+            started_ms: Some(now),
             finished_ms: None,
             status: RunStatus::Running,
             reason: None,
             attempts: Vec::new(),
+        };
+        let spec = match run_spec(&job.def, &id, &self.config) {
+            Ok(spec) => spec,
+            Err(why) => {
+                // Recorded, never started: the reason says what to fix.
+                record.status = RunStatus::StartFailed;
+                record.finished_ms = Some(now);
+                record.reason = Some(why);
+                pending.runs.push(record);
+                self.remember(pending, name, id, false);
+                return;
+            }
         };
         pending.runs.push(record.clone());
         let (cancel, cancel_rx) = watch::channel(false);
@@ -573,20 +587,21 @@ fn run_id(job: &str, scheduled: DateTime<Utc>) -> String {
     format!("{job}-{}", scheduled.timestamp() / 60)
 }
 
-fn run_spec(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> RunSpec {
+/// What the local runner executes for a run; `Err` names a Secret value that is not there.
+fn run_spec(
+    def: &JobDefinition,
+    run_id: &str,
+    config: &SchedulerConfig,
+) -> Result<RunSpec, String> {
     let job_spec = &def.manifest.spec.job_template.spec;
     let c = &job_spec.template.spec.containers[0];
-    let mut env: Vec<(String, String)> = c
-        .env
-        .iter()
-        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
-        .collect();
-    for e in c
-        .env
-        .iter()
-        .filter(|e| e.value.is_none() && e.value_from.is_some())
-    {
-        tracing::warn!(job = %def.name(), var = %e.name, "valueFrom (Secrets, ConfigMaps) is resolved only by the Kubernetes runner; left unset locally");
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in &c.env {
+        match (&e.value, &e.value_from) {
+            (Some(v), _) => env.push((e.name.clone(), v.clone())),
+            (None, Some(from)) => env.push((e.name.clone(), value_from(&e.name, from, config)?)),
+            (None, None) => env.push((e.name.clone(), String::new())),
+        }
     }
     env.push(("SHOAL_RUN_ID".into(), run_id.into()));
     env.push(("SHOAL_JOB".into(), def.name().into()));
@@ -594,7 +609,7 @@ fn run_spec(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> RunS
     if let Some(uri) = &config.mlflow_tracking_uri {
         env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
     }
-    RunSpec {
+    Ok(RunSpec {
         argv: c.command.iter().chain(&c.args).cloned().collect(),
         env,
         working_dir: c.working_dir.as_ref().map(PathBuf::from),
@@ -605,6 +620,45 @@ fn run_spec(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> RunS
         backoff_base: config.backoff_base,
         log_limit: config.log_limit,
         grace: config.grace,
+    })
+}
+
+/// Resolves `valueFrom` for a local run: `secretKeyRef` from `SECRETS_DIR/NAME/KEY` (the
+/// layout Kubernetes gives a mounted Secret). Anything else, or a missing file, is an error
+/// naming what is missing; an `optional: true` reference that is missing becomes empty.
+fn value_from(
+    var: &str,
+    from: &serde_json::Value,
+    config: &SchedulerConfig,
+) -> Result<String, String> {
+    let Some(r) = from.get("secretKeyRef") else {
+        return Err(format!(
+            "env {var}: only secretKeyRef is resolved by the local runner (use shoal.dev/runner: kubernetes for {})",
+            from.as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default()
+        ));
+    };
+    let (Some(name), Some(key)) = (
+        r.get("name").and_then(|v| v.as_str()),
+        r.get("key").and_then(|v| v.as_str()),
+    ) else {
+        return Err(format!("env {var}: secretKeyRef needs name and key"));
+    };
+    let optional = r.get("optional").and_then(|v| v.as_bool()).unwrap_or(false);
+    let Some(dir) = &config.secrets_dir else {
+        return Err(format!(
+            "env {var}: Secret {name:?} is needed but the hub has no secrets folder (--secrets-dir)"
+        ));
+    };
+    let path = dir.join(name).join(key);
+    match std::fs::read_to_string(&path) {
+        Ok(v) => Ok(v.trim_end_matches(['\n', '\r']).to_string()),
+        Err(_) if optional => Ok(String::new()),
+        Err(e) => Err(format!(
+            "env {var}: Secret {name:?} key {key:?} ({}): {e}",
+            path.display()
+        )),
     }
 }
 

@@ -24,6 +24,7 @@ impl Fixture {
             runs_dir: self.dir.path().join("runs"),
             hub_url: "http://127.0.0.1:8080".into(),
             mlflow_tracking_uri: Some("http://127.0.0.1:5000".into()),
+            secrets_dir: Some(self.dir.path().join("secrets")),
             backoff_base: Duration::from_millis(20),
             log_limit: 1 << 16,
             grace: Duration::from_millis(200),
@@ -276,4 +277,33 @@ async fn manual_trigger_and_delete() {
     ));
     s.delete("adhoc").await.unwrap();
     assert!(f.store.jobs().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn secret_key_refs_come_from_the_secrets_folder() {
+    let f = Fixture::new();
+    let (s, _stop) = f.start();
+    let yaml = "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: withsecret\nspec:\n  schedule: \"0 0 1 1 *\"\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: c\n              command: [\"sh\", \"-c\", \"echo key=$ACCESS_KEY\"]\n              env:\n                - name: ACCESS_KEY\n                  valueFrom:\n                    secretKeyRef:\n                      name: minio\n                      key: password\n";
+    s.apply(manifest::parse(yaml).unwrap()).await.unwrap();
+    // Missing: the run is recorded as failed to start, saying which Secret.
+    let id = s.trigger("withsecret").await.unwrap();
+    let run = f.wait_finished(&id).await;
+    assert_eq!(run.status, RunStatus::StartFailed);
+    assert!(
+        run.reason
+            .as_deref()
+            .unwrap()
+            .contains("Secret \"minio\" key \"password\""),
+        "{:?}",
+        run.reason
+    );
+    // Present: the value reaches the process.
+    std::fs::create_dir_all(f.dir.path().join("secrets/minio")).unwrap();
+    std::fs::write(f.dir.path().join("secrets/minio/password"), "s3cret\n").unwrap();
+    f.set("2026-11-23T10:00:31Z");
+    let id = s.trigger("withsecret").await.unwrap();
+    assert_eq!(f.wait_finished(&id).await.status, RunStatus::Succeeded);
+    let log =
+        std::fs::read_to_string(f.dir.path().join("runs").join(&id).join("attempt-1.log")).unwrap();
+    assert_eq!(log.trim(), "key=s3cret");
 }
