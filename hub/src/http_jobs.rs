@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::http::{ApiError, AppState};
 use crate::jobs::manifest;
 use crate::jobs::policy;
-use crate::jobs::scheduler::JobError;
+use crate::jobs::scheduler::{JobError, job_policy};
 use crate::jobs::store::JobRecord;
 
 pub fn routes() -> Router<AppState> {
@@ -49,15 +49,8 @@ fn find_job(s: &AppState, name: &str) -> Result<JobRecord, ApiError> {
 fn summary(r: &JobRecord) -> serde_json::Value {
     let spec = &r.manifest.spec;
     let next = manifest::check(r.manifest.clone()).ok().and_then(|def| {
-        let p = policy::JobPolicy {
-            schedule: def.schedule.clone(),
-            time_zone: def.time_zone,
-            concurrency: def.concurrency,
-            starting_deadline: None,
-            suspend: false,
-            missed_starts: def.missed_starts,
-        };
-        policy::next_wakeup(&p, chrono::Utc::now()).map(|t| t.timestamp_millis())
+        policy::next_wakeup(&job_policy(&def, None), chrono::Utc::now())
+            .map(|t| t.timestamp_millis())
     });
     json!({
         "name": r.manifest.metadata.name,

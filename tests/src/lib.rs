@@ -279,6 +279,19 @@ pub fn run_bin(name: &str, args: &[&str]) -> Output {
         .expect("run binary")
 }
 
+/// Runs the `shoal` CLI against `hub`: (success, stdout, stderr).
+pub fn shoal_cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
+    let url = hub.http_url();
+    let mut all = vec!["--hub", url.as_str()];
+    all.extend_from_slice(args);
+    let out = run_bin("shoal", &all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `shoal-agent spool status` as JSON.
 pub fn spool_status(spool: &Path) -> Value {
     let out = run_bin(

@@ -3,19 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use shoal_e2e::shoal_cli as shoal;
 use shoal_e2e::{Hub, Proc, agent, bin, free_port, run_bin, wait_until};
-
-fn shoal(hub: &Hub, args: &[&str]) -> (bool, String, String) {
-    let url = hub.http_url();
-    let mut all = vec!["--hub", url.as_str()];
-    all.extend_from_slice(args);
-    let out = run_bin("shoal", &all);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_see_devices_and_telemetry() {

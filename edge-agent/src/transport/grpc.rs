@@ -4,15 +4,14 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use prost::Message;
 use shoal_proto::v1::ingest_client::IngestClient;
-use shoal_proto::v1::{IngestRequest, Sample, TelemetryBatch, ingest_request, ingest_response};
+use shoal_proto::v1::{IngestRequest, ingest_request, ingest_response};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use super::inflight::InFlight;
-use super::{BATCH_MAX_BYTES, Backoff, Sender, Stopped, TransportError, WINDOW};
+use super::{Backoff, Sender, Stopped, TransportError, WINDOW};
 
 impl Sender {
     pub(super) async fn grpc_stream_once(
@@ -69,25 +68,12 @@ impl Sender {
         let mut in_flight = InFlight::default();
         loop {
             while in_flight.len() < WINDOW {
-                let records = self.spool.lock().expect("spool lock").read_after(
-                    last_sent,
-                    self.batch_max_samples,
-                    BATCH_MAX_BYTES,
-                )?;
-                let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last())
-                else {
+                let Some((first, last, batch)) = self.next_batch(last_sent)? else {
                     break;
                 };
-                let mut samples = Vec::with_capacity(records.len());
-                for (seq, bytes) in records {
-                    samples.push(
-                        Sample::decode(bytes.as_slice())
-                            .map_err(|source| TransportError::Decode { seq, source })?,
-                    );
-                }
-                let n = samples.len() as u64;
+                let n = batch.samples.len() as u64;
                 tx.send(IngestRequest {
-                    msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
+                    msg: Some(ingest_request::Msg::Batch(batch)),
                 })
                 .await
                 .map_err(|_| TransportError::Closed)?;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal_proto::v1::{Ack, DeviceHello, Welcome};
+use shoal_proto::v1::{Ack, DeviceHello, Sample, TelemetryBatch, Welcome};
 
 use self::inflight::InFlight;
 use tokio::sync::{Notify, watch};
@@ -142,6 +142,28 @@ impl Sender {
             spool.ack(w.stored_up_to_seq)?;
         }
         Ok(())
+    }
+
+    /// The next batch from the spool after `after`: its first and last seq and the samples;
+    /// `None` when nothing newer waits.
+    fn next_batch(&self, after: u64) -> Result<Option<(u64, u64, TelemetryBatch)>, TransportError> {
+        use prost::Message;
+        let records = self.spool.lock().expect("spool lock").read_after(
+            after,
+            self.batch_max_samples,
+            BATCH_MAX_BYTES,
+        )?;
+        let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) else {
+            return Ok(None);
+        };
+        let mut samples = Vec::with_capacity(records.len());
+        for (seq, bytes) in records {
+            samples.push(
+                Sample::decode(bytes.as_slice())
+                    .map_err(|source| TransportError::Decode { seq, source })?,
+            );
+        }
+        Ok(Some((first, last, TelemetryBatch { samples })))
     }
 
     /// Counts an ack and trims the spool as far as the oldest batches are all acknowledged.

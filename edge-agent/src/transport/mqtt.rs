@@ -13,11 +13,11 @@ use prost::Message;
 use std::sync::Arc;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use shoal_proto::v1::{IngestResponse, Sample, TelemetryBatch, ingest_response};
+use shoal_proto::v1::{IngestResponse, ingest_response};
 use tokio::sync::watch;
 
 use super::inflight::InFlight;
-use super::{BATCH_MAX_BYTES, Backoff, Sender, Stopped, TransportError, WINDOW};
+use super::{Backoff, Sender, Stopped, TransportError, WINDOW};
 
 /// The topic of `kind` (`hello`, `telemetry`, `acks`) for `device_id`.
 pub fn topic(device_id: &str, kind: &str) -> String {
@@ -183,23 +183,11 @@ impl Sender {
         last_sent: &mut u64,
     ) -> Result<(), TransportError> {
         while in_flight.len() < WINDOW {
-            let records = self.spool.lock().expect("spool lock").read_after(
-                *last_sent,
-                self.batch_max_samples,
-                BATCH_MAX_BYTES,
-            )?;
-            let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) else {
+            let Some((first, last, batch)) = self.next_batch(*last_sent)? else {
                 return Ok(());
             };
-            let mut samples = Vec::with_capacity(records.len());
-            for (seq, bytes) in records {
-                samples.push(
-                    Sample::decode(bytes.as_slice())
-                        .map_err(|source| TransportError::Decode { seq, source })?,
-                );
-            }
-            let n = samples.len() as u64;
-            let payload = TelemetryBatch { samples }.encode_to_vec();
+            let n = batch.samples.len() as u64;
+            let payload = batch.encode_to_vec();
             if client
                 .try_publish(telemetry_topic, QoS::AtLeastOnce, false, payload)
                 .is_err()

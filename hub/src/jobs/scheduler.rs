@@ -256,7 +256,8 @@ impl Scheduler {
     }
 }
 
-fn job_policy(def: &JobDefinition, suspend: Option<bool>) -> JobPolicy {
+/// The controller settings of a job; `suspend` is its current suspend flag (`None`: not suspended).
+pub fn job_policy(def: &JobDefinition, suspend: Option<bool>) -> JobPolicy {
     let spec = &def.manifest.spec;
     JobPolicy {
         schedule: def.schedule.clone(),
