@@ -156,11 +156,32 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
     }
 }
 
-/// The number of metric points in `s`.
+/// The number of metric points in `s` (what [`for_each_point`] visits), counted from the
+/// structure without building names: the hub does this for every sample it ingests.
 pub fn point_count(s: &Sample) -> usize {
-    let mut n = 0;
-    for_each_point(s, |_, _| n += 1);
-    n
+    let cpu = s.cpu.as_ref().map_or(0, |c| 1 + c.core_percent.len());
+    let load = if s.load.is_some() { 3 } else { 0 };
+    let memory = if s.memory.is_some() { 5 } else { 0 };
+    let pi = s.pi.as_ref().map_or(0, |pi| {
+        2 + if pi.throttled_known {
+            1 + PI_THROTTLE_BITS.len()
+        } else {
+            0
+        } + if pi.emmc_life_time_a != 0 || pi.emmc_life_time_b != 0 {
+            3
+        } else {
+            0
+        }
+    });
+    cpu + load
+        + memory
+        + 2 * s.disks.len()
+        + 4 * s.networks.len()
+        + 1 // uptime
+        + s.temperatures.len()
+        + 1 // process count
+        + 6 * s.gpus.len()
+        + pi
 }
 
 /// The value of metric `metric` in `s`, if it has one.
@@ -178,6 +199,39 @@ pub fn value_of(s: &Sample, metric: &str) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::v1::{Cpu, Disk, LoadAverage};
+
+    #[test]
+    fn point_count_matches_the_points_visited() {
+        use crate::v1::{Gpu, Memory, NetInterface, PiBoard, Temperature};
+        let mut s = Sample {
+            cpu: Some(Cpu {
+                total_percent: 1.0,
+                core_percent: vec![1.0; 4],
+            }),
+            load: Some(LoadAverage::default()),
+            memory: Some(Memory::default()),
+            disks: vec![Disk::default(); 2],
+            networks: vec![NetInterface::default(); 3],
+            temperatures: vec![Temperature::default(); 2],
+            gpus: vec![Gpu::default(); 2],
+            pi: Some(PiBoard {
+                throttled_known: true,
+                emmc_life_time_a: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let visited = |s: &Sample| {
+            let mut n = 0;
+            for_each_point(s, |_, _| n += 1);
+            n
+        };
+        assert_eq!(point_count(&s), visited(&s));
+        s.pi = Some(PiBoard::default());
+        s.cpu = None;
+        assert_eq!(point_count(&s), visited(&s));
+        assert_eq!(point_count(&Sample::default()), visited(&Sample::default()));
+    }
 
     #[test]
     fn names_points() {
