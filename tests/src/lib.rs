@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -29,13 +30,30 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1.
+/// A TCP port free on 127.0.0.1 a moment ago, never handed out twice by this process.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default) on purpose: a hub
+/// restarted on its old ports must find them free, and a port from `bind(0)` can meanwhile
+/// be handed to another test's `bind(0)` or be the source port of some outgoing connection
+/// (an agent retrying a hub that is down).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Spread the test binaries (run one after another) over the range.
+    let base = std::process::id().wrapping_mul(97) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < SPAN,
+            "no free test port left between {LOW} and {}",
+            LOW + SPAN
+        );
+        let port = u16::try_from(LOW + (base + n) % SPAN).expect("port fits");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -140,9 +158,32 @@ impl Hub {
             .arg("--http-listen")
             .arg(http.to_string())
             .args(extra)
-            .stdout(Stdio::null());
+            .stdout(Stdio::piped());
+        let mut proc = Proc::spawn("shoal serve", cmd);
+        // `shoal serve` prints its endpoints once every port is bound: proof that the process
+        // answering `/healthz` below is this one and not some other holder of the port.
+        let stdout = proc.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let line = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .expect("shoal serve printed no endpoints within 20 s")
+            .unwrap_or_default();
+        if line.is_empty() {
+            let status = proc.child.wait().expect("wait");
+            panic!(
+                "shoal serve exited before listening on {grpc} and {http} ({status}); its stderr says why"
+            );
+        }
         let hub = Self {
-            proc: Proc::spawn("shoal serve", cmd),
+            proc,
             grpc,
             http,
             data_dir: data_dir.to_path_buf(),

@@ -22,11 +22,27 @@ const WINDOW: usize = 4;
 /// Bytes of samples per batch; well under the hub's default message limit.
 const BATCH_MAX_BYTES: usize = 1024 * 1024;
 
+/// An error and its causes on one line: tonic's own message ("transport error") names no
+/// reason; the operator needs the one underneath ("Connection refused").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("MQTT connection to {broker}: {message}")]
     Mqtt { broker: String, message: String },
-    #[error("cannot connect to hub {hub}: {source}")]
+    #[error("cannot connect to hub {hub}: {}", causes(source))]
     Connect {
         hub: String,
         source: tonic::transport::Error,
