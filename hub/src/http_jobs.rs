@@ -121,8 +121,13 @@ async fn export_job(
         "cronjob" => crate::jobs::kubernetes::cronjob(&def),
         "job" => {
             let now = chrono::Utc::now();
-            let id = format!("{name}-manual-{}", now.timestamp_millis());
-            crate::jobs::kubernetes::job(&def, &id, now, &s.hub_url)
+            let id = crate::jobs::scheduler::manual_run_id(&name, now);
+            let env = [
+                ("SHOAL_RUN_ID".to_string(), id.clone()),
+                ("SHOAL_JOB".to_string(), name.clone()),
+                ("SHOAL_HUB_URL".to_string(), s.hub_url.clone()),
+            ];
+            crate::jobs::kubernetes::job(&def, &id, now, &env)
         }
         other => {
             return Err(ApiError::new(

@@ -56,6 +56,12 @@ pub struct HubConfig {
     pub mqtt_json_topic: String,
     /// TLS for the embedded broker: it then speaks MQTT over TLS only.
     pub mqtt_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The cluster `shoal.dev/runner: kubernetes` jobs run in.
+    pub kubernetes: Option<jobs::cluster::ClusterSource>,
+    /// Namespace for Jobs whose manifest names none.
+    pub kube_namespace: Option<String>,
+    /// How often a running Job's status is read.
+    pub kube_poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,20 @@ pub async fn run(
         mqtt: mqtt_listener,
     } = listeners;
     config.validate()?;
+    let cluster = match &config.kubernetes {
+        Some(source) => {
+            let cluster = jobs::cluster::Cluster::connect(source, config.kube_namespace.as_deref())
+                .await
+                .map_err(|e| HubError::Config {
+                    field: "kubeconfig",
+                    reason: e.to_string(),
+                })?
+                .with_poll(config.kube_poll);
+            tracing::info!(namespace = cluster.namespace(), "Kubernetes runner ready");
+            Some(cluster)
+        }
+        None => None,
+    };
     let store = Store::open(&config.data_dir)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
     let metrics = Arc::new(Metrics::default());
@@ -180,10 +200,11 @@ pub async fn run(
         mlflow_tracking_uri: std::env::var("MLFLOW_TRACKING_URI")
             .ok()
             .filter(|v| !v.is_empty()),
-        secrets_dir: Some(config.data_dir.join("secrets")),
+        values_dir: Some(config.data_dir.clone()),
         backoff_base: Duration::from_secs(10),
         log_limit: 1024 * 1024,
         grace: Duration::from_secs(10),
+        cluster,
     };
     let (scheduler, scheduler_task) = jobs::scheduler::Scheduler::start(
         job_store.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_hub::cli::{Client, Output};
 use shoal_hub::ingest::IngestLimits;
+use shoal_hub::jobs::cluster::ClusterSource;
 use shoal_hub::mqtt::BrokerConfig;
 use shoal_hub::mqtt::broker::acl::Users;
 use shoal_hub::mqtt::broker::tls::server_config;
@@ -143,6 +144,21 @@ struct ServeArgs {
     /// Also ingest from this MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (agents run with --hub mqtt://...).
     #[arg(long, env = "SHOAL_MQTT_BROKER")]
     mqtt_broker: Option<String>,
+    /// Run `shoal.dev/runner: kubernetes` jobs as Jobs in the cluster of this kubeconfig (its
+    /// current context).
+    #[arg(long, env = "SHOAL_KUBECONFIG", conflicts_with = "kube_in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Run `shoal.dev/runner: kubernetes` jobs in the cluster the hub runs in (its pod's
+    /// service account; see deploy/kubernetes for the RBAC it needs).
+    #[arg(long, env = "SHOAL_KUBE_IN_CLUSTER")]
+    kube_in_cluster: bool,
+    /// Namespace for Jobs whose manifest names none (default: the kubeconfig context's, or the
+    /// pod's own).
+    #[arg(long, env = "SHOAL_KUBE_NAMESPACE")]
+    kube_namespace: Option<String>,
+    /// How often a running Kubernetes Job's status is read.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    kube_poll: Duration,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     mqtt_client_id: String,
@@ -270,6 +286,13 @@ fn hub_config(a: ServeArgs) -> Result<HubConfig, String> {
             max_clock_skew: a.max_clock_skew,
             max_message_bytes: a.max_message_bytes,
         },
+        kubernetes: match (a.kubeconfig, a.kube_in_cluster) {
+            (Some(path), _) => Some(ClusterSource::Kubeconfig(path)),
+            (None, true) => Some(ClusterSource::InCluster),
+            (None, false) => None,
+        },
+        kube_namespace: a.kube_namespace,
+        kube_poll: a.kube_poll,
         mqtt_users,
         mqtt_json_topic: a.mqtt_json_topic.clone(),
         mqtt_tls,

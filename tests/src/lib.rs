@@ -567,3 +567,23 @@ fn target_dir() -> PathBuf {
         .expect("target directory")
         .to_path_buf()
 }
+
+/// Validates a Kubernetes manifest file offline against the Kubernetes 1.32 schemas with
+/// `kubernetes-validate --strict`: (valid, report). Fails (never skips) when the validator is
+/// missing; `tests/run` installs it from PyPI.
+pub fn kube_validate(file: &Path) -> (bool, String) {
+    let validator = which("kubernetes-validate").expect(
+        "kubernetes-validate is not installed (tests/run installs it from PyPI into a venv on PATH)",
+    );
+    let out = Command::new(validator)
+        .args(["--strict", "-k", "1.32.0"])
+        .arg(file)
+        .output()
+        .expect("run kubernetes-validate");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !report.contains("ERROR"), report)
+}

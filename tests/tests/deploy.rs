@@ -30,19 +30,7 @@ fn render(dir: &str) -> String {
 }
 
 fn validate(file: &Path) -> (bool, String) {
-    let validator = which("kubernetes-validate")
-        .expect("kubernetes-validate is not installed (tests/run installs it from PyPI into a venv on PATH)");
-    let out = Command::new(validator)
-        .args(["--strict", "-k", "1.32.0"])
-        .arg(file)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && !text.contains("ERROR"), text)
+    shoal_e2e::kube_validate(file)
 }
 
 fn render_and_validate(dir: &str) -> String {
@@ -74,6 +62,12 @@ fn base_renders_and_validates() {
     assert!(
         yaml.contains("fieldPath: spec.nodeName"),
         "device id = node name"
+    );
+    assert!(
+        yaml.contains("--kube-in-cluster")
+            && yaml.contains("serviceAccountName: shoal-hub")
+            && yaml.contains("resources:\n  - jobs/status"),
+        "the hub runs Kubernetes jobs with its own, namespaced permissions"
     );
 }
 

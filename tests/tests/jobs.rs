@@ -141,8 +141,6 @@ async fn export_for_kubernetes_passes_the_schemas() {
     let file = dir.path().join("job.yaml");
     std::fs::write(&file, JOB).unwrap();
     assert!(shoal(&hub, &["jobs", "apply", "-f", file.to_str().unwrap()]).0);
-    let validator = shoal_e2e::which("kubernetes-validate")
-        .expect("kubernetes-validate is not installed (tests/run installs it)");
     for args in [
         &["jobs", "export", "nightly-dump", "--k8s"][..],
         &["jobs", "export", "nightly-dump", "--k8s", "--job"][..],
@@ -151,20 +149,8 @@ async fn export_for_kubernetes_passes_the_schemas() {
         assert!(ok, "{err}");
         let out_file = dir.path().join("export.yaml");
         std::fs::write(&out_file, &yaml).unwrap();
-        let out = std::process::Command::new(&validator)
-            .args(["--strict", "-k", "1.32.0"])
-            .arg(&out_file)
-            .output()
-            .unwrap();
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !report.contains("ERROR"),
-            "{args:?}:\n{yaml}\n{report}"
-        );
+        let (valid, report) = shoal_e2e::kube_validate(&out_file);
+        assert!(valid, "{args:?}:\n{yaml}\n{report}");
         assert!(yaml.contains("\"apiVersion\": \"batch/v1\""));
     }
     let (_, job_yaml, _) = shoal(&hub, &["jobs", "export", "nightly-dump", "--job"]);

@@ -14,9 +14,16 @@ pub fn cronjob(def: &JobDefinition) -> Value {
     v
 }
 
-/// The `batch/v1` Job for run `run_id` of `def`, scheduled at `scheduled`.
-pub fn job(def: &JobDefinition, run_id: &str, scheduled: DateTime<Utc>, hub_url: &str) -> Value {
+/// The `batch/v1` Job for run `run_id` of `def`, scheduled at `scheduled`, with Shoal's run
+/// variables `env` added to every container.
+pub fn job(
+    def: &JobDefinition,
+    run_id: &str,
+    scheduled: DateTime<Utc>,
+    env: &[(String, String)],
+) -> Value {
     let m = &def.manifest;
+    let run_env = env;
     let mut spec = serde_json::to_value(&m.spec.job_template.spec).expect("job spec serialises");
     if let Some(containers) = spec
         .pointer_mut("/template/spec/containers")
@@ -28,10 +35,10 @@ pub fn job(def: &JobDefinition, run_id: &str, scheduled: DateTime<Utc>, hub_url:
                 .expect("container object")
                 .entry("env")
                 .or_insert_with(|| json!([]));
-            if let Some(env) = env.as_array_mut() {
-                env.push(json!({ "name": "SHOAL_RUN_ID", "value": run_id }));
-                env.push(json!({ "name": "SHOAL_JOB", "value": def.name() }));
-                env.push(json!({ "name": "SHOAL_HUB_URL", "value": hub_url }));
+            if let Some(list) = env.as_array_mut() {
+                for (name, value) in run_env {
+                    list.push(json!({ "name": name, "value": value }));
+                }
             }
         }
     }
@@ -72,7 +79,8 @@ mod tests {
         let at = DateTime::parse_from_rfc3339("2026-11-23T10:01:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let v = job(&def, "hrdump-29401921", at, "http://hub:8080");
+        let env = [("SHOAL_RUN_ID".to_string(), "hrdump-29401921".to_string())];
+        let v = job(&def, "hrdump-29401921", at, &env);
         assert_eq!(v["kind"], "Job");
         assert_eq!(v["metadata"]["namespace"], "data");
         assert_eq!(

@@ -1,14 +1,16 @@
-//! Scheduled jobs with Kubernetes CronJob semantics (in progress: REST, CLI, the Kubernetes
-//! runner and the hub wiring follow).
+//! Scheduled jobs with Kubernetes CronJob semantics.
 //!
 //! - [`manifest`]: the job definition, a Kubernetes CronJob manifest, read and checked;
 //! - [`cron`]: the schedule syntax and next activation in a time zone;
+//! - [`cluster`]: the Kubernetes runner (a run is a `batch/v1` Job submitted to the API);
+//! - [`kubernetes`]: the Kubernetes objects of a job and of a run;
 //! - [`local`]: the local runner (process groups, retries with backoff, deadline, capped logs);
 //! - [`policy`]: what the controller does at a given moment — start, skip (Forbid, a missed
 //!   starting deadline), replace, or refuse after more than 100 missed starts;
 //! - [`scheduler`]: the task that applies those decisions, runs and records;
 //! - [`store`]: job definitions and run history in the hub's store.
 
+pub mod cluster;
 pub mod cron;
 pub mod kubernetes;
 pub mod local;

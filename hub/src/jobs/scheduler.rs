@@ -1,6 +1,6 @@
 //! The scheduler: one task owning every job, deciding with [`super::policy::decide`] at each
-//! job's next schedule time, starting runs on the local runner, and recording every start,
-//! skip, miss and outcome in the store.
+//! job's next schedule time, starting runs on the local runner or as Kubernetes Jobs, and
+//! recording every start, skip, miss and outcome in the store.
 //!
 //! Why not tokio-cron-scheduler: Kubernetes semantics need the *controller's* view — the last
 //! schedule time survives restarts, only the most recent missed start runs, starting deadlines,
@@ -16,8 +16,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::cluster::Cluster;
 use super::local::{self, Ending, RunSpec};
-use super::manifest::{self, JobDefinition, ManifestError};
+use super::manifest::{self, JobDefinition, ManifestError, Runner};
 use super::policy::{self, Decision, JobPolicy};
 use super::store::{JobRecord, JobStore, RunRecord, RunStatus};
 use crate::store::StoreError;
@@ -37,11 +38,15 @@ pub struct SchedulerConfig {
     pub hub_url: String,
     /// Given to every run as MLFLOW_TRACKING_URI when set.
     pub mlflow_tracking_uri: Option<String>,
-    /// Secrets for `secretKeyRef`: `DIR/NAME/KEY` holds the value.
-    pub secrets_dir: Option<PathBuf>,
+    /// Values for `valueFrom`: `DIR/secrets/NAME/KEY` (`secretKeyRef`) and
+    /// `DIR/configmaps/NAME/KEY` (`configMapKeyRef`) hold them.
+    pub values_dir: Option<PathBuf>,
     pub backoff_base: Duration,
     pub log_limit: u64,
     pub grace: Duration,
+    /// Where `shoal.dev/runner: kubernetes` jobs run; without one their runs fail to start,
+    /// saying so.
+    pub cluster: Option<Cluster>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +88,14 @@ struct Pending {
     runs: Vec<RunRecord>,
     jobs: Vec<String>,
     delete: Vec<String>,
-    launches: Vec<(String, RunSpec, PathBuf, watch::Receiver<bool>)>,
+    launches: Vec<(String, Launch, PathBuf, watch::Receiver<bool>)>,
+}
+
+/// How a run is started.
+enum Launch {
+    Local(RunSpec),
+    /// A rendered `batch/v1` Job for the cluster.
+    Kubernetes(Cluster, serde_json::Value),
 }
 
 struct Job {
@@ -322,7 +334,7 @@ impl State {
                     None => Err(JobError::NotFound(name)),
                     Some(_) => {
                         let now = (self.clock)();
-                        let id = format!("{name}-manual-{}", ms(now));
+                        let id = manual_run_id(&name, now);
                         let mut pending = Pending::default();
                         self.prepare_run(&mut pending, &name, id.clone(), now, true);
                         self.commit(pending).map(|_| id)
@@ -484,8 +496,18 @@ impl State {
             reason: None,
             attempts: Vec::new(),
         };
-        let spec = match run_spec(&job.def, &id, &self.config) {
-            Ok(spec) => spec,
+        let launch = match job.def.runner {
+            Runner::Local => run_spec(&job.def, &id, &self.config).map(Launch::Local),
+            Runner::Kubernetes => match &self.config.cluster {
+                Some(cluster) => Ok(Launch::Kubernetes(
+                    cluster.clone(),
+                    super::kubernetes::job(&job.def, &id, scheduled, &run_env(&job.def, &id, &self.config)),
+                )),
+                None => Err("the job runs on Kubernetes (shoal.dev/runner: kubernetes) but the hub has no cluster: start it with --kubeconfig FILE or --kube-in-cluster".into()),
+            },
+        };
+        let launch = match launch {
+            Ok(launch) => launch,
             Err(why) => {
                 // Recorded, never started: the reason says what to fix.
                 record.status = RunStatus::StartFailed;
@@ -506,9 +528,12 @@ impl State {
                 record,
             },
         );
-        pending
-            .launches
-            .push((id.clone(), spec, self.config.runs_dir.join(&id), cancel_rx));
+        pending.launches.push((
+            id.clone(),
+            launch,
+            self.config.runs_dir.join(&id),
+            cancel_rx,
+        ));
     }
 
     /// Writes what `pending` records in one transaction, then starts its runs and removes the
@@ -536,10 +561,16 @@ impl State {
         for id in &pending.delete {
             let _ = std::fs::remove_dir_all(self.config.runs_dir.join(id));
         }
-        for (id, spec, log_dir, cancel_rx) in pending.launches {
+        for (id, launch, log_dir, cancel_rx) in pending.launches {
             let done = self.done_tx.clone();
+            let log_limit = self.config.log_limit;
             tokio::spawn(async move {
-                let outcome = local::run(&spec, &log_dir, cancel_rx).await;
+                let outcome = match launch {
+                    Launch::Local(spec) => local::run(&spec, &log_dir, cancel_rx).await,
+                    Launch::Kubernetes(cluster, job) => {
+                        cluster.run(job, &log_dir, log_limit, cancel_rx).await
+                    }
+                };
                 let _ = done.send((id, outcome));
             });
         }
@@ -588,6 +619,37 @@ fn run_id(job: &str, scheduled: DateTime<Utc>) -> String {
     format!("{job}-{}", scheduled.timestamp() / 60)
 }
 
+/// A manually triggered run: NAME-m<milliseconds since the epoch, base 36>. At most 62
+/// characters for a 52-character job name, so it is also a valid Kubernetes Job name (the
+/// Job controller copies the name into a label, which holds 63).
+pub fn manual_run_id(job: &str, now: DateTime<Utc>) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut n = u64::try_from(ms(now)).unwrap_or(0);
+    let mut digits = Vec::new();
+    loop {
+        digits.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    format!("{job}-m{}", String::from_utf8(digits).expect("ascii"))
+}
+
+/// Shoal's variables for a run, the same on the hub and in a cluster.
+fn run_env(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("SHOAL_RUN_ID".to_string(), run_id.to_string()),
+        ("SHOAL_JOB".to_string(), def.name().to_string()),
+        ("SHOAL_HUB_URL".to_string(), config.hub_url.clone()),
+    ];
+    if let Some(uri) = &config.mlflow_tracking_uri {
+        env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
+    }
+    env
+}
+
 /// What the local runner executes for a run; `Err` names a Secret value that is not there.
 fn run_spec(
     def: &JobDefinition,
@@ -604,12 +666,7 @@ fn run_spec(
             (None, None) => env.push((e.name.clone(), String::new())),
         }
     }
-    env.push(("SHOAL_RUN_ID".into(), run_id.into()));
-    env.push(("SHOAL_JOB".into(), def.name().into()));
-    env.push(("SHOAL_HUB_URL".into(), config.hub_url.clone()));
-    if let Some(uri) = &config.mlflow_tracking_uri {
-        env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
-    }
+    env.extend(run_env(def, run_id, config));
     Ok(RunSpec {
         argv: c.command.iter().chain(&c.args).cloned().collect(),
         env,
@@ -624,17 +681,22 @@ fn run_spec(
     })
 }
 
-/// Resolves `valueFrom` for a local run: `secretKeyRef` from `SECRETS_DIR/NAME/KEY` (the
-/// layout Kubernetes gives a mounted Secret). Anything else, or a missing file, is an error
-/// naming what is missing; an `optional: true` reference that is missing becomes empty.
+/// Resolves `valueFrom` for a local run from files laid out as Kubernetes mounts them:
+/// `secretKeyRef` from `DATA_DIR/secrets/NAME/KEY`, `configMapKeyRef` from
+/// `DATA_DIR/configmaps/NAME/KEY`. Anything else, or a missing file, is an error naming what is
+/// missing; an `optional: true` reference that is missing becomes empty.
 fn value_from(
     var: &str,
     from: &serde_json::Value,
     config: &SchedulerConfig,
 ) -> Result<String, String> {
-    let Some(r) = from.get("secretKeyRef") else {
+    let (kind, folder, r) = if let Some(r) = from.get("secretKeyRef") {
+        ("Secret", "secrets", r)
+    } else if let Some(r) = from.get("configMapKeyRef") {
+        ("ConfigMap", "configmaps", r)
+    } else {
         return Err(format!(
-            "env {var}: only secretKeyRef is resolved by the local runner (use shoal.dev/runner: kubernetes for {})",
+            "env {var}: the local runner resolves secretKeyRef and configMapKeyRef only (use shoal.dev/runner: kubernetes for {})",
             from.as_object()
                 .and_then(|o| o.keys().next().cloned())
                 .unwrap_or_default()
@@ -644,20 +706,28 @@ fn value_from(
         r.get("name").and_then(|v| v.as_str()),
         r.get("key").and_then(|v| v.as_str()),
     ) else {
-        return Err(format!("env {var}: secretKeyRef needs name and key"));
+        return Err(format!("env {var}: a {kind} reference needs name and key"));
     };
     let optional = r.get("optional").and_then(|v| v.as_bool()).unwrap_or(false);
-    let Some(dir) = &config.secrets_dir else {
+    let Some(dir) = &config.values_dir else {
         return Err(format!(
-            "env {var}: Secret {name:?} is needed but the hub has no secrets folder (--secrets-dir)"
+            "env {var}: {kind} {name:?} is needed but the hub has no data folder for it"
         ));
     };
-    let path = dir.join(name).join(key);
+    if [name, key]
+        .iter()
+        .any(|p| p.is_empty() || p.contains('/') || *p == ".." || *p == ".")
+    {
+        return Err(format!(
+            "env {var}: {kind} name {name:?} and key {key:?} must be plain names"
+        ));
+    }
+    let path = dir.join(folder).join(name).join(key);
     match std::fs::read_to_string(&path) {
         Ok(v) => Ok(v.trim_end_matches(['\n', '\r']).to_string()),
         Err(_) if optional => Ok(String::new()),
         Err(e) => Err(format!(
-            "env {var}: Secret {name:?} key {key:?} ({}): {e}",
+            "env {var}: {kind} {name:?} key {key:?} ({}): {e}",
             path.display()
         )),
     }

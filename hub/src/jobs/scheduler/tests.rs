@@ -24,10 +24,11 @@ impl Fixture {
             runs_dir: self.dir.path().join("runs"),
             hub_url: "http://127.0.0.1:8080".into(),
             mlflow_tracking_uri: Some("http://127.0.0.1:5000".into()),
-            secrets_dir: Some(self.dir.path().join("secrets")),
+            values_dir: Some(self.dir.path().to_path_buf()),
             backoff_base: Duration::from_millis(20),
             log_limit: 1 << 16,
             grace: Duration::from_millis(200),
+            cluster: None,
         };
         let (stop, rx) = watch::channel(false);
         let (s, _task) = Scheduler::start(self.store.clone(), config, clock, rx).unwrap();
@@ -306,4 +307,61 @@ async fn secret_key_refs_come_from_the_secrets_folder() {
     let log =
         std::fs::read_to_string(f.dir.path().join("runs").join(&id).join("attempt-1.log")).unwrap();
     assert_eq!(log.trim(), "key=s3cret");
+}
+
+#[tokio::test]
+async fn a_kubernetes_job_without_a_cluster_fails_to_start_saying_why() {
+    let f = Fixture::new();
+    let (s, _stop) = f.start();
+    let yaml = "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: remote\n  annotations:\n    shoal.dev/runner: kubernetes\nspec:\n  schedule: \"@hourly\"\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: c\n              image: python:3.12\n";
+    s.apply(manifest::parse(yaml).unwrap()).await.unwrap();
+    let id = s.trigger("remote").await.unwrap();
+    let run = f.wait_finished(&id).await;
+    assert_eq!(run.status, RunStatus::StartFailed);
+    assert!(
+        run.reason.as_deref().unwrap().contains("--kubeconfig"),
+        "{:?}",
+        run.reason
+    );
+}
+
+#[test]
+fn manual_run_ids_are_valid_kubernetes_job_names() {
+    let name = "a".repeat(52);
+    let id = manual_run_id(&name, t("2026-11-23T10:01:02.345Z"));
+    assert!(id.len() <= 63, "{id} ({} characters)", id.len());
+    assert!(id.starts_with(&format!("{name}-m")));
+    let later = manual_run_id(&name, t("2026-11-23T10:01:02.346Z"));
+    assert_ne!(id, later, "one millisecond apart, two names");
+}
+
+#[tokio::test]
+async fn config_map_key_refs_come_from_the_configmaps_folder() {
+    let f = Fixture::new();
+    let (s, _stop) = f.start();
+    let yaml = "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: withconfig\nspec:\n  schedule: \"0 0 1 1 *\"\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: c\n              command: [\"sh\", \"-c\", \"echo bucket=$BUCKET level=$LEVEL\"]\n              env:\n                - name: BUCKET\n                  valueFrom:\n                    configMapKeyRef:\n                      name: storage\n                      key: bucket\n                - name: LEVEL\n                  valueFrom:\n                    configMapKeyRef:\n                      name: storage\n                      key: level\n                      optional: true\n";
+    s.apply(manifest::parse(yaml).unwrap()).await.unwrap();
+    let id = s.trigger("withconfig").await.unwrap();
+    let run = f.wait_finished(&id).await;
+    assert_eq!(run.status, RunStatus::StartFailed);
+    assert!(
+        run.reason
+            .as_deref()
+            .unwrap()
+            .contains("ConfigMap \"storage\" key \"bucket\""),
+        "{:?}",
+        run.reason
+    );
+    std::fs::create_dir_all(f.dir.path().join("configmaps/storage")).unwrap();
+    std::fs::write(
+        f.dir.path().join("configmaps/storage/bucket"),
+        "sensor-hourly",
+    )
+    .unwrap();
+    f.set("2026-11-23T10:00:31Z");
+    let id = s.trigger("withconfig").await.unwrap();
+    assert_eq!(f.wait_finished(&id).await.status, RunStatus::Succeeded);
+    let log =
+        std::fs::read_to_string(f.dir.path().join("runs").join(&id).join("attempt-1.log")).unwrap();
+    assert_eq!(log.trim(), "bucket=sensor-hourly level=");
 }
