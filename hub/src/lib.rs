@@ -62,6 +62,10 @@ pub struct HubConfig {
     pub kube_namespace: Option<String>,
     /// How often a running Job's status is read.
     pub kube_poll: Duration,
+    /// Given to job runs as MLFLOW_TRACKING_URI.
+    pub mlflow_tracking_uri: Option<String>,
+    /// Given to job runs as SHOAL_DATASET_URI.
+    pub dataset_uri: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,9 +201,8 @@ pub async fn run(
     let scheduler_config = jobs::scheduler::SchedulerConfig {
         runs_dir: runs_dir.clone(),
         hub_url: hub_url.clone(),
-        mlflow_tracking_uri: std::env::var("MLFLOW_TRACKING_URI")
-            .ok()
-            .filter(|v| !v.is_empty()),
+        mlflow_tracking_uri: config.mlflow_tracking_uri.clone(),
+        dataset_uri: config.dataset_uri.clone(),
         values_dir: Some(config.data_dir.clone()),
         backoff_base: Duration::from_secs(10),
         log_limit: 1024 * 1024,

@@ -159,6 +159,13 @@ struct ServeArgs {
     /// How often a running Kubernetes Job's status is read.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     kube_poll: Duration,
+    /// MLflow tracking server given to every job run as MLFLOW_TRACKING_URI.
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
+    mlflow_tracking_uri: Option<String>,
+    /// Where datasets live (s3://BUCKET/PREFIX or a folder), given to every job run as
+    /// SHOAL_DATASET_URI.
+    #[arg(long, env = "SHOAL_DATASET_URI")]
+    dataset_uri: Option<String>,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     mqtt_client_id: String,
@@ -292,6 +299,8 @@ fn hub_config(a: ServeArgs) -> Result<HubConfig, String> {
             (None, false) => None,
         },
         kube_namespace: a.kube_namespace,
+        mlflow_tracking_uri: a.mlflow_tracking_uri.filter(|v| !v.is_empty()),
+        dataset_uri: a.dataset_uri.filter(|v| !v.is_empty()),
         kube_poll: a.kube_poll,
         mqtt_users,
         mqtt_json_topic: a.mqtt_json_topic.clone(),

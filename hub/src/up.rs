@@ -43,6 +43,8 @@ pub async fn up(
         mqtt_broker: None,
         kubernetes: None,
         kube_namespace: None,
+        mlflow_tracking_uri: None,
+        dataset_uri: None,
         kube_poll: Duration::from_secs(2),
         mqtt_users: None,
         mqtt_json_topic: "sensor/+".into(),

@@ -38,6 +38,8 @@ pub struct SchedulerConfig {
     pub hub_url: String,
     /// Given to every run as MLFLOW_TRACKING_URI when set.
     pub mlflow_tracking_uri: Option<String>,
+    /// Given to every run as SHOAL_DATASET_URI when set.
+    pub dataset_uri: Option<String>,
     /// Values for `valueFrom`: `DIR/secrets/NAME/KEY` (`secretKeyRef`) and
     /// `DIR/configmaps/NAME/KEY` (`configMapKeyRef`) hold them.
     pub values_dir: Option<PathBuf>,
@@ -646,6 +648,9 @@ fn run_env(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> Vec<(
     ];
     if let Some(uri) = &config.mlflow_tracking_uri {
         env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
+    }
+    if let Some(uri) = &config.dataset_uri {
+        env.push(("SHOAL_DATASET_URI".into(), uri.clone()));
     }
     env
 }

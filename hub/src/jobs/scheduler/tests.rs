@@ -24,6 +24,7 @@ impl Fixture {
             runs_dir: self.dir.path().join("runs"),
             hub_url: "http://127.0.0.1:8080".into(),
             mlflow_tracking_uri: Some("http://127.0.0.1:5000".into()),
+            dataset_uri: Some("s3://datasets/fleet".into()),
             values_dir: Some(self.dir.path().to_path_buf()),
             backoff_base: Duration::from_millis(20),
             log_limit: 1 << 16,
@@ -74,7 +75,7 @@ async fn runs_on_schedule_with_shoal_variables() {
     s.apply(job(
         "hello",
         "* * * * *",
-        "echo $SHOAL_JOB $SHOAL_RUN_ID $MLFLOW_TRACKING_URI",
+        "echo $SHOAL_JOB $SHOAL_RUN_ID $MLFLOW_TRACKING_URI $SHOAL_DATASET_URI",
         "",
     ))
     .await
@@ -92,7 +93,10 @@ async fn runs_on_schedule_with_shoal_variables() {
     );
     let log =
         std::fs::read_to_string(f.dir.path().join("runs").join(&id).join("attempt-1.log")).unwrap();
-    assert_eq!(log.trim(), format!("hello {id} http://127.0.0.1:5000"));
+    assert_eq!(
+        log.trim(),
+        format!("hello {id} http://127.0.0.1:5000 s3://datasets/fleet")
+    );
 }
 
 #[tokio::test]
