@@ -1,10 +1,19 @@
-//! Shoal's machine-learning side: datasets, training, model export and serving grow here.
+//! Shoal's machine-learning side: datasets, training and model export.
 //!
 //! # Layout
+//! - [`store`]: where datasets and artifacts live (a folder or S3, through `object_store`);
+//! - [`dataset`]: telemetry windows as Parquet files plus a manifest with every file's SHA-256;
+//! - [`train`]: the device-health anomaly detector (streaming ridge regression, held-out
+//!   evaluation, deterministic under a seed);
+//! - [`onnx`]: the trained model as an ONNX graph any runtime serves;
 //! - [`stats`]: streaming summaries (count, min, max, mean, variance) computed in one pass; the
-//!   hub downsamples telemetry series with them, and training will standardise features with them.
+//!   hub downsamples telemetry series with them.
 //!
-//! This crate depends on no transport: the hub calls into it.
+//! This crate depends on no transport: the hub and the `shoal-ml` binary call into it.
 #![forbid(unsafe_code)]
 
+pub mod dataset;
+pub mod onnx;
 pub mod stats;
+pub mod store;
+pub mod train;
