@@ -305,6 +305,62 @@ impl Client {
         }
     }
 
+    /// `datasets export`: streams the hub's progress lines into `progress(rows, total)` and
+    /// returns the manifest.
+    pub async fn datasets_export(
+        &self,
+        request: Value,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Value, CliError> {
+        let url = format!("{}/api/v1/datasets/export", self.base);
+        let unreachable = |e: reqwest::Error| CliError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        };
+        let mut resp = self
+            .http
+            .post(&url)
+            .timeout(Duration::from_secs(7 * 24 * 3600))
+            .json(&request)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let v: Value = serde_json::from_slice(&line)
+                    .map_err(|e| CliError::BadAnswer(e.to_string()))?;
+                if let Some(p) = v.get("progress") {
+                    progress(
+                        p["rows"].as_u64().unwrap_or(0),
+                        p["total"].as_u64().unwrap_or(0),
+                    );
+                } else if let Some(m) = v.get("manifest") {
+                    return Ok(m.clone());
+                } else if let Some(e) = v.get("error") {
+                    return Err(CliError::Api(format!(
+                        "export failed: {}",
+                        e.as_str().unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        Err(CliError::BadAnswer(
+            "the export ended without a manifest (did the hub stop?)".into(),
+        ))
+    }
+
     pub async fn devices_list(&self, output: Output) -> Result<String, CliError> {
         let body = self.get("/api/v1/devices", &[]).await?;
         if output == Output::Json {

@@ -35,6 +35,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(list_devices))
+        .route(
+            "/api/v1/datasets/export",
+            axum::routing::post(crate::datasets::export),
+        )
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/samples", get(samples))
         .route("/api/v1/devices/{id}/series", get(series_handler))

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod datasets;
 pub mod grpc;
 pub mod http;
 pub mod http_jobs;

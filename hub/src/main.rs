@@ -42,6 +42,32 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Write a window of telemetry as Parquet files plus manifest.json (schema, rows, time
+    /// range, devices, SHA-256 of every file) to a folder or an S3 bucket. The hub writes it:
+    /// a folder is on the hub's machine, and s3:// uses the hub's AWS_* environment
+    /// (AWS_ENDPOINT_URL for MinIO or Garage). See docs/datasets.md.
+    ///
+    ///   shoal datasets export --since 1h --to ./datasets/last-hour
+    ///   shoal datasets export --since 24h --devices arch=aarch64 --to s3://telemetry/pi/day
+    Export {
+        /// Start of the window: a duration back from now (1h, 7d), RFC 3339 or epoch ms.
+        #[arg(long)]
+        since: String,
+        /// End of the window [default: now].
+        #[arg(long)]
+        until: Option<String>,
+        /// Which devices: key=value / key!=value, comma-separated, over labels and id, arch,
+        /// os, model, hostname [default: all].
+        #[arg(long)]
+        devices: Option<String>,
+        /// Destination: a folder, file:///…, or s3://BUCKET/PREFIX.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the hub: gRPC ingest, REST API, /metrics. Prints its endpoints as one JSON line.
     Serve(Box<ServeArgs>),
@@ -72,6 +98,11 @@ enum Command {
     Runs {
         #[command(subcommand)]
         command: RunsCommand,
+    },
+    /// Datasets: telemetry windows as Parquet files for training.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
     },
     /// The fleet's devices.
     Devices {
@@ -247,6 +278,8 @@ enum DevicesCommand {
 }
 
 fn main() -> ExitCode {
+    // reqwest (CLI, object_store's S3 client) and the Kubernetes client use rustls with ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -406,6 +439,48 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 printed.map(|()| String::new())
             }
         },
+        Command::Datasets {
+            command:
+                DatasetsCommand::Export {
+                    since,
+                    until,
+                    devices,
+                    to,
+                },
+        } => {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "exporting {bar:30} {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+                )
+                .expect("template"),
+            );
+            let request = serde_json::json!({
+                "since": since, "until": until, "devices": devices, "to": to,
+            });
+            let result = client
+                .datasets_export(request, |rows, total| {
+                    bar.set_length(total);
+                    bar.set_position(rows);
+                })
+                .await;
+            bar.finish_and_clear();
+            result.map(|m| match cli.output {
+                Output::Json => serde_json::to_string_pretty(&m).unwrap_or_default(),
+                Output::Table => format!(
+                    "dataset written to {to}: {} rows from {} device(s) in {} file(s); digest {}",
+                    m["rows"],
+                    m["devices"].as_array().map_or(0, Vec::len),
+                    m["files"].as_array().map_or(0, Vec::len),
+                    serde_json::from_value::<shoal_ml::dataset::Manifest>(m.clone())
+                        .map(|m| m.digest())
+                        .unwrap_or_default(),
+                ),
+            })
+        }
         Command::Devices {
             command: DevicesCommand::List,
         } => client.devices_list(cli.output).await,

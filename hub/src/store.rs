@@ -146,6 +146,16 @@ impl Store {
         last.map(|(_, v)| decode(v.value())).transpose()
     }
 
+    /// How many samples device `key` has in `[from_ms, to_ms)`, from two binary searches (exact
+    /// when its seqs have no gaps; an estimate for progress otherwise).
+    pub fn count_time_range(&self, key: u32, from_ms: i64, to_ms: i64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let samples = txn.open_table(SAMPLES)?;
+        let lo = first_seq_at_or_after(&samples, key, from_ms)?;
+        let hi = first_seq_at_or_after(&samples, key, to_ms)?;
+        Ok(hi.saturating_sub(lo))
+    }
+
     /// Calls `f` on every sample of device `key` whose timestamp lies in `[from_ms, to_ms)`,
     /// in seq order. The start is found by binary search over seq (a device's timestamps rise
     /// with its seq), so a query over the last hour of a year of data reads the last hour only.
@@ -158,33 +168,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
-        let first_at_or_after = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
-            match samples
-                .range((key, seq)..=(key, u64::MAX))?
-                .next()
-                .transpose()?
-            {
-                Some((k, v)) => Ok(Some((k.value().1, decode(v.value())?.timestamp_ms))),
-                None => Ok(None),
-            }
-        };
-        let Some((mut lo, _)) = first_at_or_after(0)? else {
-            return Ok(());
-        };
-        let mut hi = samples
-            .range((key, 0)..=(key, u64::MAX))?
-            .next_back()
-            .transpose()?
-            .map_or(lo, |(k, _)| k.value().1)
-            + 1;
-        // Smallest seq whose sample is at or after from_ms.
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match first_at_or_after(mid)? {
-                Some((s, ts)) if ts < from_ms => lo = s + 1,
-                _ => hi = mid,
-            }
-        }
+        let lo = first_seq_at_or_after(&samples, key, from_ms)?;
         for row in samples.range((key, lo)..=(key, u64::MAX))? {
             let (_, v) = row?;
             let s = decode(v.value())?;
@@ -201,4 +185,40 @@ impl Store {
 
 fn decode(bytes: &[u8]) -> Result<Sample, StoreError> {
     Sample::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The smallest seq of device `key` whose sample is at or after `ts_ms` (one past the last seq
+/// when none is), by binary search over seq.
+fn first_seq_at_or_after(
+    samples: &redb::ReadOnlyTable<(u32, u64), &[u8]>,
+    key: u32,
+    ts_ms: i64,
+) -> Result<u64, StoreError> {
+    let first_from = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
+        match samples
+            .range((key, seq)..=(key, u64::MAX))?
+            .next()
+            .transpose()?
+        {
+            Some((k, v)) => Ok(Some((k.value().1, decode(v.value())?.timestamp_ms))),
+            None => Ok(None),
+        }
+    };
+    let Some((mut lo, _)) = first_from(0)? else {
+        return Ok(0);
+    };
+    let mut hi = samples
+        .range((key, 0)..=(key, u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(lo, |(k, _)| k.value().1)
+        + 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match first_from(mid)? {
+            Some((s, ts)) if ts < ts_ms => lo = s + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
 }

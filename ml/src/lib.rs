@@ -6,6 +6,7 @@
 //! - [`train`]: the device-health anomaly detector (streaming ridge regression, held-out
 //!   evaluation, deterministic under a seed);
 //! - [`onnx`]: the trained model as an ONNX graph any runtime serves;
+//! - [`mlflow`]: an MLflow tracking and Model Registry client over its REST API;
 //! - [`stats`]: streaming summaries (count, min, max, mean, variance) computed in one pass; the
 //!   hub downsamples telemetry series with them.
 //!
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dataset;
+pub mod mlflow;
 pub mod onnx;
 pub mod stats;
 pub mod store;

@@ -413,8 +413,10 @@ mod tests {
 
     fn batch(rows: &[(&str, i64, [Option<f64>; 3])]) -> Batch {
         // Columns: cpu_percent, load1, temperature_celsius; the rest empty.
-        let mut b = Batch::default();
-        b.columns = vec![Vec::new(); METRICS.len()];
+        let mut b = Batch {
+            columns: vec![Vec::new(); METRICS.len()],
+            ..Batch::default()
+        };
         for (d, seq, v) in rows {
             b.device_ids.push(d.to_string());
             b.seqs.push(*seq);

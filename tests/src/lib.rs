@@ -56,6 +56,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// An HTTP client (the workspace builds reqwest with rustls but no default crypto provider:
+/// every binary installs ring's, and so does this).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// `GET url`.
+pub async fn http_get(url: &str) -> reqwest::Result<reqwest::Response> {
+    http_client().get(url).send().await
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
@@ -191,11 +203,7 @@ impl Hub {
         let url = format!("{}/healthz", hub.http_url());
         wait_until("the hub's /healthz", Duration::from_secs(20), || {
             let url = url.clone();
-            async move {
-                reqwest::get(&url)
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            }
+            async move { http_get(&url).await.is_ok_and(|r| r.status().is_success()) }
         })
         .await;
         hub
@@ -218,7 +226,7 @@ impl Hub {
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        let resp = reqwest::get(format!("{}{path}", self.http_url()))
+        let resp = http_get(&format!("{}{path}", self.http_url()))
             .await
             .expect("hub REST request");
         resp.json().await.expect("JSON body")
@@ -262,7 +270,7 @@ impl Hub {
 
     /// The value of one line of `/metrics`, e.g. `shoal_ingest_samples_accepted_total`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.http_url()))
+        let text = http_get(&format!("{}/metrics", self.http_url()))
             .await
             .expect("metrics request")
             .text()
@@ -586,4 +594,140 @@ pub fn kube_validate(file: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success() && !report.contains("ERROR"), report)
+}
+
+/// Sends `samples` (seq 1, 2, …) for `device` to the hub over gRPC, the way an agent does, and
+/// waits until the hub acknowledged all of them.
+pub async fn ingest(hub: &Hub, device: &str, samples: Vec<shoal_proto::v1::Sample>) {
+    use shoal_proto::v1::ingest_client::IngestClient;
+    use shoal_proto::v1::{
+        DeviceHello, IngestRequest, TelemetryBatch, ingest_request, ingest_response,
+    };
+    let mut client = IngestClient::connect(hub.grpc_url())
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(IngestRequest {
+        msg: Some(ingest_request::Msg::Hello(DeviceHello {
+            device_id: device.to_string(),
+            arch: "aarch64".into(),
+            hardware_model: "Raspberry Pi 4 Model B Rev 1.4".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut answers = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    answers.message().await.expect("welcome").expect("welcome");
+    let last = samples.last().map_or(0, |s| s.seq);
+    let sender = tokio::spawn(async move {
+        for chunk in samples.chunks(500) {
+            let batch = TelemetryBatch {
+                samples: chunk.to_vec(),
+            };
+            if tx
+                .send(IngestRequest {
+                    msg: Some(ingest_request::Msg::Batch(batch)),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        // Keep the stream open until the acks are read.
+        std::future::pending::<()>().await;
+    });
+    loop {
+        let answer = answers.message().await.expect("ack").expect("ack");
+        if let Some(ingest_response::Msg::Ack(a)) = answer.msg
+            && a.up_to_seq >= last
+        {
+            break;
+        }
+    }
+    sender.abort();
+}
+
+/// A real `mlflow server` (from the venv `tests/run` installs) on a free port, with a sqlite
+/// store and the artifact proxy, in its own process group (killed whole on drop).
+pub struct MlflowServer {
+    proc: Proc,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl MlflowServer {
+    /// Starts it and waits for `/health`. Fails (never skips) when mlflow is not installed.
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port()).await
+    }
+
+    pub async fn start_on(dir: &Path, port: u16) -> Self {
+        let exe = which("mlflow").expect(
+            "mlflow is not installed (tests/run installs it from PyPI into a venv on PATH)",
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args(["server", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}", dir.join("mlflow.db").display()))
+            .arg("--artifacts-destination")
+            .arg(dir.join("artifacts"))
+            .args(["--workers", "1"])
+            .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+            .stdout(Stdio::null());
+        if std::env::var_os("SHOAL_E2E_VERBOSE").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let server = Self {
+            proc: Proc::spawn("mlflow server", cmd),
+            port,
+            dir,
+        };
+        let url = format!("{}/health", server.url());
+        wait_until("mlflow server's /health", Duration::from_secs(90), || {
+            let url = url.clone();
+            async move { http_get(&url).await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `GET /api/2.0/mlflow/PATH?QUERY` as JSON.
+    pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        http_client()
+            .get(format!("{}/api/2.0/mlflow/{path}", self.url()))
+            .query(query)
+            .send()
+            .await
+            .expect("mlflow request")
+            .json()
+            .await
+            .expect("mlflow JSON")
+    }
+
+    /// SIGKILL to the server and its workers.
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.proc.child.id())])
+            .status();
+        self.proc.kill9();
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -243,7 +243,7 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
     wait_until("the local agent's samples", Duration::from_secs(30), || {
         let url = url.clone();
         async move {
-            let Ok(r) = reqwest::get(&url).await else {
+            let Ok(r) = shoal_e2e::http_get(&url).await else {
                 return false;
             };
             let v: serde_json::Value = r.json().await.unwrap_or_default();

@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
     std::io::BufReader::new(hub.stdout.take().context("stdout")?).read_line(&mut line)?;
     let endpoints: serde_json::Value = serde_json::from_str(&line)?;
     let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
-    let client = reqwest::Client::new();
+    let client = shoal_e2e::http_client();
     for i in 0..args.jobs {
         let manifest = format!(
             "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: bench-{i:05}\nspec:\n  schedule: \"* * * * *\"\n  successfulJobsHistoryLimit: {keep}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: c\n              command: [\"date\", \"+%s%3N\"]\n",

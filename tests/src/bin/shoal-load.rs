@@ -529,7 +529,7 @@ async fn main() -> anyhow::Result<()> {
     println!("ack latency p99      {:.2} ms", percentile(&lat, 0.99));
     println!("ack latency max      {:.2} ms", percentile(&lat, 1.0));
     if let Some(http) = http {
-        let text = reqwest::get(format!("{http}/metrics"))
+        let text = shoal_e2e::http_get(&format!("{http}/metrics"))
             .await?
             .text()
             .await?;

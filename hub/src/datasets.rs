@@ -1,0 +1,216 @@
+//! Dataset export: telemetry windows from the store to Parquet in a folder or S3
+//! (`POST /api/v1/datasets/export`, `shoal datasets export`).
+//!
+//! The answer is a stream of JSON lines: `{"progress":{"rows":N,"total":T}}` while rows are
+//! written, then `{"manifest":{…}}`, or `{"error":"…"}`. Rows are read on a blocking thread and
+//! handed to the writer in chunks, so memory stays at one Parquet file's worth of rows.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use shoal_ml::dataset::{DatasetWriter, Row};
+use shoal_ml::store::Location;
+use tokio::sync::mpsc;
+
+use crate::http::{ApiError, AppState};
+use crate::series;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// Start of the window: RFC 3339, epoch ms, or a duration back from now (`1h`).
+    pub since: String,
+    /// End of the window (default now).
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Which devices: `key=value,key!=value` over labels and `id`, `arch`, `os`, `model`,
+    /// `hostname`; all devices when absent.
+    #[serde(default)]
+    pub devices: Option<String>,
+    /// Where to write: a folder on the hub's machine, file:///…, or s3://BUCKET/PREFIX.
+    pub to: String,
+}
+
+/// A parsed device selector.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Selector(Vec<(String, bool, String)>);
+
+impl Selector {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (key, eq, value) = if let Some((k, v)) = term.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = term.split_once('=') {
+                (k, true, v.trim_start_matches('='))
+            } else {
+                return Err(format!(
+                    "{term:?} is not key=value or key!=value (e.g. arch=aarch64,site!=lab)"
+                ));
+            };
+            if key.trim().is_empty() {
+                return Err(format!("{term:?} has no key"));
+            }
+            terms.push((key.trim().to_string(), eq, value.trim().to_string()));
+        }
+        Ok(Self(terms))
+    }
+
+    pub fn matches(&self, r: &crate::registry::DeviceRecord) -> bool {
+        self.0.iter().all(|(k, eq, v)| {
+            let actual = match k.as_str() {
+                "id" => Some(r.device_id.as_str()),
+                "arch" => Some(r.arch.as_str()),
+                "os" => Some(r.os.as_str()),
+                "model" => Some(r.hardware_model.as_str()),
+                "hostname" => Some(r.hostname.as_str()),
+                label => r.labels.get(label).map(String::as_str),
+            };
+            (actual == Some(v.as_str())) == *eq
+        })
+    }
+}
+
+/// Rows handed from the store reader to the writer at a time.
+const CHUNK: usize = 8192;
+/// A progress line every this many rows.
+const PROGRESS_EVERY: u64 = 65_536;
+
+enum Msg {
+    /// Rows in the window (an estimate when seqs have gaps).
+    Total(u64),
+    Rows(Vec<Row>),
+}
+
+fn line(v: serde_json::Value) -> Result<Bytes, std::convert::Infallible> {
+    let mut s = v.to_string();
+    s.push('\n');
+    Ok(Bytes::from(s))
+}
+
+pub async fn export(
+    State(s): State<AppState>,
+    Json(req): Json<ExportRequest>,
+) -> Result<Response, ApiError> {
+    let bad = |field: &str, reason: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid {field}: {reason}"),
+        )
+    };
+    let now = series::now_ms();
+    let from = series::parse_time(&req.since, now).map_err(|e| bad("since", e))?;
+    let to = match &req.until {
+        Some(t) => series::parse_time(t, now).map_err(|e| bad("until", e))?,
+        None => now,
+    };
+    if from >= to {
+        return Err(bad(
+            "since",
+            "the window is empty: since must be before until".into(),
+        ));
+    }
+    let selector =
+        Selector::parse(req.devices.as_deref().unwrap_or("")).map_err(|e| bad("devices", e))?;
+    let location = Location::parse(&req.to).map_err(|e| bad("to", e.to_string()))?;
+    let mut devices: Vec<_> = s
+        .fleet
+        .all()
+        .into_iter()
+        .filter(|d| selector.matches(&d.record))
+        .collect();
+    devices.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+    let store = s.store.clone();
+    let source = json!({
+        "since": req.since, "until": req.until, "from_ms": from, "to_ms": to,
+        "devices": req.devices, "hub": s.hub_url,
+    });
+    tokio::spawn(async move {
+        let (rows_tx, mut rows_rx) = mpsc::channel::<Msg>(4);
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let total: u64 = devices
+                .iter()
+                .map(|d| store.count_time_range(d.key, from, to).unwrap_or(0))
+                .sum();
+            let _ = rows_tx.blocking_send(Msg::Total(total));
+            let mut chunk = Vec::with_capacity(CHUNK);
+            for d in &devices {
+                let id = d.record.device_id.clone();
+                store
+                    .scan_time_range(d.key, from, to, |sample| {
+                        chunk.push(Row::from_sample(&id, sample.seq, sample));
+                        if chunk.len() == CHUNK {
+                            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                            let _ = rows_tx.blocking_send(Msg::Rows(full));
+                        }
+                    })
+                    .map_err(|e| format!("reading the store: {e}"))?;
+            }
+            if !chunk.is_empty() {
+                let _ = rows_tx.blocking_send(Msg::Rows(chunk));
+            }
+            Ok(())
+        });
+        let mut writer = DatasetWriter::new(location);
+        let (mut total, mut reported) = (0u64, 0u64);
+        let mut result = Ok(());
+        'read: while let Some(msg) = rows_rx.recv().await {
+            let rows = match msg {
+                Msg::Total(t) => {
+                    total = t;
+                    let _ = tx
+                        .send(line(json!({ "progress": { "rows": 0, "total": total } })))
+                        .await;
+                    continue;
+                }
+                Msg::Rows(rows) => rows,
+            };
+            for row in rows {
+                if let Err(e) = writer.push(row).await {
+                    result = Err(e.to_string());
+                    break 'read;
+                }
+            }
+            if writer.rows() - reported >= PROGRESS_EVERY {
+                reported = writer.rows();
+                let _ = tx
+                    .send(line(
+                        json!({ "progress": { "rows": reported, "total": total.max(reported) } }),
+                    ))
+                    .await;
+            }
+        }
+        drop(rows_rx);
+        if let Ok(Err(e)) = reader.await
+            && result.is_ok()
+        {
+            result = Err(e);
+        }
+        let outcome = match result {
+            Ok(()) => writer.finish(source).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "dataset export failed");
+        }
+        let _ = tx
+            .send(line(match outcome {
+                Ok(manifest) => json!({ "manifest": manifest }),
+                Err(e) => json!({ "error": e }),
+            }))
+            .await;
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .expect("response"))
+}

@@ -1,0 +1,538 @@
+//! `shoal-ml`: train the device-health anomaly detector on a Shoal dataset, export it as ONNX,
+//! and track it in MLflow.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use shoal_ml::dataset::{self, Manifest};
+use shoal_ml::mlflow::{Metric, Mlflow, MlflowError, RunInfo};
+use shoal_ml::store::Location;
+use shoal_ml::train::{DEFAULT_FEATURES, DEFAULT_TARGET, Model, TrainConfig, Trainer};
+
+/// Exit code when the model was trained and written but MLflow could not record it
+/// (EX_TEMPFAIL: a scheduled job's retry will try again).
+const EXIT_NOT_LOGGED: u8 = 75;
+/// Exit code for bad input (EX_DATAERR).
+const EXIT_BAD_INPUT: u8 = 65;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal-ml",
+    version,
+    about = "Train, export and track Shoal's models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the anomaly detector (expected temperature from load, clocks and GPU activity) on
+    /// a dataset written by `shoal datasets export`; writes model.onnx, model.json,
+    /// metrics.json and MLmodel to --out, and logs the run to MLflow when a tracking server is
+    /// given.
+    Train(Box<TrainArgs>),
+    /// Score readings with a trained model: reads {"features": [[…]], "observed": […]} (JSON)
+    /// and prints {"expected": […], "score": […]}.
+    Score {
+        /// The --out folder of a training run (its model.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// The readings; "-" for standard input.
+        #[arg(long, default_value = "-")]
+        input: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The dataset: a folder, file:///…, or s3://BUCKET/PREFIX (see `shoal datasets export`).
+    #[arg(long, env = "SHOAL_DATASET_URI")]
+    dataset: String,
+    /// Where the model and its report go.
+    #[arg(long, env = "SHOAL_ARTIFACTS_DIR", default_value = "./model")]
+    out: PathBuf,
+    /// Column to predict.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    target: String,
+    /// Columns to predict from, comma-separated (a missing value counts as 0).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_FEATURES.map(String::from))]
+    features: Vec<String>,
+    /// Share of rows held out for evaluation (chosen by a hash of device, seq and seed).
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Seed of the held-out split: the same seed and data give the same model.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Ridge penalty on the standardised weights.
+    #[arg(long, default_value_t = 1e-3)]
+    ridge: f64,
+    /// Score above which a reading counts as anomalous.
+    #[arg(long, default_value_t = 3.0)]
+    threshold: f64,
+    /// MLflow tracking server (http://HOST:PORT); without one nothing is sent anywhere.
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
+    mlflow_tracking_uri: Option<String>,
+    /// MLflow experiment.
+    #[arg(long, env = "MLFLOW_EXPERIMENT_NAME", default_value = "shoal")]
+    experiment: String,
+    /// Model Registry name the model is registered under.
+    #[arg(long, default_value = "shoal-anomaly")]
+    registered_model: String,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.command {
+        Command::Train(args) => runtime.block_on(train(*args)),
+        Command::Score { model, input } => score(&model, &input),
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "shoal-ml: {message}");
+    ExitCode::from(code)
+}
+
+/// The MLflow side of a training run; the first error stops tracking (training goes on).
+struct Tracker {
+    client: Mlflow,
+    run: Option<RunInfo>,
+    error: Option<MlflowError>,
+}
+
+impl Tracker {
+    async fn attempt<T>(
+        &mut self,
+        op: impl AsyncFnOnce(&Mlflow, &RunInfo) -> Result<T, MlflowError>,
+    ) -> Option<T> {
+        if self.error.is_some() {
+            return None;
+        }
+        let run = self.run.as_ref()?;
+        match op(&self.client, run).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error = Some(e);
+                None
+            }
+        }
+    }
+}
+
+async fn start_tracking(
+    client: Mlflow,
+    args: &TrainArgs,
+    manifest: &Manifest,
+    digest: &str,
+) -> Tracker {
+    let mut tracker = Tracker {
+        client,
+        run: None,
+        error: None,
+    };
+    let c = tracker.client.clone();
+    let started = async {
+        let experiment = c.experiment(&args.experiment).await?;
+        let shoal_run = std::env::var("SHOAL_RUN_ID").ok();
+        if let Some(id) = &shoal_run {
+            // An earlier attempt of this scheduled run that could not finish its MLflow run:
+            // say so there rather than leave it RUNNING forever.
+            for old in c.running_with_tag(&experiment, "shoal.run_id", id).await? {
+                c.set_tag(
+                    &old,
+                    "shoal.superseded",
+                    "a later attempt of the same Shoal run",
+                )
+                .await?;
+                c.end_run(&old, "FAILED").await?;
+            }
+        }
+        let mut tags = vec![
+            (
+                "mlflow.source.name".to_string(),
+                "shoal-ml train".to_string(),
+            ),
+            ("mlflow.source.type".to_string(), "JOB".to_string()),
+            ("shoal.dataset_uri".to_string(), args.dataset.clone()),
+            ("shoal.dataset_sha256".to_string(), digest.to_string()),
+            (
+                "shoal.code_version".to_string(),
+                format!(
+                    "shoal-ml {}{}",
+                    env!("CARGO_PKG_VERSION"),
+                    option_env!("SHOAL_GIT_COMMIT")
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default()
+                ),
+            ),
+        ];
+        if let Some(id) = &shoal_run {
+            tags.push(("shoal.run_id".into(), id.clone()));
+        }
+        if let Ok(job) = std::env::var("SHOAL_JOB") {
+            tags.push(("shoal.job".into(), job));
+        }
+        let name = shoal_run.unwrap_or_else(|| format!("train-{}", &digest[..12]));
+        let run = c.create_run(&experiment, &name, &tags).await?;
+        let params: Vec<(String, String)> = [
+            ("target", args.target.clone()),
+            ("features", args.features.join(",")),
+            ("holdout", args.holdout.to_string()),
+            ("seed", args.seed.to_string()),
+            ("ridge", args.ridge.to_string()),
+            ("threshold", args.threshold.to_string()),
+            ("dataset_rows", manifest.rows.to_string()),
+            ("dataset_files", manifest.files.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        c.log_batch(&run.run_id, &params, &[], &[]).await?;
+        Ok::<_, MlflowError>(run)
+    }
+    .await;
+    match started {
+        Ok(run) => tracker.run = Some(run),
+        Err(e) => tracker.error = Some(e),
+    }
+    tracker
+}
+
+async fn train(args: TrainArgs) -> ExitCode {
+    let config = TrainConfig {
+        target: args.target.clone(),
+        features: args.features.clone(),
+        holdout: args.holdout,
+        seed: args.seed,
+        ridge: args.ridge,
+        threshold: args.threshold,
+    };
+    let mut trainer = match Trainer::new(config) {
+        Ok(t) => t,
+        Err(e) => return fail(64, e),
+    };
+    let client = match args
+        .mlflow_tracking_uri
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        Some(uri) => match Mlflow::new(uri) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(64, e),
+        },
+        None => None,
+    };
+    let location = match Location::parse(&args.dataset) {
+        Ok(l) => l,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let manifest = match dataset::open(&location).await {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(73, format!("{}: {e}", args.out.display()));
+    }
+    let digest = manifest.digest();
+    let mut tracker = match client {
+        Some(c) => Some(start_tracking(c, &args, &manifest, &digest).await),
+        None => None,
+    };
+
+    let progress = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::with_draw_target(
+            Some(manifest.rows),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "training {bar:30} {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+        )
+        .expect("template"),
+    );
+    let started = std::time::Instant::now();
+    for (step, entry) in manifest.files.iter().enumerate() {
+        let bytes = match dataset::fetch(&location, entry).await {
+            Ok(b) => b,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        };
+        let name = location.display(&entry.path);
+        if let Err(e) = dataset::decode(&name, bytes, |b| {
+            trainer.push(b);
+            progress.inc(b.len() as u64);
+        }) {
+            return fail(EXIT_BAD_INPUT, e);
+        }
+        // The learning curve: fit on everything read so far.
+        if let (Some(t), Ok((_, report))) = (tracker.as_mut(), trainer.fit()) {
+            let now = chrono::Utc::now().timestamp_millis();
+            let metrics = [
+                ("train_rmse", report.train.rmse),
+                ("holdout_rmse", report.holdout.rmse),
+                ("rows_read", report.rows_read as f64),
+            ]
+            .map(|(k, v)| Metric {
+                key: k.into(),
+                value: v,
+                step: step as i64,
+                timestamp_ms: now,
+            });
+            t.attempt(async |c, run| c.log_batch(&run.run_id, &[], &metrics, &[]).await)
+                .await;
+        }
+    }
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let (model, report) = match trainer.fit() {
+        Ok(x) => x,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("{}: {e}", args.dataset)),
+    };
+
+    let onnx = shoal_ml::onnx::export(
+        &model,
+        &[
+            ("dataset_uri", args.dataset.as_str()),
+            ("dataset_sha256", digest.as_str()),
+        ],
+    );
+    let metrics = json!({
+        "dataset": { "uri": args.dataset, "sha256": digest, "rows": manifest.rows, "files": manifest.files.len() },
+        "report": report,
+        "model": model,
+        "seconds": seconds,
+        "rows_per_second": report.rows_read as f64 / seconds.max(1e-9),
+    });
+    let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
+    let mut mlmodel = None;
+    if let Some(run) = tracker.as_ref().and_then(|t| t.run.as_ref()) {
+        mlmodel = Some(mlmodel_file(&run.run_id));
+    }
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.onnx", onnx.clone()),
+        (
+            "model.json",
+            serde_json::to_vec_pretty(&model).expect("json"),
+        ),
+        ("metrics.json", metrics_json.clone()),
+        (
+            "MLmodel",
+            mlmodel
+                .clone()
+                .unwrap_or_else(|| mlmodel_file(""))
+                .into_bytes(),
+        ),
+    ];
+    for (name, bytes) in &files {
+        if let Err(e) = std::fs::write(args.out.join(name), bytes) {
+            return fail(73, format!("{}: {e}", args.out.join(name).display()));
+        }
+    }
+
+    let mut out = std::io::stdout();
+    let summary = json!({
+        "out": args.out,
+        "rows": report.rows_read,
+        "holdout_rmse": report.holdout.rmse,
+        "holdout_r2": report.holdout.r2,
+        "rows_per_second": metrics["rows_per_second"],
+    });
+    let Some(mut tracker) = tracker else {
+        let _ = writeln!(out, "{summary}");
+        return ExitCode::SUCCESS;
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let last_step = manifest.files.len() as i64;
+    let finals: Vec<Metric> = [
+        ("holdout_rmse", report.holdout.rmse),
+        ("holdout_bias", report.holdout.bias),
+        ("holdout_r2", report.holdout.r2),
+        ("train_rmse", report.train.rmse),
+        ("train_r2", report.train.r2),
+        (
+            "rows_per_second",
+            report.rows_read as f64 / seconds.max(1e-9),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| Metric {
+        key: k.into(),
+        value: v,
+        step: last_step,
+        timestamp_ms: now,
+    })
+    .collect();
+    tracker
+        .attempt(async |c, run| c.log_batch(&run.run_id, &[], &finals, &[]).await)
+        .await;
+    for (path, bytes) in [
+        ("model/model.onnx", onnx),
+        ("model/MLmodel", mlmodel.unwrap_or_default().into_bytes()),
+        ("evaluation/metrics.json", metrics_json),
+    ] {
+        tracker
+            .attempt(async |c, run| c.upload(run, path, bytes).await)
+            .await;
+    }
+    tracker
+        .attempt(async |c, run| c.end_run(&run.run_id, "FINISHED").await)
+        .await;
+    let name = args.registered_model.clone();
+    let version = tracker
+        .attempt(async |c, run| {
+            let source = format!("{}/model", run.artifact_uri);
+            let tags = vec![("shoal.dataset_sha256".to_string(), digest.clone())];
+            c.register(&name, &source, &run.run_id, &tags).await
+        })
+        .await;
+    let run_id = tracker.run.as_ref().map(|r| r.run_id.clone());
+    let record = match &tracker.error {
+        None => json!({
+            "status": "logged",
+            "tracking_uri": tracker.client.uri(),
+            "run_id": run_id,
+            "registered_model": name,
+            "version": version,
+        }),
+        Some(e) => json!({
+            "status": "not_logged",
+            "tracking_uri": tracker.client.uri(),
+            "run_id": run_id,
+            "error": e.to_string(),
+        }),
+    };
+    let _ = std::fs::write(
+        args.out.join("mlflow.json"),
+        serde_json::to_vec_pretty(&record).expect("json"),
+    );
+    match tracker.error {
+        None => {
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({ "mlflow_run_id": run_id, "registered_model": name, "version": version, "summary": summary })
+            );
+            ExitCode::SUCCESS
+        }
+        Some(e) => {
+            if let Some(run) = &tracker.run {
+                // Best effort, once: the server may be back.
+                let quick = tracker
+                    .client
+                    .clone()
+                    .with_retries(1, std::time::Duration::ZERO);
+                let _ = quick.end_run(&run.run_id, "FAILED").await;
+            }
+            fail(
+                EXIT_NOT_LOGGED,
+                format!(
+                    "the model is in {} but MLflow did not record it: {e} (see {}/mlflow.json; a retry of the job logs it again)",
+                    args.out.display(),
+                    args.out.display()
+                ),
+            )
+        }
+    }
+}
+
+/// MLflow's model descriptor for the ONNX file (flavors `onnx` and `python_function`).
+fn mlmodel_file(run_id: &str) -> String {
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.6f");
+    let mut text = format!(
+        "artifact_path: model\nflavors:\n  onnx:\n    data: model.onnx\n    providers:\n    - CPUExecutionProvider\n  python_function:\n    loader_module: mlflow.onnx\n    data: model.onnx\n    python_version: '3'\nutc_time_created: '{now}'\n"
+    );
+    if !run_id.is_empty() {
+        text.push_str(&format!("run_id: {run_id}\n"));
+    }
+    text
+}
+
+fn score(model_dir: &Path, input: &Path) -> ExitCode {
+    let path = model_dir.join("model.json");
+    let model: Model = match std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("{}: {e}", path.display())),
+    };
+    let text = if input.as_os_str() == "-" {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s);
+        s
+    } else {
+        match std::fs::read_to_string(input) {
+            Ok(s) => s,
+            Err(e) => return fail(EXIT_BAD_INPUT, format!("{}: {e}", input.display())),
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Readings {
+        features: Vec<Vec<f64>>,
+        observed: Vec<f64>,
+    }
+    let readings: Readings = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("readings: {e}")),
+    };
+    if readings.features.len() != readings.observed.len() {
+        return fail(
+            EXIT_BAD_INPUT,
+            "readings: features and observed differ in length",
+        );
+    }
+    if let Some((i, row)) = readings
+        .features
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.len() != model.features.len())
+    {
+        return fail(
+            EXIT_BAD_INPUT,
+            format!(
+                "readings: row {i} has {} features, the model takes {} ({})",
+                row.len(),
+                model.features.len(),
+                model.features.join(", ")
+            ),
+        );
+    }
+    let expected: Vec<f64> = readings
+        .features
+        .iter()
+        .map(|x| model.expected(x))
+        .collect();
+    let scores: Vec<f64> = readings
+        .features
+        .iter()
+        .zip(&readings.observed)
+        .map(|(x, y)| model.score(x, *y))
+        .collect();
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        json!({ "expected": expected, "score": scores })
+    );
+    ExitCode::SUCCESS
+}

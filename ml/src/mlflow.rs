@@ -1,0 +1,371 @@
+//! An MLflow tracking client over its REST API (`/api/2.0/mlflow/…`): experiments, runs,
+//! params, metrics per step, tags, artifacts through the tracking server's artifact proxy
+//! (`/api/2.0/mlflow-artifacts/artifacts/…`), and the Model Registry.
+//!
+//! Every call is retried with backoff (1 s, 2 s, 4 s) when the server cannot be reached or
+//! answers 5xx; a 4xx is the caller's mistake and is not retried. Connections are not pooled,
+//! so each call stands alone and a restarted server is picked up at once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MlflowError {
+    #[error("MLflow at {uri} could not be reached ({attempts} attempts): {reason}")]
+    Unreachable {
+        uri: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("MLflow {endpoint}: HTTP {status}: {message}")]
+    Api {
+        endpoint: String,
+        status: u16,
+        /// MLflow's error code, e.g. RESOURCE_DOES_NOT_EXIST.
+        code: String,
+        message: String,
+    },
+    #[error("MLflow tracking URI {0:?}: only http:// and https:// tracking servers are supported")]
+    Uri(String),
+    #[error(
+        "MLflow run {run_id}: artifact location {uri:?} is not proxied by the tracking server (start it with artifact serving on, e.g. --artifacts-destination)"
+    )]
+    NotProxied { run_id: String, uri: String },
+}
+
+impl MlflowError {
+    fn code(&self) -> Option<&str> {
+        match self {
+            MlflowError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A tracking server.
+#[derive(Clone, Debug)]
+pub struct Mlflow {
+    base: String,
+    http: reqwest::Client,
+    attempts: u32,
+    backoff: Duration,
+}
+
+/// A created run.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub experiment_id: String,
+    pub artifact_uri: String,
+}
+
+/// A metric point.
+#[derive(Debug, Clone)]
+pub struct Metric {
+    pub key: String,
+    pub value: f64,
+    pub step: i64,
+    pub timestamp_ms: i64,
+}
+
+impl Mlflow {
+    pub fn new(uri: &str) -> Result<Self, MlflowError> {
+        let base = uri.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(MlflowError::Uri(uri.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| MlflowError::Unreachable {
+                uri: base.clone(),
+                attempts: 0,
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            base,
+            http,
+            attempts: 4,
+            backoff: Duration::from_secs(1),
+        })
+    }
+
+    /// Fewer or faster retries (tests).
+    pub fn with_retries(mut self, attempts: u32, backoff: Duration) -> Self {
+        self.attempts = attempts.max(1);
+        self.backoff = backoff;
+        self
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(
+        &self,
+        endpoint: &str,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Value, MlflowError> {
+        let mut delay = self.backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            if attempt > 1 {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            let resp = match make().send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = causes(&e);
+                    tracing::warn!(%endpoint, attempt, error = %last, "MLflow unreachable");
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if status.is_server_error() {
+                last = format!("HTTP {status}: {text}");
+                tracing::warn!(%endpoint, attempt, error = %last, "MLflow server error");
+                continue;
+            }
+            let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if !status.is_success() {
+                return Err(MlflowError::Api {
+                    endpoint: endpoint.to_string(),
+                    status: status.as_u16(),
+                    code: body["error_code"].as_str().unwrap_or_default().to_string(),
+                    message: body["message"].as_str().map(str::to_string).unwrap_or(text),
+                });
+            }
+            return Ok(body);
+        }
+        Err(MlflowError::Unreachable {
+            uri: self.base.clone(),
+            attempts: self.attempts,
+            reason: last,
+        })
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, MlflowError> {
+        let url = format!("{}/api/2.0/mlflow/{path}", self.base);
+        self.send(path, || self.http.post(&url).json(&body)).await
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, MlflowError> {
+        let url = format!("{}/api/2.0/mlflow/{path}", self.base);
+        self.send(path, || self.http.get(&url).query(query)).await
+    }
+
+    /// The id of experiment `name`, created when missing.
+    pub async fn experiment(&self, name: &str) -> Result<String, MlflowError> {
+        match self
+            .get("experiments/get-by-name", &[("experiment_name", name)])
+            .await
+        {
+            Ok(v) => Ok(v["experiment"]["experiment_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()),
+            Err(e) if e.code() == Some("RESOURCE_DOES_NOT_EXIST") => {
+                match self
+                    .post("experiments/create", json!({ "name": name }))
+                    .await
+                {
+                    Ok(v) => Ok(v["experiment_id"].as_str().unwrap_or_default().to_string()),
+                    // Created meanwhile by someone else.
+                    Err(e) if e.code() == Some("RESOURCE_ALREADY_EXISTS") => {
+                        let v = self
+                            .get("experiments/get-by-name", &[("experiment_name", name)])
+                            .await?;
+                        Ok(v["experiment"]["experiment_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_run(
+        &self,
+        experiment_id: &str,
+        run_name: &str,
+        tags: &[(String, String)],
+    ) -> Result<RunInfo, MlflowError> {
+        let v = self
+            .post(
+                "runs/create",
+                json!({
+                    "experiment_id": experiment_id,
+                    "run_name": run_name,
+                    "start_time": chrono::Utc::now().timestamp_millis(),
+                    "tags": tags.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>(),
+                }),
+            )
+            .await?;
+        let info = &v["run"]["info"];
+        Ok(RunInfo {
+            run_id: info["run_id"].as_str().unwrap_or_default().to_string(),
+            experiment_id: experiment_id.to_string(),
+            artifact_uri: info["artifact_uri"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+
+    pub async fn log_batch(
+        &self,
+        run_id: &str,
+        params: &[(String, String)],
+        metrics: &[Metric],
+        tags: &[(String, String)],
+    ) -> Result<(), MlflowError> {
+        let kv = |list: &[(String, String)]| {
+            list.iter()
+                .map(|(k, v)| json!({ "key": k, "value": v }))
+                .collect::<Vec<_>>()
+        };
+        self.post(
+            "runs/log-batch",
+            json!({
+                "run_id": run_id,
+                "params": kv(params),
+                "tags": kv(tags),
+                "metrics": metrics.iter().map(|m| json!({
+                    "key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp_ms,
+                })).collect::<Vec<_>>(),
+            }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Ends a run: `FINISHED`, `FAILED` or `KILLED`.
+    pub async fn end_run(&self, run_id: &str, status: &str) -> Result<(), MlflowError> {
+        self.post(
+            "runs/update",
+            json!({ "run_id": run_id, "status": status, "end_time": chrono::Utc::now().timestamp_millis() }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn set_tag(&self, run_id: &str, key: &str, value: &str) -> Result<(), MlflowError> {
+        self.post(
+            "runs/set-tag",
+            json!({ "run_id": run_id, "key": key, "value": value }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Runs of `experiment_id` carrying tag `key` = `value` that are still RUNNING.
+    pub async fn running_with_tag(
+        &self,
+        experiment_id: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<String>, MlflowError> {
+        let v = self
+            .post(
+                "runs/search",
+                json!({
+                    "experiment_ids": [experiment_id],
+                    "filter": format!("tags.`{key}` = '{}' and attributes.status = 'RUNNING'", value.replace('\'', "")),
+                    "max_results": 100,
+                }),
+            )
+            .await?;
+        Ok(v["runs"]
+            .as_array()
+            .map(|runs| {
+                runs.iter()
+                    .filter_map(|r| r["info"]["run_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Uploads an artifact of `run` through the tracking server's proxy.
+    pub async fn upload(
+        &self,
+        run: &RunInfo,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), MlflowError> {
+        let Some(rest) = run.artifact_uri.strip_prefix("mlflow-artifacts:") else {
+            return Err(MlflowError::NotProxied {
+                run_id: run.run_id.clone(),
+                uri: run.artifact_uri.clone(),
+            });
+        };
+        // "mlflow-artifacts:/1/abc/artifacts" or "mlflow-artifacts://host:port/1/abc/artifacts"
+        let rest = match rest.strip_prefix("//") {
+            Some(r) => r.split_once('/').map_or("", |(_, p)| p),
+            None => rest.trim_start_matches('/'),
+        };
+        let url = format!(
+            "{}/api/2.0/mlflow-artifacts/artifacts/{rest}/{path}",
+            self.base
+        );
+        let endpoint = format!("mlflow-artifacts/{path}");
+        let body = bytes::Bytes::from(bytes);
+        self.send(&endpoint, || self.http.put(&url).body(body.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    /// Registers `source` as a new version of model `name` (creating the model when missing);
+    /// returns the version.
+    pub async fn register(
+        &self,
+        name: &str,
+        source: &str,
+        run_id: &str,
+        tags: &[(String, String)],
+    ) -> Result<String, MlflowError> {
+        match self
+            .post("registered-models/create", json!({ "name": name }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("RESOURCE_ALREADY_EXISTS") => {}
+            Err(e) => return Err(e),
+        }
+        let v = self
+            .post(
+                "model-versions/create",
+                json!({
+                    "name": name,
+                    "source": source,
+                    "run_id": run_id,
+                    "tags": tags.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>(),
+                }),
+            )
+            .await?;
+        Ok(v["model_version"]["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        next = c.source();
+    }
+    out
+}

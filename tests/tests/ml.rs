@@ -1,0 +1,411 @@
+//! From telemetry to a tracked model, with the real engines: the hub exports a dataset,
+//! `shoal-ml` trains on it, onnxruntime (PyPI) runs the exported ONNX model, and a real
+//! `mlflow server` records the run and registers the model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use shoal_e2e::shoal_cli as shoal;
+use shoal_e2e::{Hub, MlflowServer, bin, ingest, which};
+use shoal_proto::v1::{Cpu, LoadAverage, PiBoard, Sample};
+
+/// A Pi whose SoC temperature follows its load, plus noise; `hot` degrees extra.
+fn pi_samples(n: u64, start_ms: i64, hot: f64) -> Vec<Sample> {
+    (1..=n)
+        .map(|seq| {
+            let cpu = ((seq * 37) % 100) as f64;
+            let load = ((seq * 11) % 40) as f64 / 10.0;
+            let noise = ((seq * 7919) % 101) as f64 / 100.0 - 0.5;
+            Sample {
+                seq,
+                timestamp_ms: start_ms + seq as i64 * 1000,
+                cpu: Some(Cpu {
+                    total_percent: cpu,
+                    ..Default::default()
+                }),
+                load: Some(LoadAverage {
+                    one: load,
+                    five: load / 2.0,
+                    fifteen: load / 4.0,
+                }),
+                pi: Some(PiBoard {
+                    soc_temperature_celsius: 38.0 + 0.25 * cpu + 3.0 * load + noise + hot,
+                    cpu_frequency_mhz: 1500,
+                    ..Default::default()
+                }),
+                process_count: 120,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+async fn hub_with_two_pis(dir: &Path) -> Hub {
+    let hub = Hub::start(&dir.join("hub")).await;
+    let start = shoal_hub_now() - 3_000_000;
+    ingest(&hub, "pi-a", pi_samples(2000, start, 0.0)).await;
+    ingest(&hub, "pi-b", pi_samples(2000, start, 0.0)).await;
+    hub
+}
+
+fn shoal_hub_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn export(hub: &Hub, to: &Path) -> Value {
+    let (ok, out, err) = shoal(
+        hub,
+        &[
+            "datasets",
+            "export",
+            "--since",
+            "2h",
+            "--to",
+            to.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn train(dataset: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin("shoal-ml"))
+        .args(["train", "--quiet", "--dataset"])
+        .arg(dataset)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env_remove("MLFLOW_TRACKING_URI")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn onnx_run(model: &Path, readings: &Value) -> Value {
+    // Under tests/run the venv (with onnxruntime) is first on PATH.
+    let python = which("python3").expect("python3");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/onnx_run.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(readings.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "onnxruntime could not run the model (tests/run installs onnxruntime into the venv)"
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub_with_two_pis(dir.path()).await;
+    let dataset = dir.path().join("datasets/last-hour");
+    let manifest = export(&hub, &dataset);
+    assert_eq!(manifest["rows"], 4000);
+    assert_eq!(manifest["devices"], serde_json::json!(["pi-a", "pi-b"]));
+    assert_eq!(manifest["files"][0]["sha256"].as_str().unwrap().len(), 64);
+    assert!(dataset.join("manifest.json").exists());
+
+    let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
+    let out = dir.path().join("model");
+    let result = Command::new(bin("shoal-ml"))
+        .args(["train", "--quiet", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out)
+        .env("MLFLOW_TRACKING_URI", mlflow.url())
+        .env("SHOAL_JOB", "nightly-train")
+        .env("SHOAL_RUN_ID", "nightly-train-29401921")
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    for f in [
+        "model.onnx",
+        "model.json",
+        "metrics.json",
+        "MLmodel",
+        "mlflow.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} written");
+    }
+    let metrics: Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(
+        metrics["report"]["holdout"]["r2"].as_f64().unwrap() > 0.95,
+        "the model explains the temperature: {metrics}"
+    );
+    let model: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let w = model["weights"].as_array().unwrap();
+    assert!((w[0].as_f64().unwrap() - 0.25).abs() < 0.02, "{model}");
+
+    // onnxruntime and shoal-ml agree on the same readings, within 1e-5.
+    let readings = serde_json::json!({
+        "features": [[10.0, 0.5, 0.2, 1500.0, 0.0, 0.0, 120.0], [90.0, 3.9, 2.0, 1500.0, 0.0, 0.0, 120.0], [50.0, 2.0, 1.0, 1500.0, 0.0, 0.0, 120.0]],
+        "observed": [41.0, 74.0, 75.0],
+    });
+    let ours = Command::new(bin("shoal-ml"))
+        .args(["score", "--model"])
+        .arg(&out)
+        .arg("--input")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(readings.to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(ours.status.success());
+    let ours: Value = serde_json::from_slice(&ours.stdout).unwrap();
+    let theirs = onnx_run(&out.join("model.onnx"), &readings);
+    for key in ["expected", "score"] {
+        for (a, b) in ours[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(theirs[key].as_array().unwrap())
+        {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() < 1e-5, "{key}: shoal-ml {a}, onnxruntime {b}");
+        }
+    }
+    let scores = ours["score"].as_array().unwrap();
+    assert!(
+        scores[2].as_f64().unwrap() > 3.0,
+        "a Pi 10 °C hotter than its load explains is flagged: {ours}"
+    );
+
+    // What MLflow recorded, read back through its REST API.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(out.join("mlflow.json")).unwrap()).unwrap();
+    assert_eq!(record["status"], "logged", "{record}");
+    let run_id = record["run_id"].as_str().unwrap();
+    let run = mlflow.get("runs/get", &[("run_id", run_id)]).await;
+    let info = &run["run"]["info"];
+    assert_eq!(info["status"], "FINISHED", "{run}");
+    let data = &run["run"]["data"];
+    let tag = |k: &str| {
+        data["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["key"] == k)
+            .map(|t| t["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(tag("shoal.job"), "nightly-train");
+    assert_eq!(tag("shoal.run_id"), "nightly-train-29401921");
+    assert_eq!(tag("shoal.dataset_sha256").as_str().unwrap().len(), 64);
+    assert!(
+        tag("shoal.code_version")
+            .as_str()
+            .unwrap()
+            .starts_with("shoal-ml ")
+    );
+    let param = |k: &str| {
+        data["params"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["key"] == k)
+            .map(|p| p["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(param("seed"), "42");
+    assert_eq!(param("dataset_rows"), "4000");
+    let history = mlflow
+        .get(
+            "metrics/get-history",
+            &[("run_id", run_id), ("metric_key", "holdout_rmse")],
+        )
+        .await;
+    let steps: Vec<i64> = history["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["step"].as_i64().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&0) && steps.contains(&1),
+        "per-step metrics: {history}"
+    );
+    let artifacts = mlflow
+        .get("artifacts/list", &[("run_id", run_id), ("path", "model")])
+        .await;
+    let names: Vec<&str> = artifacts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"model/model.onnx") && names.contains(&"model/MLmodel"),
+        "{artifacts}"
+    );
+    let stored = mlflow.dir.join("artifacts");
+    let onnx_in_mlflow = walk(&stored)
+        .into_iter()
+        .find(|p| p.ends_with("model/model.onnx"))
+        .expect("the ONNX file reached MLflow's artifact store");
+    assert_eq!(
+        std::fs::read(onnx_in_mlflow).unwrap(),
+        std::fs::read(out.join("model.onnx")).unwrap()
+    );
+    let registered = mlflow
+        .get("registered-models/get", &[("name", "shoal-anomaly")])
+        .await;
+    let versions = registered["registered_model"]["latest_versions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{registered}"));
+    assert!(
+        versions.iter().any(|v| v["run_id"] == run_id),
+        "{registered}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlflow_down_leaves_the_model_and_marks_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub_with_two_pis(dir.path()).await;
+    let dataset = dir.path().join("ds");
+    export(&hub, &dataset);
+    let out = dir.path().join("model");
+    let port = shoal_e2e::free_port();
+    let result = train(
+        &dataset,
+        &out,
+        &["--mlflow-tracking-uri", &format!("http://127.0.0.1:{port}")],
+    );
+    assert_eq!(
+        result.status.code(),
+        Some(75),
+        "EX_TEMPFAIL, so a scheduled job retries: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("MLflow") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert!(out.join("model.onnx").exists(), "the model is kept");
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(out.join("mlflow.json")).unwrap()).unwrap();
+    assert_eq!(record["status"], "not_logged");
+
+    // The retry (a scheduled job retries on exit 75), with MLflow back on that port, logs it.
+    let mlflow = MlflowServer::start_on(&dir.path().join("mlflow"), port).await;
+    let again = train(&dataset, &out, &["--mlflow-tracking-uri", &mlflow.url()]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(out.join("mlflow.json")).unwrap()).unwrap();
+    assert_eq!(record["status"], "logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datasets_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dataset");
+    let r = train(&missing, &dir.path().join("m"), &[]);
+    assert_eq!(r.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("no-such-dataset") && err.contains("manifest.json"),
+        "{err}"
+    );
+
+    // An empty window exports an empty dataset, which training refuses.
+    let hub = Hub::start(&dir.path().join("hub")).await;
+    let empty = dir.path().join("empty");
+    let manifest = export(&hub, &empty);
+    assert_eq!(manifest["rows"], 0);
+    let r = train(&empty, &dir.path().join("m"), &[]);
+    assert_eq!(r.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("empty"));
+
+    // Bad export requests change nothing and say which field is wrong.
+    let (ok, _, err) = shoal(
+        &hub,
+        &[
+            "datasets",
+            "export",
+            "--since",
+            "yesterday-ish",
+            "--to",
+            "x",
+        ],
+    );
+    assert!(!ok && err.contains("since"), "{err}");
+    let (ok, _, err) = shoal(
+        &hub,
+        &[
+            "datasets",
+            "export",
+            "--since",
+            "1h",
+            "--to",
+            "ftp://nope/x",
+        ],
+    );
+    assert!(!ok && err.contains("ftp"), "{err}");
+    let (ok, _, err) = shoal(
+        &hub,
+        &[
+            "datasets",
+            "export",
+            "--since",
+            "1h",
+            "--devices",
+            "arch",
+            "--to",
+            "x",
+        ],
+    );
+    assert!(!ok && err.contains("devices"), "{err}");
+}
