@@ -159,6 +159,17 @@ impl Hub {
     }
 
     pub async fn start_on(data_dir: &Path, grpc_port: u16, http_port: u16, extra: &[&str]) -> Self {
+        Self::start_with_env(data_dir, grpc_port, http_port, extra, &[]).await
+    }
+
+    /// Starts on given ports with extra flags and environment variables.
+    pub async fn start_with_env(
+        data_dir: &Path,
+        grpc_port: u16,
+        http_port: u16,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().expect("addr");
         let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
         let mut cmd = Command::new(bin("shoal"));
@@ -170,6 +181,7 @@ impl Hub {
             .arg("--http-listen")
             .arg(http.to_string())
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped());
         let mut proc = Proc::spawn("shoal serve", cmd);
         // `shoal serve` prints its endpoints once every port is bound: proof that the process
@@ -717,6 +729,19 @@ impl MlflowServer {
             .expect("mlflow JSON")
     }
 
+    /// `POST /api/2.0/mlflow/PATH` with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        http_client()
+            .post(format!("{}/api/2.0/mlflow/{path}", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("mlflow request")
+            .json()
+            .await
+            .expect("mlflow JSON")
+    }
+
     /// SIGKILL to the server and its workers.
     pub fn kill(&mut self) {
         let _ = Command::new("kill")
@@ -729,5 +754,160 @@ impl MlflowServer {
 impl Drop for MlflowServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A real Garage S3 server (single node, installed by `tests/run` with `cargo install garage`)
+/// with one bucket and one key, in its own process group (killed whole on drop).
+pub struct Garage {
+    proc: Proc,
+    pub s3_port: u16,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+    config: PathBuf,
+}
+
+impl Garage {
+    pub const REGION: &'static str = "garage";
+
+    /// Starts it, lays out the node, imports a key and creates `bucket`. Fails (never skips)
+    /// when garage is not installed.
+    pub async fn start(dir: &Path, bucket: &str) -> Self {
+        let exe = which("garage").expect(
+            "garage is not installed (tests/run installs it with cargo install into its cache)",
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let (s3_port, rpc_port) = (free_port(), free_port());
+        let secret_bytes: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
+            .collect();
+        let config = dir.join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\nrpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret_bytes}\"\n\n[s3_api]\ns3_region = \"{region}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\nroot_domain = \".s3.garage.localhost\"\n",
+                d = dir.display(),
+                region = Self::REGION,
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-c")
+            .arg(&config)
+            .arg("server")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let garage = Self {
+            proc: Proc::spawn("garage server", cmd),
+            s3_port,
+            bucket: bucket.to_string(),
+            key_id: "GK5b0a1c0ffee0123456789abc".into(),
+            secret: "5ec2e7".repeat(10) + "abcd",
+            config,
+        };
+        let mut node = String::new();
+        wait_until("garage to answer", Duration::from_secs(30), || {
+            let out = garage.cli(&["node", "id", "-q"]);
+            let ok = out.status.success();
+            if ok {
+                node = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+            async move { ok }
+        })
+        .await;
+        let node_id = node.split('@').next().unwrap_or_default().to_string();
+        for args in [
+            vec!["layout", "assign", "-z", "dc1", "-c", "1G", &node_id],
+            vec!["layout", "apply", "--version", "1"],
+            vec![
+                "key",
+                "import",
+                "--yes",
+                "-n",
+                "shoal-test",
+                &garage.key_id,
+                &garage.secret,
+            ],
+            vec!["bucket", "create", bucket],
+            vec![
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                bucket,
+                "--key",
+                "shoal-test",
+            ],
+        ] {
+            let out = garage.cli(&args);
+            assert!(
+                out.status.success(),
+                "garage {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        garage
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(which("garage").expect("garage"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run garage")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// The AWS_* environment an S3 client needs for this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", Self::REGION.to_string()),
+        ]
+    }
+
+    /// Reads an object with curl's SigV4 signing: a client Shoal did not write.
+    pub fn curl_get(&self, key: &str) -> Vec<u8> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            ])
+            .arg("--aws-sigv4")
+            .arg(format!("aws:amz:{}:s3", Self::REGION))
+            .arg("--user")
+            .arg(format!("{}:{}", self.key_id, self.secret))
+            .arg(format!("{}/{}/{key}", self.endpoint(), self.bucket))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl GET {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.proc.child.id())])
+            .status();
+        self.proc.kill9();
     }
 }

@@ -337,7 +337,35 @@ async fn mlflow_down_leaves_the_model_and_marks_the_run() {
 
     // The retry (a scheduled job retries on exit 75), with MLflow back on that port, logs it.
     let mlflow = MlflowServer::start_on(&dir.path().join("mlflow"), port).await;
-    let again = train(&dataset, &out, &["--mlflow-tracking-uri", &mlflow.url()]);
+    // An attempt that died mid-run (killed, or MLflow gone before it could end its run) left
+    // a RUNNING run behind; the next attempt of the same Shoal run marks it.
+    let experiment = mlflow
+        .post("experiments/create", serde_json::json!({ "name": "shoal" }))
+        .await["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stale = mlflow
+        .post(
+            "runs/create",
+            serde_json::json!({
+                "experiment_id": experiment,
+                "tags": [{ "key": "shoal.run_id", "value": "train-29401921" }],
+            }),
+        )
+        .await["run"]["info"]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let again = Command::new(bin("shoal-ml"))
+        .args(["train", "--quiet", "--dataset"])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(&out)
+        .env("MLFLOW_TRACKING_URI", mlflow.url())
+        .env("SHOAL_RUN_ID", "train-29401921")
+        .output()
+        .unwrap();
     assert!(
         again.status.success(),
         "{}",
@@ -346,6 +374,9 @@ async fn mlflow_down_leaves_the_model_and_marks_the_run() {
     let record: Value =
         serde_json::from_slice(&std::fs::read(out.join("mlflow.json")).unwrap()).unwrap();
     assert_eq!(record["status"], "logged");
+    let old = mlflow.get("runs/get", &[("run_id", &stale)]).await;
+    assert_eq!(old["run"]["info"]["status"], "FAILED", "{old}");
+    assert!(old.to_string().contains("shoal.superseded"), "{old}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,4 +439,91 @@ async fn bad_datasets_are_refused_naming_the_file() {
         ],
     );
     assert!(!ok && err.contains("devices"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_go_to_s3_and_train_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let garage = shoal_e2e::Garage::start(&dir.path().join("garage"), "telemetry").await;
+    let env = garage.env();
+    let hub = Hub::start_with_env(
+        &dir.path().join("hub"),
+        shoal_e2e::free_port(),
+        shoal_e2e::free_port(),
+        &[],
+        &env,
+    )
+    .await;
+    let start = shoal_hub_now() - 3_000_000;
+    ingest(&hub, "pi-a", pi_samples(3000, start, 0.0)).await;
+    let (ok, out, err) = shoal(
+        &hub,
+        &[
+            "datasets",
+            "export",
+            "--since",
+            "2h",
+            "--devices",
+            "id=pi-a",
+            "--to",
+            "s3://telemetry/pi/last-hour",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let manifest: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(manifest["rows"], 3000);
+    // An independent S3 client reads what Shoal wrote, and the digest matches.
+    let stored: Value =
+        serde_json::from_slice(&garage.curl_get("pi/last-hour/manifest.json")).unwrap();
+    assert_eq!(stored["rows"], 3000);
+    let part = garage.curl_get("pi/last-hour/part-00000.parquet");
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&part)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(digest, stored["files"][0]["sha256"].as_str().unwrap());
+
+    let model = dir.path().join("model");
+    let result = Command::new(bin("shoal-ml"))
+        .args([
+            "train",
+            "--quiet",
+            "--dataset",
+            "s3://telemetry/pi/last-hour",
+            "--out",
+        ])
+        .arg(&model)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env_remove("MLFLOW_TRACKING_URI")
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let metrics: Value =
+        serde_json::from_slice(&std::fs::read(model.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["dataset"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(metrics["report"]["holdout"]["r2"].as_f64().unwrap() > 0.95);
+
+    // Wrong credentials: a clear error, nothing half-written claimed as a dataset.
+    let bad = Command::new(bin("shoal-ml"))
+        .args([
+            "train",
+            "--quiet",
+            "--dataset",
+            "s3://telemetry/pi/last-hour",
+            "--out",
+        ])
+        .arg(dir.path().join("m2"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("AWS_SECRET_ACCESS_KEY", "0".repeat(64))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("s3://telemetry/pi/last-hour"));
 }
