@@ -305,6 +305,75 @@ impl Client {
         }
     }
 
+    pub async fn runs_artifacts(&self, id: &str, output: Output) -> Result<String, CliError> {
+        let v = self
+            .get(&format!("/api/v1/runs/{}/artifacts", encode(id)), &[])
+            .await?;
+        if output == Output::Json {
+            return Ok(serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        let rows: Vec<Vec<String>> = v["artifacts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        vec![
+                            f["path"].as_str().unwrap_or_default().to_string(),
+                            f["bytes"].to_string(),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(table(&["PATH", "BYTES"], &rows))
+    }
+
+    pub async fn runs_fetch(
+        &self,
+        id: &str,
+        path: &str,
+        to: &std::path::Path,
+    ) -> Result<String, CliError> {
+        if path
+            .split('/')
+            .any(|p| p.is_empty() || p == ".." || p == ".")
+        {
+            return Err(CliError::Api(format!(
+                "{path:?} is not a path inside the run's artifacts (see `shoal runs artifacts {id}`)"
+            )));
+        }
+        let url = format!(
+            "{}/api/v1/runs/{}/artifacts/{}",
+            self.base,
+            encode(id),
+            path.split('/').map(encode).collect::<Vec<_>>().join("/")
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| CliError::BadAnswer(e.to_string()))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+        }
+        std::fs::write(to, &bytes).map_err(|e| CliError::Api(format!("{}: {e}", to.display())))?;
+        Ok(format!("{} bytes written to {}", bytes.len(), to.display()))
+    }
+
     /// `datasets export`: streams the hub's progress lines into `progress(rows, total)` and
     /// returns the manifest.
     pub async fn datasets_export(

@@ -25,6 +25,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/runs", get(list_runs))
         .route("/api/v1/runs/{id}", get(show_run))
         .route("/api/v1/runs/{id}/logs", get(run_logs))
+        .route("/api/v1/runs/{id}/artifacts", get(list_artifacts))
+        .route("/api/v1/runs/{id}/artifacts/{*path}", get(get_artifact))
 }
 
 impl From<JobError> for ApiError {
@@ -224,4 +226,72 @@ async fn run_logs(
     let path = s.runs_dir.join(&id).join(format!("attempt-{attempt}.log"));
     let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// The files a run left in its SHOAL_ARTIFACTS_DIR: `{"artifacts": [{"path", "bytes"}]}`.
+async fn list_artifacts(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.job_store
+        .run(&id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    let root = s.runs_dir.join(&id).join("artifacts");
+    let files = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                match e.metadata() {
+                    Ok(m) if m.is_dir() => stack.push(p),
+                    Ok(m) => {
+                        let rel = p.strip_prefix(&root).unwrap_or(&p);
+                        out.push(serde_json::json!({
+                            "path": rel.to_string_lossy(),
+                            "bytes": m.len(),
+                        }));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        out.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+        out
+    })
+    .await
+    .unwrap_or_default();
+    Ok(Json(serde_json::json!({ "run": id, "artifacts": files })))
+}
+
+/// One artifact's bytes.
+async fn get_artifact(
+    State(s): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    s.job_store
+        .run(&id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    if path
+        .split('/')
+        .any(|p| p.is_empty() || p == ".." || p == ".")
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{path:?} is not a path inside the run's artifacts"),
+        ));
+    }
+    let file = s.runs_dir.join(&id).join("artifacts").join(&path);
+    match tokio::fs::read(&file).await {
+        Ok(bytes) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("run {id} has no artifact {path:?}"),
+        )),
+    }
 }

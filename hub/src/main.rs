@@ -239,6 +239,12 @@ enum JobsCommand {
     Delete {
         name: String,
     },
+    /// Print a built-in job's manifest (without NAME: list them), ready for `jobs apply -f -`:
+    ///
+    ///   shoal jobs template dataset-export | shoal jobs apply -f -
+    Template {
+        name: Option<String>,
+    },
     /// Print the job as a Kubernetes object (JSON, which `kubectl apply -f -` takes): the
     /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be.
     Export {
@@ -260,6 +266,17 @@ enum RunsCommand {
     },
     /// One run: status, times, attempts, reason.
     Show { run: String },
+    /// Files a run left in its SHOAL_ARTIFACTS_DIR (a trained model, a report).
+    Artifacts { run: String },
+    /// Download one artifact of a run.
+    Fetch {
+        run: String,
+        /// Path as `runs artifacts` lists it, e.g. model.onnx.
+        path: String,
+        /// Where to write it [default: its file name, here].
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
     /// A run's output (the last attempt's).
     Logs {
         run: String,
@@ -425,10 +442,36 @@ async fn dispatch(cli: Cli) -> ExitCode {
             JobsCommand::Resume { name } => client.jobs_action(&name, "resume", cli.output).await,
             JobsCommand::Delete { name } => client.jobs_action(&name, "delete", cli.output).await,
             JobsCommand::Export { name, k8s: _, job } => client.jobs_export(&name, job).await,
+            JobsCommand::Template { name: None } => Ok(shoal_hub::cli::table(
+                &["TEMPLATE", "WHAT IT DOES"],
+                &shoal_hub::jobs::templates::TEMPLATES
+                    .iter()
+                    .map(|(n, what, _)| vec![n.to_string(), what.to_string()])
+                    .collect::<Vec<_>>(),
+            )),
+            JobsCommand::Template { name: Some(name) } => shoal_hub::jobs::templates::get(&name)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    shoal_hub::cli::CliError::Api(format!(
+                        "no template {name:?} (known: {})",
+                        shoal_hub::jobs::templates::TEMPLATES
+                            .iter()
+                            .map(|t| t.0)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }),
         },
         Command::Runs { command } => match command {
             RunsCommand::List { job } => client.runs_list(job.as_deref(), cli.output).await,
             RunsCommand::Show { run } => client.runs_show(&run, cli.output).await,
+            RunsCommand::Artifacts { run } => client.runs_artifacts(&run, cli.output).await,
+            RunsCommand::Fetch { run, path, to } => {
+                let to = to.unwrap_or_else(|| {
+                    PathBuf::from(path.rsplit('/').next().unwrap_or(path.as_str()))
+                });
+                client.runs_fetch(&run, &path, &to).await
+            }
             RunsCommand::Logs { run, follow } => {
                 let printed = client
                     .runs_logs(&run, follow, |chunk| {

@@ -527,3 +527,121 @@ async fn datasets_go_to_s3_and_train_from_there() {
     assert_eq!(bad.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("s3://telemetry/pi/last-hour"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
+    let bins = bin("shoal").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let datasets = dir.path().join("datasets");
+    let hub = Hub::start_with_env(
+        &dir.path().join("hub"),
+        shoal_e2e::free_port(),
+        shoal_e2e::free_port(),
+        &[
+            "--mlflow-tracking-uri",
+            &mlflow.url(),
+            "--dataset-uri",
+            datasets.to_str().unwrap(),
+        ],
+        &[("PATH", path)],
+    )
+    .await;
+    let start = shoal_hub_now() - 3_000_000;
+    ingest(&hub, "pi-a", pi_samples(2000, start, 0.0)).await;
+
+    let (ok, list, _) = shoal(&hub, &["jobs", "template"]);
+    assert!(
+        ok && list.contains("train-anomaly") && list.contains("dataset-export"),
+        "{list}"
+    );
+    let (ok, yaml, err) = shoal(&hub, &["jobs", "template", "train-anomaly"]);
+    assert!(ok, "{err}");
+    let file = dir.path().join("train.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let (ok, _, err) = shoal(&hub, &["jobs", "apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = shoal(&hub, &["jobs", "run", "train-anomaly", "-o", "json"]);
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run_path = format!("/api/v1/runs/{id}");
+    shoal_e2e::wait_until(
+        "the training run to finish",
+        std::time::Duration::from_secs(120),
+        || async { hub.get(&run_path).await["status"] != "running" },
+    )
+    .await;
+    let run = hub.get(&run_path).await;
+    let (_, log, _) = shoal(&hub, &["runs", "logs", &id]);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+
+    // The hub keeps what the run produced, MLflow or not.
+    let (ok, artifacts, err) = shoal(&hub, &["runs", "artifacts", &id]);
+    assert!(ok, "{err}");
+    for f in ["model.onnx", "metrics.json", "mlflow.json"] {
+        assert!(artifacts.contains(f), "{artifacts}");
+    }
+    let fetched = dir.path().join("fetched.onnx");
+    let (ok, _, err) = shoal(
+        &hub,
+        &[
+            "runs",
+            "fetch",
+            &id,
+            "model.onnx",
+            "--to",
+            fetched.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(std::fs::metadata(&fetched).unwrap().len() > 100);
+    let (ok, _, err) = shoal(&hub, &["runs", "fetch", &id, "../../etc/passwd"]);
+    assert!(!ok && err.contains("not a path inside"), "{err}");
+    let raw = shoal_e2e::http_get(&format!(
+        "{}/api/v1/runs/{id}/artifacts/%2e%2e/%2e%2e/hub/shoal.redb",
+        hub.http_url()
+    ))
+    .await
+    .unwrap();
+    assert!(
+        raw.status().is_client_error(),
+        "the hub serves nothing outside the run's artifacts ({})",
+        raw.status()
+    );
+
+    // The dataset went where the hub said, and MLflow knows the run by its Shoal job.
+    assert!(
+        datasets
+            .join("train")
+            .join(&id)
+            .join("manifest.json")
+            .exists()
+    );
+    let experiment = mlflow
+        .get("experiments/get-by-name", &[("experiment_name", "shoal")])
+        .await["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let found = mlflow
+        .post(
+            "runs/search",
+            serde_json::json!({
+                "experiment_ids": [experiment],
+                "filter": format!("tags.`shoal.run_id` = '{id}'"),
+            }),
+        )
+        .await;
+    let runs = found["runs"].as_array().expect("a tracked run");
+    assert_eq!(runs.len(), 1, "{found}");
+    assert_eq!(runs[0]["info"]["status"], "FINISHED");
+    assert!(found.to_string().contains("train-anomaly"), "{found}");
+}

@@ -8,7 +8,8 @@
 //! - [`policy`]: what the controller does at a given moment — start, skip (Forbid, a missed
 //!   starting deadline), replace, or refuse after more than 100 missed starts;
 //! - [`scheduler`]: the task that applies those decisions, runs and records;
-//! - [`store`]: job definitions and run history in the hub's store.
+//! - [`store`]: job definitions and run history in the hub's store;
+//! - [`templates`]: built-in jobs for the telemetry-to-model loop.
 
 pub mod cluster;
 pub mod cron;
@@ -18,3 +19,4 @@ pub mod manifest;
 pub mod policy;
 pub mod scheduler;
 pub mod store;
+pub mod templates;

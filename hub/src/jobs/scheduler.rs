@@ -568,7 +568,10 @@ impl State {
             let log_limit = self.config.log_limit;
             tokio::spawn(async move {
                 let outcome = match launch {
-                    Launch::Local(spec) => local::run(&spec, &log_dir, cancel_rx).await,
+                    Launch::Local(spec) => {
+                        let _ = tokio::fs::create_dir_all(log_dir.join("artifacts")).await;
+                        local::run(&spec, &log_dir, cancel_rx).await
+                    }
                     Launch::Kubernetes(cluster, job) => {
                         cluster.run(job, &log_dir, log_limit, cancel_rx).await
                     }
@@ -672,6 +675,17 @@ fn run_spec(
         }
     }
     env.extend(run_env(def, run_id, config));
+    // What the run leaves for the hub to keep (a trained model, a report): listed and served
+    // by /api/v1/runs/RUN/artifacts, kept as long as the run's history entry.
+    env.push((
+        "SHOAL_ARTIFACTS_DIR".into(),
+        config
+            .runs_dir
+            .join(run_id)
+            .join("artifacts")
+            .display()
+            .to_string(),
+    ));
     Ok(RunSpec {
         argv: c.command.iter().chain(&c.args).cloned().collect(),
         env,
