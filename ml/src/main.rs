@@ -323,6 +323,7 @@ async fn train(args: TrainArgs) -> ExitCode {
         "model": model,
         "seconds": seconds,
         "rows_per_second": report.rows_read as f64 / seconds.max(1e-9),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
     let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
     let mut mlmodel = None;
@@ -454,6 +455,20 @@ async fn train(args: TrainArgs) -> ExitCode {
             )
         }
     }
+}
+
+/// This process's peak resident memory (Linux's VmHWM), for the benchmark figures.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// MLflow's model descriptor for the ONNX file (flavors `onnx` and `python_function`).
