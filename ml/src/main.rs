@@ -176,13 +176,7 @@ async fn start_tracking(
             ("shoal.dataset_sha256".to_string(), digest.to_string()),
             (
                 "shoal.code_version".to_string(),
-                format!(
-                    "shoal-ml {}{}",
-                    env!("CARGO_PKG_VERSION"),
-                    option_env!("SHOAL_GIT_COMMIT")
-                        .map(|c| format!(" ({c})"))
-                        .unwrap_or_default()
-                ),
+                format!("shoal-ml {}", env!("CARGO_PKG_VERSION")),
             ),
         ];
         if let Some(id) = &shoal_run {
