@@ -214,3 +214,50 @@ pub async fn export(
         ))
         .expect("response"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::DeviceRecord;
+
+    fn device(id: &str, arch: &str, labels: &[(&str, &str)]) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.into(),
+            hostname: String::new(),
+            arch: arch.into(),
+            os: String::new(),
+            kernel: String::new(),
+            hardware_model: String::new(),
+            agent_version: String::new(),
+            gpu_driver_version: String::new(),
+            cuda_version: String::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+        }
+    }
+
+    #[test]
+    fn selectors_match_labels_and_identity() {
+        let pi = device("pi-1", "aarch64", &[("site", "lab")]);
+        let gpu = device("gpu-1", "x86_64", &[]);
+        let sel = Selector::parse("arch=aarch64").unwrap();
+        assert!(sel.matches(&pi) && !sel.matches(&gpu));
+        let sel = Selector::parse("site!=lab").unwrap();
+        assert!(
+            !sel.matches(&pi) && sel.matches(&gpu),
+            "a missing label is not equal"
+        );
+        let sel = Selector::parse("id=gpu-1, arch==x86_64").unwrap();
+        assert!(sel.matches(&gpu) && !sel.matches(&pi));
+        assert!(
+            Selector::parse("").unwrap().matches(&pi),
+            "empty: every device"
+        );
+        assert!(Selector::parse("arch").is_err());
+        assert!(Selector::parse("=x").is_err());
+    }
+}
