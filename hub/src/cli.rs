@@ -101,11 +101,7 @@ impl Client {
             .await
             .map_err(|e| CliError::BadAnswer(e.to_string()))?;
         if !status.is_success() {
-            let msg = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+            return Err(api_error(status, text.as_bytes()));
         }
         Ok(text)
     }
@@ -364,11 +360,7 @@ impl Client {
             .await
             .map_err(|e| CliError::BadAnswer(e.to_string()))?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+            return Err(api_error(status, &bytes));
         }
         std::fs::write(to, &bytes).map_err(|e| CliError::Api(format!("{}: {e}", to.display())))?;
         Ok(format!("{} bytes written to {}", bytes.len(), to.display()))
@@ -396,12 +388,8 @@ impl Client {
             .map_err(unreachable)?;
         let status = resp.status();
         if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let msg = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Err(CliError::Api(format!("{msg} (HTTP {status})")));
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(api_error(status, &body));
         }
         let mut buf = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
@@ -689,6 +677,15 @@ fn root_cause(e: &reqwest::Error) -> String {
 }
 
 /// Percent-encodes a path segment (device ids are already URL-safe; this guards typos).
+/// A non-2xx answer as the API's own message (its JSON `error`, else the body as text).
+fn api_error(status: reqwest::StatusCode, body: &[u8]) -> CliError {
+    let msg = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    CliError::Api(format!("{msg} (HTTP {status})"))
+}
+
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {

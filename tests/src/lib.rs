@@ -608,16 +608,52 @@ pub fn kube_validate(file: &Path) -> (bool, String) {
     (out.status.success() && !report.contains("ERROR"), report)
 }
 
-/// Sends `samples` (seq 1, 2, …) for `device` to the hub over gRPC, the way an agent does, and
-/// waits until the hub acknowledged all of them.
-pub async fn ingest(hub: &Hub, device: &str, samples: Vec<shoal_proto::v1::Sample>) {
+/// A Raspberry Pi-like sample whose SoC temperature follows its load (plus a little noise and
+/// `hot` degrees): what the dataset and training suites and `shoal-ml-bench` feed the hub.
+pub fn pi_sample(seq: u64, start_ms: i64, step_ms: i64, hot: f64) -> shoal_proto::v1::Sample {
+    use shoal_proto::v1::{Cpu, LoadAverage, PiBoard, Sample};
+    let cpu = ((seq * 37) % 100) as f64;
+    let load = ((seq * 11) % 40) as f64 / 10.0;
+    let noise = ((seq * 7919) % 101) as f64 / 100.0 - 0.5;
+    Sample {
+        seq,
+        timestamp_ms: start_ms + seq as i64 * step_ms,
+        cpu: Some(Cpu {
+            total_percent: cpu,
+            ..Default::default()
+        }),
+        load: Some(LoadAverage {
+            one: load,
+            five: load / 2.0,
+            fifteen: load / 4.0,
+        }),
+        pi: Some(PiBoard {
+            soc_temperature_celsius: 38.0 + 0.25 * cpu + 3.0 * load + noise + hot,
+            cpu_frequency_mhz: 1500 + (seq % 3) as u32 * 100,
+            ..Default::default()
+        }),
+        process_count: 120,
+        uptime_seconds: seq,
+        ..Default::default()
+    }
+}
+
+/// Sends samples `make(1) ..= make(n)` for `device` to the hub at `grpc` (http://…) the way an
+/// agent does, in batches of 2,000 made as they go, and waits until the hub acknowledged all.
+pub async fn ingest(
+    grpc: &str,
+    device: &str,
+    n: u64,
+    make: impl Fn(u64) -> shoal_proto::v1::Sample + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     use shoal_proto::v1::ingest_client::IngestClient;
     use shoal_proto::v1::{
         DeviceHello, IngestRequest, TelemetryBatch, ingest_request, ingest_response,
     };
-    let mut client = IngestClient::connect(hub.grpc_url())
+    let mut client = IngestClient::connect(grpc.to_string())
         .await
-        .expect("connect");
+        .context("connect")?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(IngestRequest {
         msg: Some(ingest_request::Msg::Hello(DeviceHello {
@@ -627,20 +663,20 @@ pub async fn ingest(hub: &Hub, device: &str, samples: Vec<shoal_proto::v1::Sampl
             ..Default::default()
         })),
     })
-    .await
-    .unwrap();
+    .await?;
     let mut answers = client
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream")
+        .await?
         .into_inner();
-    answers.message().await.expect("welcome").expect("welcome");
-    let last = samples.last().map_or(0, |s| s.seq);
+    answers.message().await?.context("welcome")?;
     let sender = tokio::spawn(async move {
-        for chunk in samples.chunks(500) {
+        let mut seq = 1;
+        while seq <= n {
+            let end = (seq + 2000).min(n + 1);
             let batch = TelemetryBatch {
-                samples: chunk.to_vec(),
+                samples: (seq..end).map(&make).collect(),
             };
+            seq = end;
             if tx
                 .send(IngestRequest {
                     msg: Some(ingest_request::Msg::Batch(batch)),
@@ -654,15 +690,42 @@ pub async fn ingest(hub: &Hub, device: &str, samples: Vec<shoal_proto::v1::Sampl
         // Keep the stream open until the acks are read.
         std::future::pending::<()>().await;
     });
-    loop {
-        let answer = answers.message().await.expect("ack").expect("ack");
+    while let Some(answer) = answers.message().await? {
         if let Some(ingest_response::Msg::Ack(a)) = answer.msg
-            && a.up_to_seq >= last
+            && a.up_to_seq >= n
         {
             break;
         }
     }
     sender.abort();
+    Ok(())
+}
+
+/// Starts `shoal serve` (the binary at `shoal`) on 127.0.0.1 ports the kernel picks, for the
+/// benchmark harnesses: the process and its gRPC and HTTP base URLs.
+pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String, String)> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let mut hub = Command::new(shoal)
+        .args([
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", shoal.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(hub.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let endpoints: Value = serde_json::from_str(&line).context("the hub's endpoints line")?;
+    let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
+    let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
+    Ok((hub, grpc, http))
 }
 
 /// A real `mlflow server` (from the venv `tests/run` installs) on a free port, with a sqlite

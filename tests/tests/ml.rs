@@ -7,45 +7,18 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use shoal_e2e::shoal_cli as shoal;
-use shoal_e2e::{Hub, MlflowServer, bin, ingest, which};
-use shoal_proto::v1::{Cpu, LoadAverage, PiBoard, Sample};
-
-/// A Pi whose SoC temperature follows its load, plus noise; `hot` degrees extra.
-fn pi_samples(n: u64, start_ms: i64, hot: f64) -> Vec<Sample> {
-    (1..=n)
-        .map(|seq| {
-            let cpu = ((seq * 37) % 100) as f64;
-            let load = ((seq * 11) % 40) as f64 / 10.0;
-            let noise = ((seq * 7919) % 101) as f64 / 100.0 - 0.5;
-            Sample {
-                seq,
-                timestamp_ms: start_ms + seq as i64 * 1000,
-                cpu: Some(Cpu {
-                    total_percent: cpu,
-                    ..Default::default()
-                }),
-                load: Some(LoadAverage {
-                    one: load,
-                    five: load / 2.0,
-                    fifteen: load / 4.0,
-                }),
-                pi: Some(PiBoard {
-                    soc_temperature_celsius: 38.0 + 0.25 * cpu + 3.0 * load + noise + hot,
-                    cpu_frequency_mhz: 1500,
-                    ..Default::default()
-                }),
-                process_count: 120,
-                ..Default::default()
-            }
-        })
-        .collect()
-}
+use shoal_e2e::{Hub, MlflowServer, bin, ingest, pi_sample, which};
 
 async fn hub_with_two_pis(dir: &Path) -> Hub {
     let hub = Hub::start(&dir.join("hub")).await;
     let start = shoal_hub_now() - 3_000_000;
-    ingest(&hub, "pi-a", pi_samples(2000, start, 0.0)).await;
-    ingest(&hub, "pi-b", pi_samples(2000, start, 0.0)).await;
+    for device in ["pi-a", "pi-b"] {
+        ingest(&hub.grpc_url(), device, 2000, move |seq| {
+            pi_sample(seq, start, 1000, 0.0)
+        })
+        .await
+        .unwrap();
+    }
     hub
 }
 
@@ -74,17 +47,21 @@ fn export(hub: &Hub, to: &Path) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn train(dataset: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(bin("shoal-ml"))
-        .args(["train", "--quiet", "--dataset"])
+/// `shoal-ml train --quiet --dataset DATASET --out OUT`, with no MLflow unless the caller sets
+/// one.
+fn train_cmd(dataset: impl AsRef<std::ffi::OsStr>, out: &Path) -> Command {
+    let mut cmd = Command::new(bin("shoal-ml"));
+    cmd.args(["train", "--quiet", "--dataset"])
         .arg(dataset)
         .arg("--out")
         .arg(out)
-        .args(extra)
         .env_remove("MLFLOW_TRACKING_URI")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn train(dataset: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    train_cmd(dataset, out).args(extra).output().unwrap()
 }
 
 fn onnx_run(model: &Path, readings: &Value) -> Value {
@@ -126,11 +103,7 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
 
     let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
     let out = dir.path().join("model");
-    let result = Command::new(bin("shoal-ml"))
-        .args(["train", "--quiet", "--dataset"])
-        .arg(&dataset)
-        .arg("--out")
-        .arg(&out)
+    let result = train_cmd(&dataset, &out)
         .env("MLFLOW_TRACKING_URI", mlflow.url())
         .env("SHOAL_JOB", "nightly-train")
         .env("SHOAL_RUN_ID", "nightly-train-29401921")
@@ -357,11 +330,7 @@ async fn mlflow_down_leaves_the_model_and_marks_the_run() {
         .as_str()
         .unwrap()
         .to_string();
-    let again = Command::new(bin("shoal-ml"))
-        .args(["train", "--quiet", "--dataset"])
-        .arg(&dataset)
-        .arg("--out")
-        .arg(&out)
+    let again = train_cmd(&dataset, &out)
         .env("MLFLOW_TRACKING_URI", mlflow.url())
         .env("SHOAL_RUN_ID", "train-29401921")
         .output()
@@ -455,7 +424,11 @@ async fn datasets_go_to_s3_and_train_from_there() {
     )
     .await;
     let start = shoal_hub_now() - 3_000_000;
-    ingest(&hub, "pi-a", pi_samples(3000, start, 0.0)).await;
+    ingest(&hub.grpc_url(), "pi-a", 3000, move |seq| {
+        pi_sample(seq, start, 1000, 0.0)
+    })
+    .await
+    .unwrap();
     let (ok, out, err) = shoal(
         &hub,
         &[
@@ -487,17 +460,8 @@ async fn datasets_go_to_s3_and_train_from_there() {
     assert_eq!(digest, stored["files"][0]["sha256"].as_str().unwrap());
 
     let model = dir.path().join("model");
-    let result = Command::new(bin("shoal-ml"))
-        .args([
-            "train",
-            "--quiet",
-            "--dataset",
-            "s3://telemetry/pi/last-hour",
-            "--out",
-        ])
-        .arg(&model)
+    let result = train_cmd("s3://telemetry/pi/last-hour", &model)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env_remove("MLFLOW_TRACKING_URI")
         .output()
         .unwrap();
     assert!(
@@ -511,15 +475,7 @@ async fn datasets_go_to_s3_and_train_from_there() {
     assert!(metrics["report"]["holdout"]["r2"].as_f64().unwrap() > 0.95);
 
     // Wrong credentials: a clear error, nothing half-written claimed as a dataset.
-    let bad = Command::new(bin("shoal-ml"))
-        .args([
-            "train",
-            "--quiet",
-            "--dataset",
-            "s3://telemetry/pi/last-hour",
-            "--out",
-        ])
-        .arg(dir.path().join("m2"))
+    let bad = train_cmd("s3://telemetry/pi/last-hour", &dir.path().join("m2"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("AWS_SECRET_ACCESS_KEY", "0".repeat(64))
         .output()
@@ -553,7 +509,11 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
     )
     .await;
     let start = shoal_hub_now() - 3_000_000;
-    ingest(&hub, "pi-a", pi_samples(2000, start, 0.0)).await;
+    ingest(&hub.grpc_url(), "pi-a", 2000, move |seq| {
+        pi_sample(seq, start, 1000, 0.0)
+    })
+    .await
+    .unwrap();
 
     let (ok, list, _) = shoal(&hub, &["jobs", "template"]);
     assert!(

@@ -10,8 +10,7 @@
 // The report on stdout is this program's output.
 #![allow(clippy::print_stdout)]
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -51,22 +50,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let mut hub = Command::new(&shoal)
-        .args([
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(hub.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let endpoints: serde_json::Value = serde_json::from_str(&line)?;
-    let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
+    let (mut hub, _grpc, http) = shoal_e2e::spawn_hub(&shoal, dir.path())?;
     let client = shoal_e2e::http_client();
     for i in 0..args.jobs {
         let manifest = format!(

@@ -13,19 +13,14 @@
 // The report on stdout is this program's output.
 #![allow(clippy::print_stdout)]
 
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
-use shoal_proto::v1::ingest_client::IngestClient;
-use shoal_proto::v1::{
-    Cpu, DeviceHello, IngestRequest, LoadAverage, PiBoard, Sample, TelemetryBatch, ingest_request,
-    ingest_response,
-};
+use shoal_e2e::{ingest, pi_sample, spawn_hub};
 
 #[derive(Parser)]
 struct Args {
@@ -52,80 +47,6 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-fn sample(seq: u64, start_ms: i64) -> Sample {
-    let cpu = ((seq * 37) % 100) as f64;
-    let load = ((seq * 11) % 40) as f64 / 10.0;
-    let noise = ((seq * 7919) % 101) as f64 / 100.0 - 0.5;
-    Sample {
-        seq,
-        timestamp_ms: start_ms + seq as i64 * 10,
-        cpu: Some(Cpu {
-            total_percent: cpu,
-            ..Default::default()
-        }),
-        load: Some(LoadAverage {
-            one: load,
-            five: load / 2.0,
-            fifteen: load / 4.0,
-        }),
-        pi: Some(PiBoard {
-            soc_temperature_celsius: 38.0 + 0.25 * cpu + 3.0 * load + noise,
-            cpu_frequency_mhz: 1500 + (seq % 3) as u32 * 100,
-            ..Default::default()
-        }),
-        process_count: 120,
-        uptime_seconds: seq / 100,
-        ..Default::default()
-    }
-}
-
-async fn fill(grpc: String, device: String, n: u64, start_ms: i64) -> anyhow::Result<()> {
-    let mut client = IngestClient::connect(grpc).await.context("connect")?;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(IngestRequest {
-        msg: Some(ingest_request::Msg::Hello(DeviceHello {
-            device_id: device,
-            arch: "aarch64".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut answers = client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    answers.message().await?.context("welcome")?;
-    let sender = tokio::spawn(async move {
-        let mut seq = 1;
-        while seq <= n {
-            let end = (seq + 2000).min(n + 1);
-            let batch = TelemetryBatch {
-                samples: (seq..end).map(|s| sample(s, start_ms)).collect(),
-            };
-            seq = end;
-            if tx
-                .send(IngestRequest {
-                    msg: Some(ingest_request::Msg::Batch(batch)),
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        std::future::pending::<()>().await;
-    });
-    while let Some(answer) = answers.message().await? {
-        if let Some(ingest_response::Msg::Ack(a)) = answer.msg
-            && a.up_to_seq >= n
-        {
-            break;
-        }
-    }
-    sender.abort();
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -142,24 +63,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let mut hub = Command::new(&shoal)
-        .args([
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("hub"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(hub.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let endpoints: serde_json::Value = serde_json::from_str(&line)?;
-    let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
-    let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
+    let (mut hub, grpc, http) = spawn_hub(&shoal, &dir.path().join("hub"))?;
     let hub_pid = hub.id();
 
     // Timestamps end now, so "--since" covers them all.
@@ -169,12 +73,13 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for d in 0..args.devices {
-        tasks.push(tokio::spawn(fill(
-            grpc.clone(),
-            format!("bench-pi-{d:03}"),
-            per_device,
-            start_ms,
-        )));
+        let grpc = grpc.clone();
+        tasks.push(tokio::spawn(async move {
+            ingest(&grpc, &format!("bench-pi-{d:03}"), per_device, move |seq| {
+                pi_sample(seq, start_ms, 10, 0.0)
+            })
+            .await
+        }));
     }
     for task in tasks {
         task.await??;
