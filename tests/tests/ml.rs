@@ -370,44 +370,20 @@ async fn bad_datasets_are_refused_naming_the_file() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("empty"));
 
     // Bad export requests change nothing and say which field is wrong.
-    let (ok, _, err) = shoal(
-        &hub,
-        &[
-            "datasets",
-            "export",
-            "--since",
-            "yesterday-ish",
-            "--to",
-            "x",
-        ],
-    );
-    assert!(!ok && err.contains("since"), "{err}");
-    let (ok, _, err) = shoal(
-        &hub,
-        &[
-            "datasets",
-            "export",
-            "--since",
-            "1h",
-            "--to",
-            "ftp://nope/x",
-        ],
-    );
-    assert!(!ok && err.contains("ftp"), "{err}");
-    let (ok, _, err) = shoal(
-        &hub,
-        &[
-            "datasets",
-            "export",
-            "--since",
-            "1h",
-            "--devices",
-            "arch",
-            "--to",
-            "x",
-        ],
-    );
-    assert!(!ok && err.contains("devices"), "{err}");
+    for (flags, named) in [
+        (&["--since", "yesterday-ish", "--to", "x"][..], "since"),
+        (&["--since", "1h", "--to", "ftp://nope/x"][..], "ftp"),
+        (
+            &["--since", "1h", "--devices", "arch", "--to", "x"][..],
+            "devices",
+        ),
+    ] {
+        let mut args = vec!["datasets", "export"];
+        args.extend_from_slice(flags);
+        let (ok, _, err) = shoal(&hub, &args);
+        assert!(!ok && err.contains(named), "{flags:?}: {err}");
+    }
+    assert!(!dir.path().join("x").exists(), "nothing written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
