@@ -124,11 +124,7 @@ async fn export_job(
         "job" => {
             let now = chrono::Utc::now();
             let id = crate::jobs::scheduler::manual_run_id(&name, now);
-            let env = [
-                ("SHOAL_RUN_ID".to_string(), id.clone()),
-                ("SHOAL_JOB".to_string(), name.clone()),
-                ("SHOAL_HUB_URL".to_string(), s.hub_url.clone()),
-            ];
+            let env = crate::jobs::scheduler::identity_env(&name, &id, &s.hub_url);
             crate::jobs::kubernetes::job(&def, &id, now, &env)
         }
         other => {

@@ -518,6 +518,7 @@ pub fn decode(file: &str, bytes: Bytes, mut f: impl FnMut(&Batch)) -> Result<u64
     };
     let reader = SerializedFileReader::new(bytes).map_err(pq)?;
     check_schema(file, &reader)?;
+    let columns = schema();
     let mut row_base = 0u64;
     let mut batch = Batch::default();
     for g in 0..reader.num_row_groups() {
@@ -527,7 +528,7 @@ pub fn decode(file: &str, bytes: Bytes, mut f: impl FnMut(&Batch)) -> Result<u64
         batch.seqs.clear();
         batch.timestamps_ms.clear();
         batch.columns.resize(METRICS.len(), Vec::new());
-        for (j, col) in schema().iter().enumerate() {
+        for (j, col) in columns.iter().enumerate() {
             match rg.get_column_reader(j).map_err(pq)? {
                 ColumnReader::ByteArrayColumnReader(mut r) => {
                     let mut v: Vec<ByteArray> = Vec::with_capacity(n);

@@ -320,10 +320,12 @@ async fn train(args: TrainArgs) -> ExitCode {
         "peak_rss_bytes": peak_rss_bytes(),
     });
     let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
-    let mut mlmodel = None;
-    if let Some(run) = tracker.as_ref().and_then(|t| t.run.as_ref()) {
-        mlmodel = Some(mlmodel_file(&run.run_id));
-    }
+    let mlmodel = mlmodel_file(
+        tracker
+            .as_ref()
+            .and_then(|t| t.run.as_ref())
+            .map_or("", |r| r.run_id.as_str()),
+    );
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("model.onnx", onnx.clone()),
         (
@@ -331,13 +333,7 @@ async fn train(args: TrainArgs) -> ExitCode {
             serde_json::to_vec_pretty(&model).expect("json"),
         ),
         ("metrics.json", metrics_json.clone()),
-        (
-            "MLmodel",
-            mlmodel
-                .clone()
-                .unwrap_or_else(|| mlmodel_file(""))
-                .into_bytes(),
-        ),
+        ("MLmodel", mlmodel.clone().into_bytes()),
     ];
     for (name, bytes) in &files {
         if let Err(e) = std::fs::write(args.out.join(name), bytes) {
@@ -383,7 +379,7 @@ async fn train(args: TrainArgs) -> ExitCode {
         .await;
     for (path, bytes) in [
         ("model/model.onnx", onnx),
-        ("model/MLmodel", mlmodel.unwrap_or_default().into_bytes()),
+        ("model/MLmodel", mlmodel.into_bytes()),
         ("evaluation/metrics.json", metrics_json),
     ] {
         tracker

@@ -111,6 +111,17 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGKILL to the whole process group (servers that start workers), then reap the leader.
+    /// Nothing is sent once the leader was reaped: its group id may belong to another by then.
+    pub fn kill_group(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
+        self.kill9();
+    }
+
     /// SIGTERM, then wait for the exit.
     pub async fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill")
@@ -807,10 +818,7 @@ impl MlflowServer {
 
     /// SIGKILL to the server and its workers.
     pub fn kill(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.proc.child.id())])
-            .status();
-        self.proc.kill9();
+        self.proc.kill_group();
     }
 }
 
@@ -968,9 +976,6 @@ impl Garage {
 
 impl Drop for Garage {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.proc.child.id())])
-            .status();
-        self.proc.kill9();
+        self.proc.kill_group();
     }
 }

@@ -185,15 +185,7 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
     let info = &run["run"]["info"];
     assert_eq!(info["status"], "FINISHED", "{run}");
     let data = &run["run"]["data"];
-    let tag = |k: &str| {
-        data["tags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["key"] == k)
-            .map(|t| t["value"].clone())
-            .unwrap_or(Value::Null)
-    };
+    let tag = |k: &str| entry(&data["tags"], k);
     assert_eq!(tag("shoal.job"), "nightly-train");
     assert_eq!(tag("shoal.run_id"), "nightly-train-29401921");
     assert_eq!(tag("shoal.dataset_sha256").as_str().unwrap().len(), 64);
@@ -203,15 +195,7 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
             .unwrap()
             .starts_with("shoal-ml ")
     );
-    let param = |k: &str| {
-        data["params"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["key"] == k)
-            .map(|p| p["value"].clone())
-            .unwrap_or(Value::Null)
-    };
+    let param = |k: &str| entry(&data["params"], k);
     assert_eq!(param("seed"), "42");
     assert_eq!(param("dataset_rows"), "4000");
     let history = mlflow
@@ -262,6 +246,13 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
         versions.iter().any(|v| v["run_id"] == run_id),
         "{registered}"
     );
+}
+
+/// The value of `key` in an MLflow list of `{"key", "value"}` (tags, params); null if absent.
+fn entry(list: &Value, key: &str) -> Value {
+    list.as_array()
+        .and_then(|l| l.iter().find(|e| e["key"] == key))
+        .map_or(Value::Null, |e| e["value"].clone())
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

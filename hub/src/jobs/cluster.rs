@@ -20,7 +20,7 @@ use kube::{Api, Client, Config};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::local::{Attempt, Ending, RunOutcome};
+use super::local::{Attempt, Ending, RunOutcome, cancelled};
 
 /// Where the hub finds its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,12 +251,6 @@ fn exit_code(pod: &Pod) -> Option<i32> {
         .terminated
         .as_ref()
         .map(|t| t.exit_code)
-}
-
-async fn cancelled(cancel: &mut watch::Receiver<bool>) {
-    if cancel.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ pub async fn run(spec: &RunSpec, log_dir: &Path, mut cancel: watch::Receiver<boo
 }
 
 /// Resolves when `cancel` turns true (never, if its sender is gone).
-async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+pub(super) async fn cancelled(cancel: &mut watch::Receiver<bool>) {
     if cancel.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
     }

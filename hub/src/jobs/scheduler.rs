@@ -642,13 +642,19 @@ pub fn manual_run_id(job: &str, now: DateTime<Utc>) -> String {
     format!("{job}-m{}", String::from_utf8(digits).expect("ascii"))
 }
 
+/// The variables that name a run and its hub: every run has them, and so does the Job
+/// `shoal jobs export --job` prints.
+pub fn identity_env(job: &str, run_id: &str, hub_url: &str) -> Vec<(String, String)> {
+    vec![
+        ("SHOAL_RUN_ID".to_string(), run_id.to_string()),
+        ("SHOAL_JOB".to_string(), job.to_string()),
+        ("SHOAL_HUB_URL".to_string(), hub_url.to_string()),
+    ]
+}
+
 /// Shoal's variables for a run, the same on the hub and in a cluster.
 fn run_env(def: &JobDefinition, run_id: &str, config: &SchedulerConfig) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("SHOAL_RUN_ID".to_string(), run_id.to_string()),
-        ("SHOAL_JOB".to_string(), def.name().to_string()),
-        ("SHOAL_HUB_URL".to_string(), config.hub_url.clone()),
-    ];
+    let mut env = identity_env(def.name(), run_id, &config.hub_url);
     if let Some(uri) = &config.mlflow_tracking_uri {
         env.push(("MLFLOW_TRACKING_URI".into(), uri.clone()));
     }
