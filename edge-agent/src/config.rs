@@ -99,8 +99,8 @@ impl AgentConfig {
         match scheme {
             Some("http" | "https") => {}
             Some("mqtt" | "mqtts") => {
-                let addr = crate::transport::mqtt::parse_broker(&self.hub)
-                    .map_err(|e| invalid("hub", e))?;
+                let addr =
+                    shoal_proto::mqtt::parse_broker(&self.hub).map_err(|e| invalid("hub", e))?;
                 if addr.tls && self.tls_ca.is_none() {
                     return Err(invalid(
                         "tls-ca",

@@ -5,7 +5,7 @@
 //! - [`collector`]: what a sample holds (system metrics via `sysinfo`) and who the device is.
 //! - [`board`]: Raspberry Pi, Jetson and thermal-zone readings through a sysroot.
 //! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
-//! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff; [`tls`]: TLS settings.
+//! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff.
 //!
 //! [`run`] wires them: a sampler task appends to the spool every interval, a sender task drains
 //! it; both stop on the shutdown signal.
@@ -16,7 +16,6 @@ pub mod collector;
 pub mod config;
 pub mod gpu;
 pub mod spool;
-pub mod tls;
 pub mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,12 +114,12 @@ pub async fn run(
         sampling_done: done_rx,
         ack_timeout: config.ack_timeout,
         tls: match &config.tls_ca {
-            Some(ca) => Some(
-                tls::client_config(ca).map_err(|reason| ConfigError::Invalid {
+            Some(ca) => Some(shoal_proto::mqtt::client::tls_config(ca).map_err(|reason| {
+                ConfigError::Invalid {
                     field: "tls-ca",
                     reason,
-                })?,
-            ),
+                }
+            })?),
             None => None,
         },
         mqtt_credentials: config

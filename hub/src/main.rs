@@ -9,10 +9,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_hub::cli::{Client, Output};
 use shoal_hub::ingest::IngestLimits;
+use shoal_hub::ingest::mqtt::BrokerConfig;
 use shoal_hub::jobs::cluster::ClusterSource;
-use shoal_hub::mqtt::BrokerConfig;
-use shoal_hub::mqtt::broker::acl::Users;
-use shoal_hub::mqtt::broker::tls::server_config;
+use shoal_hub::mqtt::acl::Users;
+use shoal_hub::mqtt::tls::server_config;
 use shoal_hub::registry::StatusThresholds;
 use shoal_hub::up::UpOptions;
 use shoal_hub::{HubConfig, HubError, Listeners};
@@ -330,7 +330,7 @@ fn hub_config(a: ServeArgs) -> Result<HubConfig, String> {
     let broker_tls = a
         .mqtt_tls_ca
         .as_deref()
-        .map(shoal_agent::tls::client_config)
+        .map(shoal_proto::mqtt::client::tls_config)
         .transpose()
         .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
     Ok(HubConfig {
@@ -405,7 +405,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(
                         out,
-                        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal devices list\n      shoal telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.",
+                        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.",
+                        hub = hub_flag(ep.http),
                         http = ep.http,
                         grpc = ep.grpc,
                         mqtt = ep.mqtt.map(|a| a.to_string()).unwrap_or_default(),
@@ -609,6 +610,16 @@ fn exit_for(result: Result<(), HubError>) -> ExitCode {
             eprintln!("shoal: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The `--hub URL` the operator commands need to reach a hub on `http`; nothing for the
+/// default address.
+fn hub_flag(http: std::net::SocketAddr) -> String {
+    if http.to_string() == "127.0.0.1:8080" {
+        String::new()
+    } else {
+        format!(" --hub http://{http}")
     }
 }
 

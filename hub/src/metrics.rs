@@ -1,7 +1,7 @@
 //! The hub's Prometheus metrics, rendered in the text exposition format at `/metrics`, and a
 //! rate limiter so that a misbehaving device is logged once a minute, not once a message.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -93,7 +93,8 @@ pub struct Metrics {
     pub streams_active: AtomicI64,
     samples_rejected: [Counter; 3],
     streams_rejected: [Counter; 6],
-    pub http_requests: Counter,
+    /// Requests by (route template, status).
+    http_requests: Mutex<BTreeMap<(String, u16), u64>>,
 }
 
 impl Metrics {
@@ -111,6 +112,21 @@ impl Metrics {
 
     pub fn streams_rejected(&self, why: StreamReject) -> u64 {
         self.streams_rejected[why as usize].get()
+    }
+
+    /// Counts one answered HTTP request.
+    pub fn observe_http(&self, route: &str, status: u16) {
+        let mut counts = self.http_requests.lock().expect("http counters");
+        *counts.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    /// Requests answered on `route` with `status` so far.
+    pub fn http_requests(&self, route: &str, status: u16) -> u64 {
+        let counts = self.http_requests.lock().expect("http counters");
+        counts
+            .get(&(route.to_string(), status))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn observe_commit(&self, took: Duration, ops: usize) {
@@ -171,11 +187,6 @@ impl Metrics {
             "shoal_grpc_connection_errors_total",
             "gRPC-port connections that ended in a protocol error (garbage bytes, broken HTTP/2).",
             self.grpc_connection_errors.get(),
-        );
-        counter(
-            "shoal_http_requests_total",
-            "REST and metrics requests served.",
-            self.http_requests.get(),
         );
 
         let _ = writeln!(
@@ -240,6 +251,18 @@ impl Metrics {
             self.commit_micros_sum.get() as f64 / 1e6
         );
         let _ = writeln!(out, "shoal_store_commit_seconds_count {commits}");
+
+        let _ = writeln!(
+            out,
+            "# HELP shoal_http_requests_total HTTP requests answered, by route template and status."
+        );
+        let _ = writeln!(out, "# TYPE shoal_http_requests_total counter");
+        for ((route, status), n) in self.http_requests.lock().expect("http counters").iter() {
+            let _ = writeln!(
+                out,
+                "shoal_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
 
         let _ = writeln!(out, "# HELP shoal_devices Known devices by status.");
         let _ = writeln!(out, "# TYPE shoal_devices gauge");

@@ -1,12 +1,13 @@
 //! `shoal up`: the one-command demo — a hub on embedded defaults plus a local agent reporting
-//! to it, everything under one data folder.
+//! to it, everything under one data folder. The agent is the `shoal-agent` binary, run the way
+//! a user would run it (found beside `shoal` or on PATH), so the hub links no device code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
-use shoal_agent::RunOptions;
-use shoal_agent::config::AgentConfig;
 use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::ingest::IngestLimits;
@@ -22,12 +23,36 @@ pub struct UpOptions {
     pub interval: Duration,
 }
 
+/// The local agent `shoal up` starts.
+#[derive(Debug, Clone)]
+pub struct LocalAgent {
+    pub binary: PathBuf,
+    pub interval: Duration,
+    pub spool_dir: PathBuf,
+}
+
+/// How long the agent gets to stop after SIGTERM before it is killed (its spool keeps
+/// everything unacknowledged either way).
+const AGENT_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs hub and agent until `shutdown`; `on_ready` gets the bound addresses.
 pub async fn up(
     opts: UpOptions,
-    on_ready: impl FnOnce(&Endpoints, &AgentConfig),
-    shutdown: watch::Receiver<bool>,
+    on_ready: impl FnOnce(&Endpoints, &LocalAgent),
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), HubError> {
+    let agent = LocalAgent {
+        binary: find_agent()?,
+        interval: opts.interval,
+        spool_dir: opts.data_dir.join("agent-spool"),
+    };
+    // The agent's own bounds, checked here so a bad value stops `shoal up` before it starts.
+    if opts.interval < Duration::from_millis(10) || opts.interval > Duration::from_secs(3600) {
+        return Err(HubError::Config {
+            field: "interval",
+            reason: "must be between 10ms and 1h".into(),
+        });
+    }
     let grpc = bind(&opts.grpc_listen, "grpc-listen").await?;
     let http = bind(&opts.http_listen, "http-listen").await?;
     let mqtt = bind(&opts.mqtt_listen, "mqtt-listen").await?;
@@ -50,36 +75,92 @@ pub async fn up(
         mqtt_json_topic: "sensor/+".into(),
         mqtt_tls: None,
     };
-    let agent_config = AgentConfig {
-        hub: format!("http://{}", endpoints.grpc),
-        interval: opts.interval,
-        spool_dir: opts.data_dir.join("agent-spool"),
-        labels: [("source".to_string(), "shoal-up".to_string())].into(),
-        ..AgentConfig::default()
-    };
-    agent_config.validate().map_err(|e| HubError::Config {
-        field: "interval",
-        reason: e.to_string(),
-    })?;
-    on_ready(&endpoints, &agent_config);
-
+    hub_config.validate()?;
     let listeners = crate::Listeners {
         grpc,
         http,
         mqtt: Some(mqtt),
     };
     let hub = tokio::spawn(crate::run(hub_config, listeners, shutdown.clone()));
-    let agent = tokio::spawn(shoal_agent::run(
-        agent_config,
-        RunOptions::default(),
-        shutdown,
-    ));
-    let agent_result = agent.await.expect("agent task");
-    let hub_result = hub.await.expect("hub task");
-    if let Err(e) = agent_result {
-        tracing::error!(error = %e, "the local agent stopped");
+    let mut child = spawn_agent(&agent, &endpoints)?;
+    on_ready(&endpoints, &agent);
+
+    tokio::select! {
+        status = child.wait() => {
+            // The hub goes on serving other agents; the demo's own agent is gone, so say so.
+            match status {
+                Ok(s) => tracing::error!(status = %s, "the local agent stopped"),
+                Err(e) => tracing::error!(error = %e, "the local agent stopped"),
+            }
+        }
+        _ = shutdown.wait_for(|s| *s) => stop(&mut child).await,
     }
-    hub_result
+    hub.await.expect("hub task")
+}
+
+/// `shoal-agent` beside this executable (a release archive, `cargo build`, the .deb), else on
+/// PATH.
+fn find_agent() -> Result<PathBuf, HubError> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("shoal-agent")))
+        .filter(|p| is_executable(p));
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("shoal-agent"))
+                .find(|p| is_executable(p))
+        })
+    };
+    beside.or_else(on_path).ok_or_else(|| HubError::Config {
+        field: "shoal-agent",
+        reason: "`shoal up` runs the shoal-agent binary, found neither beside shoal nor on PATH: \
+                 build both (cargo build --release -p shoal-hub -p shoal-agent) or install the \
+                 agent (cargo install --path edge-agent)"
+            .into(),
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn spawn_agent(agent: &LocalAgent, endpoints: &Endpoints) -> Result<Child, HubError> {
+    Command::new(&agent.binary)
+        .arg("run")
+        .arg("--hub")
+        .arg(format!("http://{}", endpoints.grpc))
+        .arg("--interval")
+        .arg(humantime::format_duration(agent.interval).to_string())
+        .arg("--spool-dir")
+        .arg(&agent.spool_dir)
+        .arg("--label")
+        .arg("source=shoal-up")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| HubError::Config {
+            field: "shoal-agent",
+            reason: format!("cannot start {}: {e}", agent.binary.display()),
+        })
+}
+
+/// SIGTERM (the agent flushes and exits), SIGKILL after [`AGENT_GRACE`].
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(AGENT_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
 }
 
 async fn bind(addr: &str, field: &'static str) -> Result<TcpListener, HubError> {

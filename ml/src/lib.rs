@@ -6,7 +6,8 @@
 //! - [`train`]: the device-health anomaly detector (streaming ridge regression, held-out
 //!   evaluation, deterministic under a seed);
 //! - [`onnx`]: the trained model as an ONNX graph any runtime serves;
-//! - [`mlflow`]: an MLflow tracking and Model Registry client over its REST API;
+//! - `mlflow` (feature `mlflow`, on by default): an MLflow tracking and Model Registry client
+//!   over its REST API, the only part that needs an HTTP client;
 //! - [`stats`]: streaming summaries (count, min, max, mean, variance) computed in one pass; the
 //!   hub downsamples telemetry series with them.
 //!
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dataset;
+#[cfg(feature = "mlflow")]
 pub mod mlflow;
 pub mod onnx;
 pub mod stats;

@@ -7,9 +7,12 @@
 //! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the
 //!   contract (the REST API, CLI and datasets use them).
 //! - [`device_id`]: what a valid device id is.
+//! - [`mqtt`]: MQTT topic names and broker URLs; with feature `mqtt-client`, the client
+//!   settings agent and hub share.
 
 pub mod device_id;
 pub mod metrics;
+pub mod mqtt;
 
 /// Generated from `proto/shoal/v1`.
 #[allow(clippy::all, clippy::pedantic)]

@@ -263,5 +263,9 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
         printed.contains(&format!("http://127.0.0.1:{http}/api/v1/devices")),
         "URLs printed: {printed}"
     );
+    assert!(
+        printed.contains(&format!("shoal --hub http://127.0.0.1:{http} devices list")),
+        "on non-default ports the printed commands carry --hub: {printed}"
+    );
     assert!(dir.path().join("hub/shoal.redb").exists() && dir.path().join("agent-spool").exists());
 }

@@ -1,85 +1,21 @@
 //! The MQTT transport: QoS 1 publishes on a persistent session, trimmed only on the hub's own
 //! acknowledgement (never on the broker's PUBACK, which says nothing about storage).
 //!
-//! Topics (device id `D`):
-//! - `shoal/v1/devices/D/hello`: a `DeviceHello`, on every (re)connect;
-//! - `shoal/v1/devices/D/telemetry`: `TelemetryBatch`es;
-//! - `shoal/v1/devices/D/acks`: the hub's `IngestResponse`s (welcome, acks), subscribed QoS 1.
+//! Topics and broker URLs are part of the contract: [`shoal_proto::mqtt`].
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use std::sync::Arc;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use shoal_proto::mqtt::client::{no_delay, options};
+use shoal_proto::mqtt::{kind, parse_broker, topic};
 use shoal_proto::v1::{IngestResponse, ingest_response};
 use tokio::sync::watch;
 
 use super::inflight::InFlight;
 use super::{Backoff, Sender, Stopped, TransportError, WINDOW};
-
-/// The topic of `kind` (`hello`, `telemetry`, `acks`) for `device_id`.
-pub fn topic(device_id: &str, kind: &str) -> String {
-    format!("shoal/v1/devices/{device_id}/{kind}")
-}
-
-/// Where a broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddr {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`: MQTT over TLS.
-    pub tls: bool,
-}
-
-/// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (TLS, default 8883).
-pub fn parse_broker(url: &str) -> Result<BrokerAddr, String> {
-    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false, 1883)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true, 8883)
-    } else {
-        return Err(format!("{url:?} does not start with mqtt:// or mqtts://"));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && !host.ends_with(':') => (
-            host,
-            port.parse()
-                .map_err(|_| format!("{url:?} has a bad port"))?,
-        ),
-        None if !rest.is_empty() => (rest, default_port),
-        _ => return Err(format!("{url:?} names no host")),
-    };
-    Ok(BrokerAddr {
-        host: host.trim_matches(['[', ']']).to_string(),
-        port,
-        tls,
-    })
-}
-
-/// MQTT client options for `addr`, with TLS when the URL asked for it.
-pub fn options(
-    client_id: &str,
-    addr: &BrokerAddr,
-    tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<MqttOptions, String> {
-    let mut opts = MqttOptions::new(client_id, addr.host.clone(), addr.port);
-    if addr.tls {
-        let config = tls.ok_or("mqtts:// needs a CA file to verify the broker (--tls-ca)")?;
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
-    }
-    Ok(opts)
-}
-
-/// Sends small packets (acks, batches) at once instead of waiting on Nagle's algorithm, which
-/// with delayed ACKs adds about 40 ms to every exchange.
-pub fn no_delay(events: &mut rumqttc::EventLoop) {
-    let mut net = events.network_options();
-    net.set_tcp_nodelay(true);
-    events.set_network_options(net);
-}
 
 impl Sender {
     pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
@@ -104,8 +40,8 @@ impl Sender {
         }
         let (client, mut events) = AsyncClient::new(opts, 64);
         no_delay(&mut events);
-        let acks_topic = topic(&device_id, "acks");
-        let telemetry_topic = topic(&device_id, "telemetry");
+        let acks_topic = topic(&device_id, kind::ACKS);
+        let telemetry_topic = topic(&device_id, kind::TELEMETRY);
 
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut connected = false;
@@ -148,7 +84,7 @@ impl Sender {
                         let mut hello = self.hello.clone();
                         hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
                         let _ = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce);
-                        let _ = client.try_publish(topic(&device_id, "hello"), QoS::AtLeastOnce, false, hello.encode_to_vec());
+                        let _ = client.try_publish(topic(&device_id, kind::HELLO), QoS::AtLeastOnce, false, hello.encode_to_vec());
                         // Whatever was in flight may be lost with the old connection: resend.
                         in_flight.clear();
                         last_sent = self.spool.lock().expect("spool lock").acked_seq();
@@ -211,43 +147,5 @@ impl Sender {
             None => return Err(TransportError::Protocol("empty response".into())),
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_broker_urls() {
-        let addr = |host: &str, port, tls| {
-            Ok(BrokerAddr {
-                host: host.into(),
-                port,
-                tls,
-            })
-        };
-        assert_eq!(parse_broker("mqtts://hub.lab"), addr("hub.lab", 8883, true));
-        assert_eq!(
-            parse_broker("mqtts://hub.lab:9883"),
-            addr("hub.lab", 9883, true)
-        );
-        assert_eq!(
-            parse_broker("mqtt://127.0.0.1:1884"),
-            addr("127.0.0.1", 1884, false)
-        );
-        assert_eq!(parse_broker("mqtt://broker"), addr("broker", 1883, false));
-        assert_eq!(parse_broker("mqtt://[::1]:1883/"), addr("::1", 1883, false));
-        assert!(parse_broker("mqtt://").is_err());
-        assert!(parse_broker("mqtt://h:port").is_err());
-        assert!(parse_broker("http://h:1").is_err());
-    }
-
-    #[test]
-    fn topics() {
-        assert_eq!(
-            topic("pi-4", "telemetry"),
-            "shoal/v1/devices/pi-4/telemetry"
-        );
     }
 }

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
@@ -20,7 +21,7 @@ use kube::{Api, Client, Config};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::local::{Attempt, Ending, RunOutcome, cancelled};
+use super::runner::{Attempt, Ending, RunOutcome, Runner, cancelled};
 
 /// Where the hub finds its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +57,30 @@ impl std::fmt::Debug for Cluster {
             .field("namespace", &self.namespace)
             .field("poll", &self.poll)
             .finish()
+    }
+}
+
+/// One run as a Kubernetes Job.
+pub struct ClusterRun {
+    cluster: Cluster,
+    job: Value,
+    log_limit: u64,
+}
+
+impl Runner for ClusterRun {
+    fn run(
+        self: Box<Self>,
+        log_dir: PathBuf,
+        cancel: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, RunOutcome> {
+        Box::pin(async move {
+            let ClusterRun {
+                cluster,
+                job,
+                log_limit,
+            } = *self;
+            cluster.run(job, &log_dir, log_limit, cancel).await
+        })
     }
 }
 
@@ -101,9 +126,18 @@ impl Cluster {
         &self.namespace
     }
 
+    /// A run of `job` (a rendered `batch/v1` Job) in this cluster.
+    pub fn job_run(&self, job: Value, log_limit: u64) -> ClusterRun {
+        ClusterRun {
+            cluster: self.clone(),
+            job,
+            log_limit,
+        }
+    }
+
     /// Submits `job` (a rendered `batch/v1` Job), follows it until it ends or `cancel` turns
     /// true, and keeps its pods' logs under `log_dir` (the first `log_limit` bytes of each).
-    pub async fn run(
+    async fn run(
         &self,
         job: Value,
         log_dir: &Path,

@@ -12,6 +12,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use futures::future::BoxFuture;
+
+use super::runner::{Attempt, Ending, RunOutcome, Runner, cancelled};
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -31,30 +35,17 @@ pub struct RunSpec {
     pub grace: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
-    pub exit_code: Option<i32>,
-    pub log: PathBuf,
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    Succeeded,
-    /// Every attempt failed (`BackoffLimitExceeded`).
-    Failed,
-    /// `activeDeadlineSeconds` passed (`DeadlineExceeded`).
-    DeadlineExceeded,
-    /// Stopped from outside: replaced by a newer run, or the hub shutting down.
-    Cancelled,
-    /// The command could not be started at all.
-    StartFailed(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunOutcome {
-    pub ending: Ending,
-    pub attempts: Vec<Attempt>,
+impl Runner for RunSpec {
+    fn run(
+        self: Box<Self>,
+        log_dir: PathBuf,
+        cancel: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, RunOutcome> {
+        Box::pin(async move {
+            let _ = tokio::fs::create_dir_all(log_dir.join("artifacts")).await;
+            run(&self, &log_dir, cancel).await
+        })
+    }
 }
 
 /// Runs `spec`, writing attempt logs under `log_dir`, until it ends or `cancel` turns true.
@@ -141,13 +132,6 @@ pub async fn run(spec: &RunSpec, log_dir: &Path, mut cancel: watch::Receiver<boo
     RunOutcome {
         ending: Ending::Failed,
         attempts,
-    }
-}
-
-/// Resolves when `cancel` turns true (never, if its sender is gone).
-pub(super) async fn cancelled(cancel: &mut watch::Receiver<bool>) {
-    if cancel.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`cluster`]: the Kubernetes runner (a run is a `batch/v1` Job submitted to the API);
 //! - [`kubernetes`]: the Kubernetes objects of a job and of a run;
 //! - [`local`]: the local runner (process groups, retries with backoff, deadline, capped logs);
+//! - [`runner`]: the boundary every runner implements, and how a run ended;
 //! - [`policy`]: what the controller does at a given moment — start, skip (Forbid, a missed
 //!   starting deadline), replace, or refuse after more than 100 missed starts;
 //! - [`scheduler`]: the task that applies those decisions, runs and records;
@@ -17,6 +18,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod manifest;
 pub mod policy;
+pub mod runner;
 pub mod scheduler;
 pub mod store;
 pub mod templates;

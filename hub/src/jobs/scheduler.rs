@@ -17,9 +17,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cluster::Cluster;
-use super::local::{self, Ending, RunSpec};
-use super::manifest::{self, JobDefinition, ManifestError, Runner};
+use super::local::RunSpec;
+use super::manifest::{self, JobDefinition, ManifestError, Runner as RunnerKind};
 use super::policy::{self, Decision, JobPolicy};
+use super::runner::{Ending, RunOutcome, Runner};
 use super::store::{JobRecord, JobStore, RunRecord, RunStatus};
 use crate::store::StoreError;
 
@@ -90,14 +91,7 @@ struct Pending {
     runs: Vec<RunRecord>,
     jobs: Vec<String>,
     delete: Vec<String>,
-    launches: Vec<(String, Launch, PathBuf, watch::Receiver<bool>)>,
-}
-
-/// How a run is started.
-enum Launch {
-    Local(RunSpec),
-    /// A rendered `batch/v1` Job for the cluster.
-    Kubernetes(Cluster, serde_json::Value),
+    launches: Vec<(String, Box<dyn Runner>, PathBuf, watch::Receiver<bool>)>,
 }
 
 struct Job {
@@ -115,7 +109,7 @@ struct State {
     clock: Clock,
     jobs: HashMap<String, Job>,
     active: HashMap<String, Active>,
-    done_tx: mpsc::UnboundedSender<(String, local::RunOutcome)>,
+    done_tx: mpsc::UnboundedSender<(String, RunOutcome)>,
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -498,13 +492,13 @@ impl State {
             reason: None,
             attempts: Vec::new(),
         };
-        let launch = match job.def.runner {
-            Runner::Local => run_spec(&job.def, &id, &self.config).map(Launch::Local),
-            Runner::Kubernetes => match &self.config.cluster {
-                Some(cluster) => Ok(Launch::Kubernetes(
-                    cluster.clone(),
+        let launch: Result<Box<dyn Runner>, String> = match job.def.runner {
+            RunnerKind::Local => run_spec(&job.def, &id, &self.config).map(|s| Box::new(s) as _),
+            RunnerKind::Kubernetes => match &self.config.cluster {
+                Some(cluster) => Ok(Box::new(cluster.job_run(
                     super::kubernetes::job(&job.def, &id, scheduled, &run_env(&job.def, &id, &self.config)),
-                )),
+                    self.config.log_limit,
+                ))),
                 None => Err("the job runs on Kubernetes (shoal.dev/runner: kubernetes) but the hub has no cluster: start it with --kubeconfig FILE or --kube-in-cluster".into()),
             },
         };
@@ -565,17 +559,8 @@ impl State {
         }
         for (id, launch, log_dir, cancel_rx) in pending.launches {
             let done = self.done_tx.clone();
-            let log_limit = self.config.log_limit;
             tokio::spawn(async move {
-                let outcome = match launch {
-                    Launch::Local(spec) => {
-                        let _ = tokio::fs::create_dir_all(log_dir.join("artifacts")).await;
-                        local::run(&spec, &log_dir, cancel_rx).await
-                    }
-                    Launch::Kubernetes(cluster, job) => {
-                        cluster.run(job, &log_dir, log_limit, cancel_rx).await
-                    }
-                };
+                let outcome = launch.run(log_dir, cancel_rx).await;
                 let _ = done.send((id, outcome));
             });
         }
@@ -583,7 +568,7 @@ impl State {
     }
 
     /// Records the outcome of finished runs (one transaction for all of them).
-    fn finished(&mut self, done: Vec<(String, local::RunOutcome)>) {
+    fn finished(&mut self, done: Vec<(String, RunOutcome)>) {
         let mut pending = Pending::default();
         let now = ms((self.clock)());
         for (id, outcome) in done {

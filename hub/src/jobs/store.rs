@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::manifest::CronJob;
-use crate::store::{Store, StoreError};
+use crate::store::{RecordTable, RecordWrite, Store, StoreError};
 
-const JOBS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("jobs");
-const RUNS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
+const JOBS: RecordTable = RecordTable::new("jobs");
+const RUNS: RecordTable = RecordTable::new("runs");
 
 /// A job as stored: its manifest and the scheduler's bookkeeping.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,54 +68,28 @@ pub struct JobStore {
     store: Store,
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("record serialises")
-}
-
-fn parse<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 impl JobStore {
     pub fn new(store: Store) -> Result<Self, StoreError> {
-        let txn = store.db().begin_write()?;
-        txn.open_table(JOBS)?;
-        txn.open_table(RUNS)?;
-        txn.commit()?;
+        store.create_record_tables(&[JOBS, RUNS])?;
         Ok(Self { store })
     }
 
     pub fn put_job(&self, name: &str, job: &JobRecord) -> Result<(), StoreError> {
-        let txn = self.store.db().begin_write()?;
-        txn.open_table(JOBS)?.insert(name, json(job).as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.store
+            .write_records(&[RecordWrite::put(JOBS, name, job)])
     }
 
     pub fn delete_job(&self, name: &str) -> Result<(), StoreError> {
-        let txn = self.store.db().begin_write()?;
-        txn.open_table(JOBS)?.remove(name)?;
-        txn.commit()?;
-        Ok(())
+        self.store.write_records(&[RecordWrite::Remove(JOBS, name)])
     }
 
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let txn = self.store.db().begin_read()?;
-        let table = txn.open_table(JOBS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            out.push(parse(row?.1.value())?);
-        }
-        Ok(out)
+        self.store.records(JOBS)
     }
 
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        let txn = self.store.db().begin_write()?;
-        txn.open_table(RUNS)?
-            .insert(run.id.as_str(), json(run).as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.store
+            .write_records(&[RecordWrite::put(RUNS, &run.id, run)])
     }
 
     /// Writes runs and jobs and deletes runs in one transaction (one fsync for a whole tick of
@@ -126,56 +100,32 @@ impl JobStore {
         jobs: &[(&str, &JobRecord)],
         delete: &[String],
     ) -> Result<(), StoreError> {
-        let txn = self.store.db().begin_write()?;
-        {
-            let mut run_table = txn.open_table(RUNS)?;
-            for id in delete {
-                run_table.remove(id.as_str())?;
-            }
-            for run in runs {
-                run_table.insert(run.id.as_str(), json(run).as_slice())?;
-            }
-            let mut job_table = txn.open_table(JOBS)?;
-            for (name, job) in jobs {
-                job_table.insert(*name, json(*job).as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        let writes: Vec<RecordWrite<'_>> = delete
+            .iter()
+            .map(|id| RecordWrite::Remove(RUNS, id))
+            .chain(runs.iter().map(|r| RecordWrite::put(RUNS, &r.id, r)))
+            .chain(
+                jobs.iter()
+                    .map(|(name, j)| RecordWrite::put(JOBS, name, *j)),
+            )
+            .collect();
+        self.store.write_records(&writes)
     }
 
     pub fn delete_runs(&self, ids: &[String]) -> Result<(), StoreError> {
-        let txn = self.store.db().begin_write()?;
-        {
-            let mut table = txn.open_table(RUNS)?;
-            for id in ids {
-                table.remove(id.as_str())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        let writes: Vec<_> = ids.iter().map(|id| RecordWrite::Remove(RUNS, id)).collect();
+        self.store.write_records(&writes)
     }
 
     /// Runs, oldest schedule first; all jobs when `job` is `None`.
     pub fn runs(&self, job: Option<&str>) -> Result<Vec<RunRecord>, StoreError> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let txn = self.store.db().begin_read()?;
-        let table = txn.open_table(RUNS)?;
-        let mut out: Vec<RunRecord> = Vec::new();
-        for row in table.iter()? {
-            let r: RunRecord = parse(row?.1.value())?;
-            if job.is_none_or(|j| j == r.job) {
-                out.push(r);
-            }
-        }
+        let mut out: Vec<RunRecord> = self.store.records(RUNS)?;
+        out.retain(|r| job.is_none_or(|j| j == r.job));
         out.sort_by(|a, b| (a.scheduled_ms, &a.id).cmp(&(b.scheduled_ms, &b.id)));
         Ok(out)
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
-        use redb::ReadableDatabase;
-        let txn = self.store.db().begin_read()?;
-        let table = txn.open_table(RUNS)?;
-        table.get(id)?.map(|v| parse(v.value())).transpose()
+        self.store.record(RUNS, id)
     }
 }

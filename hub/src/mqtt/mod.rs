@@ -1,422 +1,122 @@
-//! MQTT ingest, from an external broker or the embedded one ([`broker`]).
+//! The embedded MQTT 3.1.1 broker, so `shoal up` needs no Mosquitto: QoS 0 and 1, persistent
+//! sessions, wildcard subscriptions, per-device credentials and a topic rule that a device may
+//! publish only under its own topic. Device messages go straight to the hub's ingest
+//! ([`crate::ingest::mqtt::Dispatcher`]) and to any other subscriber (e.g. `mosquitto_sub`).
 //!
-//! From an external broker (Mosquitto, EMQX): the hub subscribes (through a
-//! shared subscription, so several hubs split the load) to every device's hello and telemetry
-//! topics and answers on its acks topic. Messages go through the same [`Ingestor`] as gRPC.
-//!
-//! The hub PUBACKs a message only after it is stored (manual acks on a persistent session), so
-//! a hub killed mid-batch gets the message again from the broker; the agent's own ack timeout
-//! covers a broker that lost it.
+//! Packets are encoded and decoded with rumqttc's MQTT codec; [`state`] holds sessions and
+//! routing without I/O; [`conn`] runs one client connection.
 
-use std::collections::HashMap;
-use std::time::Duration;
+pub mod acl;
+mod conn;
+pub mod state;
+pub mod tls;
 
-use prost::Message;
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
-use shoal_proto::v1::{DeviceHello, IngestResponse, Sample, TelemetryBatch, ingest_response};
-use tokio::sync::{mpsc, watch};
+use std::sync::{Arc, Mutex};
 
-pub mod broker;
-pub mod json;
+use bytes::Bytes;
+use rumqttc::QoS;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use crate::ingest::{HelloError, Ingestor};
-use crate::metrics::StreamReject;
+use self::acl::Users;
+use self::state::Sessions;
+use crate::ingest::Ingestor;
+use crate::ingest::mqtt::{Dispatcher, Replier};
 
-/// How the hub reaches an external broker.
-#[derive(Debug, Clone)]
-pub struct BrokerConfig {
-    /// `mqtt://HOST:PORT`
-    pub url: String,
-    /// Client id of the hub's persistent session.
-    pub client_id: String,
-    /// Shared-subscription group; empty subscribes plainly (one hub per broker).
-    pub share_group: String,
-    pub credentials: Option<(String, String)>,
-    /// Topic filter of the plain JSON form; empty turns it off.
-    pub json_topic: String,
-    /// TLS settings for an `mqtts://` broker.
-    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+/// Shared by every connection of the embedded broker.
+struct Shared {
+    sessions: Mutex<Sessions>,
+    /// `None` once the broker is shutting down (this also breaks the reference cycle
+    /// dispatcher → replier → handle → dispatcher).
+    dispatcher: Mutex<Option<Dispatcher>>,
+    users: Option<Users>,
+    ingestor: Ingestor,
 }
 
-/// Where a message was published: `shoal/v1/devices/{device}/{kind}`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct DeviceTopic<'a> {
-    pub device_id: &'a str,
-    pub kind: &'a str,
+/// A cheap handle to the embedded broker.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
 }
 
-/// Splits a Shoal device topic; `None` for anything else.
-pub fn parse_topic(topic: &str) -> Option<DeviceTopic<'_>> {
-    let rest = topic.strip_prefix("shoal/v1/devices/")?;
-    let (device_id, kind) = rest.split_once('/')?;
-    if device_id.is_empty() || kind.contains('/') {
-        return None;
-    }
-    Some(DeviceTopic { device_id, kind })
-}
-
-fn subscription(group: &str, kind: &str) -> String {
-    let filter = format!("shoal/v1/devices/+/{kind}");
-    if group.is_empty() {
-        filter
-    } else {
-        format!("$share/{group}/{filter}")
+impl Handle {
+    /// Publishes from the hub itself (acks), QoS 1.
+    pub fn publish(&self, topic: &str, payload: Bytes) {
+        self.shared.sessions.lock().expect("sessions lock").route(
+            topic,
+            &payload,
+            QoS::AtLeastOnce,
+        );
     }
 }
 
-/// Subscribes to `config.url` and ingests until `shutdown`; reconnects on its own.
-pub async fn run_external(
-    config: BrokerConfig,
+/// Serves MQTT on `listener` until `shutdown`. `users`: `None` lets anyone connect (client id
+/// = device id); `Some` requires a user name and password from the list.
+pub async fn serve(
+    listener: TcpListener,
+    users: Option<Users>,
+    json_topic: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ingestor: Ingestor,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use shoal_agent::transport::mqtt::{options, parse_broker};
-    let opts = parse_broker(&config.url)
-        .and_then(|addr| options(&config.client_id, &addr, config.tls.clone()));
-    let mut opts = match opts {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "bad --mqtt-broker");
-            return;
-        }
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let shared = Arc::new(Shared {
+        sessions: Mutex::new(Sessions::default()),
+        dispatcher: Mutex::new(None),
+        users,
+        ingestor: ingestor.clone(),
+    });
+    let handle = Handle {
+        shared: shared.clone(),
     };
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(false);
-    opts.set_manual_acks(true);
-    // Accept anything the broker delivers and judge the size ourselves, so an oversized
-    // payload is a counted rejection rather than a dropped connection.
-    opts.set_max_packet_size(256 * 1024 * 1024, shoal_proto::DEFAULT_MAX_MESSAGE_BYTES);
-    if let Some((u, p)) = &config.credentials {
-        opts.set_credentials(u.clone(), p.clone());
-    }
-    let (client, mut events) = AsyncClient::new(opts, 1024);
-    shoal_agent::transport::mqtt::no_delay(&mut events);
-    let mut dispatcher = Dispatcher::new(
+    *shared.dispatcher.lock().expect("dispatcher lock") = Some(Dispatcher::new(
         ingestor,
-        Replier::External(client.clone()),
-        config.json_topic.clone(),
-    );
-    let mut failures = 0u32;
+        Replier::Embedded({
+            let handle = handle.clone();
+            Arc::new(move |topic: &str, payload: Bytes| handle.publish(topic, payload))
+        }),
+        json_topic,
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
-            event = events.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    failures = 0;
-                    tracing::info!(broker = %config.url, "hub subscribed to the MQTT broker");
-                    for kind in ["hello", "telemetry"] {
-                        let _ = client.subscribe(subscription(&config.share_group, kind), QoS::AtLeastOnce).await;
-                    }
-                    if !config.json_topic.is_empty() {
-                        let filter = if config.share_group.is_empty() {
-                            config.json_topic.clone()
-                        } else {
-                            format!("$share/{}/{}", config.share_group, config.json_topic)
-                        };
-                        let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (handle, shutdown) = (handle.clone(), shutdown.clone());
+                    match acceptor.clone() {
+                        None => {
+                            tasks.spawn(conn::run(stream, peer, handle, shutdown));
+                        }
+                        Some(acceptor) => {
+                            tasks.spawn(async move {
+                                let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+                                match handshake.await {
+                                    Ok(Ok(tls)) => conn::run(tls, peer, handle, shutdown).await,
+                                    Ok(Err(e)) => {
+                                        let why = format!("TLS handshake: {e}");
+                                        handle.shared.ingestor.refuse(crate::metrics::StreamReject::Malformed, &peer.to_string(), &why);
+                                    }
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => dispatcher.dispatch(p),
-                Ok(_) => {}
                 Err(e) => {
-                    failures += 1;
-                    let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
-                    tracing::warn!(broker = %config.url, error = %e, retry_in = ?delay, "MQTT broker connection failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => break,
-                    }
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },
+            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    drop(dispatcher);
-    let _ = client.try_disconnect();
-}
-
-/// Where the hub's answers go: back through the external broker, or into the embedded one.
-#[derive(Clone)]
-pub enum Replier {
-    External(AsyncClient),
-    Embedded(broker::Handle),
-}
-
-impl Replier {
-    async fn reply(&self, topic: String, body: Vec<u8>) {
-        match self {
-            Replier::External(c) => {
-                let _ = c.publish(topic, QoS::AtLeastOnce, false, body).await;
-            }
-            Replier::Embedded(h) => h.publish(&topic, body.into()),
-        }
-    }
-
-    /// The message is dealt with (stored, or refused for good): PUBACK it to an external
-    /// broker, which otherwise redelivers it.
-    async fn done(&self, p: &Publish) {
-        if let Replier::External(c) = self {
-            let _ = c.ack(p).await;
-        }
-    }
-
-    fn done_now(&self, p: &Publish) {
-        if let Replier::External(c) = self {
-            let _ = c.try_ack(p);
-        }
-    }
-}
-
-/// Routes device messages to one worker per device, so each device's messages are handled in
-/// order while devices proceed in parallel.
-pub struct Dispatcher {
-    ingestor: Ingestor,
-    replier: Replier,
-    /// Topic filter of the plain JSON form ([`json`]); empty turns it off.
-    json_topic: String,
-    workers: HashMap<String, mpsc::UnboundedSender<Work>>,
-}
-
-/// One message for a device worker.
-enum Work {
-    /// On a `shoal/v1/devices/...` topic.
-    Device(Publish),
-    /// A plain JSON sample, already read.
-    Json(Box<Sample>, Publish),
-}
-
-impl Dispatcher {
-    pub fn new(ingestor: Ingestor, replier: Replier, json_topic: String) -> Self {
-        Self {
-            ingestor,
-            replier,
-            json_topic,
-            workers: HashMap::new(),
-        }
-    }
-
-    /// Is `topic` one this dispatcher ingests?
-    pub fn wants(&self, topic: &str) -> bool {
-        parse_topic(topic).is_some() || json::matches(topic, &self.json_topic)
-    }
-
-    /// Is `topic` one of the plain JSON form's?
-    pub fn is_json(&self, topic: &str) -> bool {
-        parse_topic(topic).is_none() && json::matches(topic, &self.json_topic)
-    }
-
-    pub fn dispatch(&mut self, p: Publish) {
-        let (device_id, work) = if let Some(t) = parse_topic(&p.topic) {
-            (t.device_id.to_string(), Work::Device(p))
-        } else if json::matches(&p.topic, &self.json_topic) {
-            match json::parse(&p.payload, crate::now_ms()) {
-                Ok((device, sample)) => {
-                    let last_segment = p.topic.rsplit('/').next().unwrap_or_default();
-                    if self.json_topic.ends_with('+') && last_segment != device {
-                        let why = format!("JSON for device {device:?} on topic {}", p.topic);
-                        self.ingestor
-                            .refuse(StreamReject::ForeignTopic, last_segment, &why);
-                        self.replier.done_now(&p);
-                        return;
-                    }
-                    (device, Work::Json(Box::new(sample), p))
-                }
-                Err(e) => {
-                    self.ingestor.refuse(StreamReject::Malformed, &p.topic, &e);
-                    self.replier.done_now(&p);
-                    return;
-                }
-            }
-        } else {
-            let why = format!("message on unexpected topic {}", p.topic);
-            self.ingestor.refuse(StreamReject::Malformed, "mqtt", &why);
-            self.replier.done_now(&p);
-            return;
-        };
-        if let Some(w) = self.workers.get(&device_id)
-            && !w.is_closed()
-        {
-            let _ = w.send(work);
-            return;
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(work);
-        self.workers.insert(device_id.clone(), tx);
-        tokio::spawn(device_worker(
-            device_id,
-            rx,
-            self.replier.clone(),
-            self.ingestor.clone(),
-        ));
-    }
-}
-
-/// Processes one device's messages in arrival order; exits when idle for a minute.
-async fn device_worker(
-    device_id: String,
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    replier: Replier,
-    ingestor: Ingestor,
-) {
-    let acks = format!("shoal/v1/devices/{device_id}/acks");
-    let max = ingestor.limits().max_message_bytes;
-    // The next seq for JSON samples, learnt from the hub's store on the first one.
-    let mut json_seq: Option<u64> = None;
-    loop {
-        let work = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(w)) => w,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: refuse new messages (dispatch starts a fresh worker) and finish the rest.
-                rx.close();
-                continue;
-            }
-        };
-        let p = match work {
-            Work::Device(p) => p,
-            Work::Json(sample, p) => {
-                if ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await {
-                    replier.done(&p).await;
-                }
-                continue;
-            }
-        };
-        let kind = parse_topic(&p.topic).map_or("", |t| t.kind);
-        if p.payload.len() > max {
-            ingestor.refuse(
-                StreamReject::Oversized,
-                &device_id,
-                &format!(
-                    "{} bytes on {}, the limit is {max}",
-                    p.payload.len(),
-                    p.topic
-                ),
-            );
-            replier.done(&p).await;
-            continue;
-        }
-        let response = match kind {
-            "hello" => match DeviceHello::decode(p.payload.as_ref()) {
-                Ok(hello) if hello.device_id != device_id => {
-                    ingestor.refuse(
-                        StreamReject::InvalidDeviceId,
-                        &device_id,
-                        &format!(
-                            "hello names device {:?} on the topic of {device_id:?}",
-                            hello.device_id
-                        ),
-                    );
-                    None
-                }
-                Ok(hello) => match ingestor.hello(hello).await {
-                    Ok(w) => Some(ingest_response::Msg::Welcome(w)),
-                    Err(HelloError::InvalidId { .. }) => None,
-                    Err(e @ HelloError::Store(_)) => {
-                        // Not acknowledged: the agent's ack timeout resends it.
-                        tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    ingestor.refuse(StreamReject::Malformed, &device_id, &format!("hello: {e}"));
-                    None
-                }
-            },
-            "telemetry" => match TelemetryBatch::decode(p.payload.as_ref()) {
-                Ok(batch) => match ingestor.batch(&device_id, batch.samples).await {
-                    Ok(ack) => Some(ingest_response::Msg::Ack(ack)),
-                    Err(e) => {
-                        tracing::error!(device_id = %device_id, error = %e, "cannot store a batch");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    ingestor.refuse(
-                        StreamReject::Malformed,
-                        &device_id,
-                        &format!("telemetry: {e}"),
-                    );
-                    None
-                }
-            },
-            // The hub's own answers (acks) and future command topics are not ingested.
-            _ => None,
-        };
-        if let Some(msg) = response {
-            replier
-                .reply(
-                    acks.clone(),
-                    IngestResponse { msg: Some(msg) }.encode_to_vec(),
-                )
-                .await;
-        }
-        replier.done(&p).await;
-    }
-}
-
-/// Stores one JSON sample under the next seq; false when the store failed (not acknowledged).
-async fn ingest_json(
-    ingestor: &Ingestor,
-    device_id: &str,
-    mut sample: Sample,
-    next: &mut Option<u64>,
-) -> bool {
-    let seq = match *next {
-        Some(n) => n,
-        None => {
-            let hello = DeviceHello {
-                device_id: device_id.to_string(),
-                labels: [("source".to_string(), "mqtt-json".to_string())].into(),
-                ..Default::default()
-            };
-            match ingestor.hello(hello).await {
-                Ok(w) => w.stored_up_to_seq + 1,
-                Err(e) => {
-                    tracing::error!(device_id = %device_id, error = %e, "cannot register a JSON device");
-                    return false;
-                }
-            }
-        }
-    };
-    sample.seq = seq;
-    match ingestor.batch(device_id, vec![sample]).await {
-        Ok(_) => {
-            *next = Some(seq + 1);
-            true
-        }
-        Err(e) => {
-            tracing::error!(device_id = %device_id, error = %e, "cannot store a JSON sample");
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_device_topics() {
-        assert_eq!(
-            parse_topic("shoal/v1/devices/pi-4/telemetry"),
-            Some(DeviceTopic {
-                device_id: "pi-4",
-                kind: "telemetry"
-            })
-        );
-        assert_eq!(parse_topic("shoal/v1/devices//telemetry"), None);
-        assert_eq!(parse_topic("shoal/v1/devices/a/b/c"), None);
-        assert_eq!(parse_topic("sensor/pi-4"), None);
-    }
-
-    #[test]
-    fn shared_subscriptions() {
-        assert_eq!(
-            subscription("shoal", "hello"),
-            "$share/shoal/shoal/v1/devices/+/hello"
-        );
-        assert_eq!(
-            subscription("", "telemetry"),
-            "shoal/v1/devices/+/telemetry"
-        );
-    }
+    shared.dispatcher.lock().expect("dispatcher lock").take();
+    let _ = tokio::time::timeout(crate::ingest::DRAIN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
 }

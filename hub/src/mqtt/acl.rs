@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use shoal_proto::mqtt;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Device,
@@ -88,7 +90,7 @@ pub fn may_publish(who: &Identity, topic: &str, json_topic: bool) -> Result<(), 
     if who.role == Role::Observer {
         return Err("observers may not publish".into());
     }
-    if let Some(rest) = topic.strip_prefix("shoal/v1/devices/") {
+    if let Some(rest) = topic.strip_prefix(mqtt::DEVICE_TOPIC_PREFIX) {
         let (device, kind) = rest.split_once('/').unwrap_or((rest, ""));
         if device != who.name {
             return Err(format!(
@@ -97,7 +99,7 @@ pub fn may_publish(who: &Identity, topic: &str, json_topic: bool) -> Result<(), 
             ));
         }
         return match kind {
-            "hello" | "telemetry" => Ok(()),
+            mqtt::kind::HELLO | mqtt::kind::TELEMETRY => Ok(()),
             _ => Err(format!(
                 "devices publish only hello and telemetry, not {kind:?}"
             )),
@@ -126,7 +128,7 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     if who.role == Role::Observer || !who.authenticated {
         return true;
     }
-    filter == format!("shoal/v1/devices/{}/acks", who.name)
+    filter == mqtt::topic(&who.name, mqtt::kind::ACKS)
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{ApiError, AppState};
+use super::error::ApiError;
+use super::state::AppState;
 use crate::jobs::manifest;
 use crate::jobs::policy;
 use crate::jobs::scheduler::{JobError, job_policy};

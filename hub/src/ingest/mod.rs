@@ -1,21 +1,23 @@
-//! The gRPC ingest service: hello, then batches; validate, store through the writer, ack.
+//! Ingest, whatever the transport: a device's hello, then batches — validated, stored through
+//! the writer, acknowledged. The transports ([`grpc`], [`mqtt`] from an external broker, the
+//! book's [`json`] form, and the embedded broker in `crate::mqtt`) only move bytes to it.
+
+pub mod grpc;
+pub mod json;
+pub mod mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use shoal_proto::v1::ingest_server::Ingest;
-use shoal_proto::v1::{
-    Ack, DeviceHello, IngestRequest, IngestResponse, Rejection, Sample, Welcome, ingest_request,
-    ingest_response,
-};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use shoal_proto::v1::{Ack, DeviceHello, Rejection, Sample, Welcome};
 
 use crate::metrics::{LogLimiter, Metrics, SampleReject, StreamReject};
-use crate::now_ms;
-use crate::writer::{Row, Writer};
+use crate::store::series::now_ms;
+use crate::store::writer::{Row, Writer};
+
+/// How long open ingest connections get to finish on shutdown.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Limits the ingest path enforces.
 #[derive(Debug, Clone, Copy)]
@@ -141,17 +143,6 @@ impl Ingestor {
     }
 }
 
-/// The gRPC face of the [`Ingestor`].
-pub struct IngestService {
-    ingestor: Ingestor,
-}
-
-impl IngestService {
-    pub fn new(ingestor: Ingestor) -> Self {
-        Self { ingestor }
-    }
-}
-
 /// What validating one batch decided.
 #[derive(Debug, Default)]
 pub struct Checked {
@@ -218,148 +209,6 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
 fn fmt_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Keeps the active-stream gauge right however a stream ends.
-struct ActiveStream(Arc<Metrics>);
-
-impl ActiveStream {
-    fn new(m: Arc<Metrics>) -> Self {
-        m.streams_active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(m)
-    }
-}
-
-impl Drop for ActiveStream {
-    fn drop(&mut self) {
-        self.0
-            .streams_active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Classifies a receive error: the client sent something unacceptable (counted, answered
-/// with a clear status) or simply went away.
-fn classify(status: &Status, max_bytes: usize) -> Option<(StreamReject, Status)> {
-    match status.code() {
-        Code::OutOfRange | Code::ResourceExhausted => Some((
-            StreamReject::Oversized,
-            Status::out_of_range(format!(
-                "{}; the hub accepts messages up to {max_bytes} bytes: send smaller batches",
-                status.message()
-            )),
-        )),
-        Code::Internal if status.message().contains("decode") => Some((
-            StreamReject::Malformed,
-            Status::invalid_argument(format!(
-                "message is not a valid shoal.v1.IngestRequest: {}",
-                status.message()
-            )),
-        )),
-        _ => None,
-    }
-}
-
-#[tonic::async_trait]
-impl Ingest for IngestService {
-    type StreamStream = ReceiverStream<Result<IngestResponse, Status>>;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<IngestRequest>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        let ingestor = self.ingestor.clone();
-        let max_bytes = ingestor.limits().max_message_bytes;
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
-        let mut inbound = request.into_inner();
-        let first = match inbound.message().await {
-            Ok(m) => m,
-            Err(status) => {
-                return Err(match classify(&status, max_bytes) {
-                    Some((why, answer)) => {
-                        ingestor.refuse(why, &peer, status.message());
-                        answer
-                    }
-                    None => status,
-                });
-            }
-        };
-        let hello = match first.and_then(|m| m.msg) {
-            Some(ingest_request::Msg::Hello(h)) => h,
-            _ => {
-                ingestor.refuse(StreamReject::NoHello, &peer, "first message is not a hello");
-                return Err(Status::invalid_argument(
-                    "the first message of an ingest stream must be a hello",
-                ));
-            }
-        };
-        let device_id = hello.device_id.clone();
-        let welcome = ingestor.hello(hello).await.map_err(|e| match e {
-            HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
-            HelloError::Store(_) => Status::unavailable(e.to_string()),
-        })?;
-        tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
-
-        let (tx, rx) = mpsc::channel(8);
-        let _ = tx
-            .send(Ok(IngestResponse {
-                msg: Some(ingest_response::Msg::Welcome(welcome)),
-            }))
-            .await;
-        tokio::spawn(async move {
-            let _active = ActiveStream::new(ingestor.metrics().clone());
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(status) => {
-                        if let Some((why, answer)) = classify(&status, max_bytes) {
-                            ingestor.refuse(why, &device_id, status.message());
-                            let _ = tx.send(Err(answer)).await;
-                        }
-                        break;
-                    }
-                };
-                let batch = match msg.msg {
-                    Some(ingest_request::Msg::Batch(b)) => b,
-                    _ => {
-                        ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "after the hello only batches may follow",
-                            )))
-                            .await;
-                        break;
-                    }
-                };
-                let ack = match ingestor.batch(&device_id, batch.samples).await {
-                    Ok(ack) => ack,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "hub store unavailable: {e}"
-                            ))))
-                            .await;
-                        break;
-                    }
-                };
-                if tx
-                    .send(Ok(IngestResponse {
-                        msg: Some(ingest_response::Msg::Ack(ack)),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            tracing::debug!(device_id = %device_id, "device stream ended");
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
 }
 
 #[cfg(test)]

@@ -1,99 +1,25 @@
-//! The REST/JSON API under `/api/v1`, plus `/healthz` and Prometheus `/metrics`.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! Devices and their telemetry: `/api/v1/devices[/{id}[/samples|/series]]`.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_proto::v1::Sample;
 
-use crate::metrics::Metrics;
-use crate::registry::{DeviceRecord, Status, StatusThresholds};
-use crate::series::{self, Bucket, Downsampler};
-use crate::store::{Store, StoreError};
-use crate::writer::{DeviceState, Fleet};
+use super::error::{ApiError, bad_request};
+use super::state::AppState;
+use crate::registry::{DeviceRecord, Status};
+use crate::store::StoreError;
+use crate::store::series::{self, Bucket, Downsampler};
+use crate::store::writer::DeviceState;
 
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Store,
-    pub fleet: Arc<Fleet>,
-    pub metrics: Arc<Metrics>,
-    pub thresholds: StatusThresholds,
-    pub jobs: crate::jobs::scheduler::Scheduler,
-    pub job_store: crate::jobs::store::JobStore,
-    pub runs_dir: std::path::PathBuf,
-    /// This hub's REST URL, given to runs.
-    pub hub_url: String,
-}
-
-pub fn router(state: AppState) -> Router {
+pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(list_devices))
-        .route(
-            "/api/v1/datasets/export",
-            axum::routing::post(crate::datasets::export),
-        )
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/samples", get(samples))
         .route("/api/v1/devices/{id}/series", get(series_handler))
-        .merge(crate::http_jobs::routes())
-        .fallback(not_found)
-        .with_state(state)
-}
-
-/// An API error: a status and a message that says what to do.
-pub struct ApiError(StatusCode, String);
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self(status, message.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-    }
-}
-
-fn bad_request(msg: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, msg.into())
-}
-
-async fn not_found() -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        "no such endpoint; the API lives under /api/v1".into(),
-    )
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    s.metrics.http_requests.inc();
-    let now = series::now_ms();
-    let mut counts = [("online", 0), ("stale", 0), ("offline", 0)];
-    for d in s.fleet.all() {
-        counts[s.thresholds.status(d.record.last_seen_ms, now) as usize].1 += 1;
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&counts),
-    )
 }
 
 /// A device as the API shows it.
@@ -116,7 +42,7 @@ fn view(s: &AppState, d: DeviceState, now: i64) -> DeviceView {
 
 fn device(s: &AppState, id: &str) -> Result<DeviceState, ApiError> {
     s.fleet.get(id).ok_or_else(|| {
-        ApiError(
+        ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no device {id:?} has reported to this hub"),
         )
@@ -124,7 +50,6 @@ fn device(s: &AppState, id: &str) -> Result<DeviceState, ApiError> {
 }
 
 async fn list_devices(State(s): State<AppState>) -> Json<serde_json::Value> {
-    s.metrics.http_requests.inc();
     let now = series::now_ms();
     let devices: Vec<DeviceView> = s
         .fleet
@@ -139,7 +64,6 @@ async fn show_device(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    s.metrics.http_requests.inc();
     let d = device(&s, &id)?;
     let key = d.key;
     let store = s.store.clone();
@@ -173,7 +97,6 @@ async fn samples(
     Path(id): Path<String>,
     Query(q): Query<SamplesQuery>,
 ) -> Result<Json<SamplesPage>, ApiError> {
-    s.metrics.http_requests.inc();
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(bad_request(format!(
@@ -218,7 +141,6 @@ async fn series_handler(
     Path(id): Path<String>,
     Query(q): Query<SeriesQuery>,
 ) -> Result<Json<SeriesView>, ApiError> {
-    s.metrics.http_requests.inc();
     let metric = q.metric.filter(|m| !m.is_empty()).ok_or_else(|| {
         bad_request("the `metric` parameter is required, e.g. metric=cpu_percent or metric=disk_used_bytes{mount=\"/\"}")
     })?;
@@ -262,6 +184,3 @@ async fn series_handler(
         points,
     }))
 }
-
-/// How long a reader may wait for the REST API to drain on shutdown.
-pub const HTTP_GRACE: Duration = Duration::from_secs(5);

@@ -2,7 +2,7 @@
 //!
 //! Why redb: a pure-Rust, single-file, copy-on-write B-tree with ACID transactions and
 //! concurrent readers. Ingest is dominated by fsyncs, and the writer thread (see
-//! [`crate::writer`]) amortises them by committing every batch that arrived in the meantime in
+//! [`writer`]) amortises them by committing every batch that arrived in the meantime in
 //! one transaction (group commit), so one fsync'd commit carries thousands of samples. Reads
 //! (REST, CLI) run on MVCC snapshots and never block ingest. Samples are keyed by
 //! `(device key, seq)`, which makes deduplication one key lookup and keeps each device's samples
@@ -12,6 +12,17 @@
 //! - `device_keys`: device id → small integer key
 //! - `devices`: device key → registry record (JSON)
 //! - `samples`: (device key, seq) → encoded `shoal.v1.Sample`
+//! - record tables ([`RecordTable`]): string key → JSON, for other modules' records (jobs,
+//!   runs), reached only through typed methods.
+//!
+//! This module is the only one that opens tables or transactions; [`writer`] (the ingest
+//! writer thread) and [`series`] (time ranges, downsampling) belong to it.
+
+pub mod records;
+pub mod series;
+pub mod writer;
+
+pub use records::{RecordTable, RecordWrite};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,9 +33,9 @@ use shoal_proto::v1::Sample;
 
 use crate::registry::DeviceRecord;
 
-pub const DEVICE_KEYS: TableDefinition<&str, u32> = TableDefinition::new("device_keys");
-pub const DEVICES: TableDefinition<u32, &[u8]> = TableDefinition::new("devices");
-pub const SAMPLES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("samples");
+pub(crate) const DEVICE_KEYS: TableDefinition<&str, u32> = TableDefinition::new("device_keys");
+pub(crate) const DEVICES: TableDefinition<u32, &[u8]> = TableDefinition::new("devices");
+pub(crate) const SAMPLES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("samples");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -86,7 +97,8 @@ impl Store {
         Ok(Self { db: Arc::new(db) })
     }
 
-    pub fn db(&self) -> &Database {
+    /// The database, for the storage layer's own modules only.
+    pub(crate) fn db(&self) -> &Database {
         &self.db
     }
 

@@ -17,9 +17,9 @@ use redb::ReadableTable;
 use shoal_proto::v1::DeviceHello;
 use tokio::sync::{mpsc, oneshot};
 
+use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
-use crate::store::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
 
 /// Most queued operations folded into one transaction.
 const MAX_GROUP: usize = 2048;

@@ -16,8 +16,9 @@ use shoal_ml::dataset::{DatasetWriter, Row};
 use shoal_ml::store::Location;
 use tokio::sync::mpsc;
 
-use crate::http::{ApiError, AppState};
-use crate::series;
+use super::error::ApiError;
+use super::state::AppState;
+use crate::store::series;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,0 +1,54 @@
+//! `shoal telemetry`.
+
+use std::time::Duration;
+
+use super::client::{CliError, Client, Output, encode};
+use super::format::*;
+
+impl Client {
+    pub async fn telemetry(
+        &self,
+        id: &str,
+        metric: &str,
+        since: Duration,
+        step: Option<Duration>,
+        output: Output,
+    ) -> Result<String, CliError> {
+        let mut q = vec![
+            ("metric", metric.to_string()),
+            ("from", humantime::format_duration(since).to_string()),
+        ];
+        if let Some(step) = step {
+            q.push(("step", humantime::format_duration(step).to_string()));
+        }
+        let body = self
+            .get(&format!("/api/v1/devices/{}/series", encode(id)), &q)
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&body));
+        }
+        let rows: Vec<Vec<String>> = body["points"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                let t = std::time::UNIX_EPOCH + Duration::from_millis(p["t"].as_u64().unwrap_or(0));
+                vec![
+                    humantime::format_rfc3339_seconds(t).to_string(),
+                    num(&p["avg"]),
+                    num(&p["min"]),
+                    num(&p["max"]),
+                    p["count"].to_string(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(format!(
+                "no {metric} values for {id} in the last {}\n",
+                humantime::format_duration(since)
+            ));
+        }
+        Ok(table(&["TIME", "AVG", "MIN", "MAX", "SAMPLES"], &rows))
+    }
+}

@@ -1,0 +1,368 @@
+//! MQTT ingest, from an external broker or the embedded one (`crate::mqtt`, which hands its
+//! device topics to the [`Dispatcher`]).
+//!
+//! From an external broker (Mosquitto, EMQX): the hub subscribes (through a
+//! shared subscription, so several hubs split the load) to every device's hello and telemetry
+//! topics and answers on its acks topic. Messages go through the same [`Ingestor`] as gRPC.
+//!
+//! The hub PUBACKs a message only after it is stored (manual acks on a persistent session), so
+//! a hub killed mid-batch gets the message again from the broker; the agent's own ack timeout
+//! covers a broker that lost it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prost::Message;
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use shoal_proto::mqtt::client::{no_delay, options};
+use shoal_proto::mqtt::{kind, parse_broker, parse_topic, subscription, topic};
+use shoal_proto::v1::{DeviceHello, IngestResponse, Sample, TelemetryBatch, ingest_response};
+use tokio::sync::{mpsc, watch};
+
+use super::json;
+use super::{HelloError, Ingestor};
+use crate::metrics::StreamReject;
+
+/// How the hub reaches an external broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// `mqtt://HOST:PORT`
+    pub url: String,
+    /// Client id of the hub's persistent session.
+    pub client_id: String,
+    /// Shared-subscription group; empty subscribes plainly (one hub per broker).
+    pub share_group: String,
+    pub credentials: Option<(String, String)>,
+    /// Topic filter of the plain JSON form; empty turns it off.
+    pub json_topic: String,
+    /// TLS settings for an `mqtts://` broker.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// Subscribes to `config.url` and ingests until `shutdown`; reconnects on its own.
+pub async fn run_external(
+    config: BrokerConfig,
+    ingestor: Ingestor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let opts = parse_broker(&config.url)
+        .and_then(|addr| options(&config.client_id, &addr, config.tls.clone()));
+    let mut opts = match opts {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "bad --mqtt-broker");
+            return;
+        }
+    };
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    // Accept anything the broker delivers and judge the size ourselves, so an oversized
+    // payload is a counted rejection rather than a dropped connection.
+    opts.set_max_packet_size(256 * 1024 * 1024, shoal_proto::DEFAULT_MAX_MESSAGE_BYTES);
+    if let Some((u, p)) = &config.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    no_delay(&mut events);
+    let mut dispatcher = Dispatcher::new(
+        ingestor,
+        Replier::External(client.clone()),
+        config.json_topic.clone(),
+    );
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            event = events.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    tracing::info!(broker = %config.url, "hub subscribed to the MQTT broker");
+                    for kind in [kind::HELLO, kind::TELEMETRY] {
+                        let _ = client.subscribe(subscription(&config.share_group, kind), QoS::AtLeastOnce).await;
+                    }
+                    if !config.json_topic.is_empty() {
+                        let filter = if config.share_group.is_empty() {
+                            config.json_topic.clone()
+                        } else {
+                            format!("$share/{}/{}", config.share_group, config.json_topic)
+                        };
+                        let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => dispatcher.dispatch(p),
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tracing::warn!(broker = %config.url, error = %e, retry_in = ?delay, "MQTT broker connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+        }
+    }
+    drop(dispatcher);
+    let _ = client.try_disconnect();
+}
+
+/// Publishes a message from the hub itself into the embedded broker (QoS 1).
+pub type EmbeddedPublish = std::sync::Arc<dyn Fn(&str, bytes::Bytes) + Send + Sync>;
+
+/// Where the hub's answers go: back through the external broker, or into the embedded one.
+#[derive(Clone)]
+pub enum Replier {
+    External(AsyncClient),
+    Embedded(EmbeddedPublish),
+}
+
+impl Replier {
+    async fn reply(&self, topic: String, body: Vec<u8>) {
+        match self {
+            Replier::External(c) => {
+                let _ = c.publish(topic, QoS::AtLeastOnce, false, body).await;
+            }
+            Replier::Embedded(publish) => publish(&topic, body.into()),
+        }
+    }
+
+    /// The message is dealt with (stored, or refused for good): PUBACK it to an external
+    /// broker, which otherwise redelivers it.
+    async fn done(&self, p: &Publish) {
+        if let Replier::External(c) = self {
+            let _ = c.ack(p).await;
+        }
+    }
+
+    fn done_now(&self, p: &Publish) {
+        if let Replier::External(c) = self {
+            let _ = c.try_ack(p);
+        }
+    }
+}
+
+/// Routes device messages to one worker per device, so each device's messages are handled in
+/// order while devices proceed in parallel.
+pub struct Dispatcher {
+    ingestor: Ingestor,
+    replier: Replier,
+    /// Topic filter of the plain JSON form ([`json`]); empty turns it off.
+    json_topic: String,
+    workers: HashMap<String, mpsc::UnboundedSender<Work>>,
+}
+
+/// One message for a device worker.
+enum Work {
+    /// On a `shoal/v1/devices/...` topic.
+    Device(Publish),
+    /// A plain JSON sample, already read.
+    Json(Box<Sample>, Publish),
+}
+
+impl Dispatcher {
+    pub fn new(ingestor: Ingestor, replier: Replier, json_topic: String) -> Self {
+        Self {
+            ingestor,
+            replier,
+            json_topic,
+            workers: HashMap::new(),
+        }
+    }
+
+    /// Is `topic` one this dispatcher ingests?
+    pub fn wants(&self, topic: &str) -> bool {
+        parse_topic(topic).is_some() || json::matches(topic, &self.json_topic)
+    }
+
+    /// Is `topic` one of the plain JSON form's?
+    pub fn is_json(&self, topic: &str) -> bool {
+        parse_topic(topic).is_none() && json::matches(topic, &self.json_topic)
+    }
+
+    pub fn dispatch(&mut self, p: Publish) {
+        let (device_id, work) = if let Some(t) = parse_topic(&p.topic) {
+            (t.device_id.to_string(), Work::Device(p))
+        } else if json::matches(&p.topic, &self.json_topic) {
+            match json::parse(&p.payload, crate::store::series::now_ms()) {
+                Ok((device, sample)) => {
+                    let last_segment = p.topic.rsplit('/').next().unwrap_or_default();
+                    if self.json_topic.ends_with('+') && last_segment != device {
+                        let why = format!("JSON for device {device:?} on topic {}", p.topic);
+                        self.ingestor
+                            .refuse(StreamReject::ForeignTopic, last_segment, &why);
+                        self.replier.done_now(&p);
+                        return;
+                    }
+                    (device, Work::Json(Box::new(sample), p))
+                }
+                Err(e) => {
+                    self.ingestor.refuse(StreamReject::Malformed, &p.topic, &e);
+                    self.replier.done_now(&p);
+                    return;
+                }
+            }
+        } else {
+            let why = format!("message on unexpected topic {}", p.topic);
+            self.ingestor.refuse(StreamReject::Malformed, "mqtt", &why);
+            self.replier.done_now(&p);
+            return;
+        };
+        if let Some(w) = self.workers.get(&device_id)
+            && !w.is_closed()
+        {
+            let _ = w.send(work);
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(work);
+        self.workers.insert(device_id.clone(), tx);
+        tokio::spawn(device_worker(
+            device_id,
+            rx,
+            self.replier.clone(),
+            self.ingestor.clone(),
+        ));
+    }
+}
+
+/// Processes one device's messages in arrival order; exits when idle for a minute.
+async fn device_worker(
+    device_id: String,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    replier: Replier,
+    ingestor: Ingestor,
+) {
+    let acks = topic(&device_id, kind::ACKS);
+    let max = ingestor.limits().max_message_bytes;
+    // The next seq for JSON samples, learnt from the hub's store on the first one.
+    let mut json_seq: Option<u64> = None;
+    loop {
+        let work = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(w)) => w,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: refuse new messages (dispatch starts a fresh worker) and finish the rest.
+                rx.close();
+                continue;
+            }
+        };
+        let p = match work {
+            Work::Device(p) => p,
+            Work::Json(sample, p) => {
+                if ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await {
+                    replier.done(&p).await;
+                }
+                continue;
+            }
+        };
+        let kind = parse_topic(&p.topic).map_or("", |t| t.kind);
+        if p.payload.len() > max {
+            ingestor.refuse(
+                StreamReject::Oversized,
+                &device_id,
+                &format!(
+                    "{} bytes on {}, the limit is {max}",
+                    p.payload.len(),
+                    p.topic
+                ),
+            );
+            replier.done(&p).await;
+            continue;
+        }
+        let response = match kind {
+            kind::HELLO => match DeviceHello::decode(p.payload.as_ref()) {
+                Ok(hello) if hello.device_id != device_id => {
+                    ingestor.refuse(
+                        StreamReject::InvalidDeviceId,
+                        &device_id,
+                        &format!(
+                            "hello names device {:?} on the topic of {device_id:?}",
+                            hello.device_id
+                        ),
+                    );
+                    None
+                }
+                Ok(hello) => match ingestor.hello(hello).await {
+                    Ok(w) => Some(ingest_response::Msg::Welcome(w)),
+                    Err(HelloError::InvalidId { .. }) => None,
+                    Err(e @ HelloError::Store(_)) => {
+                        // Not acknowledged: the agent's ack timeout resends it.
+                        tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    ingestor.refuse(StreamReject::Malformed, &device_id, &format!("hello: {e}"));
+                    None
+                }
+            },
+            kind::TELEMETRY => match TelemetryBatch::decode(p.payload.as_ref()) {
+                Ok(batch) => match ingestor.batch(&device_id, batch.samples).await {
+                    Ok(ack) => Some(ingest_response::Msg::Ack(ack)),
+                    Err(e) => {
+                        tracing::error!(device_id = %device_id, error = %e, "cannot store a batch");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    ingestor.refuse(
+                        StreamReject::Malformed,
+                        &device_id,
+                        &format!("telemetry: {e}"),
+                    );
+                    None
+                }
+            },
+            // The hub's own answers (acks) and future command topics are not ingested.
+            _ => None,
+        };
+        if let Some(msg) = response {
+            replier
+                .reply(
+                    acks.clone(),
+                    IngestResponse { msg: Some(msg) }.encode_to_vec(),
+                )
+                .await;
+        }
+        replier.done(&p).await;
+    }
+}
+
+/// Stores one JSON sample under the next seq; false when the store failed (not acknowledged).
+async fn ingest_json(
+    ingestor: &Ingestor,
+    device_id: &str,
+    mut sample: Sample,
+    next: &mut Option<u64>,
+) -> bool {
+    let seq = match *next {
+        Some(n) => n,
+        None => {
+            let hello = DeviceHello {
+                device_id: device_id.to_string(),
+                labels: [("source".to_string(), "mqtt-json".to_string())].into(),
+                ..Default::default()
+            };
+            match ingestor.hello(hello).await {
+                Ok(w) => w.stored_up_to_seq + 1,
+                Err(e) => {
+                    tracing::error!(device_id = %device_id, error = %e, "cannot register a JSON device");
+                    return false;
+                }
+            }
+        }
+    };
+    sample.seq = seq;
+    match ingestor.batch(device_id, vec![sample]).await {
+        Ok(_) => {
+            *next = Some(seq + 1);
+            true
+        }
+        Err(e) => {
+            tracing::error!(device_id = %device_id, error = %e, "cannot store a JSON sample");
+            false
+        }
+    }
+}
