@@ -251,8 +251,8 @@ pub fn snapshot(root: &Sysroot) -> shoal_proto::v1::Sample {
         let mut it = s.split_whitespace().map(|v| v.parse::<f64>().ok());
         Some(LoadAverage {
             one: it.next()??,
-            five: it.next()??,
-            fifteen: it.next()??,
+            five: Some(it.next()??),
+            fifteen: Some(it.next()??),
         })
     });
     let meminfo = root.read("/proc/meminfo").unwrap_or_default();
@@ -271,22 +271,25 @@ pub fn snapshot(root: &Sysroot) -> shoal_proto::v1::Sample {
         swap_used_bytes: kib("SwapTotal").saturating_sub(kib("SwapFree")),
     });
     let mut sample = Sample {
-        timestamp_ms: crate::collector::now_ms(),
+        timestamp_ms: crate::clock::now_ms(),
         load,
         memory,
         uptime_seconds: root
             .read("/proc/uptime")
             .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0, |s| s as u64),
-        process_count: root
-            .list("/proc")
-            .iter()
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .count() as u32,
+            .map(|s| s as u64),
+        process_count: Some(root.list("/proc"))
+            .filter(|entries| !entries.is_empty())
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .count() as u32
+            }),
         ..Default::default()
     };
     enrich(root, &Board::detect(root), &mut sample);

@@ -3,7 +3,7 @@
 //! stays small.
 
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crate::board::{Board, Sysroot};
 use shoal_proto::v1::{
@@ -117,7 +117,7 @@ impl SystemCollector {
 
         let mut sample = Sample {
             seq: 0,
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::clock::now_ms(),
             cpu: Some(Cpu {
                 total_percent: f64::from(self.system.global_cpu_usage()),
                 core_percent: self
@@ -129,8 +129,8 @@ impl SystemCollector {
             }),
             load: load.map(|l| LoadAverage {
                 one: l.one,
-                five: l.five,
-                fifteen: l.fifteen,
+                five: Some(l.five),
+                fifteen: Some(l.fifteen),
             }),
             memory: Some(Memory {
                 total_bytes: self.system.total_memory(),
@@ -141,7 +141,7 @@ impl SystemCollector {
             }),
             disks,
             networks,
-            uptime_seconds: System::uptime().unwrap_or(0),
+            uptime_seconds: System::uptime().ok(),
             temperatures,
             process_count: process_count(Path::new("/proc")),
             gpus: Vec::new(),
@@ -163,27 +163,18 @@ impl SystemCollector {
     }
 }
 
-/// Milliseconds since the Unix epoch on this device's clock.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Counts the numeric entries of `/proc` (one per process) without loading process details.
-fn process_count(proc_root: &Path) -> u32 {
-    std::fs::read_dir(proc_root)
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter(|e| {
-                    e.file_name()
-                        .to_str()
-                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                })
-                .count() as u32
-        })
-        .unwrap_or(0)
+/// `None` when `/proc` cannot be read: a missing reading, not zero processes.
+fn process_count(proc_root: &Path) -> Option<u32> {
+    std::fs::read_dir(proc_root).ok().map(|dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count() as u32
+    })
 }
 
 /// Who this device is, for the hello message.
@@ -234,8 +225,8 @@ mod tests {
         let mem = s.memory.unwrap();
         assert!(mem.total_bytes > 0 && mem.used_bytes <= mem.total_bytes);
         assert!(!s.cpu.unwrap().core_percent.is_empty());
-        assert!(s.process_count > 0);
-        assert!(s.uptime_seconds > 0);
+        assert!(s.process_count.is_some_and(|n| n > 0));
+        assert!(s.uptime_seconds.is_some_and(|u| u > 0));
         assert!(s.timestamp_ms > 1_700_000_000_000);
     }
 
@@ -245,6 +236,6 @@ mod tests {
         for name in ["1", "42", "self", "cpuinfo", "1000"] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
         }
-        assert_eq!(process_count(dir.path()), 3);
+        assert_eq!(process_count(dir.path()), Some(3));
     }
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod board;
+pub mod clock;
 pub mod collector;
 pub mod config;
 pub mod gpu;

@@ -127,8 +127,12 @@ impl Row {
         }
         if let Some(l) = &s.load {
             set("load1", l.one);
-            set("load5", l.five);
-            set("load15", l.fifteen);
+            if let Some(v) = l.five {
+                set("load5", v);
+            }
+            if let Some(v) = l.fifteen {
+                set("load15", v);
+            }
         }
         if let Some(m) = &s.memory {
             set("memory_used_bytes", m.used_bytes as f64);
@@ -145,8 +149,12 @@ impl Row {
                 s.networks.iter().map(|n| n.tx_bytes_per_second).sum(),
             );
         }
-        set("process_count", f64::from(s.process_count));
-        set("uptime_seconds", s.uptime_seconds as f64);
+        if let Some(v) = s.process_count {
+            set("process_count", f64::from(v));
+        }
+        if let Some(v) = s.uptime_seconds {
+            set("uptime_seconds", v as f64);
+        }
         let hottest = s
             .temperatures
             .iter()

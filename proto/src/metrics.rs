@@ -39,8 +39,12 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
     }
     if let Some(l) = &s.load {
         f("load1", l.one);
-        f("load5", l.five);
-        f("load15", l.fifteen);
+        if let Some(v) = l.five {
+            f("load5", v);
+        }
+        if let Some(v) = l.fifteen {
+            f("load15", v);
+        }
     }
     if let Some(m) = &s.memory {
         f("memory_total_bytes", m.total_bytes as f64);
@@ -83,7 +87,9 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
             n.tx_bytes_per_second,
         );
     }
-    f("uptime_seconds", s.uptime_seconds as f64);
+    if let Some(v) = s.uptime_seconds {
+        f("uptime_seconds", v as f64);
+    }
     for t in &s.temperatures {
         labelled(
             &mut f,
@@ -93,7 +99,9 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
             t.celsius,
         );
     }
-    f("process_count", f64::from(s.process_count));
+    if let Some(v) = s.process_count {
+        f("process_count", f64::from(v));
+    }
     for g in &s.gpus {
         let i = g.index.to_string();
         labelled(
@@ -243,8 +251,8 @@ mod tests {
             }),
             load: Some(LoadAverage {
                 one: 0.5,
-                five: 0.25,
-                fifteen: 0.125,
+                five: Some(0.25),
+                fifteen: Some(0.125),
             }),
             disks: vec![Disk {
                 mount_point: "/".into(),
@@ -252,7 +260,7 @@ mod tests {
                 used_bytes: 40,
                 ..Default::default()
             }],
-            process_count: 7,
+            process_count: Some(7),
             ..Default::default()
         };
         assert_eq!(value_of(&s, "cpu_percent"), Some(12.5));

@@ -635,16 +635,16 @@ pub fn pi_sample(seq: u64, start_ms: i64, step_ms: i64, hot: f64) -> shoal_proto
         }),
         load: Some(LoadAverage {
             one: load,
-            five: load / 2.0,
-            fifteen: load / 4.0,
+            five: Some(load / 2.0),
+            fifteen: Some(load / 4.0),
         }),
         pi: Some(PiBoard {
             soc_temperature_celsius: 38.0 + 0.25 * cpu + 3.0 * load + noise + hot,
             cpu_frequency_mhz: 1500 + (seq % 3) as u32 * 100,
             ..Default::default()
         }),
-        process_count: 120,
-        uptime_seconds: seq,
+        process_count: Some(120),
+        uptime_seconds: Some(seq),
         ..Default::default()
     }
 }

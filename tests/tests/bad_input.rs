@@ -40,7 +40,7 @@ fn sample(seq: u64, ts: i64) -> Sample {
     Sample {
         seq,
         timestamp_ms: ts,
-        uptime_seconds: 1,
+        uptime_seconds: Some(1),
         ..Default::default()
     }
 }

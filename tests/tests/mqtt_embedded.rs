@@ -100,6 +100,26 @@ async fn agents_json_scripts_and_observers_share_the_embedded_broker() {
     let samples = hub.stored_samples("pi-json").await;
     assert_eq!(samples[0]["temperatures"][0]["celsius"], 48.312);
     assert_eq!(samples[2]["load"]["one"], 0.38);
+    // What the book's form does not carry stays absent end to end: not stored as 0, no points.
+    assert!(samples[2]["load"]["five"].is_null(), "{}", samples[2]);
+    assert!(samples[2]["uptime_seconds"].is_null(), "{}", samples[2]);
+    assert!(samples[2]["process_count"].is_null(), "{}", samples[2]);
+    for (metric, points) in [
+        ("load1", 3),
+        ("load5", 0),
+        ("uptime_seconds", 0),
+        ("process_count", 0),
+    ] {
+        let series = hub
+            .get(&format!(
+                "/api/v1/devices/pi-json/series?metric={metric}&from=1h"
+            ))
+            .await;
+        let counted: u64 = series["points"]
+            .as_array()
+            .map_or(0, |p| p.iter().filter_map(|b| b["count"].as_u64()).sum());
+        assert_eq!(counted, points, "{metric}: {series}");
+    }
     let device = hub.get("/api/v1/devices/pi-json").await;
     assert_eq!(device["labels"]["source"], "mqtt-json");
 

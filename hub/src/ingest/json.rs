@@ -40,8 +40,8 @@ pub fn parse(payload: &[u8], now_ms: i64) -> Result<(String, Sample), String> {
         timestamp_ms: j.collected.or(j.timestamp_ms).unwrap_or(now_ms),
         load: j.load.map(|one| LoadAverage {
             one,
-            five: 0.0,
-            fifteen: 0.0,
+            five: None,
+            fifteen: None,
         }),
         temperatures: j
             .temp
@@ -76,6 +76,10 @@ mod tests {
             shoal_proto::metrics::value_of(&s, "temperature_celsius{sensor=\"thermal_zone0\"}"),
             Some(48.312)
         );
+        // Only what the payload says: no 5/15-minute load, uptime or process count as zeros.
+        for absent in ["load5", "load15", "uptime_seconds", "process_count"] {
+            assert_eq!(shoal_proto::metrics::value_of(&s, absent), None, "{absent}");
+        }
     }
 
     #[test]

@@ -91,8 +91,11 @@ struct Pending {
     runs: Vec<RunRecord>,
     jobs: Vec<String>,
     delete: Vec<String>,
-    launches: Vec<(String, Box<dyn Runner>, PathBuf, watch::Receiver<bool>)>,
+    launches: Vec<Launch>,
 }
+
+/// A run to start once its record is committed: id, runner, log folder, cancel signal.
+type Launch = (String, Box<dyn Runner>, PathBuf, watch::Receiver<bool>);
 
 struct Job {
     def: JobDefinition,

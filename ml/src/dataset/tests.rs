@@ -194,8 +194,8 @@ fn samples_flatten_into_rows() {
         }),
         load: Some(Load {
             one: 1.0,
-            five: 0.5,
-            fifteen: 0.25,
+            five: Some(0.5),
+            fifteen: Some(0.25),
         }),
         temperatures: vec![
             Temperature {
@@ -233,6 +233,20 @@ fn samples_flatten_into_rows() {
     assert_eq!(get("gpu_power_watts"), Some(250.0));
     assert_eq!(get("gpu_sm_clock_mhz"), Some(1500.0));
     assert_eq!(get("cpu_frequency_mhz"), None);
+    // Readings a sample does not carry (the book's JSON form) are null in the dataset, never 0.
+    let bare = Sample {
+        load: Some(Load {
+            one: 0.4,
+            five: None,
+            fifteen: None,
+        }),
+        ..Default::default()
+    };
+    let b = Row::from_sample("json-1", 1, &bare);
+    assert_eq!(b.values[metric_index("load1").unwrap()], Some(0.4));
+    for absent in ["load5", "load15", "uptime_seconds", "process_count"] {
+        assert_eq!(b.values[metric_index(absent).unwrap()], None, "{absent}");
+    }
     let pi = Sample {
         pi: Some(PiBoard {
             soc_temperature_celsius: 48.0,

@@ -87,8 +87,8 @@ fn template() -> Sample {
         }),
         load: Some(LoadAverage {
             one: 1.2,
-            five: 0.9,
-            fifteen: 0.7,
+            five: Some(0.9),
+            fifteen: Some(0.7),
         }),
         memory: Some(Memory {
             total_bytes: 16 << 30,
@@ -117,7 +117,7 @@ fn template() -> Sample {
                 tx_bytes_per_second: 6_789.0,
             })
             .collect(),
-        uptime_seconds: 86_400,
+        uptime_seconds: Some(86_400),
         temperatures: ["cpu_thermal", "nvme", "acpitz", "gpu"]
             .iter()
             .map(|s| Temperature {
@@ -125,7 +125,7 @@ fn template() -> Sample {
                 celsius: 48.5,
             })
             .collect(),
-        process_count: 231,
+        process_count: Some(231),
         gpus: vec![],
         pi: None,
     }
