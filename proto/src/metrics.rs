@@ -17,6 +17,193 @@ pub const PI_THROTTLE_BITS: [(u32, &str); 8] = [
     (19, "soft_temperature_limit_occurred"),
 ];
 
+/// What a metric's values measure, so clients print them with their unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Percent,
+    Bytes,
+    BytesPerSecond,
+    Celsius,
+    Seconds,
+    Megahertz,
+    Watts,
+    /// A count, a load average, flags or a 0/1 state: printed as a plain number.
+    Number,
+}
+
+impl Unit {
+    /// The unit's symbol, or `""` for plain numbers.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Unit::Percent => "%",
+            Unit::Bytes => "B",
+            Unit::BytesPerSecond => "B/s",
+            Unit::Celsius => "°C",
+            Unit::Seconds => "s",
+            Unit::Megahertz => "MHz",
+            Unit::Watts => "W",
+            Unit::Number => "",
+        }
+    }
+}
+
+/// A metric family: its name, the label that tells its series apart (if any), its unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    pub name: &'static str,
+    pub label: Option<&'static str>,
+    pub unit: Unit,
+}
+
+const fn family(name: &'static str, label: Option<&'static str>, unit: Unit) -> Family {
+    Family { name, label, unit }
+}
+
+/// Every metric family [`for_each_point`] can produce.
+pub const FAMILIES: &[Family] = &[
+    family("cpu_percent", None, Unit::Percent),
+    family("cpu_core_percent", Some("core"), Unit::Percent),
+    family("load1", None, Unit::Number),
+    family("load5", None, Unit::Number),
+    family("load15", None, Unit::Number),
+    family("memory_total_bytes", None, Unit::Bytes),
+    family("memory_used_bytes", None, Unit::Bytes),
+    family("memory_available_bytes", None, Unit::Bytes),
+    family("swap_total_bytes", None, Unit::Bytes),
+    family("swap_used_bytes", None, Unit::Bytes),
+    family("disk_total_bytes", Some("mount"), Unit::Bytes),
+    family("disk_used_bytes", Some("mount"), Unit::Bytes),
+    family("net_rx_bytes", Some("iface"), Unit::Bytes),
+    family("net_tx_bytes", Some("iface"), Unit::Bytes),
+    family(
+        "net_rx_bytes_per_second",
+        Some("iface"),
+        Unit::BytesPerSecond,
+    ),
+    family(
+        "net_tx_bytes_per_second",
+        Some("iface"),
+        Unit::BytesPerSecond,
+    ),
+    family("uptime_seconds", None, Unit::Seconds),
+    family("temperature_celsius", Some("sensor"), Unit::Celsius),
+    family("process_count", None, Unit::Number),
+    family("gpu_utilization_percent", Some("gpu"), Unit::Percent),
+    family("gpu_memory_used_bytes", Some("gpu"), Unit::Bytes),
+    family("gpu_memory_total_bytes", Some("gpu"), Unit::Bytes),
+    family("gpu_temperature_celsius", Some("gpu"), Unit::Celsius),
+    family("gpu_power_watts", Some("gpu"), Unit::Watts),
+    family("gpu_sm_clock_mhz", Some("gpu"), Unit::Megahertz),
+    family("pi_soc_temperature_celsius", None, Unit::Celsius),
+    family("pi_cpu_frequency_mhz", None, Unit::Megahertz),
+    family("pi_throttled_flags", None, Unit::Number),
+    family("pi_throttle", Some("flag"), Unit::Number),
+    family("pi_emmc_life_time_a", None, Unit::Number),
+    family("pi_emmc_life_time_b", None, Unit::Number),
+    family("pi_emmc_pre_eol", None, Unit::Number),
+];
+
+/// Why a metric name cannot match any point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("unknown metric {name:?}{}", suggest(close))]
+    Unknown {
+        name: String,
+        close: Vec<&'static str>,
+    },
+    #[error("{family} has one series per {label}: name it, e.g. {family}{{{label}=\"{example}\"}}")]
+    NeedsLabel {
+        family: &'static str,
+        label: &'static str,
+        example: &'static str,
+    },
+    #[error("{family} has no labels; ask for plain {family}")]
+    NoLabels { family: &'static str },
+    #[error("{family} is told apart by {label}, not by the label given in {name:?}")]
+    WrongLabel {
+        name: String,
+        family: &'static str,
+        label: &'static str,
+    },
+}
+
+fn suggest(close: &[&str]) -> String {
+    if close.is_empty() {
+        " (see docs/telemetry.md for the names)".into()
+    } else {
+        format!("; did you mean {}?", close.join(", "))
+    }
+}
+
+/// The family of a metric name (`name` or `name{label="value"}`), or why there is none.
+pub fn family_of(metric: &str) -> Result<&'static Family, NameError> {
+    let (base, label) = match metric.split_once('{') {
+        Some((base, rest)) => (base, Some(rest)),
+        None => (metric, None),
+    };
+    let Some(f) = FAMILIES.iter().find(|f| f.name == base) else {
+        let mut close: Vec<(usize, &'static str)> = FAMILIES
+            .iter()
+            .map(|f| (edit_distance(base, f.name), f.name))
+            .filter(|(d, name)| *d <= 3 || name.contains(base) && !base.is_empty())
+            .collect();
+        close.sort();
+        return Err(NameError::Unknown {
+            name: metric.to_string(),
+            close: close.into_iter().take(3).map(|(_, n)| n).collect(),
+        });
+    };
+    match (f.label, label) {
+        (None, None) => Ok(f),
+        (None, Some(_)) => Err(NameError::NoLabels { family: f.name }),
+        (Some(l), None) => Err(NameError::NeedsLabel {
+            family: f.name,
+            label: l,
+            example: example_value(l),
+        }),
+        (Some(l), Some(rest)) => {
+            if rest.strip_prefix(l).is_some_and(|r| r.starts_with("=\"")) {
+                Ok(f)
+            } else {
+                Err(NameError::WrongLabel {
+                    name: metric.to_string(),
+                    family: f.name,
+                    label: l,
+                })
+            }
+        }
+    }
+}
+
+fn example_value(label: &str) -> &'static str {
+    match label {
+        "core" | "gpu" => "0",
+        "mount" => "/",
+        "iface" => "eth0",
+        "sensor" => "cpu_thermal",
+        "flag" => "throttled",
+        _ => "...",
+    }
+}
+
+/// Levenshtein distance, for suggesting the name an operator probably meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// Calls `f(name, value)` for every metric point in `s`, in a fixed order.
 pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
     let mut name = String::with_capacity(64);
@@ -168,7 +355,9 @@ pub fn for_each_point(s: &Sample, mut f: impl FnMut(&str, f64)) {
 /// structure without building names: the hub does this for every sample it ingests.
 pub fn point_count(s: &Sample) -> usize {
     let cpu = s.cpu.as_ref().map_or(0, |c| 1 + c.core_percent.len());
-    let load = if s.load.is_some() { 3 } else { 0 };
+    let load = s.load.as_ref().map_or(0, |l| {
+        1 + usize::from(l.five.is_some()) + usize::from(l.fifteen.is_some())
+    });
     let memory = if s.memory.is_some() { 5 } else { 0 };
     let pi = s.pi.as_ref().map_or(0, |pi| {
         2 + if pi.throttled_known {
@@ -185,9 +374,9 @@ pub fn point_count(s: &Sample) -> usize {
         + memory
         + 2 * s.disks.len()
         + 4 * s.networks.len()
-        + 1 // uptime
+        + usize::from(s.uptime_seconds.is_some())
         + s.temperatures.len()
-        + 1 // process count
+        + usize::from(s.process_count.is_some())
         + 6 * s.gpus.len()
         + pi
 }
@@ -239,6 +428,66 @@ mod tests {
         s.cpu = None;
         assert_eq!(point_count(&s), visited(&s));
         assert_eq!(point_count(&Sample::default()), visited(&Sample::default()));
+        s.uptime_seconds = Some(1);
+        s.process_count = Some(2);
+        s.load = Some(LoadAverage {
+            one: 1.0,
+            five: Some(1.0),
+            fifteen: None,
+        });
+        assert_eq!(point_count(&s), visited(&s));
+    }
+
+    #[test]
+    fn every_point_has_a_family() {
+        use crate::v1::{Gpu, Memory, NetInterface, PiBoard, Temperature};
+        let s = Sample {
+            cpu: Some(Cpu {
+                total_percent: 1.0,
+                core_percent: vec![1.0; 2],
+            }),
+            load: Some(LoadAverage {
+                one: 1.0,
+                five: Some(1.0),
+                fifteen: Some(1.0),
+            }),
+            memory: Some(Memory::default()),
+            disks: vec![Disk::default()],
+            networks: vec![NetInterface::default()],
+            temperatures: vec![Temperature::default()],
+            gpus: vec![Gpu::default()],
+            uptime_seconds: Some(1),
+            process_count: Some(1),
+            pi: Some(PiBoard {
+                throttled_known: true,
+                emmc_life_time_a: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for_each_point(&s, |name, _| {
+            let f = family_of(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            seen.insert(f.name);
+        });
+        assert_eq!(seen.len(), FAMILIES.len(), "every family is produced");
+    }
+
+    #[test]
+    fn bad_names_say_what_is_wrong() {
+        let msg = |m: &str| family_of(m).unwrap_err().to_string();
+        assert!(msg("cpu_precent").contains("did you mean cpu_percent"));
+        assert!(msg("disk_used_bytes").contains("one series per mount"));
+        assert!(msg("disk_used_bytes").contains(r#"disk_used_bytes{mount="/"}"#));
+        assert!(msg(r#"cpu_percent{core="0"}"#).contains("no labels"));
+        assert!(msg(r#"disk_used_bytes{iface="eth0"}"#).contains("told apart by mount"));
+        assert!(msg("zzzzzzzzzzzz").contains("unknown metric"));
+        assert_eq!(
+            family_of(r#"temperature_celsius{sensor="cpu"}"#)
+                .unwrap()
+                .unit,
+            Unit::Celsius
+        );
     }
 
     #[test]

@@ -255,6 +255,15 @@ impl Hub {
         resp.json().await.expect("JSON body")
     }
 
+    /// The HTTP status the hub answers `path` with.
+    pub async fn get_status(&self, path: &str) -> u16 {
+        http_get(&format!("{}{path}", self.http_url()))
+            .await
+            .expect("hub REST request")
+            .status()
+            .as_u16()
+    }
+
     /// Every seq the hub stored for `device`, in order, read page by page.
     pub async fn stored_seqs(&self, device: &str) -> Vec<u64> {
         self.stored_samples(device)

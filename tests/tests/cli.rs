@@ -80,6 +80,23 @@ async fn operators_see_devices_and_telemetry() {
         ],
     );
     assert!(ok && text.starts_with("TIME"), "{text}");
+    assert!(
+        text.lines().nth(1).is_some_and(|l| l.contains("iB")),
+        "byte metrics print with binary units: {text}"
+    );
+
+    // A misspelt name, or a labelled family without its label, is an error naming the fix.
+    for (metric, says) in [
+        ("memory_usd_bytes", "did you mean memory_used_bytes"),
+        ("disk_used_bytes", r#"disk_used_bytes{mount="/"}"#),
+    ] {
+        let (ok, _, err) = shoal(&hub, &["telemetry", "cli-dev", "--metric", metric]);
+        assert!(!ok && err.contains(says), "{metric}: {err}");
+        let refused = hub
+            .get_status(&format!("/api/v1/devices/cli-dev/series?metric={metric}"))
+            .await;
+        assert_eq!(refused, 400, "the API refuses {metric} too");
+    }
 
     // Raw samples page with their seqs.
     let page = hub

@@ -43,6 +43,27 @@ pub fn bytes(v: Option<f64>) -> String {
     format!("{x:.1} {}", units[i])
 }
 
+/// A value with its metric's unit: sizes in binary units, rates per second, durations in
+/// days/hours/minutes; "-" when there is none.
+pub fn with_unit(v: &Value, unit: shoal_proto::metrics::Unit) -> String {
+    use shoal_proto::metrics::Unit;
+    let Some(x) = v.as_f64() else {
+        return "-".into();
+    };
+    match unit {
+        Unit::Bytes => bytes(Some(x)),
+        Unit::BytesPerSecond => format!("{}/s", bytes(Some(x))),
+        Unit::Seconds => {
+            humantime::format_duration(Duration::from_secs(x.max(0.0) as u64)).to_string()
+        }
+        Unit::Percent => format!("{x:.1} %"),
+        Unit::Celsius => format!("{x:.1} °C"),
+        Unit::Watts => format!("{x:.1} W"),
+        Unit::Megahertz => format!("{x:.0} MHz"),
+        Unit::Number => format!("{x:.2}"),
+    }
+}
+
 pub fn ago(now_ms: i64, then_ms: i64) -> String {
     if then_ms <= 0 {
         return "never".into();
@@ -103,5 +124,21 @@ mod tests {
         assert_eq!(bytes(Some(1536.0)), "1.5 KiB");
         assert_eq!(ago(10_000, 0), "never");
         assert_eq!(ago(70_000, 10_000), "1m ago");
+        use shoal_proto::metrics::Unit;
+        let v = serde_json::json!(2_215_542_784.0);
+        assert_eq!(with_unit(&v, Unit::Bytes), "2.1 GiB");
+        assert_eq!(
+            with_unit(&serde_json::json!(1536), Unit::BytesPerSecond),
+            "1.5 KiB/s"
+        );
+        assert_eq!(
+            with_unit(&serde_json::json!(90061), Unit::Seconds),
+            "1day 1h 1m 1s"
+        );
+        assert_eq!(
+            with_unit(&serde_json::json!(48.31), Unit::Celsius),
+            "48.3 °C"
+        );
+        assert_eq!(with_unit(&Value::Null, Unit::Percent), "-");
     }
 }

@@ -14,6 +14,10 @@ impl Client {
         step: Option<Duration>,
         output: Output,
     ) -> Result<String, CliError> {
+        // Checked here too, so a typo is named before any request (the hub refuses it anyway).
+        let unit = shoal_proto::metrics::family_of(metric)
+            .map_err(|e| CliError::Api(e.to_string()))?
+            .unit;
         let mut q = vec![
             ("metric", metric.to_string()),
             ("from", humantime::format_duration(since).to_string()),
@@ -36,9 +40,9 @@ impl Client {
                 let t = std::time::UNIX_EPOCH + Duration::from_millis(p["t"].as_u64().unwrap_or(0));
                 vec![
                     humantime::format_rfc3339_seconds(t).to_string(),
-                    num(&p["avg"]),
-                    num(&p["min"]),
-                    num(&p["max"]),
+                    with_unit(&p["avg"], unit),
+                    with_unit(&p["min"], unit),
+                    with_unit(&p["max"], unit),
                     p["count"].to_string(),
                 ]
             })
