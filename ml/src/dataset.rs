@@ -217,11 +217,15 @@ impl Row {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ColumnInfo {
     pub name: String,
-    /// `string`, `int64` or `double`.
+    /// `string`, `int64`, `timestamp(ms, UTC)` (Parquet INT64 with logical type
+    /// TIMESTAMP(MILLIS, UTC)) or `double`.
     #[serde(rename = "type")]
     pub kind: String,
     pub nullable: bool,
 }
+
+/// The manifest's name for the `timestamp_ms` column's type.
+pub const TIMESTAMP_MS_UTC: &str = "timestamp(ms, UTC)";
 
 /// The schema every file of a `shoal-dataset/1` dataset has.
 pub fn schema() -> Vec<ColumnInfo> {
@@ -238,7 +242,7 @@ pub fn schema() -> Vec<ColumnInfo> {
         },
         ColumnInfo {
             name: "timestamp_ms".into(),
-            kind: "int64".into(),
+            kind: TIMESTAMP_MS_UTC.into(),
             nullable: false,
         },
     ];
@@ -626,7 +630,7 @@ fn check_schema(file: &str, reader: &SerializedFileReader<Bytes>) -> Result<(), 
         };
         let physical = match col.kind.as_str() {
             "string" => parquet::basic::Type::BYTE_ARRAY,
-            "int64" => parquet::basic::Type::INT64,
+            "int64" | TIMESTAMP_MS_UTC => parquet::basic::Type::INT64,
             _ => parquet::basic::Type::DOUBLE,
         };
         if actual.name() != col.name {

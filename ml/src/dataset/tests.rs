@@ -265,3 +265,25 @@ fn samples_flatten_into_rows() {
         Some(1800.0)
     );
 }
+
+#[test]
+fn the_manifest_schema_says_what_the_parquet_columns_are() {
+    use parquet::basic::{LogicalType, TimeUnit, Type as Physical};
+    let parquet = parquet_schema();
+    let fields = parquet.get_fields();
+    assert_eq!(fields.len(), schema().len());
+    for (col, field) in schema().iter().zip(fields) {
+        assert_eq!(col.name, field.name());
+        let info = field.get_basic_info();
+        let utc_millis = LogicalType::timestamp(true, TimeUnit::MILLIS);
+        let kind = match (field.get_physical_type(), info.logical_type_ref()) {
+            (Physical::BYTE_ARRAY, _) => "string",
+            (Physical::INT64, Some(t)) if *t == utc_millis => TIMESTAMP_MS_UTC,
+            (Physical::INT64, None) => "int64",
+            (Physical::DOUBLE, None) => "double",
+            other => panic!("{}: no manifest type for {other:?}", col.name),
+        };
+        assert_eq!(col.kind, kind, "{}", col.name);
+        assert_eq!(col.nullable, info.repetition() == parquet::basic::Repetition::OPTIONAL);
+    }
+}
