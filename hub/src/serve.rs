@@ -13,8 +13,12 @@ use tokio::sync::watch;
 use crate::{api, ingest, jobs, mqtt};
 
 use crate::ingest::grpc::IngestService;
+use crate::ingest::mqtt::BrokerConfig;
 use crate::ingest::{IngestLimits, Ingestor};
+use crate::jobs::cluster::ClusterSource;
 use crate::metrics::Metrics;
+use crate::mqtt::acl::Users;
+use crate::mqtt::tls::server_config;
 use crate::registry::StatusThresholds;
 use crate::store::writer::{Fleet, Writer};
 use crate::store::{Store, StoreError};
@@ -223,4 +227,151 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// `shoal serve`'s flags (and their environment variables).
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    /// Where the store lives (one redb file inside).
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
+    pub data_dir: PathBuf,
+    /// Address for agents (gRPC).
+    #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: String,
+    /// Address for the REST API, /healthz and /metrics.
+    #[arg(long, env = "SHOAL_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+    /// A device silent this long is "stale".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stale_after: Duration,
+    /// A device silent this long is "offline".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub offline_after: Duration,
+    /// Samples timestamped further ahead of the hub's clock are rejected.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub max_clock_skew: Duration,
+    /// Largest gRPC message or MQTT payload accepted, in bytes.
+    #[arg(long, default_value_t = shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Run the embedded MQTT broker on this address (agents use --hub mqtt://ADDR).
+    #[arg(long, env = "SHOAL_MQTT_LISTEN")]
+    pub mqtt_listen: Option<String>,
+    /// Users of the embedded broker, one NAME:PASSWORD[:ROLE] per line (ROLE device or
+    /// observer); without it any client may connect and its client id is its device id.
+    #[arg(long, env = "SHOAL_MQTT_USERS")]
+    pub mqtt_users: Option<PathBuf>,
+    /// Topic filter of the plain JSON form {"device":…,"temp":…,"load":…} (the book's
+    /// mosquitto_pub scripts); "" turns it off. See docs/mqtt.md for the mapping.
+    #[arg(long, default_value = "sensor/+")]
+    pub mqtt_json_topic: String,
+    /// Certificate chain (PEM) of the embedded broker: with --mqtt-tls-key it speaks MQTT over
+    /// TLS only (agents use --hub mqtts://ADDR --tls-ca CA).
+    #[arg(long, env = "SHOAL_MQTT_TLS_CERT")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the embedded broker's certificate.
+    #[arg(long, env = "SHOAL_MQTT_TLS_KEY")]
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that verify an mqtts:// --mqtt-broker.
+    #[arg(long, env = "SHOAL_MQTT_TLS_CA")]
+    pub mqtt_tls_ca: Option<PathBuf>,
+    /// Also ingest from this MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (agents run with --hub mqtt://...).
+    #[arg(long, env = "SHOAL_MQTT_BROKER")]
+    pub mqtt_broker: Option<String>,
+    /// Run `shoal.dev/runner: kubernetes` jobs as Jobs in the cluster of this kubeconfig (its
+    /// current context).
+    #[arg(long, env = "SHOAL_KUBECONFIG", conflicts_with = "kube_in_cluster")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Run `shoal.dev/runner: kubernetes` jobs in the cluster the hub runs in (its pod's
+    /// service account; see deploy/kubernetes for the RBAC it needs).
+    #[arg(long, env = "SHOAL_KUBE_IN_CLUSTER")]
+    pub kube_in_cluster: bool,
+    /// Namespace for Jobs whose manifest names none (default: the kubeconfig context's, or the
+    /// pod's own).
+    #[arg(long, env = "SHOAL_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// How often a running Kubernetes Job's status is read.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub kube_poll: Duration,
+    /// MLflow tracking server given to every job run as MLFLOW_TRACKING_URI.
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
+    pub mlflow_tracking_uri: Option<String>,
+    /// Where datasets live (s3://BUCKET/PREFIX or a folder), given to every job run as
+    /// SHOAL_DATASET_URI.
+    #[arg(long, env = "SHOAL_DATASET_URI")]
+    pub dataset_uri: Option<String>,
+    /// Client id of the hub's persistent session on the broker.
+    #[arg(long, default_value = "shoal-hub")]
+    pub mqtt_client_id: String,
+    /// Shared-subscription group, so several hubs split the devices; "" subscribes plainly.
+    #[arg(long, default_value = "shoal")]
+    pub mqtt_share_group: String,
+    /// User name on the broker.
+    #[arg(long, env = "SHOAL_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// Password on the broker (prefer the environment variable).
+    #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
+}
+
+impl ServeArgs {
+    /// The hub's settings from these flags; `Err` names the flag.
+    pub fn to_config(&self) -> Result<HubConfig, String> {
+        let a = self.clone();
+        let mqtt_users = a
+            .mqtt_users
+            .as_deref()
+            .map(Users::load)
+            .transpose()
+            .map_err(|e| format!("invalid mqtt-users: {e}"))?;
+        let mqtt_tls = match (&a.mqtt_tls_cert, &a.mqtt_tls_key) {
+            (Some(cert), Some(key)) => Some(
+                server_config(cert, key).map_err(|e| format!("invalid mqtt-tls-cert/key: {e}"))?,
+            ),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "invalid mqtt-tls-cert: give both --mqtt-tls-cert and --mqtt-tls-key".into(),
+                );
+            }
+        };
+        let broker_tls = a
+            .mqtt_tls_ca
+            .as_deref()
+            .map(shoal_proto::mqtt::client::tls_config)
+            .transpose()
+            .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
+        Ok(HubConfig {
+            data_dir: a.data_dir,
+            thresholds: StatusThresholds {
+                stale_after: a.stale_after,
+                offline_after: a.offline_after,
+            },
+            limits: IngestLimits {
+                max_clock_skew: a.max_clock_skew,
+                max_message_bytes: a.max_message_bytes,
+            },
+            kubernetes: match (a.kubeconfig, a.kube_in_cluster) {
+                (Some(path), _) => Some(ClusterSource::Kubeconfig(path)),
+                (None, true) => Some(ClusterSource::InCluster),
+                (None, false) => None,
+            },
+            kube_namespace: a.kube_namespace,
+            mlflow_tracking_uri: a.mlflow_tracking_uri.filter(|v| !v.is_empty()),
+            dataset_uri: a.dataset_uri.filter(|v| !v.is_empty()),
+            kube_poll: a.kube_poll,
+            mqtt_users,
+            mqtt_json_topic: a.mqtt_json_topic.clone(),
+            mqtt_tls,
+            mqtt_broker: a.mqtt_broker.map(|url| BrokerConfig {
+                url,
+                client_id: a.mqtt_client_id,
+                share_group: a.mqtt_share_group,
+                credentials: a
+                    .mqtt_username
+                    .map(|u| (u, a.mqtt_password.unwrap_or_default())),
+                json_topic: a.mqtt_json_topic,
+                tls: broker_tls,
+            }),
+        })
+    }
 }

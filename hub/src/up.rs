@@ -169,3 +169,31 @@ async fn bind(addr: &str, field: &'static str) -> Result<TcpListener, HubError> 
         reason: format!("cannot listen on {addr}: {e}"),
     })
 }
+
+/// What `shoal up` prints once everything listens: where things are and what to try.
+pub fn banner(ep: &Endpoints, agent: &LocalAgent) -> String {
+    format!(
+        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
+        hub = hub_flag(ep.http),
+        http = ep.http,
+        grpc = ep.grpc,
+        mqtt = ep.mqtt.map(|a| a.to_string()).unwrap_or_default(),
+        data = agent
+            .spool_dir
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        interval = humantime::format_duration(agent.interval),
+        spool = agent.spool_dir.display(),
+    )
+}
+
+/// The `--hub URL` the operator commands need to reach a hub on `http`; nothing for the
+/// default address.
+fn hub_flag(http: std::net::SocketAddr) -> String {
+    if http.to_string() == "127.0.0.1:8080" {
+        String::new()
+    } else {
+        format!(" --hub http://{http}")
+    }
+}

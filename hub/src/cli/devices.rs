@@ -168,3 +168,20 @@ impl Client {
             .collect())
     }
 }
+
+#[derive(clap::Subcommand)]
+pub enum DevicesCommand {
+    /// Every device with its status (online / stale / offline) and last heartbeat.
+    List,
+    /// One device: identity, status and its latest sample.
+    Show { id: String },
+}
+
+impl DevicesCommand {
+    pub async fn run(self, client: &Client, output: Output) -> Result<String, CliError> {
+        match self {
+            DevicesCommand::List => client.devices_list(output).await,
+            DevicesCommand::Show { id } => client.devices_show(&id, output).await,
+        }
+    }
+}

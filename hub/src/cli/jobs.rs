@@ -1,5 +1,7 @@
 //! `shoal jobs`.
 
+use std::path::PathBuf;
+
 use super::client::{CliError, Client, Output, encode};
 use super::format::*;
 use super::runs::runs_table;
@@ -131,5 +133,101 @@ impl Client {
         let kind = if as_job { "job" } else { "cronjob" };
         self.get_text(&format!("/api/v1/jobs/{}/export?kind={kind}", encode(name)))
             .await
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum JobsCommand {
+    /// Create or update a job from a Kubernetes CronJob manifest (YAML or JSON; `-` reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Every job with its schedule, last and next start.
+    List,
+    /// One job and its runs.
+    Show {
+        name: String,
+    },
+    /// Start a run now, whatever the schedule.
+    Run {
+        name: String,
+    },
+    /// No new runs until resumed (a run in progress goes on).
+    Suspend {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Remove a job (its active runs are stopped).
+    Delete {
+        name: String,
+    },
+    /// Print a built-in job's manifest (without NAME: list them), ready for `jobs apply -f -`:
+    ///
+    ///   shoal jobs template dataset-export | shoal jobs apply -f -
+    Template {
+        name: Option<String>,
+    },
+    /// Print the job as a Kubernetes object (JSON, which `kubectl apply -f -` takes): the
+    /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be.
+    Export {
+        name: String,
+        /// Kubernetes objects (the only export format; accepted for clarity).
+        #[arg(long)]
+        k8s: bool,
+        #[arg(long)]
+        job: bool,
+    },
+}
+
+impl JobsCommand {
+    pub async fn run(self, client: &Client, output: Output) -> Result<String, CliError> {
+        match self {
+            JobsCommand::Apply { file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+                } else {
+                    std::fs::read_to_string(&file)
+                };
+                match text {
+                    Ok(t) => client.jobs_apply(t, output).await,
+                    Err(e) => {
+                        return Err(CliError::Api(format!(
+                            "cannot read {}: {e}",
+                            file.display()
+                        )));
+                    }
+                }
+            }
+            JobsCommand::List => client.jobs_list(output).await,
+            JobsCommand::Show { name } => client.jobs_show(&name, output).await,
+            JobsCommand::Run { name } => client.jobs_action(&name, "run", output).await,
+            JobsCommand::Suspend { name } => client.jobs_action(&name, "suspend", output).await,
+            JobsCommand::Resume { name } => client.jobs_action(&name, "resume", output).await,
+            JobsCommand::Delete { name } => client.jobs_action(&name, "delete", output).await,
+            JobsCommand::Export { name, k8s: _, job } => client.jobs_export(&name, job).await,
+            JobsCommand::Template { name: None } => Ok(table(
+                &["TEMPLATE", "WHAT IT DOES"],
+                &crate::jobs::templates::TEMPLATES
+                    .iter()
+                    .map(|(n, what, _)| vec![n.to_string(), what.to_string()])
+                    .collect::<Vec<_>>(),
+            )),
+            JobsCommand::Template { name: Some(name) } => crate::jobs::templates::get(&name)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    CliError::Api(format!(
+                        "no template {name:?} (known: {})",
+                        crate::jobs::templates::TEMPLATES
+                            .iter()
+                            .map(|t| t.0)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }),
+        }
     }
 }

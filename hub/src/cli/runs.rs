@@ -1,5 +1,7 @@
 //! `shoal runs`.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -165,4 +167,58 @@ pub(super) fn runs_table(v: &Value) -> String {
         &["RUN", "JOB", "STATUS", "SCHEDULED", "ATTEMPTS", "REASON"],
         &rows,
     )
+}
+
+#[derive(clap::Subcommand)]
+pub enum RunsCommand {
+    /// Runs, oldest first.
+    List {
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// One run: status, times, attempts, reason.
+    Show { run: String },
+    /// Files a run left in its SHOAL_ARTIFACTS_DIR (a trained model, a report).
+    Artifacts { run: String },
+    /// Download one artifact of a run.
+    Fetch {
+        run: String,
+        /// Path as `runs artifacts` lists it, e.g. model.onnx.
+        path: String,
+        /// Where to write it [default: its file name, here].
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// A run's output (the last attempt's).
+    Logs {
+        run: String,
+        /// Keep printing until the run has finished.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+impl RunsCommand {
+    pub async fn run(self, client: &Client, output: Output) -> Result<String, CliError> {
+        match self {
+            RunsCommand::List { job } => client.runs_list(job.as_deref(), output).await,
+            RunsCommand::Show { run } => client.runs_show(&run, output).await,
+            RunsCommand::Artifacts { run } => client.runs_artifacts(&run, output).await,
+            RunsCommand::Fetch { run, path, to } => {
+                let to = to.unwrap_or_else(|| {
+                    PathBuf::from(path.rsplit('/').next().unwrap_or(path.as_str()))
+                });
+                client.runs_fetch(&run, &path, &to).await
+            }
+            RunsCommand::Logs { run, follow } => {
+                let printed = client
+                    .runs_logs(&run, follow, |chunk| {
+                        let _ = std::io::stdout().write_all(chunk.as_bytes());
+                        let _ = std::io::stdout().flush();
+                    })
+                    .await;
+                printed.map(|()| String::new())
+            }
+        }
+    }
 }

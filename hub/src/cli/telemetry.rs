@@ -56,3 +56,27 @@ impl Client {
         Ok(table(&["TIME", "AVG", "MIN", "MAX", "SAMPLES"], &rows))
     }
 }
+
+/// `shoal telemetry`'s arguments.
+#[derive(clap::Args)]
+pub struct TelemetryArgs {
+    /// Device id.
+    pub id: String,
+    /// Metric name, e.g. cpu_percent or disk_used_bytes{mount="/"} (docs/telemetry.md).
+    #[arg(long)]
+    pub metric: String,
+    /// How far back, e.g. 15m, 1h, 2d.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub since: Duration,
+    /// Bucket width [default: about 120 buckets over the range].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub step: Option<Duration>,
+}
+
+impl TelemetryArgs {
+    pub async fn run(self, client: &Client, output: Output) -> Result<String, CliError> {
+        client
+            .telemetry(&self.id, &self.metric, self.since, self.step, output)
+            .await
+    }
+}
