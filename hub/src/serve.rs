@@ -122,20 +122,7 @@ pub async fn run(
         mqtt: mqtt_listener,
     } = listeners;
     config.validate()?;
-    let cluster = match &config.kubernetes {
-        Some(source) => {
-            let cluster = jobs::cluster::Cluster::connect(source, config.kube_namespace.as_deref())
-                .await
-                .map_err(|e| HubError::Config {
-                    field: "kubeconfig",
-                    reason: e.to_string(),
-                })?
-                .with_poll(config.kube_poll);
-            tracing::info!(namespace = cluster.namespace(), "Kubernetes runner ready");
-            Some(cluster)
-        }
-        None => None,
-    };
+    let cluster = connect_cluster(&config).await?;
     let store = Store::open(&config.data_dir)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
     let metrics = Arc::new(Metrics::default());
@@ -175,31 +162,13 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let job_store = jobs::store::JobStore::new(store.clone())?;
     let hub_url = format!("http://{}", http.local_addr()?);
-    let runs_dir = config.data_dir.join("runs");
-    let scheduler_config = jobs::scheduler::SchedulerConfig {
-        runs_dir: runs_dir.clone(),
-        hub_url: hub_url.clone(),
-        mlflow_tracking_uri: config.mlflow_tracking_uri.clone(),
-        dataset_uri: config.dataset_uri.clone(),
-        values_dir: Some(config.data_dir.clone()),
-        backoff_base: Duration::from_secs(10),
-        log_limit: 1024 * 1024,
-        grace: Duration::from_secs(10),
-        cluster,
-    };
-    let (scheduler, scheduler_task) = jobs::scheduler::Scheduler::start(
-        job_store.clone(),
-        scheduler_config,
-        jobs::scheduler::wall_clock(),
-        shutdown.clone(),
-    )
-    .map_err(|e| HubError::Jobs(e.to_string()))?;
+    let (scheduler, job_store, scheduler_task) =
+        start_jobs(&config, &store, &hub_url, cluster, shutdown.clone())?;
     let state = api::AppState {
         jobs: scheduler,
         job_store,
-        runs_dir,
+        runs_dir: config.data_dir.join("runs"),
         hub_url,
         store,
         fleet,
@@ -227,6 +196,60 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// The cluster `shoal.dev/runner: kubernetes` jobs run in, when one is configured; an
+/// unreadable kubeconfig is a config error.
+async fn connect_cluster(config: &HubConfig) -> Result<Option<jobs::cluster::Cluster>, HubError> {
+    let Some(source) = &config.kubernetes else {
+        return Ok(None);
+    };
+    let cluster = jobs::cluster::Cluster::connect(source, config.kube_namespace.as_deref())
+        .await
+        .map_err(|e| HubError::Config {
+            field: "kubeconfig",
+            reason: e.to_string(),
+        })?
+        .with_poll(config.kube_poll);
+    tracing::info!(namespace = cluster.namespace(), "Kubernetes runner ready");
+    Ok(Some(cluster))
+}
+
+/// Starts the scheduler over the jobs kept in `store`; runs live under `DATA_DIR/runs`.
+fn start_jobs(
+    config: &HubConfig,
+    store: &Store,
+    hub_url: &str,
+    cluster: Option<jobs::cluster::Cluster>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<
+    (
+        jobs::scheduler::Scheduler,
+        jobs::store::JobStore,
+        tokio::task::JoinHandle<()>,
+    ),
+    HubError,
+> {
+    let job_store = jobs::store::JobStore::new(store.clone())?;
+    let scheduler_config = jobs::scheduler::SchedulerConfig {
+        runs_dir: config.data_dir.join("runs"),
+        hub_url: hub_url.to_string(),
+        mlflow_tracking_uri: config.mlflow_tracking_uri.clone(),
+        dataset_uri: config.dataset_uri.clone(),
+        values_dir: Some(config.data_dir.clone()),
+        backoff_base: Duration::from_secs(10),
+        log_limit: 1024 * 1024,
+        grace: Duration::from_secs(10),
+        cluster,
+    };
+    let (scheduler, task) = jobs::scheduler::Scheduler::start(
+        job_store.clone(),
+        scheduler_config,
+        jobs::scheduler::wall_clock(),
+        shutdown,
+    )
+    .map_err(|e| HubError::Jobs(e.to_string()))?;
+    Ok((scheduler, job_store, task))
 }
 
 /// `shoal serve`'s flags (and their environment variables).

@@ -252,52 +252,18 @@ async fn train(args: TrainArgs) -> ExitCode {
         None => None,
     };
 
-    let progress = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::with_draw_target(
-            Some(manifest.rows),
-            indicatif::ProgressDrawTarget::stderr(),
-        )
-    };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "training {bar:30} {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
-        )
-        .expect("template"),
-    );
     let started = std::time::Instant::now();
-    for (step, entry) in manifest.files.iter().enumerate() {
-        let bytes = match dataset::fetch(&location, entry).await {
-            Ok(b) => b,
-            Err(e) => return fail(EXIT_BAD_INPUT, e),
-        };
-        let name = location.display(&entry.path);
-        if let Err(e) = dataset::decode(&name, bytes, |b| {
-            trainer.push(b);
-            progress.inc(b.len() as u64);
-        }) {
-            return fail(EXIT_BAD_INPUT, e);
-        }
-        // The learning curve: fit on everything read so far.
-        if let (Some(t), Ok((_, report))) = (tracker.as_mut(), trainer.fit()) {
-            let now = chrono::Utc::now().timestamp_millis();
-            let metrics = [
-                ("train_rmse", report.train.rmse),
-                ("holdout_rmse", report.holdout.rmse),
-                ("rows_read", report.rows_read as f64),
-            ]
-            .map(|(k, v)| Metric {
-                key: k.into(),
-                value: v,
-                step: step as i64,
-                timestamp_ms: now,
-            });
-            t.attempt(async |c, run| c.log_batch(&run.run_id, &[], &metrics, &[]).await)
-                .await;
-        }
+    if let Err(e) = learn(
+        &location,
+        &manifest,
+        &mut trainer,
+        tracker.as_mut(),
+        args.quiet,
+    )
+    .await
+    {
+        return fail(EXIT_BAD_INPUT, e);
     }
-    progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let (model, report) = match trainer.fit() {
         Ok(x) => x,
@@ -349,10 +315,35 @@ async fn train(args: TrainArgs) -> ExitCode {
         "holdout_r2": report.holdout.r2,
         "rows_per_second": metrics["rows_per_second"],
     });
-    let Some(mut tracker) = tracker else {
+    let Some(tracker) = tracker else {
         let _ = writeln!(out, "{summary}");
         return ExitCode::SUCCESS;
     };
+    let artifacts = [
+        ("model/model.onnx", onnx),
+        ("model/MLmodel", mlmodel.into_bytes()),
+        ("evaluation/metrics.json", metrics_json),
+    ];
+    log_to_mlflow(
+        tracker, &args, &manifest, &digest, &report, seconds, artifacts, summary,
+    )
+    .await
+}
+
+/// The final metrics, artifacts and registered version in MLflow, and `mlflow.json` saying
+/// whether they got there (exit 75 when not: a retry of the job logs them again).
+#[allow(clippy::too_many_arguments)]
+async fn log_to_mlflow(
+    mut tracker: Tracker,
+    args: &TrainArgs,
+    manifest: &Manifest,
+    digest: &str,
+    report: &shoal_ml::train::Report,
+    seconds: f64,
+    artifacts: [(&'static str, Vec<u8>); 3],
+    summary: serde_json::Value,
+) -> ExitCode {
+    let mut out = std::io::stdout();
     let now = chrono::Utc::now().timestamp_millis();
     let last_step = manifest.files.len() as i64;
     let finals: Vec<Metric> = [
@@ -377,11 +368,7 @@ async fn train(args: TrainArgs) -> ExitCode {
     tracker
         .attempt(async |c, run| c.log_batch(&run.run_id, &[], &finals, &[]).await)
         .await;
-    for (path, bytes) in [
-        ("model/model.onnx", onnx),
-        ("model/MLmodel", mlmodel.into_bytes()),
-        ("evaluation/metrics.json", metrics_json),
-    ] {
+    for (path, bytes) in artifacts {
         tracker
             .attempt(async |c, run| c.upload(run, path, bytes).await)
             .await;
@@ -393,7 +380,7 @@ async fn train(args: TrainArgs) -> ExitCode {
     let version = tracker
         .attempt(async |c, run| {
             let source = format!("{}/model", run.artifact_uri);
-            let tags = vec![("shoal.dataset_sha256".to_string(), digest.clone())];
+            let tags = vec![("shoal.dataset_sha256".to_string(), digest.to_string())];
             c.register(&name, &source, &run.run_id, &tags).await
         })
         .await;
@@ -445,6 +432,63 @@ async fn train(args: TrainArgs) -> ExitCode {
             )
         }
     }
+}
+
+/// Reads every file of the dataset into `trainer` (a progress bar on stderr unless `quiet`),
+/// logging the learning curve after each file when tracking; `Err` names the bad file.
+async fn learn(
+    location: &Location,
+    manifest: &Manifest,
+    trainer: &mut Trainer,
+    mut tracker: Option<&mut Tracker>,
+    quiet: bool,
+) -> Result<(), String> {
+    let progress = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::with_draw_target(
+            Some(manifest.rows),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "training {bar:30} {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+        )
+        .expect("template"),
+    );
+    for (step, entry) in manifest.files.iter().enumerate() {
+        let bytes = match dataset::fetch(location, entry).await {
+            Ok(b) => b,
+            Err(e) => return Err(e.to_string()),
+        };
+        let name = location.display(&entry.path);
+        if let Err(e) = dataset::decode(&name, bytes, |b| {
+            trainer.push(b);
+            progress.inc(b.len() as u64);
+        }) {
+            return Err(e.to_string());
+        }
+        // The learning curve: fit on everything read so far.
+        if let (Some(t), Ok((_, report))) = (tracker.as_deref_mut(), trainer.fit()) {
+            let now = chrono::Utc::now().timestamp_millis();
+            let metrics = [
+                ("train_rmse", report.train.rmse),
+                ("holdout_rmse", report.holdout.rmse),
+                ("rows_read", report.rows_read as f64),
+            ]
+            .map(|(k, v)| Metric {
+                key: k.into(),
+                value: v,
+                step: step as i64,
+                timestamp_ms: now,
+            });
+            t.attempt(async |c, run| c.log_batch(&run.run_id, &[], &metrics, &[]).await)
+                .await;
+        }
+    }
+    progress.finish_and_clear();
+    Ok(())
 }
 
 /// This process's peak resident memory (Linux's VmHWM), for the benchmark figures.
