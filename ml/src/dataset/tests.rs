@@ -284,6 +284,9 @@ fn the_manifest_schema_says_what_the_parquet_columns_are() {
             other => panic!("{}: no manifest type for {other:?}", col.name),
         };
         assert_eq!(col.kind, kind, "{}", col.name);
-        assert_eq!(col.nullable, info.repetition() == parquet::basic::Repetition::OPTIONAL);
+        assert_eq!(
+            col.nullable,
+            info.repetition() == parquet::basic::Repetition::OPTIONAL
+        );
     }
 }
