@@ -75,6 +75,32 @@ impl StreamReject {
     }
 }
 
+/// Why the embedded MQTT broker dropped a message meant for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MqttDrop {
+    /// A QoS 0 message for a subscriber whose queue was full.
+    QueueFullQos0,
+    /// A QoS 1 message for a clean-session subscriber cut for being too slow.
+    SlowSubscriber,
+    /// The oldest QoS 1 message kept for a persistent session whose queue was full.
+    SessionQueueFull,
+}
+
+impl MqttDrop {
+    const ALL: [MqttDrop; 3] = [
+        Self::QueueFullQos0,
+        Self::SlowSubscriber,
+        Self::SessionQueueFull,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::QueueFullQos0 => "queue_full_qos0",
+            Self::SlowSubscriber => "slow_subscriber_qos1",
+            Self::SessionQueueFull => "session_queue_full",
+        }
+    }
+}
+
 const COMMIT_BUCKETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 #[derive(Debug, Default)]
@@ -93,6 +119,9 @@ pub struct Metrics {
     pub streams_active: AtomicI64,
     samples_rejected: [Counter; 3],
     streams_rejected: [Counter; 6],
+    mqtt_dropped: [Counter; 3],
+    /// Embedded-broker subscribers disconnected because a QoS 1 message found their queue full.
+    pub mqtt_slow_disconnects: Counter,
     /// Requests by (route template, status).
     http_requests: Mutex<BTreeMap<(String, u16), u64>>,
 }
@@ -112,6 +141,14 @@ impl Metrics {
 
     pub fn streams_rejected(&self, why: StreamReject) -> u64 {
         self.streams_rejected[why as usize].get()
+    }
+
+    pub fn drop_mqtt(&self, why: MqttDrop, n: u64) {
+        self.mqtt_dropped[why as usize].add(n);
+    }
+
+    pub fn mqtt_dropped(&self, why: MqttDrop) -> u64 {
+        self.mqtt_dropped[why as usize].get()
     }
 
     /// Counts one answered HTTP request.
@@ -188,6 +225,11 @@ impl Metrics {
             "gRPC-port connections that ended in a protocol error (garbage bytes, broken HTTP/2).",
             self.grpc_connection_errors.get(),
         );
+        counter(
+            "shoal_mqtt_slow_disconnects_total",
+            "Embedded MQTT broker subscribers disconnected because their queue was full.",
+            self.mqtt_slow_disconnects.get(),
+        );
 
         let _ = writeln!(
             out,
@@ -213,6 +255,20 @@ impl Metrics {
                 "shoal_ingest_streams_rejected_total{{reason=\"{}\"}} {}",
                 why.label(),
                 self.streams_rejected(why)
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP shoal_mqtt_dropped_total Messages the embedded MQTT broker dropped for a subscriber, by reason."
+        );
+        let _ = writeln!(out, "# TYPE shoal_mqtt_dropped_total counter");
+        for why in MqttDrop::ALL {
+            let _ = writeln!(
+                out,
+                "shoal_mqtt_dropped_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.mqtt_dropped(why)
             );
         }
 

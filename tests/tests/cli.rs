@@ -286,3 +286,28 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
     );
     assert!(dir.path().join("hub/shoal.redb").exists() && dir.path().join("agent-spool").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_request_is_counted_once_by_route_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path()).await;
+    for path in [
+        "/healthz",
+        "/api/v1/jobs",
+        "/api/v1/runs",
+        "/api/v1/devices/nope",
+        "/api/v1/devices/other",
+        "/no/such/path",
+    ] {
+        hub.get_status(path).await;
+    }
+    let counted = |route: &str, status: u16| {
+        format!("shoal_http_requests_total{{route=\"{route}\",status=\"{status}\"}}")
+    };
+    assert_eq!(hub.metric(&counted("/healthz", 200)).await, 1.0);
+    assert_eq!(hub.metric(&counted("/api/v1/jobs", 200)).await, 1.0);
+    assert_eq!(hub.metric(&counted("/api/v1/runs", 200)).await, 1.0);
+    // One series per route template, however many ids were asked for.
+    assert_eq!(hub.metric(&counted("/api/v1/devices/{id}", 404)).await, 2.0);
+    assert_eq!(hub.metric(&counted("unmatched", 404)).await, 1.0);
+}

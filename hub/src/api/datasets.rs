@@ -5,23 +5,33 @@
 //! written, then `{"manifest":{…}}`, or `{"error":"…"}`. Rows are read on a blocking thread and
 //! handed to the writer in chunks, so memory stays at one Parquet file's worth of rows.
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use shoal_ml::dataset::{DatasetWriter, Row};
+use shoal_ml::dataset::{DatasetWriter, Manifest, Row};
 use shoal_ml::store::Location;
 use tokio::sync::mpsc;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::extract::JsonBody;
+use super::schemas;
 use super::state::AppState;
 use crate::store::series;
 
-#[derive(Debug, Deserialize)]
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(export))
+}
+
+/// What to export, and where to.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({ "since": "24h", "devices": "arch=aarch64", "to": "s3://datasets/pi-fleet" }))]
 pub struct ExportRequest {
     /// Start of the window: RFC 3339, epoch ms, or a duration back from now (`1h`).
     pub since: String,
@@ -76,6 +86,20 @@ impl Selector {
     }
 }
 
+/// One line of the export's answer (`application/x-ndjson`: one JSON object a line).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportLine {
+    /// Rows written so far, of those in the window (an estimate when seqs have gaps): first
+    /// `rows: 0`, then every 65,536 rows.
+    Progress { rows: u64, total: u64 },
+    /// The last line of an export that completed: the manifest it wrote.
+    #[schema(value_type = schemas::DatasetManifest)]
+    Manifest(Manifest),
+    /// The last line of an export that failed; what it wrote is incomplete.
+    Error(String),
+}
+
 /// Rows handed from the store reader to the writer at a time.
 const CHUNK: usize = 8192;
 /// A progress line every this many rows.
@@ -87,15 +111,34 @@ enum Msg {
     Rows(Vec<Row>),
 }
 
-fn line(v: serde_json::Value) -> Result<Bytes, std::convert::Infallible> {
-    let mut s = v.to_string();
+fn line(v: ExportLine) -> Result<Bytes, std::convert::Infallible> {
+    let mut s = serde_json::to_string(&v).expect("line serialises");
     s.push('\n');
     Ok(Bytes::from(s))
 }
 
+/// Exports a telemetry window to Parquet.
+///
+/// Writes Parquet files and a `manifest.json` to a folder on the hub's machine or to S3. The
+/// answer streams: progress lines while rows are written, then the manifest, or an error (the
+/// status is 200 by then).
+#[utoipa::path(
+    post,
+    path = "/api/v1/datasets/export",
+    operation_id = "export_dataset",
+    tag = "datasets",
+    request_body = ExportRequest,
+    responses(
+        (status = 200, description = "A stream of JSON lines, each an `ExportLine`: `progress` lines, then one `manifest` or `error` line", body = ExportLine, content_type = "application/x-ndjson"),
+        (status = 400, description = "A bad window, selector or destination, or a body that is not JSON", body = ErrorBody),
+        (status = 413, description = "The body is over the size limit (2 MB)", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "The JSON does not fit `ExportRequest` (a missing or unknown field)", body = ErrorBody),
+    ),
+)]
 pub async fn export(
     State(s): State<AppState>,
-    Json(req): Json<ExportRequest>,
+    JsonBody(req): JsonBody<ExportRequest>,
 ) -> Result<Response, ApiError> {
     let bad = |field: &str, reason: String| {
         ApiError::new(
@@ -165,9 +208,7 @@ pub async fn export(
             let rows = match msg {
                 Msg::Total(t) => {
                     total = t;
-                    let _ = tx
-                        .send(line(json!({ "progress": { "rows": 0, "total": total } })))
-                        .await;
+                    let _ = tx.send(line(ExportLine::Progress { rows: 0, total })).await;
                     continue;
                 }
                 Msg::Rows(rows) => rows,
@@ -181,9 +222,10 @@ pub async fn export(
             if writer.rows() - reported >= PROGRESS_EVERY {
                 reported = writer.rows();
                 let _ = tx
-                    .send(line(
-                        json!({ "progress": { "rows": reported, "total": total.max(reported) } }),
-                    ))
+                    .send(line(ExportLine::Progress {
+                        rows: reported,
+                        total: total.max(reported),
+                    }))
                     .await;
             }
         }
@@ -202,8 +244,8 @@ pub async fn export(
         }
         let _ = tx
             .send(line(match outcome {
-                Ok(manifest) => json!({ "manifest": manifest }),
-                Err(e) => json!({ "error": e }),
+                Ok(manifest) => ExportLine::Manifest(manifest),
+                Err(e) => ExportLine::Error(e),
             }))
             .await;
     });

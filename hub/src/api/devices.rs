@@ -1,35 +1,60 @@
 //! Devices and their telemetry: `/api/v1/devices[/{id}[/samples|/series]]`.
 
-use axum::extract::{Path, Query, State};
+use axum::Json;
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_proto::v1::Sample;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{ApiError, bad_request};
+use super::error::{ApiError, ErrorBody, bad_request};
+use super::extract::{Path, Query};
+use super::schemas;
 use super::state::AppState;
 use crate::registry::{DeviceRecord, Status};
 use crate::store::StoreError;
 use crate::store::series::{self, Bucket, Downsampler};
 use crate::store::writer::DeviceState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/devices/{id}", get(show_device))
-        .route("/api/v1/devices/{id}/samples", get(samples))
-        .route("/api/v1/devices/{id}/series", get(series_handler))
+/// The routes and, from their `#[utoipa::path]` annotations, their part of the OpenAPI document.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list_devices))
+        .routes(routes!(show_device))
+        .routes(routes!(samples))
+        .routes(routes!(series_handler))
 }
 
-/// A device as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+/// A device as the API shows it: its registry record, its status and how far its samples are
+/// stored.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeviceView {
     #[serde(flatten)]
+    #[schema(value_type = schemas::DeviceRecord)]
     pub record: DeviceRecord,
+    #[schema(value_type = schemas::DeviceStatus)]
     pub status: Status,
     /// Highest seq stored for the device.
     pub stored_up_to_seq: u64,
+}
+
+/// `GET /api/v1/devices`.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceList {
+    /// Every device that has reported to this hub.
+    pub devices: Vec<DeviceView>,
+}
+
+/// `GET /api/v1/devices/{id}`: the device and its newest sample.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub view: DeviceView,
+    /// The newest stored sample; `null` when none is stored.
+    #[schema(value_type = Option<schemas::Sample>, required)]
+    pub latest_sample: Option<Sample>,
 }
 
 fn view(s: &AppState, d: DeviceState, now: i64) -> DeviceView {
@@ -49,7 +74,14 @@ fn device(s: &AppState, id: &str) -> Result<DeviceState, ApiError> {
     })
 }
 
-async fn list_devices(State(s): State<AppState>) -> Json<serde_json::Value> {
+/// Every device that has reported to this hub.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "devices",
+    responses((status = 200, description = "The fleet", body = DeviceList)),
+)]
+async fn list_devices(State(s): State<AppState>) -> Json<DeviceList> {
     let now = series::now_ms();
     let devices: Vec<DeviceView> = s
         .fleet
@@ -57,41 +89,74 @@ async fn list_devices(State(s): State<AppState>) -> Json<serde_json::Value> {
         .into_iter()
         .map(|d| view(&s, d, now))
         .collect();
-    Json(serde_json::json!({ "devices": devices }))
+    Json(DeviceList { devices })
 }
 
+/// One device, with its newest sample.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The device", body = DeviceDetail),
+        (status = 404, description = "No device with this id has reported to this hub", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn show_device(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeviceDetail>, ApiError> {
     let d = device(&s, &id)?;
     let key = d.key;
     let store = s.store.clone();
-    let latest = tokio::task::spawn_blocking(move || store.latest(key))
+    let latest_sample = tokio::task::spawn_blocking(move || store.latest(key))
         .await
         .expect("read task")?;
-    let mut v = serde_json::to_value(view(&s, d, series::now_ms())).expect("view serialises");
-    v["latest_sample"] = serde_json::to_value(latest).expect("sample serialises");
-    Ok(Json(v))
+    Ok(Json(DeviceDetail {
+        view: view(&s, d, series::now_ms()),
+        latest_sample,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SamplesQuery {
+    /// Read samples with a seq above this one (default 0: from the start).
     #[serde(default)]
     after_seq: u64,
+    /// Samples on the page, 1 to 10000 (default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<usize>,
 }
 
-#[derive(Serialize)]
+/// A page of stored samples, in seq order.
+#[derive(Serialize, ToSchema)]
 struct SamplesPage {
     device_id: String,
+    #[schema(value_type = Vec<schemas::Sample>)]
     samples: Vec<Sample>,
-    /// Pass as `after_seq` to read on; absent when this page reached the end.
+    /// Pass as `after_seq` to read on; `null` when this page reached the end.
+    #[schema(required)]
     next_after_seq: Option<u64>,
 }
 
 const MAX_PAGE: usize = 10_000;
 
+/// A page of a device's stored samples, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/samples",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id"), SamplesQuery),
+    responses(
+        (status = 200, description = "A page of samples", body = SamplesPage),
+        (status = 400, description = "A bad `limit` or query string", body = ErrorBody),
+        (status = 404, description = "No device with this id has reported to this hub", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn samples(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -118,24 +183,50 @@ async fn samples(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SeriesQuery {
+    /// The metric, e.g. `cpu_percent` or `disk_used_bytes{mount="/"}`.
+    #[param(required = true)]
     metric: Option<String>,
+    /// Start: RFC 3339, epoch milliseconds, `now` or a duration back from now (`1h`); default
+    /// an hour before `to`.
     from: Option<String>,
+    /// End, in the same forms (default now).
     to: Option<String>,
+    /// Bucket width, e.g. `1m` (default: from the window's length).
     step: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One metric of one device, downsampled.
+#[derive(Serialize, ToSchema)]
 struct SeriesView {
     device_id: String,
     metric: String,
+    /// Start of the window, epoch milliseconds.
     from: i64,
+    /// End of the window, epoch milliseconds.
     to: i64,
     step_ms: u64,
+    /// One per bucket that holds samples, in time order.
+    #[schema(value_type = Vec<schemas::Bucket>)]
     points: Vec<Bucket>,
 }
 
+/// One metric of a device over a time window, downsampled to buckets of `step`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/series",
+    operation_id = "series",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id"), SeriesQuery),
+    responses(
+        (status = 200, description = "The series", body = SeriesView),
+        (status = 400, description = "A missing or unknown metric, a bad time or step, or a window too large for the step", body = ErrorBody),
+        (status = 404, description = "No device with this id has reported to this hub", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn series_handler(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -144,6 +235,8 @@ async fn series_handler(
     let metric = q.metric.filter(|m| !m.is_empty()).ok_or_else(|| {
         bad_request("the `metric` parameter is required, e.g. metric=cpu_percent or metric=disk_used_bytes{mount=\"/\"}")
     })?;
+    // A misspelt or unlabelled name would match nothing and look like "no data".
+    shoal_proto::metrics::family_of(&metric).map_err(|e| bad_request(e.to_string()))?;
     let now = series::now_ms();
     let to =
         q.to.as_deref()

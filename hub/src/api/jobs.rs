@@ -1,33 +1,143 @@
 //! REST for scheduled jobs and their runs, under `/api/v1/jobs` and `/api/v1/runs`.
 
-use axum::extract::{Path, Query, State};
+use axum::Json;
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Path, Query, TextBody};
+use super::schemas;
 use super::state::AppState;
-use crate::jobs::manifest;
+use crate::jobs::manifest::{self, CronJob};
 use crate::jobs::policy;
 use crate::jobs::scheduler::{JobError, job_policy};
-use crate::jobs::store::JobRecord;
+use crate::jobs::store::{JobRecord, RunRecord};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/jobs", get(list_jobs).post(apply_job))
-        .route("/api/v1/jobs/{name}", get(show_job).delete(delete_job))
-        .route("/api/v1/jobs/{name}/run", post(run_job))
-        .route("/api/v1/jobs/{name}/export", get(export_job))
-        .route("/api/v1/jobs/{name}/suspend", post(suspend_job))
-        .route("/api/v1/jobs/{name}/resume", post(resume_job))
-        .route("/api/v1/runs", get(list_runs))
-        .route("/api/v1/runs/{id}", get(show_run))
-        .route("/api/v1/runs/{id}/logs", get(run_logs))
-        .route("/api/v1/runs/{id}/artifacts", get(list_artifacts))
-        .route("/api/v1/runs/{id}/artifacts/{*path}", get(get_artifact))
+/// The routes and, from their `#[utoipa::path]` annotations, their part of the OpenAPI document.
+/// Handlers of one path go in one `routes!`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list_jobs, apply_job))
+        .routes(routes!(show_job, delete_job))
+        .routes(routes!(run_job))
+        .routes(routes!(export_job))
+        .routes(routes!(suspend_job))
+        .routes(routes!(resume_job))
+        .routes(routes!(list_runs))
+        .routes(routes!(show_run))
+        .routes(routes!(run_logs))
+        .routes(routes!(list_artifacts))
+        .routes(routes!(get_artifact))
+}
+
+/// A job as listed.
+#[derive(Serialize, ToSchema)]
+pub struct JobSummary {
+    name: String,
+    /// Cron expression (Kubernetes' dialect).
+    schedule: String,
+    /// IANA time zone of the schedule (default `UTC`).
+    time_zone: String,
+    /// `Allow`, `Forbid` or `Replace`.
+    concurrency_policy: String,
+    suspend: bool,
+    /// When it was first applied, epoch milliseconds.
+    created_ms: i64,
+    /// The schedule time of the last start, skip or miss (epoch ms); `null` before any.
+    #[schema(required)]
+    last_schedule_ms: Option<i64>,
+    /// The next schedule time (epoch ms); `null` when suspended or never again.
+    #[schema(required)]
+    next_schedule_ms: Option<i64>,
+}
+
+/// `GET /api/v1/jobs`.
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    jobs: Vec<JobSummary>,
+}
+
+/// A job with the manifest it was applied with.
+#[derive(Serialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    summary: JobSummary,
+    /// The CronJob manifest as applied.
+    #[schema(value_type = schemas::KubernetesObject)]
+    manifest: CronJob,
+}
+
+/// A manifest the hub refused: which field and why.
+#[derive(Serialize, ToSchema)]
+pub struct ManifestErrorBody {
+    /// What went wrong, and what to do about it.
+    error: String,
+    /// The refused field, e.g. `spec.schedule` (absent when the body was not text at all).
+    #[schema(nullable = false)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    /// Why the field was refused (absent when the body was not text at all).
+    #[schema(nullable = false)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Applied {
+    job: String,
+    applied: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    job: String,
+    deleted: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Triggered {
+    job: String,
+    /// The new run's id.
+    run: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Suspended {
+    job: String,
+    /// Whether the job is suspended now.
+    suspend: bool,
+}
+
+/// `GET /api/v1/runs`: newest first.
+#[derive(Serialize, ToSchema)]
+pub struct RunList {
+    #[schema(value_type = Vec<schemas::RunRecord>)]
+    runs: Vec<RunRecord>,
+}
+
+/// A file a run left in its `SHOAL_ARTIFACTS_DIR`.
+#[derive(Serialize, ToSchema)]
+pub struct Artifact {
+    /// Relative to the artifacts folder, `/`-separated.
+    path: String,
+    bytes: u64,
+}
+
+/// `GET /api/v1/runs/{id}/artifacts`.
+#[derive(Serialize, ToSchema)]
+pub struct ArtifactList {
+    run: String,
+    /// In path order.
+    artifacts: Vec<Artifact>,
+}
+
+fn not_found_run(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}"))
 }
 
 impl From<JobError> for ApiError {
@@ -49,33 +159,57 @@ fn find_job(s: &AppState, name: &str) -> Result<JobRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job named {name:?}")))
 }
 
-fn summary(r: &JobRecord) -> serde_json::Value {
+fn summary(r: &JobRecord) -> JobSummary {
     let spec = &r.manifest.spec;
     let next = manifest::check(r.manifest.clone()).ok().and_then(|def| {
         policy::next_wakeup(&job_policy(&def, None), chrono::Utc::now())
             .map(|t| t.timestamp_millis())
     });
-    json!({
-        "name": r.manifest.metadata.name,
-        "schedule": spec.schedule,
-        "time_zone": spec.time_zone.clone().unwrap_or_else(|| "UTC".into()),
-        "concurrency_policy": spec.concurrency_policy.clone().unwrap_or_else(|| "Allow".into()),
-        "suspend": spec.suspend.unwrap_or(false),
-        "created_ms": r.created_ms,
-        "last_schedule_ms": r.last_schedule_ms,
-        "next_schedule_ms": if spec.suspend.unwrap_or(false) { None } else { next },
-    })
+    let suspend = spec.suspend.unwrap_or(false);
+    JobSummary {
+        name: r.manifest.metadata.name.clone(),
+        schedule: spec.schedule.clone(),
+        time_zone: spec.time_zone.clone().unwrap_or_else(|| "UTC".into()),
+        concurrency_policy: spec
+            .concurrency_policy
+            .clone()
+            .unwrap_or_else(|| "Allow".into()),
+        suspend,
+        created_ms: r.created_ms,
+        last_schedule_ms: r.last_schedule_ms,
+        next_schedule_ms: if suspend { None } else { next },
+    }
 }
 
-/// Body: the CronJob manifest, YAML or JSON.
-async fn apply_job(
-    State(s): State<AppState>,
-    body: String,
-) -> Result<Json<serde_json::Value>, Response> {
+/// Creates or replaces a job from its CronJob manifest (`batch/v1`), YAML or JSON.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs",
+    tag = "jobs",
+    request_body(
+        description = "The CronJob manifest (the content type is not checked: YAML is a superset of JSON)",
+        content(
+            (String = "application/yaml"),
+            (schemas::KubernetesObject = "application/json"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "Applied", body = Applied),
+        (status = 400, description = "The manifest was refused (the field and why), or the body is not UTF-8", body = ManifestErrorBody),
+        (status = 413, description = "The body is over the size limit (2 MB)", body = ErrorBody),
+        (status = 503, description = "The scheduler has stopped or could not store the job", body = ErrorBody),
+    ),
+)]
+async fn apply_job(State(s): State<AppState>, body: TextBody) -> Result<Json<Applied>, Response> {
+    let TextBody(body) = body;
     let def = manifest::parse(&body).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
-            Json(json!({ "error": e.to_string(), "field": e.field, "reason": e.reason })),
+            Json(ManifestErrorBody {
+                error: e.to_string(),
+                field: Some(e.field),
+                reason: Some(e.reason),
+            }),
         )
             .into_response()
     })?;
@@ -84,27 +218,54 @@ async fn apply_job(
         .apply(def)
         .await
         .map_err(|e| ApiError::from(e).into_response())?;
-    Ok(Json(json!({ "job": name, "applied": true })))
+    Ok(Json(Applied {
+        job: name,
+        applied: true,
+    }))
 }
 
-async fn list_jobs(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+/// Every job.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The jobs", body = JobList),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
+async fn list_jobs(State(s): State<AppState>) -> Result<Json<JobList>, ApiError> {
     let jobs = s.job_store.jobs()?;
-    Ok(Json(
-        json!({ "jobs": jobs.iter().map(summary).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(JobList {
+        jobs: jobs.iter().map(summary).collect(),
+    }))
 }
 
+/// One job, with its manifest.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{name}",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name")),
+    responses(
+        (status = 200, description = "The job", body = JobDetail),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn show_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobDetail>, ApiError> {
     let record = find_job(&s, &name)?;
-    let mut v = summary(&record);
-    v["manifest"] = serde_json::to_value(&record.manifest).expect("manifest serialises");
-    Ok(Json(v))
+    Ok(Json(JobDetail {
+        summary: summary(&record),
+        manifest: record.manifest,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ExportQuery {
     /// `cronjob` (default) or `job` (the Job a run started now would submit).
     #[serde(default)]
@@ -112,6 +273,18 @@ struct ExportQuery {
 }
 
 /// The job as a Kubernetes object (JSON), ready for `kubectl apply -f -`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{name}/export",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name"), ExportQuery),
+    responses(
+        (status = 200, description = "A `batch/v1` CronJob, or Job", body = schemas::KubernetesObject),
+        (status = 400, description = "`kind` is not `cronjob` or `job`, or a bad query string", body = ErrorBody),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 500, description = "The store could not be read, or holds a manifest no longer valid", body = ErrorBody),
+    ),
+)]
 async fn export_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -142,76 +315,170 @@ async fn export_job(
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
 }
 
+/// Deletes a job (a running run is cancelled).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/jobs/{name}",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 503, description = "The scheduler has stopped or could not store the change", body = ErrorBody),
+    ),
+)]
 async fn delete_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     s.jobs.delete(&name).await?;
-    Ok(Json(json!({ "job": name, "deleted": true })))
+    Ok(Json(Deleted {
+        job: name,
+        deleted: true,
+    }))
 }
 
+/// Starts a run of the job now, whatever its schedule.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{name}/run",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name")),
+    responses(
+        (status = 200, description = "The run started", body = Triggered),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 503, description = "The scheduler has stopped or could not store the run", body = ErrorBody),
+    ),
+)]
 async fn run_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = s.jobs.trigger(&name).await?;
-    Ok(Json(json!({ "job": name, "run": id })))
+) -> Result<Json<Triggered>, ApiError> {
+    let run = s.jobs.trigger(&name).await?;
+    Ok(Json(Triggered { job: name, run }))
 }
 
+/// Stops scheduling the job (runs already started go on).
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{name}/suspend",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name")),
+    responses(
+        (status = 200, description = "Suspended", body = Suspended),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 503, description = "The scheduler has stopped or could not store the change", body = ErrorBody),
+    ),
+)]
 async fn suspend_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Suspended>, ApiError> {
     s.jobs.set_suspend(&name, true).await?;
-    Ok(Json(json!({ "job": name, "suspend": true })))
+    Ok(Json(Suspended {
+        job: name,
+        suspend: true,
+    }))
 }
 
+/// Schedules the job again.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{name}/resume",
+    tag = "jobs",
+    params(("name" = String, Path, description = "Job name")),
+    responses(
+        (status = 200, description = "Resumed", body = Suspended),
+        (status = 404, description = "No job with this name", body = ErrorBody),
+        (status = 503, description = "The scheduler has stopped or could not store the change", body = ErrorBody),
+    ),
+)]
 async fn resume_job(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Suspended>, ApiError> {
     s.jobs.set_suspend(&name, false).await?;
-    Ok(Json(json!({ "job": name, "suspend": false })))
+    Ok(Json(Suspended {
+        job: name,
+        suspend: false,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RunsQuery {
+    /// Only the runs of this job.
     job: Option<String>,
 }
 
+/// Runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs",
+    tag = "runs",
+    params(RunsQuery),
+    responses(
+        (status = 200, description = "The runs", body = RunList),
+        (status = 400, description = "A bad query string", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn list_runs(
     State(s): State<AppState>,
     Query(q): Query<RunsQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(json!({ "runs": s.job_store.runs(q.job.as_deref())? })))
+) -> Result<Json<RunList>, ApiError> {
+    Ok(Json(RunList {
+        runs: s.job_store.runs(q.job.as_deref())?,
+    }))
 }
 
+/// One run.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The run", body = schemas::RunRecord),
+        (status = 404, description = "No run with this id", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn show_run(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let run = s
-        .job_store
-        .run(&id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
-    Ok(Json(serde_json::to_value(run).expect("run serialises")))
+) -> Result<Json<RunRecord>, ApiError> {
+    let run = s.job_store.run(&id)?.ok_or_else(|| not_found_run(&id))?;
+    Ok(Json(run))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
+    /// Which attempt, from 1 (default: the last).
+    #[param(minimum = 1)]
     attempt: Option<u32>,
 }
 
 /// The output of one attempt (default: the last), as plain text.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/logs",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id"), LogQuery),
+    responses(
+        (status = 200, description = "The attempt's stdout and stderr (empty when it wrote nothing yet)", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 400, description = "No such attempt, or a bad query string", body = ErrorBody),
+        (status = 404, description = "No run with this id", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn run_logs(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let run = s
-        .job_store
-        .run(&id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    let run = s.job_store.run(&id)?.ok_or_else(|| not_found_run(&id))?;
     let attempts = run.attempts.len().max(1) as u32;
     let attempt = q.attempt.unwrap_or(attempts);
     if attempt == 0 || attempt > attempts {
@@ -225,14 +492,23 @@ async fn run_logs(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-/// The files a run left in its SHOAL_ARTIFACTS_DIR: `{"artifacts": [{"path", "bytes"}]}`.
+/// The files a run left in its SHOAL_ARTIFACTS_DIR.
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/artifacts",
+    tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The artifacts (none when the run left none)", body = ArtifactList),
+        (status = 404, description = "No run with this id", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn list_artifacts(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    s.job_store
-        .run(&id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+) -> Result<Json<ArtifactList>, ApiError> {
+    s.job_store.run(&id)?.ok_or_else(|| not_found_run(&id))?;
     let root = s.runs_dir.join(&id).join("artifacts");
     let files = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -247,31 +523,48 @@ async fn list_artifacts(
                     Ok(m) if m.is_dir() => stack.push(p),
                     Ok(m) => {
                         let rel = p.strip_prefix(&root).unwrap_or(&p);
-                        out.push(serde_json::json!({
-                            "path": rel.to_string_lossy(),
-                            "bytes": m.len(),
-                        }));
+                        out.push(Artifact {
+                            path: rel.to_string_lossy().into_owned(),
+                            bytes: m.len(),
+                        });
                     }
                     Err(_) => {}
                 }
             }
         }
-        out.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+        out.sort_by(|a, b| a.path.cmp(&b.path));
         out
     })
     .await
     .unwrap_or_default();
-    Ok(Json(serde_json::json!({ "run": id, "artifacts": files })))
+    Ok(Json(ArtifactList {
+        run: id,
+        artifacts: files,
+    }))
 }
 
 /// One artifact's bytes.
+// `{*path}` is axum's catch-all; the document names it `{path}` (see `super::finish`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/artifacts/{*path}",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "Run id"),
+        ("path" = String, Path, description = "The file's path in the artifacts folder; may hold `/`"),
+    ),
+    responses(
+        (status = 200, description = "The file", body = inline(schemas::Binary), content_type = "application/octet-stream"),
+        (status = 400, description = "The path leaves the artifacts folder (`..`, `.` or an empty segment)", body = ErrorBody),
+        (status = 404, description = "No run with this id, or no such file", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody),
+    ),
+)]
 async fn get_artifact(
     State(s): State<AppState>,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    s.job_store
-        .run(&id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id:?}")))?;
+    s.job_store.run(&id)?.ok_or_else(|| not_found_run(&id))?;
     if path
         .split('/')
         .any(|p| p.is_empty() || p == ".." || p == ".")

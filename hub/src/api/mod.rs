@@ -1,31 +1,102 @@
 //! The REST/JSON API under `/api/v1` (one file per resource), plus `/healthz` and Prometheus
 //! `/metrics`. Handlers read the store and the fleet view and ask the scheduler; they never
 //! open the store's tables. Every request is counted once, by route template and status.
+//!
+//! Every route is registered with utoipa-axum's `routes!`, which takes its path and methods from
+//! the handler's `#[utoipa::path]`: the router and the OpenAPI 3.1 document served at
+//! `/api/v1/openapi.json` come from the same definitions, so a route cannot be served
+//! undocumented or documented under another path.
 
 pub mod datasets;
 pub mod devices;
 pub mod error;
+pub mod extract;
 pub mod jobs;
 pub mod ops;
+pub mod schemas;
 pub mod state;
 
-use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{get, post};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use utoipa::OpenApi;
+use utoipa::openapi::OpenApi as Document;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use self::error::ApiError;
 pub use self::state::AppState;
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
-        .route("/api/v1/datasets/export", post(datasets::export))
+/// The document's root: what `#[utoipa::path]` does not say.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Shoal hub API",
+        description = "The REST API of a Shoal hub: the fleet's devices and their telemetry, \
+            dataset export, scheduled jobs and their runs. Errors answer `{\"error\": \"...\"}` \
+            with a message that says what to do.",
+    ),
+    tags(
+        (name = "devices", description = "Devices and their telemetry"),
+        (name = "datasets", description = "Telemetry exported to Parquet"),
+        (name = "jobs", description = "Scheduled jobs (Kubernetes CronJob manifests)"),
+        (name = "runs", description = "Runs of jobs: status, logs, artifacts"),
+        (name = "ops", description = "Health, metrics and this document"),
+    ),
+)]
+struct Root;
+
+/// The documented routes, and their document.
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(Root::openapi())
+        .merge(ops::routes())
+        .routes(routes!(openapi_json))
         .merge(devices::routes())
+        .merge(datasets::routes())
         .merge(jobs::routes())
+}
+
+/// The OpenAPI 3.1 document of [`router`]'s routes.
+pub fn openapi() -> Document {
+    let (_, doc) = documented().split_for_parts();
+    finish(doc)
+}
+
+/// Names axum's catch-all `{*path}` as OpenAPI's `{path}`.
+fn finish(mut doc: Document) -> Document {
+    doc.paths.paths = std::mem::take(&mut doc.paths.paths)
+        .into_iter()
+        .map(|(path, item)| (path.replace("{*", "{"), item))
+        .collect();
+    doc
+}
+
+/// The document, serialised once.
+#[derive(Clone)]
+struct Served(Bytes);
+
+/// This document: the API in OpenAPI 3.1.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "ops",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),
+)]
+async fn openapi_json(Extension(Served(doc)): Extension<Served>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc)
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, doc) = documented().split_for_parts();
+    let doc = finish(doc)
+        .to_json()
+        .expect("the OpenAPI document serialises");
+    routes
         .fallback(error::not_found)
+        .layer(Extension(Served(Bytes::from(doc))))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
@@ -41,3 +112,6 @@ async fn count(State(s): State<AppState>, request: Request, next: Next) -> Respo
     s.metrics.observe_http(&route, response.status().as_u16());
     response
 }
+
+#[cfg(test)]
+mod tests;

@@ -194,12 +194,10 @@ impl JobsCommand {
                 };
                 match text {
                     Ok(t) => client.jobs_apply(t, output).await,
-                    Err(e) => {
-                        return Err(CliError::Api(format!(
-                            "cannot read {}: {e}",
-                            file.display()
-                        )));
-                    }
+                    Err(e) => Err(CliError::Api(format!(
+                        "cannot read {}: {e}",
+                        file.display()
+                    ))),
                 }
             }
             JobsCommand::List => client.jobs_list(output).await,

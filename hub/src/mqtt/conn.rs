@@ -1,9 +1,10 @@
 //! One client connection of the embedded broker: CONNECT and authentication, then packets in
 //! both directions until the client leaves, its keep-alive lapses, or the broker stops.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
@@ -12,16 +13,20 @@ use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::Handle;
 use super::acl::{Identity, Role, may_publish, may_subscribe};
-use super::state::Outgoing;
+use super::state::{self, Inflight, Kick, Link, Outgoing};
 use crate::metrics::StreamReject;
 
 /// Largest packet read at all; payloads over the hub's message limit are refused (and counted)
 /// after reading, so the connection survives them.
 const MAX_PACKET: usize = 64 * 1024 * 1024;
+
+/// How long a connection taking over a client id waits for the old one to hand its session
+/// back; the old one is interrupted at once, so this only bounds a stuck lock or task.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -144,43 +149,72 @@ where
         connect.client_id.clone()
     };
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // A client id still connected elsewhere is taken over: that connection is told to go,
+    // and this one waits (briefly) until it has handed its unacknowledged messages back to
+    // the session, so that they are resent here.
+    let previous = shared
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .take_over(&client_id);
+    if let Some(mut gone) = previous {
+        let _ = tokio::time::timeout(TAKEOVER_WAIT, gone.changed()).await;
+    }
+    let (outbox, link) = state::new_link();
+    let Link {
+        mut inbox,
+        mut kicked,
+        alive,
+    } = link;
     let connected = shared.sessions.lock().expect("sessions lock").connect(
         &client_id,
         connect.clean_session,
-        tx,
+        outbox,
     );
-    write_packet(
-        &mut wr,
-        Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            connected.session_present,
-        )),
-    )
-    .await?;
-    tracing::debug!(%peer, client_id = %client_id, "MQTT client connected");
-
-    let mut inflight: BTreeMap<u16, Outgoing> = BTreeMap::new();
-    let mut next_pkid: u16 = 0;
+    let (conn_id, session_present) = (connected.conn_id, connected.session_present);
+    let mut inflight = Inflight::default();
+    // What waited for this session goes first, before anything routed to it from now on.
+    let mut backlog: VecDeque<Outgoing> = connected.queued.into();
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5);
-    let result: Result<(), ConnError> = async {
-        for m in connected.queued {
-            deliver(&mut wr, m, &mut inflight, &mut next_pkid).await?;
+    // When the client was last heard from, in milliseconds since `started`: keep-alive counts
+    // only what the client sends, so one that went silent is let go even while messages
+    // still flow to it (or wait for a socket it no longer reads).
+    let started = Instant::now();
+    let last_heard = AtomicU64::new(0);
+    let silence = async {
+        if keep_alive.is_zero() {
+            std::future::pending::<()>().await;
         }
         loop {
-            let idle = async {
-                if keep_alive.is_zero() {
-                    std::future::pending::<()>().await;
-                }
-                tokio::time::sleep(keep_alive).await;
-            };
+            let heard = started + Duration::from_millis(last_heard.load(Ordering::Relaxed));
+            if heard.elapsed() >= keep_alive {
+                return;
+            }
+            tokio::time::sleep_until((heard + keep_alive).into()).await;
+        }
+    };
+    let exchange = async {
+        write_packet(
+            &mut wr,
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)),
+        )
+        .await?;
+        tracing::debug!(%peer, client_id = %client_id, "MQTT client connected");
+        loop {
+            // Send what the window allows; the queue waits while it is full, and fills.
+            while inflight.has_room()
+                && let Some(m) = backlog.pop_front()
+            {
+                deliver(&mut wr, m, &mut inflight).await?;
+            }
             tokio::select! {
                 packet = read_packet(&mut rd, &mut rbuf) => {
                     let Some(packet) = packet? else { return Ok(()) };
+                    last_heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                     match packet {
                         Packet::Publish(p) => on_publish(handle, &identity, &mut wr, p).await?,
                         Packet::PubAck(a) => {
-                            inflight.remove(&a.pkid);
+                            inflight.ack(a.pkid);
                         }
                         Packet::Subscribe(s) => {
                             let mut codes = Vec::with_capacity(s.filters.len());
@@ -210,45 +244,48 @@ where
                         _ => {}
                     }
                 }
-                out = rx.recv() => match out {
-                    Some(Outgoing::Kick) | None => return Ok(()),
-                    Some(m) => deliver(&mut wr, m, &mut inflight, &mut next_pkid).await?,
+                out = inbox.recv(), if backlog.is_empty() && inflight.has_room() => match out {
+                    Some(m) => deliver(&mut wr, m, &mut inflight).await?,
+                    // The session is gone (a clean takeover); the kick says why.
+                    None => std::future::pending().await,
                 },
-                _ = idle => return Err(ConnError::Refused("keep-alive expired".into())),
-                _ = shutdown.changed() => return Ok(()),
             }
         }
+    };
+    // A kick, the keep-alive or shutdown interrupts even a write to a client that stopped
+    // reading.
+    let result: Result<(), ConnError> = tokio::select! {
+        r = exchange => r,
+        _ = silence => Err(ConnError::Refused("keep-alive expired".into())),
+        why = &mut kicked => Err(match why {
+            Ok(Kick::TooSlow) => {
+                if shared.slow_log.allow(&client_id) {
+                    tracing::warn!(%peer, client_id = %client_id, "disconnected a subscriber too slow to take its messages");
+                }
+                ConnError::Refused("too slow: its queue was full".into())
+            }
+            Ok(Kick::TakenOver) | Err(_) => ConnError::Refused("taken over by a new connection with the same client id".into()),
+        }),
+        _ = shutdown.changed() => Ok(()),
+    };
+    // Oldest first: sent and unacknowledged, waiting from an earlier connection, queued.
+    let mut unsent = inflight.into_unacked();
+    unsent.extend(backlog);
+    {
+        let mut sessions = shared.sessions.lock().expect("sessions lock");
+        unsent.extend(inbox.drain());
+        sessions.disconnect(&client_id, conn_id, unsent);
     }
-    .await;
-    let unacked = inflight.into_values().collect();
-    shared.sessions.lock().expect("sessions lock").disconnect(
-        &client_id,
-        connected.conn_id,
-        unacked,
-    );
+    drop(alive);
     result
 }
 
 async fn deliver<W: AsyncWrite + Unpin>(
     wr: &mut W,
     m: Outgoing,
-    inflight: &mut BTreeMap<u16, Outgoing>,
-    next_pkid: &mut u16,
+    inflight: &mut Inflight,
 ) -> Result<(), ConnError> {
-    let Outgoing::Publish {
-        topic,
-        payload,
-        qos,
-    } = &m
-    else {
-        return Ok(());
-    };
-    let mut p = Publish::new(topic.clone(), *qos, payload.to_vec());
-    if *qos != QoS::AtMostOnce {
-        *next_pkid = next_pkid.checked_add(1).unwrap_or(1).max(1);
-        p.pkid = *next_pkid;
-        inflight.insert(p.pkid, m.clone());
-    }
+    let p = inflight.publish(m);
     write_packet(wr, Packet::Publish(p)).await
 }
 

@@ -2,6 +2,9 @@
 //! sessions, wildcard subscriptions, per-device credentials and a topic rule that a device may
 //! publish only under its own topic. Device messages go straight to the hub's ingest
 //! ([`crate::ingest::mqtt::Dispatcher`]) and to any other subscriber (e.g. `mosquitto_sub`).
+//! Every subscriber has a bounded queue: one that falls behind loses QoS 0 messages or, for
+//! QoS 1, its connection (counted), and never slows publishers or ingest
+//! ([`state::Sessions::route`]).
 //!
 //! Packets are encoded and decoded with rumqttc's MQTT codec; [`state`] holds sessions and
 //! routing without I/O; [`conn`] runs one client connection.
@@ -31,6 +34,8 @@ struct Shared {
     dispatcher: Mutex<Option<Dispatcher>>,
     users: Option<Users>,
     ingestor: Ingestor,
+    /// Subscribers cut for being slow are logged once a minute per client id.
+    slow_log: crate::metrics::LogLimiter,
 }
 
 /// A cheap handle to the embedded broker.
@@ -62,10 +67,11 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let shared = Arc::new(Shared {
-        sessions: Mutex::new(Sessions::default()),
+        sessions: Mutex::new(Sessions::new(ingestor.metrics().clone())),
         dispatcher: Mutex::new(None),
         users,
         ingestor: ingestor.clone(),
+        slow_log: crate::metrics::LogLimiter::new(std::time::Duration::from_secs(60)),
     });
     let handle = Handle {
         shared: shared.clone(),

@@ -1,34 +1,298 @@
-//! The embedded broker's sessions and routing, without I/O: connections register a channel,
-//! and routing a publish returns nothing but messages pushed into those channels (or queued for
-//! offline persistent sessions).
+//! The embedded broker's sessions and routing, without I/O: connections register a bounded
+//! queue, and routing a publish does nothing but push messages into those queues (or keep them
+//! for offline persistent sessions). Routing never waits, so a subscriber that stops reading
+//! slows neither its publishers nor the hub's ingest; what it cannot take is dropped or cuts
+//! its connection, and counted (see [`Sessions::route`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::has_wildcards;
-use rumqttc::{QoS, matches};
-use tokio::sync::mpsc;
+use rumqttc::{Publish, QoS, matches};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// What a connection task is told to send to its client.
-#[derive(Debug, Clone)]
-pub enum Outgoing {
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-    },
-    /// Another connection took over this client id.
-    Kick,
+use crate::metrics::{Metrics, MqttDrop};
+
+/// Messages one connection's queue holds at most. A subscriber that keeps up holds a handful;
+/// 1,024 absorbs a burst (a fleet flushing its spools after an outage reaches an observer of
+/// every device's telemetry at once) without cutting a healthy client, while one that stopped
+/// reading pins this many messages instead of everything published since.
+pub const QUEUE_MESSAGES: usize = 1024;
+
+/// Bytes of topics and payloads one connection's queue holds at most: a message may be as
+/// large as the hub's message limit (4 MiB by default), and 1,024 of those would be 4 GiB.
+/// 8 MiB is tens of seconds of a large fleet's telemetry.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
+/// QoS 1 messages sent to one connection and not yet acknowledged, at most. With a full
+/// window the connection takes nothing more from its queue until PUBACKs arrive, so a client
+/// that reads but never acknowledges fills its queue and is cut like one that does not read;
+/// 128 keeps a link with a long round trip busy. Also well below the 65,535 packet ids, so an
+/// id is never reused while its message is unacknowledged.
+pub const MAX_INFLIGHT: usize = 128;
+
+/// Bytes of unacknowledged QoS 1 messages one connection holds at most (same reason as
+/// [`QUEUE_BYTES`]).
+pub const MAX_INFLIGHT_BYTES: usize = 8 * 1024 * 1024;
+
+/// QoS 1 messages kept for one persistent session while it is offline (or being cut), at
+/// most; beyond it the oldest are dropped, and counted.
+pub const MAX_QUEUED: usize = 10_000;
+
+/// Bytes of topics and payloads kept for one persistent session, at most (same policy).
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// A message for one subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// The packet id this QoS 1 message was last sent with and not acknowledged under (0:
+    /// never sent). A persistent session's next connection resends it under the same id, with
+    /// DUP set (MQTT 3.1.1 §4.4).
+    pub pkid: u16,
 }
 
-/// Messages queued for one offline persistent session, at most.
-pub const MAX_QUEUED: usize = 10_000;
+impl Outgoing {
+    pub fn new(topic: &str, payload: Bytes, qos: QoS) -> Self {
+        Self {
+            topic: topic.to_string(),
+            payload,
+            qos,
+            pkid: 0,
+        }
+    }
+
+    /// What the message weighs against the byte limits.
+    fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+}
+
+/// Why a connection is told to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection took over its client id.
+    TakenOver,
+    /// Its queue was full when a QoS 1 message came for it.
+    TooSlow,
+}
+
+/// The sending side of one connection, held by its session.
+#[derive(Debug)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    bytes: Arc<AtomicUsize>,
+    kick: Option<oneshot::Sender<Kick>>,
+    /// Why the connection was told to go, once it was.
+    kicked: Option<Kick>,
+    /// Closes when the connection task has ended.
+    alive: watch::Receiver<()>,
+}
+
+/// The connection task's side: its queue, the kick, and a guard that tells a connection
+/// taking over the client id when this one has handed its messages back.
+pub struct Link {
+    pub inbox: Inbox,
+    pub kicked: oneshot::Receiver<Kick>,
+    pub alive: watch::Sender<()>,
+}
+
+/// The receiving end of one connection's queue.
+pub struct Inbox {
+    rx: mpsc::Receiver<Outgoing>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// A new connection's queue: the [`Outbox`] goes to [`Sessions::connect`], the [`Link`] stays
+/// with the connection task.
+pub fn new_link() -> (Outbox, Link) {
+    let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let (kick_tx, kick_rx) = oneshot::channel();
+    let (alive_tx, alive_rx) = watch::channel(());
+    (
+        Outbox {
+            tx,
+            bytes: bytes.clone(),
+            kick: Some(kick_tx),
+            kicked: None,
+            alive: alive_rx,
+        },
+        Link {
+            inbox: Inbox { rx, bytes },
+            kicked: kick_rx,
+            alive: alive_tx,
+        },
+    )
+}
+
+impl Outbox {
+    /// Queues `m` unless the queue is full (by count or bytes); never waits.
+    fn try_send(&self, m: Outgoing) -> Result<(), Outgoing> {
+        let size = m.size();
+        // Counted before sending so the receiver never subtracts what was not yet added. One
+        // message larger than the byte limit still goes to an empty queue.
+        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > QUEUE_BYTES {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(m);
+        }
+        self.tx.try_send(m).map_err(|e| {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            }
+        })
+    }
+
+    fn kick(&mut self, why: Kick) {
+        if let Some(tx) = self.kick.take() {
+            self.kicked = Some(why);
+            let _ = tx.send(why);
+        }
+    }
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        let m = self.rx.recv().await?;
+        self.bytes.fetch_sub(m.size(), Ordering::AcqRel);
+        Some(m)
+    }
+
+    /// Closes the queue and returns what it still held. Call it with the sessions locked, so
+    /// nothing is routed into it meanwhile.
+    pub fn drain(&mut self) -> Vec<Outgoing> {
+        self.rx.close();
+        let mut left = Vec::new();
+        while let Ok(m) = self.rx.try_recv() {
+            self.bytes.fetch_sub(m.size(), Ordering::AcqRel);
+            left.push(m);
+        }
+        left
+    }
+}
+
+/// One connection's QoS 1 messages sent and not yet acknowledged, in the order sent.
+#[derive(Debug, Default)]
+pub struct Inflight {
+    sent: VecDeque<Outgoing>,
+    bytes: usize,
+    last_pkid: u16,
+}
+
+impl Inflight {
+    /// May another message be sent before some are acknowledged?
+    pub fn has_room(&self) -> bool {
+        self.sent.len() < MAX_INFLIGHT && self.bytes < MAX_INFLIGHT_BYTES
+    }
+
+    /// The PUBLISH packet that sends `m`; a QoS 1 message is kept until acknowledged. One sent
+    /// before (to an earlier connection of a persistent session) goes with DUP set and, as
+    /// MQTT 3.1.1 §4.4 requires, under its original packet id.
+    pub fn publish(&mut self, mut m: Outgoing) -> Publish {
+        let mut p = Publish::from_bytes(m.topic.clone(), m.qos, m.payload.clone());
+        if m.qos == QoS::AtMostOnce {
+            return p;
+        }
+        p.dup = m.pkid != 0;
+        // The original id is taken only if some other message of this connection holds it
+        // (a session resumed after an earlier connection's leftovers); the message then goes
+        // under a new one, still marked DUP.
+        if m.pkid == 0 || self.in_use(m.pkid) {
+            m.pkid = self.free_pkid();
+        }
+        p.pkid = m.pkid;
+        self.bytes += m.size();
+        self.sent.push_back(m);
+        p
+    }
+
+    /// A PUBACK for `pkid`; false if nothing was waiting for it.
+    pub fn ack(&mut self, pkid: u16) -> bool {
+        let Some(i) = self.sent.iter().position(|m| m.pkid == pkid) else {
+            return false;
+        };
+        if let Some(m) = self.sent.remove(i) {
+            self.bytes -= m.size();
+        }
+        true
+    }
+
+    /// The messages still unacknowledged, oldest first, each with the packet id it went with.
+    pub fn into_unacked(self) -> Vec<Outgoing> {
+        self.sent.into()
+    }
+
+    fn in_use(&self, pkid: u16) -> bool {
+        self.sent.iter().any(|m| m.pkid == pkid)
+    }
+
+    fn free_pkid(&mut self) -> u16 {
+        // At most MAX_INFLIGHT ids are in use, so this ends within MAX_INFLIGHT + 1 steps.
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            if !self.in_use(self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+}
+
+/// QoS 1 messages kept for a persistent session, bounded by [`MAX_QUEUED`] and
+/// [`MAX_QUEUED_BYTES`]: the oldest go first.
+#[derive(Debug, Default)]
+struct Queue {
+    messages: VecDeque<Outgoing>,
+    bytes: usize,
+}
+
+impl Queue {
+    /// Adds `m` at the back; returns how many old messages were dropped for it.
+    fn push(&mut self, m: Outgoing) -> u64 {
+        self.bytes += m.size();
+        self.messages.push_back(m);
+        self.trim()
+    }
+
+    /// Puts `older` (oldest first) before everything queued; returns how many were dropped.
+    fn prepend(&mut self, older: Vec<Outgoing>) -> u64 {
+        for m in older.into_iter().rev() {
+            self.bytes += m.size();
+            self.messages.push_front(m);
+        }
+        self.trim()
+    }
+
+    fn trim(&mut self) -> u64 {
+        let mut dropped = 0;
+        while self.messages.len() > MAX_QUEUED
+            || (self.bytes > MAX_QUEUED_BYTES && self.messages.len() > 1)
+        {
+            let Some(m) = self.messages.pop_front() else {
+                break;
+            };
+            self.bytes -= m.size();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    fn take(&mut self) -> Vec<Outgoing> {
+        self.bytes = 0;
+        self.messages.drain(..).collect()
+    }
+}
 
 #[derive(Debug)]
 struct Session {
     subscriptions: Vec<(String, QoS)>,
-    conn: Option<(u64, mpsc::UnboundedSender<Outgoing>)>,
-    queued: VecDeque<Outgoing>,
+    conn: Option<(u64, Outbox)>,
+    queued: Queue,
     clean: bool,
 }
 
@@ -40,19 +304,27 @@ pub struct Sessions {
     exact: HashMap<String, HashSet<String>>,
     wildcard: HashMap<String, HashSet<String>>,
     next_conn: u64,
-    /// Messages dropped from full offline queues.
-    pub dropped: u64,
+    /// Where dropped messages and cut subscribers are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// The result of a CONNECT.
 pub struct Connected {
     pub conn_id: u64,
     pub session_present: bool,
-    /// Messages that waited for this persistent session.
+    /// Messages that waited for this persistent session, oldest first: first those an earlier
+    /// connection left unacknowledged (with their packet ids), then those it never got.
     pub queued: Vec<Outgoing>,
 }
 
 impl Sessions {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     fn index(&mut self, filter: &str) -> &mut HashMap<String, HashSet<String>> {
         if has_wildcards(filter) {
             &mut self.wildcard
@@ -80,20 +352,25 @@ impl Sessions {
         Some(session)
     }
 
+    /// Tells the connection holding `client_id`, if any, to go. The returned receiver closes
+    /// once that connection has handed its unacknowledged messages back to the session, which
+    /// a new connection of a persistent session waits for before [`Sessions::connect`] so that
+    /// it resends them.
+    pub fn take_over(&mut self, client_id: &str) -> Option<watch::Receiver<()>> {
+        let (_, outbox) = self.sessions.get_mut(client_id)?.conn.as_mut()?;
+        outbox.kick(Kick::TakenOver);
+        Some(outbox.alive.clone())
+    }
+
     /// Binds `client_id` to a new connection, kicking any older one.
-    pub fn connect(
-        &mut self,
-        client_id: &str,
-        clean: bool,
-        tx: mpsc::UnboundedSender<Outgoing>,
-    ) -> Connected {
+    pub fn connect(&mut self, client_id: &str, clean: bool, outbox: Outbox) -> Connected {
         self.next_conn += 1;
         let conn_id = self.next_conn;
         if clean
             && let Some(old) = self.remove(client_id)
-            && let Some((_, old_tx)) = old.conn
+            && let Some((_, mut old)) = old.conn
         {
-            let _ = old_tx.send(Outgoing::Kick);
+            old.kick(Kick::TakenOver);
         }
         let present = self.sessions.contains_key(client_id);
         let session = self
@@ -102,36 +379,49 @@ impl Sessions {
             .or_insert_with(|| Session {
                 subscriptions: Vec::new(),
                 conn: None,
-                queued: VecDeque::new(),
+                queued: Queue::default(),
                 clean,
             });
-        if let Some((_, old_tx)) = session.conn.take() {
-            let _ = old_tx.send(Outgoing::Kick);
+        if let Some((_, mut old)) = session.conn.take() {
+            old.kick(Kick::TakenOver);
         }
         session.clean = clean;
-        session.conn = Some((conn_id, tx));
+        session.conn = Some((conn_id, outbox));
         Connected {
             conn_id,
             session_present: present,
-            queued: session.queued.drain(..).collect(),
+            queued: session.queued.take(),
         }
     }
 
-    /// The connection ended; `unacked` QoS 1 messages wait for the next connection of a
-    /// persistent session.
-    pub fn disconnect(&mut self, client_id: &str, conn_id: u64, unacked: Vec<Outgoing>) {
+    /// The connection ended. `unsent`, oldest first: what it left unacknowledged, never sent,
+    /// or still had queued. A persistent session keeps the QoS 1 ones for its next connection.
+    pub fn disconnect(&mut self, client_id: &str, conn_id: u64, unsent: Vec<Outgoing>) {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
-        if session.conn.as_ref().is_some_and(|(id, _)| *id == conn_id) {
-            session.conn = None;
-            if session.clean {
-                self.remove(client_id);
-            } else {
-                for m in unacked.into_iter().rev() {
-                    session.queued.push_front(m);
-                }
+        // A stale connection (one replaced after the take-over wait ran out) hands back nothing.
+        if session.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
+            return;
+        }
+        let kicked = session.conn.take().and_then(|(_, outbox)| outbox.kicked);
+        if session.clean {
+            if kicked == Some(Kick::TooSlow) {
+                let lost = unsent
+                    .iter()
+                    .filter(|m| m.qos == QoS::AtLeastOnce && m.pkid == 0)
+                    .count();
+                self.metrics
+                    .drop_mqtt(MqttDrop::SlowSubscriber, lost as u64);
             }
+            self.remove(client_id);
+        } else {
+            let kept = unsent
+                .into_iter()
+                .filter(|m| m.qos == QoS::AtLeastOnce)
+                .collect();
+            let dropped = session.queued.prepend(kept);
+            self.metrics.drop_mqtt(MqttDrop::SessionQueueFull, dropped);
         }
     }
 
@@ -154,7 +444,16 @@ impl Sessions {
         self.unindex(client_id, filter);
     }
 
-    /// Delivers a publish to every matching subscription (at the lower of the two QoS).
+    /// Delivers a publish to every matching subscription (at the lower of the two QoS),
+    /// without ever waiting for a subscriber.
+    ///
+    /// A subscriber whose queue is full loses QoS 0 messages (nothing was promised for them).
+    /// A QoS 1 message for it cuts its connection instead of being dropped: the broker
+    /// accepted it for at-least-once delivery, and dropping it while the client believes it
+    /// is subscribed would break that silently. Cut, the client learns it fell behind; a
+    /// persistent session keeps what it missed (bounded by [`MAX_QUEUED`]) for its next
+    /// connection, a clean one keeps nothing by definition. Waiting for the subscriber
+    /// instead would slow every publisher, and the hub's ingest, down to the slowest reader.
     pub fn route(&mut self, topic: &str, payload: &Bytes, qos: QoS) {
         let mut candidates: Vec<String> = self
             .exact
@@ -186,23 +485,33 @@ impl Sessions {
             } else {
                 qos
             };
-            let msg = Outgoing::Publish {
-                topic: topic.to_string(),
-                payload: payload.clone(),
-                qos,
-            };
-            match &session.conn {
-                Some((_, tx)) => {
-                    let _ = tx.send(msg);
-                }
-                None if !session.clean && qos != QoS::AtMostOnce => {
-                    if session.queued.len() >= MAX_QUEUED {
-                        session.queued.pop_front();
-                        self.dropped += 1;
+            let msg = Outgoing::new(topic, payload.clone(), qos);
+            let refused = match &mut session.conn {
+                Some((_, outbox)) if outbox.kicked.is_none() => match outbox.try_send(msg) {
+                    Ok(()) => continue,
+                    Err(_) if qos == QoS::AtMostOnce => {
+                        self.metrics.drop_mqtt(MqttDrop::QueueFullQos0, 1);
+                        continue;
                     }
-                    session.queued.push_back(msg);
-                }
-                None => {}
+                    Err(msg) => {
+                        outbox.kick(Kick::TooSlow);
+                        self.metrics.mqtt_slow_disconnects.inc();
+                        msg
+                    }
+                },
+                // Offline, or told to go and not gone yet.
+                _ => msg,
+            };
+            if !session.clean && qos == QoS::AtLeastOnce {
+                let dropped = session.queued.push(refused);
+                self.metrics.drop_mqtt(MqttDrop::SessionQueueFull, dropped);
+            } else if qos == QoS::AtLeastOnce
+                && session
+                    .conn
+                    .as_ref()
+                    .is_some_and(|(_, o)| o.kicked == Some(Kick::TooSlow))
+            {
+                self.metrics.drop_mqtt(MqttDrop::SlowSubscriber, 1);
             }
         }
     }
@@ -216,11 +525,22 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
+    /// The next message in a connection's queue, if any.
+    fn next(link: &mut Link) -> Option<Outgoing> {
+        let m = link.inbox.rx.try_recv().ok()?;
+        link.inbox.bytes.fetch_sub(m.size(), Ordering::AcqRel);
+        Some(m)
+    }
+
+    fn dropped(s: &Sessions, why: MqttDrop) -> u64 {
+        s.metrics.mqtt_dropped(why)
+    }
+
     #[test]
     fn routes_to_matching_subscriptions() {
         let mut s = Sessions::default();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        s.connect("obs", true, tx);
+        let (outbox, mut link) = new_link();
+        s.connect("obs", true, outbox);
         s.subscribe("obs", "shoal/v1/devices/+/telemetry", QoS::AtLeastOnce);
         s.route(
             "shoal/v1/devices/d1/telemetry",
@@ -228,40 +548,40 @@ mod tests {
             QoS::AtLeastOnce,
         );
         s.route("shoal/v1/devices/d1/hello", &payload("y"), QoS::AtLeastOnce);
-        let Ok(Outgoing::Publish { topic, qos, .. }) = rx.try_recv() else {
+        let Some(Outgoing { topic, qos, .. }) = next(&mut link) else {
             panic!("delivered")
         };
         assert_eq!(
             (topic.as_str(), qos),
             ("shoal/v1/devices/d1/telemetry", QoS::AtLeastOnce)
         );
-        assert!(rx.try_recv().is_err(), "hello does not match");
+        assert!(next(&mut link).is_none(), "hello does not match");
     }
 
     #[test]
     fn unsubscribe_stops_delivery() {
         let mut s = Sessions::default();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        s.connect("obs", true, tx);
+        let (outbox, mut link) = new_link();
+        s.connect("obs", true, outbox);
         s.subscribe("obs", "a/b", QoS::AtLeastOnce);
         s.subscribe("obs", "a/+", QoS::AtMostOnce);
         s.route("a/b", &payload("1"), QoS::AtLeastOnce);
-        let Ok(Outgoing::Publish { qos, .. }) = rx.try_recv() else {
+        let Some(Outgoing { qos, .. }) = next(&mut link) else {
             panic!("delivered")
         };
         assert_eq!(qos, QoS::AtLeastOnce, "once, at the best matching QoS");
-        assert!(rx.try_recv().is_err());
+        assert!(next(&mut link).is_none());
         s.unsubscribe("obs", "a/b");
         s.unsubscribe("obs", "a/+");
         s.route("a/b", &payload("2"), QoS::AtLeastOnce);
-        assert!(rx.try_recv().is_err());
+        assert!(next(&mut link).is_none());
     }
 
     #[test]
     fn persistent_sessions_queue_while_offline() {
         let mut s = Sessions::default();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let c = s.connect("dev", false, tx);
+        let (outbox, _link) = new_link();
+        let c = s.connect("dev", false, outbox);
         assert!(!c.session_present);
         s.subscribe("dev", "shoal/v1/devices/dev/acks", QoS::AtLeastOnce);
         s.disconnect("dev", c.conn_id, vec![]);
@@ -275,8 +595,8 @@ mod tests {
             &payload("ack0"),
             QoS::AtMostOnce,
         );
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let c = s.connect("dev", false, tx);
+        let (outbox, _link) = new_link();
+        let c = s.connect("dev", false, outbox);
         assert!(c.session_present);
         assert_eq!(c.queued.len(), 1, "QoS 1 is kept, QoS 0 is not");
     }
@@ -284,12 +604,12 @@ mod tests {
     #[test]
     fn clean_sessions_are_forgotten_and_takeover_kicks() {
         let mut s = Sessions::default();
-        let (tx1, mut rx1) = mpsc::unbounded_channel();
-        let c1 = s.connect("c", true, tx1);
+        let (outbox1, mut link1) = new_link();
+        let c1 = s.connect("c", true, outbox1);
         s.subscribe("c", "#", QoS::AtLeastOnce);
-        let (tx2, _rx2) = mpsc::unbounded_channel();
-        let c2 = s.connect("c", true, tx2);
-        assert!(matches!(rx1.try_recv(), Ok(Outgoing::Kick)));
+        let (outbox2, _link2) = new_link();
+        let c2 = s.connect("c", true, outbox2);
+        assert_eq!(link1.kicked.try_recv(), Ok(Kick::TakenOver));
         s.disconnect("c", c1.conn_id, vec![]);
         assert!(
             s.sessions.contains_key("c"),
@@ -301,5 +621,213 @@ mod tests {
             s.wildcard.is_empty(),
             "a forgotten session leaves no subscription behind"
         );
+    }
+
+    #[test]
+    fn unacknowledged_qos1_is_resent_under_its_packet_id_with_dup() {
+        let mut s = Sessions::default();
+        let (outbox, _link) = new_link();
+        let c = s.connect("obs", false, outbox);
+        s.subscribe("obs", "t", QoS::AtLeastOnce);
+        let mut inflight = Inflight::default();
+        let sent: Vec<Publish> = ["m1", "m2", "m3"]
+            .into_iter()
+            .map(|m| inflight.publish(Outgoing::new("t", payload(m), QoS::AtLeastOnce)))
+            .collect();
+        assert_eq!(
+            sent.iter().map(|p| (p.pkid, p.dup)).collect::<Vec<_>>(),
+            [(1, false), (2, false), (3, false)]
+        );
+        assert!(inflight.ack(2));
+        assert!(!inflight.ack(2), "an id is acknowledged once");
+        s.disconnect("obs", c.conn_id, inflight.into_unacked());
+        s.route("t", &payload("m4"), QoS::AtLeastOnce);
+
+        let (outbox, _link) = new_link();
+        let c = s.connect("obs", false, outbox);
+        assert!(c.session_present);
+        let mut inflight = Inflight::default();
+        let resent: Vec<(u16, bool, Bytes)> = c
+            .queued
+            .into_iter()
+            .map(|m| {
+                let p = inflight.publish(m);
+                (p.pkid, p.dup, p.payload)
+            })
+            .collect();
+        assert_eq!(
+            resent[..2],
+            [(1, true, payload("m1")), (3, true, payload("m3"))],
+            "the unacknowledged go first, under their ids, with DUP"
+        );
+        let (pkid, dup, body) = &resent[2];
+        assert_eq!((*dup, body), (false, &payload("m4")), "never sent: no DUP");
+        assert!(![1, 3].contains(pkid), "a new id, not one in flight");
+        assert_eq!(resent.len(), 3);
+    }
+
+    #[test]
+    fn a_resent_message_whose_id_is_taken_gets_a_free_one() {
+        let mut inflight = Inflight::default();
+        let first = inflight.publish(Outgoing::new("t", payload("a"), QoS::AtLeastOnce));
+        let mut old = Outgoing::new("t", payload("b"), QoS::AtLeastOnce);
+        old.pkid = first.pkid;
+        let p = inflight.publish(old);
+        assert!(p.dup);
+        assert_ne!(p.pkid, first.pkid);
+    }
+
+    #[test]
+    fn the_inflight_window_is_bounded_and_ids_wrap_past_zero() {
+        let mut inflight = Inflight {
+            last_pkid: u16::MAX - 1,
+            ..Inflight::default()
+        };
+        let mut ids = Vec::new();
+        while inflight.has_room() {
+            ids.push(
+                inflight
+                    .publish(Outgoing::new("t", payload("x"), QoS::AtLeastOnce))
+                    .pkid,
+            );
+        }
+        assert_eq!(ids.len(), MAX_INFLIGHT);
+        assert_eq!(ids[..3], [u16::MAX, 1, 2], "0 is no packet id");
+        assert!(inflight.ack(1));
+        assert!(inflight.has_room());
+        let p = inflight.publish(Outgoing::new("t", payload("y"), QoS::AtMostOnce));
+        assert_eq!((p.pkid, p.dup), (0, false), "QoS 0 takes no id");
+        assert!(inflight.has_room(), "nor a place in the window");
+
+        let mut big = Inflight::default();
+        let mib = Bytes::from(vec![0u8; 1024 * 1024]);
+        while big.has_room() {
+            big.publish(Outgoing::new("t", mib.clone(), QoS::AtLeastOnce));
+        }
+        assert!(big.into_unacked().len() <= MAX_INFLIGHT_BYTES / mib.len() + 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_qos0_and_counts_it() {
+        let mut s = Sessions::default();
+        let (outbox, mut link) = new_link();
+        s.connect("obs", true, outbox);
+        s.subscribe("obs", "#", QoS::AtMostOnce);
+        for _ in 0..QUEUE_MESSAGES + 5 {
+            s.route("a", &payload("x"), QoS::AtLeastOnce);
+        }
+        assert_eq!(dropped(&s, MqttDrop::QueueFullQos0), 5);
+        assert!(link.kicked.try_recv().is_err(), "QoS 0 cuts nobody");
+        assert_eq!(s.metrics.mqtt_slow_disconnects.get(), 0);
+        assert!(next(&mut link).is_some());
+        s.route("a", &payload("x"), QoS::AtMostOnce);
+        assert_eq!(
+            dropped(&s, MqttDrop::QueueFullQos0),
+            5,
+            "room again once read"
+        );
+    }
+
+    #[test]
+    fn a_queue_is_full_by_bytes_too() {
+        let mut s = Sessions::default();
+        let (outbox, mut link) = new_link();
+        s.connect("obs", true, outbox);
+        s.subscribe("obs", "#", QoS::AtMostOnce);
+        let mib = Bytes::from(vec![0u8; 1024 * 1024]);
+        for _ in 0..QUEUE_BYTES / mib.len() + 3 {
+            s.route("a", &mib, QoS::AtMostOnce);
+        }
+        assert_eq!(dropped(&s, MqttDrop::QueueFullQos0), 4);
+        let mut held = 0;
+        while next(&mut link).is_some() {
+            held += 1;
+        }
+        assert_eq!(held, QUEUE_BYTES / mib.len() - 1);
+        assert_eq!(link.inbox.bytes.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_full_queue_cuts_a_clean_qos1_subscriber_and_counts_what_it_lost() {
+        let mut s = Sessions::default();
+        let (outbox, mut link) = new_link();
+        let c = s.connect("obs", true, outbox);
+        s.subscribe("obs", "#", QoS::AtLeastOnce);
+        for _ in 0..QUEUE_MESSAGES + 2 {
+            s.route("a", &payload("x"), QoS::AtLeastOnce);
+        }
+        assert_eq!(link.kicked.try_recv(), Ok(Kick::TooSlow));
+        assert_eq!(s.metrics.mqtt_slow_disconnects.get(), 1);
+        assert_eq!(dropped(&s, MqttDrop::SlowSubscriber), 2);
+        let left = link.inbox.drain();
+        assert_eq!(left.len(), QUEUE_MESSAGES);
+        s.disconnect("obs", c.conn_id, left);
+        assert_eq!(
+            dropped(&s, MqttDrop::SlowSubscriber),
+            QUEUE_MESSAGES as u64 + 2
+        );
+        assert_eq!(s.metrics.mqtt_slow_disconnects.get(), 1, "cut once");
+        assert!(!s.sessions.contains_key("obs"));
+    }
+
+    #[test]
+    fn a_cut_persistent_session_keeps_its_messages_in_order() {
+        let mut s = Sessions::default();
+        let (outbox, mut link) = new_link();
+        let c = s.connect("obs", false, outbox);
+        s.subscribe("obs", "#", QoS::AtLeastOnce);
+        s.route("a", &payload("first"), QoS::AtLeastOnce);
+        let mut inflight = Inflight::default();
+        let sent = inflight.publish(next(&mut link).expect("queued"));
+        for _ in 0..QUEUE_MESSAGES {
+            s.route("a", &payload("x"), QoS::AtLeastOnce);
+        }
+        s.route("a", &payload("over"), QoS::AtLeastOnce);
+        s.route("a", &payload("later"), QoS::AtLeastOnce);
+        assert_eq!(link.kicked.try_recv(), Ok(Kick::TooSlow));
+        let mut unsent = inflight.into_unacked();
+        unsent.extend(link.inbox.drain());
+        s.disconnect("obs", c.conn_id, unsent);
+        assert_eq!(dropped(&s, MqttDrop::SlowSubscriber), 0);
+
+        let (outbox, _link) = new_link();
+        let c = s.connect("obs", false, outbox);
+        assert_eq!(c.queued.len(), QUEUE_MESSAGES + 3);
+        assert_eq!(
+            (c.queued[0].payload.clone(), c.queued[0].pkid),
+            (payload("first"), sent.pkid)
+        );
+        assert_eq!(c.queued[QUEUE_MESSAGES + 1].payload, payload("over"));
+        assert_eq!(c.queued[QUEUE_MESSAGES + 2].payload, payload("later"));
+    }
+
+    #[test]
+    fn an_offline_queue_is_bounded_and_drops_the_oldest() {
+        let mut s = Sessions::default();
+        let (outbox, _link) = new_link();
+        let c = s.connect("dev", false, outbox);
+        s.subscribe("dev", "t", QoS::AtLeastOnce);
+        s.disconnect("dev", c.conn_id, vec![]);
+        for i in 0..MAX_QUEUED + 3 {
+            s.route("t", &Bytes::from(i.to_string()), QoS::AtLeastOnce);
+        }
+        assert_eq!(dropped(&s, MqttDrop::SessionQueueFull), 3);
+        let (outbox, _link) = new_link();
+        let c = s.connect("dev", false, outbox);
+        assert_eq!(c.queued.len(), MAX_QUEUED);
+        assert_eq!(c.queued[0].payload, Bytes::from("3"));
+    }
+
+    #[test]
+    fn taking_over_kicks_the_holder_and_waits_for_it() {
+        let mut s = Sessions::default();
+        assert!(s.take_over("dev").is_none(), "nobody to wait for");
+        let (outbox, mut link) = new_link();
+        s.connect("dev", false, outbox);
+        let gone = s.take_over("dev").expect("connected");
+        assert_eq!(link.kicked.try_recv(), Ok(Kick::TakenOver));
+        assert!(gone.has_changed().is_ok(), "still running");
+        drop(link);
+        assert!(gone.has_changed().is_err(), "ended");
     }
 }
