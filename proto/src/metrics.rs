@@ -518,7 +518,9 @@ mod tests {
         assert_eq!(value_of(&s, "disk_used_bytes{mount=\"/\"}"), Some(40.0));
         assert_eq!(value_of(&s, "process_count"), Some(7.0));
         assert_eq!(value_of(&s, "nope"), None);
-        // cpu 3 + load 3 + disk 2 + uptime + process count
-        assert_eq!(point_count(&s), 10);
+        // Not read, so no point: never a 0.
+        assert_eq!(value_of(&s, "uptime_seconds"), None);
+        // cpu 3 + load 3 + disk 2 + process count
+        assert_eq!(point_count(&s), 9);
     }
 }
