@@ -3,6 +3,7 @@
 //! one place and `validate()`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +40,9 @@ pub struct AgentConfig {
     pub batch_max_samples: usize,
     /// Labels reported in the hello (e.g. `site = "lab"`).
     pub labels: BTreeMap<String, String>,
+    /// Serve the agent's own metrics (Prometheus text format) at `http://ADDR/metrics`, e.g.
+    /// `127.0.0.1:9560`; meant for a loopback address. Off when unset or empty.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +60,7 @@ impl Default for AgentConfig {
             spool_max_size: "64MiB".into(),
             batch_max_samples: 500,
             labels: BTreeMap::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -141,7 +146,18 @@ impl AgentConfig {
         if self.batch_max_samples == 0 || self.batch_max_samples > 10_000 {
             return Err(invalid("batch-max-samples", "must be between 1 and 10000"));
         }
+        self.metrics_addr()?;
         Ok(())
+    }
+
+    /// Where to serve metrics; `None` when off (unset or empty).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(s) => crate::metrics::parse_listen(s)
+                .map(Some)
+                .map_err(|r| invalid("metrics-listen", r)),
+        }
     }
 
     /// The MQTT password from the config, or read from `mqtt_password_file`.
@@ -258,12 +274,40 @@ mod tests {
                 spool_max_size: "12 parsecs".into(),
                 ..Default::default()
             },
+            AgentConfig {
+                metrics_listen: Some("not-an-addr".into()),
+                ..Default::default()
+            },
         ];
-        let fields = ["hub", "device-id", "interval", "spool-max-size"];
+        let fields = [
+            "hub",
+            "device-id",
+            "interval",
+            "spool-max-size",
+            "metrics-listen",
+        ];
         for (c, field) in bad.iter().zip(fields) {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn metrics_listen_is_off_unless_set() {
+        assert_eq!(AgentConfig::default().metrics_addr().unwrap(), None);
+        let blank = AgentConfig {
+            metrics_listen: Some(" ".into()),
+            ..Default::default()
+        };
+        assert_eq!(blank.metrics_addr().unwrap(), None);
+        let on = AgentConfig {
+            metrics_listen: Some("127.0.0.1:9560".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            on.metrics_addr().unwrap(),
+            Some("127.0.0.1:9560".parse().unwrap())
+        );
     }
 
     #[test]

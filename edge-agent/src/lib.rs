@@ -6,6 +6,7 @@
 //! - [`board`]: Raspberry Pi, Jetson and thermal-zone readings through a sysroot.
 //! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
 //! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff.
+//! - [`metrics`]: the agent's own counters for Prometheus, on an opt-in `--metrics-listen`.
 //!
 //! [`run`] wires them: a sampler task appends to the spool every interval, a sender task drains
 //! it; both stop on the shutdown signal.
@@ -16,10 +17,11 @@ pub mod clock;
 pub mod collector;
 pub mod config;
 pub mod gpu;
+pub mod metrics;
 pub mod spool;
 pub mod transport;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
@@ -42,9 +44,14 @@ pub enum AgentError {
         "no device id given and none could be derived from /etc/machine-id or the hostname; pass --device-id"
     )]
     NoDeviceId,
+    #[error("cannot serve metrics on --metrics-listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-/// Counters of one agent run.
+/// Counters of one agent run (what `--metrics-listen` serves).
 #[derive(Debug, Default)]
 pub struct Stats {
     pub samples_taken: AtomicU64,
@@ -52,6 +59,77 @@ pub struct Stats {
     pub samples_acked: AtomicU64,
     pub samples_rejected: AtomicU64,
     pub reconnects: AtomicU64,
+    /// True while a stream to the hub (or its broker) is up.
+    pub connected: AtomicBool,
+    /// Errors by [`ErrorKind`].
+    pub errors: [AtomicU64; ErrorKind::ALL.len()],
+    /// The last error: its kind and time always, its message only with `keep_last_error`.
+    pub last_error: Mutex<Option<LastError>>,
+    /// Keep the last error's message (for the metrics endpoint); off, recording an error
+    /// allocates nothing.
+    pub keep_last_error: bool,
+}
+
+/// What kind of trouble the agent ran into, for `shoal_agent_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The hub (or broker) could not be reached.
+    Connect = 0,
+    /// An established stream failed or was closed.
+    Stream = 1,
+    /// The hub did not acknowledge in time; what was in flight is resent.
+    AckTimeout = 2,
+    /// The hub answered out of protocol.
+    Protocol = 3,
+    /// The spool could not be read or written.
+    Spool = 4,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Connect,
+        ErrorKind::Stream,
+        ErrorKind::AckTimeout,
+        ErrorKind::Protocol,
+        ErrorKind::Spool,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Stream => "stream",
+            ErrorKind::AckTimeout => "ack_timeout",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Spool => "spool",
+        }
+    }
+}
+
+/// The most recent error.
+#[derive(Debug, Clone)]
+pub struct LastError {
+    pub kind: ErrorKind,
+    pub unix_seconds: u64,
+    /// Empty unless [`Stats::keep_last_error`].
+    pub message: String,
+}
+
+impl Stats {
+    /// Counts an error and remembers it as the last one.
+    pub fn record_error(&self, kind: ErrorKind, error: &dyn std::fmt::Display) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+        let unix_seconds = u64::try_from(clock::now_ms() / 1000).unwrap_or(0);
+        let message = if self.keep_last_error {
+            error.to_string()
+        } else {
+            String::new()
+        };
+        *self.last_error.lock().expect("last error lock") = Some(LastError {
+            kind,
+            unix_seconds,
+            message,
+        });
+    }
 }
 
 /// How a run ended.
@@ -98,7 +176,22 @@ pub async fn run(
     );
     let spool = Arc::new(Mutex::new(spool));
     let new_data = Arc::new(Notify::new());
-    let stats = Arc::new(Stats::default());
+    let metrics_addr = config.metrics_addr()?;
+    let stats = Arc::new(Stats {
+        keep_last_error: metrics_addr.is_some(),
+        ..Stats::default()
+    });
+    // Off (the default), the metrics endpoint costs nothing: no listener, no task.
+    if let Some(addr) = metrics_addr {
+        let info = metrics::Info {
+            device_id: device_id.clone(),
+            transport: transport::name(&config.hub),
+        };
+        let server = metrics::Server::bind(addr, info, stats.clone(), spool.clone())
+            .await
+            .map_err(|source| AgentError::MetricsListen { addr, source })?;
+        tokio::spawn(server.serve(shutdown.clone()));
+    }
     let (done_tx, done_rx) = watch::channel(false);
 
     let sender = Sender {
@@ -161,6 +254,7 @@ pub async fn run(
                 new_data.notify_one();
             }
             Err(e) => {
+                stats.record_error(ErrorKind::Spool, &e);
                 tracing::error!(error = %e, "cannot write to the spool; stopping so that no sample is lost silently");
                 spool_error = Some(e);
                 break;

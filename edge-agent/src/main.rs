@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use shoal_agent::collector::SystemCollector;
 use shoal_agent::config::AgentConfig;
 use shoal_agent::spool::Spool;
@@ -50,6 +50,37 @@ enum Command {
     /// Load and check the configuration `run` would use (file, environment, flags) and print
     /// it as TOML; exit 64 naming the bad field.
     CheckConfig(Box<RunArgs>),
+    /// Print the completion script for a shell.
+    ///
+    /// The Debian package installs all three; by hand, e.g.:
+    ///   shoal-agent completions bash > /usr/share/bash-completion/completions/shoal-agent
+    ///   shoal-agent completions zsh > /usr/share/zsh/vendor-completions/_shoal-agent
+    ///   shoal-agent completions fish > /usr/share/fish/vendor_completions.d/shoal-agent.fish
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script for `shell`.
+fn completions(shell: CompletionShell) -> Vec<u8> {
+    use clap_complete::Shell;
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "shoal-agent", &mut out);
+    out
 }
 
 #[derive(Subcommand)]
@@ -101,6 +132,22 @@ struct RunArgs {
     /// Label reported to the hub, KEY=VALUE; repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Serve the agent's own metrics for Prometheus at http://ADDR/metrics (text format 0.0.4),
+    /// e.g. 127.0.0.1:9560. Off by default, and then it costs nothing. Meant for a loopback
+    /// address: the endpoint has no authentication.
+    ///
+    /// Metrics: shoal_agent_samples_collected_total (taken and spooled),
+    /// shoal_agent_samples_sent_total, shoal_agent_samples_acked_total (stored by the hub),
+    /// shoal_agent_samples_rejected_total (refused by the hub for good),
+    /// shoal_agent_spool_samples and shoal_agent_spool_bytes (waiting for the hub),
+    /// shoal_agent_spool_dropped_total (dropped by the spool's size bound; kept across
+    /// restarts), shoal_agent_hub_connected, shoal_agent_reconnects_total,
+    /// shoal_agent_errors_total{kind="connect|stream|ack_timeout|protocol|spool"},
+    /// shoal_agent_last_error_timestamp_seconds and
+    /// shoal_agent_last_error_info{kind,message} (both absent until an error), and
+    /// shoal_agent_info{version,device_id,transport}.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Take N samples, wait until the hub has acknowledged all of them, then exit.
     #[arg(long)]
     count: Option<u64>,
@@ -152,6 +199,9 @@ impl RunArgs {
         if let Some(v) = self.spool_max_size {
             c.spool_max_size = v;
         }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = Some(v);
+        }
         let labels: BTreeMap<_, _> = self.labels.into_iter().collect();
         c.labels.extend(labels);
         c.validate()?;
@@ -159,13 +209,23 @@ impl RunArgs {
     }
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+/// Logs to stderr, filtered by RUST_LOG: a level (`warn`) and `target=level` pairs
+/// (`info,shoal_agent::transport=debug`); `info` when unset or not understood.
+fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
@@ -244,6 +304,11 @@ fn main() -> ExitCode {
                 ExitCode::from(64)
             }
         },
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a closed pipe (`| head`).
+            let _ = std::io::stdout().write_all(&completions(shell));
+            ExitCode::SUCCESS
+        }
         Command::DefaultConfig => {
             let text =
                 toml::to_string_pretty(&AgentConfig::default()).expect("default config serialises");
@@ -285,5 +350,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_name_the_commands_and_flags() {
+        let script = |shell| String::from_utf8(completions(shell)).unwrap();
+        let bash = script(CompletionShell::Bash);
+        assert!(bash.contains("-F _shoal__agent"), "{bash}");
+        assert!(bash.trim_end().ends_with("fi"), "{bash}");
+        assert!(bash.contains("--metrics-listen") && bash.contains("check-config"));
+        let zsh = script(CompletionShell::Zsh);
+        assert!(zsh.starts_with("#compdef shoal-agent"), "{zsh}");
+        assert!(zsh.contains("--spool-dir"));
+        let fish = script(CompletionShell::Fish);
+        assert!(fish.contains("complete -c shoal-agent"), "{fish}");
+        assert!(fish.contains("completions"));
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use shoal_hub::cli::{self, Client, Output};
 use shoal_hub::serve::ServeArgs;
 use shoal_hub::up::UpOptions;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 ///          shoal devices list
 ///          shoal telemetry DEVICE --metric cpu_percent --since 15m
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "shoal", version, propagate_version = true)]
 struct Cli {
     /// The hub's REST URL, for the operator commands.
     #[arg(
@@ -84,6 +84,23 @@ enum Command {
     /// cpu_core_percent{core="0"}, disk_used_bytes{mount="/"}, net_rx_bytes_per_second{iface="eth0"},
     /// temperature_celsius{sensor="..."} and more (see docs/telemetry.md).
     Telemetry(cli::telemetry::TelemetryArgs),
+    /// Print the completion script for a shell.
+    ///
+    /// The Debian package installs bash, zsh and fish scripts; by hand, e.g.:
+    ///   shoal completions bash > /usr/share/bash-completion/completions/shoal
+    ///   shoal completions zsh > /usr/share/zsh/vendor-completions/_shoal
+    ///   shoal completions fish > /usr/share/fish/vendor_completions.d/shoal.fish
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut out);
+    out
 }
 
 fn main() -> ExitCode {
@@ -151,6 +168,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Datasets { command } => command.run(&client, output).await,
         Command::Devices { command } => command.run(&client, output).await,
         Command::Telemetry(args) => args.run(&client, output).await,
+        // Into a buffer first: clap_complete writing to a closed pipe (`| head`) panics.
+        Command::Completions { shell } => Ok(String::from_utf8_lossy(&completions(shell)).into()),
     };
     match printed {
         Ok(text) => {
@@ -237,4 +256,28 @@ fn signal_channel() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_name_the_command_groups_and_flags() {
+        let script = |shell| String::from_utf8(completions(shell)).unwrap();
+        let bash = script(clap_complete::Shell::Bash);
+        assert!(bash.contains("complete -F _shoal"), "{bash}");
+        for word in ["devices", "telemetry", "jobs", "--hub", "--data-dir"] {
+            assert!(bash.contains(word), "bash completion lacks {word}");
+        }
+        let zsh = script(clap_complete::Shell::Zsh);
+        assert!(zsh.starts_with("#compdef shoal"), "{zsh}");
+        let fish = script(clap_complete::Shell::Fish);
+        assert!(fish.contains("complete -c shoal"), "{fish}");
+    }
 }

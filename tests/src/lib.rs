@@ -392,6 +392,146 @@ pub fn spool_status(spool: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("spool status JSON")
 }
 
+/// Polls `shoal-agent spool status` (read-only, safe next to a running agent) until `cond`
+/// holds for its JSON; returns that status. What a test waits on instead of a fixed sleep
+/// while an agent samples with its hub away: samples it has really taken, however loaded the
+/// machine.
+pub async fn wait_for_spool(
+    spool: &Path,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = run_bin(
+            "shoal-agent",
+            &[
+                "spool",
+                "status",
+                "--spool-dir",
+                spool.to_str().expect("utf-8 path"),
+            ],
+        );
+        let status: Option<Value> = out
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten();
+        if let Some(status) = status.filter(|s| cond(s)) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; spool status: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of `series` (a name, or a name with its labels) in the Prometheus text at `url`
+/// (e.g. an agent's `--metrics-listen` address + `/metrics`); `None` while nothing answers
+/// there or the series is absent.
+pub async fn scrape_metric(url: &str, series: &str) -> Option<f64> {
+    let text = http_get(url).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Reads `proc`'s piped stdout up to and including the first line that contains `needle`,
+/// leaving the rest unread for later; returns what it read. Fails when the output ends first
+/// or `timeout` passes. The output must be line-buffered (or flushed) to arrive in time.
+pub async fn read_stdout_until(proc: &mut Proc, needle: &str, timeout: Duration) -> String {
+    use std::io::Read;
+    let mut out = proc.child.stdout.take().expect("piped stdout");
+    let wanted = needle.to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Byte by byte: whatever follows the line stays in the pipe for the caller.
+    std::thread::spawn(move || {
+        let (mut text, mut line_start, mut byte) = (Vec::new(), 0, [0u8; 1]);
+        let found = loop {
+            match out.read(&mut byte) {
+                Ok(0) => break false,
+                Ok(_) => {
+                    text.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        if String::from_utf8_lossy(&text[line_start..]).contains(&wanted) {
+                            break true;
+                        }
+                        line_start = text.len();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        let _ = tx.send((out, String::from_utf8_lossy(&text).into_owned(), found));
+    });
+    let (out, text, found) = tokio::time::timeout(timeout, rx)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} printed no line with {needle:?} within {timeout:?}",
+                proc.name
+            )
+        })
+        .expect("stdout reader");
+    proc.child.stdout = Some(out);
+    assert!(
+        found,
+        "{} ended its output before a line with {needle:?}: {text:?}",
+        proc.name
+    );
+    text
+}
+
+/// Starts `mosquitto_sub ARGS` and returns once the broker has acknowledged its
+/// subscriptions (its SUBACK), so that whatever is published from then on reaches it: what a
+/// test waits on instead of sleeping before it publishes. The client runs with `-d`, line-
+/// buffered through `stdbuf -oL`, so its debug lines say when the SUBACK came; they stay in
+/// its stdout, and [`mqtt_messages`] drops them from what it printed. Fails when the broker
+/// refused a subscription.
+pub async fn subscribed_mosquitto_sub(args: &[&str]) -> Proc {
+    let exe = which("mosquitto_sub")
+        .expect("mosquitto_sub is not installed (tests/run installs mosquitto-clients)");
+    let stdbuf = which("stdbuf").expect("stdbuf (GNU coreutils) is not installed");
+    let mut cmd = Command::new(stdbuf);
+    cmd.arg("-oL")
+        .arg(exe)
+        .arg("-d")
+        .args(args)
+        .stdout(Stdio::piped());
+    let mut sub = Proc::spawn("mosquitto_sub", cmd);
+    // mosquitto_sub -d prints `Subscribed (mid: 1): 0` (the granted QoS of each filter, 128
+    // for a refused one) when the SUBACK arrives.
+    let seen = read_stdout_until(&mut sub, "Subscribed (mid:", Duration::from_secs(15)).await;
+    let granted = seen
+        .lines()
+        .last()
+        .and_then(|l| l.split_once("): "))
+        .map(|(_, codes)| codes.to_string())
+        .unwrap_or_default();
+    assert!(
+        !granted.is_empty() && granted.split(", ").all(|c| c.trim() != "128"),
+        "the broker refused a subscription of mosquitto_sub {args:?}: {seen}"
+    );
+    sub
+}
+
+/// What a `mosquitto_sub -d` printed, less its debug lines: the messages, one line each.
+pub fn mqtt_messages(output: &str) -> String {
+    output
+        .lines()
+        .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed (mid:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// A Mosquitto broker on a fixed port (so it can be restarted), config in a temp folder.
 pub struct Mosquitto {
     pub proc: Proc,
@@ -583,19 +723,25 @@ pub fn aarch64_agent() -> PathBuf {
     path
 }
 
-/// A Debian package that `deploy/debian/build-deb ARCH` made (tests/run builds amd64 and
-/// arm64 first).
-pub fn agent_deb(arch: &str) -> PathBuf {
-    let target_dir = target_dir();
-    let debs = target_dir.join("debian");
+/// A Debian package that `deploy/debian/build-deb ARCH [PACKAGE]` made (tests/run builds
+/// shoal-agent for amd64 and arm64, and shoal for amd64, first).
+pub fn deb(package: &str, arch: &str) -> PathBuf {
+    let debs = target_dir().join("debian");
     let found = std::fs::read_dir(&debs).ok().and_then(|d| {
         d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(&format!("_{arch}.deb")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_prefix(package)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|rest| rest.ends_with(&format!("_{arch}.deb")))
+            })
         })
     });
-    found.unwrap_or_else(|| panic!("no shoal-agent_*_{arch}.deb in {}: run `deploy/debian/build-deb {arch}` (tests/run does)", debs.display()))
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {package}_*_{arch}.deb in {}: run `deploy/debian/build-deb {arch} {package}` (tests/run does)",
+            debs.display()
+        )
+    })
 }
 
 /// The cargo target directory of the running test (`TARGET/debug/deps/TEST` → `TARGET`).

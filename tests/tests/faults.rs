@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use shoal_e2e::{Hub, agent, free_port, spool_status, wait_until};
+use shoal_e2e::{Hub, agent, free_port, spool_status, wait_for_spool, wait_until};
 
 fn assert_exactly(seqs: &[u64], n: u64) {
     let expected: Vec<u64> = (1..=n).collect();
@@ -85,7 +85,14 @@ async fn agent_killed_keeps_its_spool_and_drains_it() {
         "10ms",
         None,
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed once it has spooled what the assertions below need.
+    wait_for_spool(
+        &spool,
+        "samples spooled with no hub",
+        Duration::from_secs(30),
+        |s| s["last_written_seq"].as_u64().unwrap() >= 20,
+    )
+    .await;
     first.kill9();
     let before = spool_status(&spool);
     let written = before["last_written_seq"].as_u64().unwrap();
@@ -119,7 +126,15 @@ async fn samples_taken_while_the_hub_is_down_arrive_later_in_order() {
         "10ms",
         Some(150),
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The hub starts once a backlog has built up, big enough that draining it in batches
+    // (checked below) is not one sample at a time.
+    wait_for_spool(
+        &dir.path().join("spool"),
+        "a backlog in the spool",
+        Duration::from_secs(30),
+        |s| s["pending"].as_u64().unwrap() >= 100,
+    )
+    .await;
     let backlog = spool_status(&dir.path().join("spool"))["pending"]
         .as_u64()
         .unwrap();

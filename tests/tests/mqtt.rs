@@ -1,10 +1,13 @@
 //! MQTT transport against a real Mosquitto: delivery, hub and broker crashes, and
 //! `mosquitto_sub` seeing the telemetry topic.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use shoal_e2e::{Hub, Mosquitto, Proc, agent_with, free_port, spool_status, wait_until, which};
+use shoal_e2e::{
+    Hub, Mosquitto, agent_with, free_port, mqtt_messages, scrape_metric, spool_status,
+    subscribed_mosquitto_sub, wait_for_spool, wait_until, which,
+};
 
 fn assert_exactly(seqs: &[u64], n: u64) {
     let expected: Vec<u64> = (1..=n).collect();
@@ -24,10 +27,8 @@ async fn telemetry_flows_through_mosquitto_and_mosquitto_sub_sees_it() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&dir.path().join("broker")).await;
     let hub = hub_on(&dir.path().join("hub"), &broker, free_port(), free_port()).await;
-    let sub_exe = which("mosquitto_sub")
-        .expect("mosquitto_sub is not installed (tests/run installs mosquitto-clients)");
-    let mut sub = Command::new(sub_exe);
-    sub.args([
+    // Subscribed (Mosquitto sent its SUBACK) before the agent publishes anything.
+    let mut sub = subscribed_mosquitto_sub(&[
         "-h",
         "127.0.0.1",
         "-p",
@@ -39,9 +40,7 @@ async fn telemetry_flows_through_mosquitto_and_mosquitto_sub_sees_it() {
         "-F",
         "%t %l",
     ])
-    .stdout(Stdio::piped());
-    let mut sub = Proc::spawn("mosquitto_sub", sub);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    .await;
 
     let mut a = agent_with(
         &broker.url(),
@@ -89,6 +88,7 @@ async fn telemetry_flows_through_mosquitto_and_mosquitto_sub_sees_it() {
     assert!(sub.wait(Duration::from_secs(10)).await.success());
     let mut seen = String::new();
     std::io::Read::read_to_string(sub.child.stdout.as_mut().unwrap(), &mut seen).unwrap();
+    let seen = mqtt_messages(&seen);
     assert!(
         seen.starts_with("shoal/v1/devices/mqtt-dev/telemetry "),
         "mosquitto_sub saw: {seen:?}"
@@ -117,7 +117,16 @@ async fn hub_killed_mid_stream_loses_and_duplicates_nothing() {
     )
     .await;
     hub.proc.kill9();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Down until the agent has taken (and published to Mosquitto) samples the dead hub never
+    // saw: the restarted one must get them without loss or duplicates.
+    let written = spool_status(&spool)["last_written_seq"].as_u64().unwrap();
+    wait_for_spool(
+        &spool,
+        "samples taken while the hub is down",
+        Duration::from_secs(30),
+        |s| s["last_written_seq"].as_u64().unwrap() >= (written + 20).min(400),
+    )
+    .await;
     hub = hub_on(&dir.path().join("hub"), &broker, grpc, http).await;
     wait_until(
         "samples after the restart",
@@ -214,15 +223,40 @@ async fn mosquitto_credentials_for_hub_and_agents() {
     )
     .await;
 
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut wrong = agent_with(
         &broker.url(),
         "dev-1",
         &dir.path().join("s0"),
         "20ms",
         Some(3),
-        &["--mqtt-username", "dev-1", "--mqtt-password", "guess"],
+        &[
+            "--mqtt-username",
+            "dev-1",
+            "--mqtt-password",
+            "guess",
+            "--metrics-listen",
+            &metrics,
+        ],
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Mosquitto answers the CONNECT with a refusal, which the agent counts as a failed
+    // connection: wait until it was refused twice (it retried), never having been connected.
+    let url = format!("http://{metrics}/metrics");
+    wait_until(
+        "Mosquitto to refuse the wrong password twice",
+        Duration::from_secs(30),
+        || async {
+            scrape_metric(&url, "shoal_agent_reconnects_total")
+                .await
+                .is_some_and(|n| n >= 2.0)
+        },
+    )
+    .await;
+    assert_eq!(
+        scrape_metric(&url, "shoal_agent_hub_connected").await,
+        Some(0.0),
+        "never connected"
+    );
     wrong.kill9();
     assert_eq!(
         hub.stored_up_to("dev-1").await,

@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use shoal_e2e::{Hub, Proc, agent_with, free_port, wait_until, which};
+use shoal_e2e::{
+    Hub, Proc, agent_with, free_port, mqtt_messages, spool_status, subscribed_mosquitto_sub,
+    wait_for_spool, wait_until, which,
+};
 
 async fn hub_with_broker(dir: &Path, mqtt: u16, extra: &[&str]) -> Hub {
     let port = mqtt.to_string();
@@ -26,24 +29,27 @@ fn pub_(port: u16, args: &[&str]) -> Output {
         .expect("run mosquitto_pub")
 }
 
-fn sub(port: u16, topic: &str, count: u32, auth: &[&str]) -> Proc {
-    let exe = which("mosquitto_sub").expect("mosquitto_sub is not installed");
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-t",
-        topic,
-        "-C",
-        &count.to_string(),
-        "-F",
-        "%t",
-    ])
-    .args(auth)
-    .stdout(Stdio::piped());
-    Proc::spawn("mosquitto_sub", cmd)
+/// A `mosquitto_sub` for `count` messages on `topic`, returned once the broker acknowledged
+/// its subscription (so nothing published afterwards can miss it).
+async fn sub(port: u16, topic: &str, count: u32, auth: &[&str]) -> Proc {
+    let (port, count) = (port.to_string(), count.to_string());
+    let args = [
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            topic,
+            "-C",
+            &count,
+            "-F",
+            "%t",
+        ][..],
+        auth,
+    ]
+    .concat();
+    subscribed_mosquitto_sub(&args).await
 }
 
 async fn output_of(p: &mut Proc) -> String {
@@ -54,7 +60,7 @@ async fn output_of(p: &mut Proc) -> String {
     );
     let mut s = String::new();
     std::io::Read::read_to_string(p.child.stdout.as_mut().unwrap(), &mut s).unwrap();
-    s
+    mqtt_messages(&s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,8 +68,7 @@ async fn agents_json_scripts_and_observers_share_the_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
     let mqtt = free_port();
     let hub = hub_with_broker(&dir.path().join("hub"), mqtt, &[]).await;
-    let mut watcher = sub(mqtt, "shoal/v1/devices/+/telemetry", 1, &[]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut watcher = sub(mqtt, "shoal/v1/devices/+/telemetry", 1, &[]).await;
 
     let mut a = agent_with(
         &format!("mqtt://127.0.0.1:{mqtt}"),
@@ -175,7 +180,15 @@ async fn hub_with_embedded_broker_killed_twice_loses_and_duplicates_nothing() {
         )
         .await;
         hub.proc.kill9();
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Down (broker and all) until the agent has taken samples that only its spool holds.
+        let written = spool_status(&spool)["last_written_seq"].as_u64().unwrap();
+        wait_for_spool(
+            &spool,
+            "samples taken while the hub is down",
+            Duration::from_secs(30),
+            |s| s["last_written_seq"].as_u64().unwrap() >= (written + 20).min(300),
+        )
+        .await;
         hub = Hub::start_on(&dir.path().join("hub"), grpc, http, &args).await;
     }
     assert!(a.wait(Duration::from_secs(90)).await.success());
@@ -237,7 +250,18 @@ async fn credentials_and_the_own_topic_rule() {
         Some(3),
         &["--mqtt-username", "dev-a", "--mqtt-password", "nope"],
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The hub counts each refusal before it answers the CONNECT: wait until it refused the
+    // agent twice (it retried).
+    wait_until(
+        "the hub to refuse the agent's wrong password twice",
+        Duration::from_secs(30),
+        || async {
+            hub.metric("shoal_ingest_streams_rejected_total{reason=\"bad_credentials\"}")
+                .await
+                >= 4.0
+        },
+    )
+    .await;
     wrong.kill9();
     assert_eq!(
         hub.stored_up_to("dev-a").await,
@@ -251,8 +275,8 @@ async fn credentials_and_the_own_topic_rule() {
         "shoal/v1/devices/+/telemetry",
         1,
         &["-u", "watcher", "-P", "pw"],
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    )
+    .await;
     let as_a = ["-u", "dev-a", "-P", "pa"];
     let out = pub_(
         mqtt,

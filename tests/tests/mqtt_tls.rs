@@ -3,7 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use shoal_e2e::{Hub, Mosquitto, TestCerts, agent_with, free_port, wait_until, which};
+use shoal_e2e::{
+    Hub, Mosquitto, TestCerts, agent_with, free_port, scrape_metric, wait_until, which,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_over_tls() {
@@ -92,15 +94,38 @@ async fn embedded_broker_over_tls() {
         !out.status.success(),
         "plain MQTT is refused on a TLS listener"
     );
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut distrust = agent_with(
         &url,
         "tls-wrong-ca",
         &dir.path().join("s2"),
         "20ms",
         Some(3),
-        &["--tls-ca", other.ca.to_str().unwrap()],
+        &[
+            "--tls-ca",
+            other.ca.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics,
+        ],
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Its TLS handshakes fail (it does not trust the hub's certificate), each counted as a
+    // failed connection: wait until it tried twice, never having been connected.
+    let agent_metrics = format!("http://{metrics}/metrics");
+    wait_until(
+        "the agent to fail its TLS handshake twice",
+        Duration::from_secs(30),
+        || async {
+            scrape_metric(&agent_metrics, "shoal_agent_reconnects_total")
+                .await
+                .is_some_and(|n| n >= 2.0)
+        },
+    )
+    .await;
+    assert_eq!(
+        scrape_metric(&agent_metrics, "shoal_agent_hub_connected").await,
+        Some(0.0),
+        "never connected"
+    );
     distrust.kill9();
     assert!(hub.get("/api/v1/devices/tls-wrong-ca").await["error"].is_string());
     assert!(hub.get("/api/v1/devices/plain").await["error"].is_string());

@@ -1,10 +1,10 @@
-//! The agent's Debian packages: right architecture, a binary that runs, a hardened unit, and a
-//! config file that the agent accepts.
+//! Shoal's Debian packages: right architecture, a binary that runs, a hardened unit, a config
+//! file that the agent accepts, and shell completions for the packaged command.
 
 use std::path::Path;
 use std::process::Command;
 
-use shoal_e2e::{agent_deb, which};
+use shoal_e2e::{deb, which};
 
 fn dpkg_deb(args: &[&str], deb: &Path) -> String {
     let out = Command::new("dpkg-deb")
@@ -33,7 +33,7 @@ fn unpack(deb: &Path) -> tempfile::TempDir {
 }
 
 fn check_package(arch: &str, run: &[&str]) {
-    let deb = agent_deb(arch);
+    let deb = deb("shoal-agent", arch);
     assert_eq!(
         dpkg_deb(&["--field"], &deb)
             .lines()
@@ -65,6 +65,60 @@ fn check_package(arch: &str, run: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("interval = \"10s\""));
+    check_completions(
+        root.path(),
+        "shoal-agent",
+        &["run", "metrics-listen", "check-config"],
+    );
+}
+
+/// bash, zsh and fish scripts where each shell looks for them, naming `words`.
+fn check_completions(root: &Path, command: &str, words: &[&str]) {
+    for (path, opening) in [
+        (
+            format!("usr/share/bash-completion/completions/{command}"),
+            String::new(),
+        ),
+        (
+            format!("usr/share/zsh/vendor-completions/_{command}"),
+            format!("#compdef {command}"),
+        ),
+        (
+            format!("usr/share/fish/vendor_completions.d/{command}.fish"),
+            format!("complete -c {command}"),
+        ),
+    ] {
+        let script = std::fs::read_to_string(root.join(&path))
+            .unwrap_or_else(|e| panic!("{path} is not in the package: {e}"));
+        assert!(script.contains(&opening), "{path}: {script}");
+        for word in words {
+            assert!(script.contains(word), "{path} does not complete {word}");
+        }
+    }
+}
+
+#[test]
+fn hub_package() {
+    let deb = deb("shoal", "amd64");
+    let fields = dpkg_deb(&["--field"], &deb);
+    assert!(fields.lines().any(|l| l == "Package: shoal"), "{fields}");
+    let root = unpack(&deb);
+    let unit =
+        std::fs::read_to_string(root.path().join("lib/systemd/system/shoal-hub.service")).unwrap();
+    for line in [
+        "DynamicUser=yes",
+        "StateDirectory=shoal",
+        "/usr/bin/shoal serve",
+    ] {
+        assert!(unit.contains(line), "unit lacks {line}");
+    }
+    let out = Command::new(root.path().join("usr/bin/shoal"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("shoal "));
+    check_completions(root.path(), "shoal", &["devices", "telemetry", "data-dir"]);
 }
 
 #[test]
@@ -88,7 +142,7 @@ fn config_is_a_conffile() {
         .arg("-c")
         .arg(format!(
             "dpkg-deb --ctrl-tarfile {} | tar -xO ./conffiles",
-            agent_deb("amd64").display()
+            deb("shoal-agent", "amd64").display()
         ))
         .output()
         .unwrap();

@@ -61,6 +61,7 @@ impl Sender {
             ));
         };
         self.on_welcome(&welcome)?;
+        self.stats.connected.store(true, Ordering::Relaxed);
         backoff.reset();
         tracing::info!(hub = %self.hub, "streaming to hub");
 

@@ -14,8 +14,17 @@ use shoal_proto::v1::{Ack, DeviceHello, Sample, TelemetryBatch, Welcome};
 use self::inflight::InFlight;
 use tokio::sync::{Notify, watch};
 
-use crate::Stats;
 use crate::spool::{Spool, SpoolError};
+use crate::{ErrorKind, Stats};
+
+/// The transport `hub` selects: "mqtt" for `mqtt://` and `mqtts://`, else "grpc".
+pub fn name(hub: &str) -> &'static str {
+    if is_mqtt(hub) { "mqtt" } else { "grpc" }
+}
+
+fn is_mqtt(hub: &str) -> bool {
+    hub.starts_with("mqtt://") || hub.starts_with("mqtts://")
+}
 
 /// Batches sent before waiting for their acks.
 const WINDOW: usize = 4;
@@ -62,6 +71,19 @@ pub enum TransportError {
         seq: u64,
         source: prost::DecodeError,
     },
+}
+
+impl TransportError {
+    /// The kind counted in `shoal_agent_errors_total`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TransportError::Mqtt { .. } | TransportError::Connect { .. } => ErrorKind::Connect,
+            TransportError::Status(_) | TransportError::Closed => ErrorKind::Stream,
+            TransportError::AckTimeout(_) => ErrorKind::AckTimeout,
+            TransportError::Protocol(_) | TransportError::Decode { .. } => ErrorKind::Protocol,
+            TransportError::Spool(_) => ErrorKind::Spool,
+        }
+    }
 }
 
 /// Why the sender stopped.
@@ -125,14 +147,17 @@ pub struct Sender {
 impl Sender {
     /// Runs until shutdown (or, with sampling finished, until the spool is drained).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
-        if self.hub.starts_with("mqtt://") || self.hub.starts_with("mqtts://") {
+        if is_mqtt(&self.hub) {
             return self.run_mqtt(shutdown).await;
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
-            match self.grpc_stream_once(&mut shutdown, &mut backoff).await {
+            let result = self.grpc_stream_once(&mut shutdown, &mut backoff).await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            match result {
                 Ok(stopped) => return stopped,
                 Err(e) => {
+                    self.stats.record_error(e.kind(), &e);
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     let delay = backoff.next_delay();
                     tracing::warn!(hub = %self.hub, error = %e, retry_in = ?delay, "hub stream failed");

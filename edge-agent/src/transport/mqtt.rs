@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::inflight::InFlight;
 use super::{Backoff, Sender, Stopped, TransportError, WINDOW};
+use crate::ErrorKind;
 
 impl Sender {
     pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
@@ -25,6 +26,7 @@ impl Sender {
         let mut opts = match opts {
             Ok(o) => o,
             Err(e) => {
+                self.stats.record_error(ErrorKind::Connect, &e);
                 tracing::error!(error = %e, "cannot reach the MQTT broker");
                 return Stopped::Shutdown;
             }
@@ -52,10 +54,13 @@ impl Sender {
                 if let Err(e) =
                     self.fill_window(&client, &telemetry_topic, &mut in_flight, &mut last_sent)
                 {
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    self.stats.record_error(e.kind(), &e);
                     tracing::error!(error = %e, "cannot read the spool");
                     return Stopped::Shutdown;
                 }
                 if in_flight.is_empty() && self.drained() {
+                    self.stats.connected.store(false, Ordering::Relaxed);
                     let _ = client.try_disconnect();
                     return Stopped::Drained;
                 }
@@ -66,12 +71,15 @@ impl Sender {
                 .map(|t| tokio::time::Instant::from_std(t + self.ack_timeout));
             tokio::select! {
                 _ = shutdown.changed() => {
+                    self.stats.connected.store(false, Ordering::Relaxed);
                     let _ = client.try_disconnect();
                     return Stopped::Shutdown;
                 }
                 _ = self.new_data.notified() => {}
                 _ = self.sampling_done.changed() => {}
                 _ = async { tokio::time::sleep_until(ack_deadline.expect("set")).await }, if ack_deadline.is_some() => {
+                    let e = TransportError::AckTimeout(self.ack_timeout);
+                    self.stats.record_error(e.kind(), &e);
                     tracing::warn!(timeout = ?self.ack_timeout, "the hub has not acknowledged; resending from the spool");
                     in_flight.clear();
                     last_sent = self.spool.lock().expect("spool lock").acked_seq();
@@ -79,6 +87,7 @@ impl Sender {
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
+                        self.stats.connected.store(true, Ordering::Relaxed);
                         backoff.reset();
                         tracing::info!(broker = %self.hub, "connected to the MQTT broker");
                         let mut hello = self.hello.clone();
@@ -91,12 +100,18 @@ impl Sender {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == acks_topic => {
                         if let Err(e) = self.on_response(&p.payload, &mut in_flight) {
+                            self.stats.record_error(e.kind(), &e);
                             tracing::warn!(error = %e, "ignored a message on the acks topic");
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
                         connected = false;
+                        self.stats.connected.store(false, Ordering::Relaxed);
+                        self.stats.record_error(
+                            ErrorKind::Connect,
+                            &format_args!("MQTT connection to {}: {e}", self.hub),
+                        );
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         let delay = backoff.next_delay();
                         tracing::warn!(broker = %self.hub, error = %e, retry_in = ?delay, "MQTT connection failed");

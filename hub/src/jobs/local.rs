@@ -239,6 +239,24 @@ mod tests {
         rx
     }
 
+    /// Polls `cond` every 5 ms until it holds; panics naming `what` after `timeout`.
+    async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether process `pid` has ended: gone, or a zombie nobody reaped yet.
+    fn ended(pid: &str) -> bool {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        state.is_empty() || state.contains(") Z ")
+    }
+
     #[tokio::test]
     async fn success_keeps_both_streams_and_sees_the_environment() {
         let dir = tempfile::tempdir().unwrap();
@@ -313,7 +331,13 @@ mod tests {
             .unwrap()
             .trim()
             .to_string();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // SIGKILL was sent to the group before `run` returned; its delivery is asynchronous.
+        wait_for(
+            "the background child to end",
+            Duration::from_secs(10),
+            || ended(&pid),
+        )
+        .await;
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(
             state.is_empty() || state.contains(") Z "),
@@ -325,15 +349,31 @@ mod tests {
     async fn cancel_stops_a_run() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = watch::channel(false);
-        let s = spec("sleep 30");
-        let handle = tokio::spawn(async move { run(&s, dir.path(), rx).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The run says when it is under way (its pid), so the cancel hits a running process.
+        let pidfile = dir.path().join("run.pid");
+        let s = spec(&format!(
+            "echo $$ > {p}.tmp && mv {p}.tmp {p}; sleep 30",
+            p = pidfile.display()
+        ));
+        let logs = dir.path().join("logs");
+        let handle = tokio::spawn(async move { run(&s, &logs, rx).await });
+        wait_for("the run to start", Duration::from_secs(10), || {
+            pidfile.exists()
+        })
+        .await;
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .to_string();
         tx.send(true).unwrap();
         let out = tokio::time::timeout(Duration::from_secs(5), handle)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(out.ending, Ending::Cancelled);
+        assert_eq!(out.attempts.len(), 1);
+        assert_eq!(out.attempts[0].exit_code, None, "stopped, not exited");
+        assert!(ended(&pid), "the cancelled process {pid} is gone");
     }
 
     #[tokio::test]

@@ -44,16 +44,23 @@ impl Fixture {
         self.store.runs(Some(job)).unwrap()
     }
 
+    /// Polls the store (the only place a run's outcome shows) until run `id` has finished.
+    /// Short polls, so a test waits about as long as its process runs; a generous deadline,
+    /// so a loaded machine does not fail it.
     async fn wait_finished(&self, id: &str) -> RunRecord {
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
             if let Some(r) = self.store.run(id).unwrap()
                 && r.status.finished()
             {
                 return r;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} did not finish within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("run {id} did not finish");
     }
 }
 
@@ -228,12 +235,22 @@ async fn history_limits_prune_old_runs_and_their_logs() {
         f.wait_finished(&id).await;
         ids.push(id);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The scheduler records an outcome and its prunes in one transaction, then removes the
+    // pruned logs; a tick is answered only after that pass is done, so it is the barrier.
+    s.tick().await.unwrap();
     let kept: Vec<String> = f.runs("pruned").into_iter().map(|r| r.id).collect();
     assert_eq!(kept, ids[2..].to_vec());
     assert!(
         !f.dir.path().join("runs").join(&ids[0]).exists(),
         "pruned logs are removed"
+    );
+    assert!(
+        !f.dir.path().join("runs").join(&ids[1]).exists(),
+        "the last pruned run's logs are removed too"
+    );
+    assert!(
+        f.dir.path().join("runs").join(&ids[3]).exists(),
+        "kept runs keep their logs"
     );
 }
 
