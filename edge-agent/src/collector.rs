@@ -74,46 +74,9 @@ impl SystemCollector {
         self.last_net = now;
 
         let load = System::load_average().ok();
-        let mut disks: Vec<Disk> = self
-            .disks
-            .iter()
-            .flat_map(|d| d.iter())
-            .map(|d| Disk {
-                mount_point: d.mount_point().to_string_lossy().into_owned(),
-                device: d.name().to_string_lossy().into_owned(),
-                filesystem: d.file_system().to_string_lossy().into_owned(),
-                total_bytes: d.total_space(),
-                used_bytes: d.total_space().saturating_sub(d.available_space()),
-            })
-            .collect();
-        disks.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
-        disks.dedup_by(|a, b| a.mount_point == b.mount_point);
-        let mut networks: Vec<NetInterface> = self
-            .networks
-            .iter()
-            .flat_map(|n| n.iter())
-            .map(|(name, n)| NetInterface {
-                name: name.to_string_lossy().into_owned(),
-                rx_bytes: n.total_received(),
-                tx_bytes: n.total_transmitted(),
-                rx_bytes_per_second: n.received() as f64 / elapsed,
-                tx_bytes_per_second: n.transmitted() as f64 / elapsed,
-            })
-            .collect();
-        networks.sort_by(|a, b| a.name.cmp(&b.name));
-        let temperatures = self
-            .components
-            .iter()
-            .flat_map(|c| c.iter())
-            .filter_map(|c| {
-                c.temperature()
-                    .filter(|t| t.is_finite())
-                    .map(|t| Temperature {
-                        sensor: c.label().to_string(),
-                        celsius: f64::from(t),
-                    })
-            })
-            .collect();
+        let disks = self.disks();
+        let networks = self.networks(elapsed);
+        let temperatures = self.temperatures();
 
         let mut sample = Sample {
             seq: 0,
@@ -152,6 +115,59 @@ impl SystemCollector {
         }
         crate::board::enrich(&self.root, &self.board, &mut sample);
         sample
+    }
+
+    /// Mounted filesystems, one per mount point, sorted by it.
+    fn disks(&self) -> Vec<Disk> {
+        let mut disks: Vec<Disk> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.iter())
+            .map(|d| Disk {
+                mount_point: d.mount_point().to_string_lossy().into_owned(),
+                device: d.name().to_string_lossy().into_owned(),
+                filesystem: d.file_system().to_string_lossy().into_owned(),
+                total_bytes: d.total_space(),
+                used_bytes: d.total_space().saturating_sub(d.available_space()),
+            })
+            .collect();
+        disks.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+        disks.dedup_by(|a, b| a.mount_point == b.mount_point);
+        disks
+    }
+
+    /// Network interfaces sorted by name, with rates over the last `elapsed` seconds.
+    fn networks(&self, elapsed: f64) -> Vec<NetInterface> {
+        let mut networks: Vec<NetInterface> = self
+            .networks
+            .iter()
+            .flat_map(|n| n.iter())
+            .map(|(name, n)| NetInterface {
+                name: name.to_string_lossy().into_owned(),
+                rx_bytes: n.total_received(),
+                tx_bytes: n.total_transmitted(),
+                rx_bytes_per_second: n.received() as f64 / elapsed,
+                tx_bytes_per_second: n.transmitted() as f64 / elapsed,
+            })
+            .collect();
+        networks.sort_by(|a, b| a.name.cmp(&b.name));
+        networks
+    }
+
+    /// Temperature sensors with a finite reading.
+    fn temperatures(&self) -> Vec<Temperature> {
+        self.components
+            .iter()
+            .flat_map(|c| c.iter())
+            .filter_map(|c| {
+                c.temperature()
+                    .filter(|t| t.is_finite())
+                    .map(|t| Temperature {
+                        sensor: c.label().to_string(),
+                        celsius: f64::from(t),
+                    })
+            })
+            .collect()
     }
 
     /// NVIDIA driver and CUDA versions, when NVML is there.

@@ -155,26 +155,15 @@ pub struct RunOptions {
 pub async fn run(
     config: AgentConfig,
     options: RunOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<RunSummary, AgentError> {
     config.validate()?;
     let device_id = match &config.device_id {
         Some(id) => id.clone(),
         None => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
     };
-    let mut collector = SystemCollector::new()?;
-    let limits = SpoolLimits::with_max_bytes(config.spool_max_bytes()?);
-    let (spool, report) = Spool::open(&config.spool_dir, limits)?;
-    let status = spool.status();
-    tracing::info!(
-        device_id = %device_id,
-        hub = %config.hub,
-        spool = %config.spool_dir.display(),
-        pending = status.pending,
-        torn_bytes = report.torn_bytes,
-        "agent starting"
-    );
-    let spool = Arc::new(Mutex::new(spool));
+    let collector = SystemCollector::new()?;
+    let spool = Arc::new(Mutex::new(open_spool(&config, &device_id)?));
     let new_data = Arc::new(Notify::new());
     let metrics_addr = config.metrics_addr()?;
     let stats = Arc::new(Stats {
@@ -187,10 +176,7 @@ pub async fn run(
             device_id: device_id.clone(),
             transport: transport::name(&config.hub),
         };
-        let server = metrics::Server::bind(addr, info, stats.clone(), spool.clone())
-            .await
-            .map_err(|source| AgentError::MetricsListen { addr, source })?;
-        tokio::spawn(server.serve(shutdown.clone()));
+        serve_metrics(addr, info, &stats, &spool, shutdown.clone()).await?;
     }
     let (done_tx, done_rx) = watch::channel(false);
 
@@ -207,67 +193,27 @@ pub async fn run(
         batch_max_samples: config.batch_max_samples,
         sampling_done: done_rx,
         ack_timeout: config.ack_timeout,
-        tls: match &config.tls_ca {
-            Some(ca) => Some(shoal_proto::mqtt::client::tls_config(ca).map_err(|reason| {
-                ConfigError::Invalid {
-                    field: "tls-ca",
-                    reason,
-                }
-            })?),
-            None => None,
-        },
-        mqtt_credentials: config
-            .mqtt_username
-            .clone()
-            .map(|user| {
-                config
-                    .mqtt_password()
-                    .map(|p| (user, p.unwrap_or_default()))
-            })
-            .transpose()?,
+        tls: tls_config(&config)?,
+        mqtt_credentials: mqtt_credentials(&config)?,
     };
     let sender = tokio::spawn(sender.run(shutdown.clone()));
 
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut spool_error = None;
-    loop {
-        if options
-            .count
-            .is_some_and(|n| stats.samples_taken.load(Ordering::Relaxed) >= n)
-        {
-            break;
-        }
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            _ = ticker.tick() => {}
-        }
-        let mut sample = collector.sample();
-        let appended = {
-            let mut spool = spool.lock().expect("spool lock");
-            sample.seq = spool.next_seq();
-            spool.append(sample.seq, &sample.encode_to_vec())
-        };
-        match appended {
-            Ok(()) => {
-                stats.samples_taken.fetch_add(1, Ordering::Relaxed);
-                new_data.notify_one();
-            }
-            Err(e) => {
-                stats.record_error(ErrorKind::Spool, &e);
-                tracing::error!(error = %e, "cannot write to the spool; stopping so that no sample is lost silently");
-                spool_error = Some(e);
-                break;
-            }
-        }
-    }
+    let mut sampler = Sampler {
+        collector,
+        spool: spool.clone(),
+        new_data,
+        stats: stats.clone(),
+        interval: config.interval,
+        count: options.count,
+    };
+    let sampled = sampler.run(shutdown).await;
     let _ = done_tx.send(true);
-    let stopped = match spool_error {
-        Some(e) => {
+    let stopped = match sampled {
+        Err(e) => {
             sender.abort();
             return Err(e.into());
         }
-        None => sender.await.unwrap_or(Stopped::Shutdown),
+        Ok(()) => sender.await.unwrap_or(Stopped::Shutdown),
     };
     let summary = RunSummary {
         device_id,
@@ -280,4 +226,108 @@ pub async fn run(
     };
     tracing::info!(?summary, "agent stopped");
     Ok(summary)
+}
+
+/// Opens the spool under its size bound and logs the start of the run with what it holds.
+fn open_spool(config: &AgentConfig, device_id: &str) -> Result<Spool, AgentError> {
+    let limits = SpoolLimits::with_max_bytes(config.spool_max_bytes()?);
+    let (spool, report) = Spool::open(&config.spool_dir, limits)?;
+    let status = spool.status();
+    tracing::info!(
+        device_id = %device_id,
+        hub = %config.hub,
+        spool = %config.spool_dir.display(),
+        pending = status.pending,
+        torn_bytes = report.torn_bytes,
+        "agent starting"
+    );
+    Ok(spool)
+}
+
+/// Binds the metrics endpoint on `addr` and serves it in a task of its own until shutdown.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    info: metrics::Info,
+    stats: &Arc<Stats>,
+    spool: &Arc<Mutex<Spool>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let server = metrics::Server::bind(addr, info, stats.clone(), spool.clone())
+        .await
+        .map_err(|source| AgentError::MetricsListen { addr, source })?;
+    tokio::spawn(server.serve(shutdown));
+    Ok(())
+}
+
+/// The TLS settings for an `mqtts://` hub, from `--tls-ca` when given.
+fn tls_config(config: &AgentConfig) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    let Some(ca) = &config.tls_ca else {
+        return Ok(None);
+    };
+    shoal_proto::mqtt::client::tls_config(ca)
+        .map(Some)
+        .map_err(|reason| ConfigError::Invalid {
+            field: "tls-ca",
+            reason,
+        })
+}
+
+/// The MQTT user name and password, when a user name is configured.
+fn mqtt_credentials(config: &AgentConfig) -> Result<Option<(String, String)>, ConfigError> {
+    config
+        .mqtt_username
+        .clone()
+        .map(|user| {
+            config
+                .mqtt_password()
+                .map(|p| (user, p.unwrap_or_default()))
+        })
+        .transpose()
+}
+
+/// The sampling side of a run: a sample every interval, appended to the spool for the sender.
+struct Sampler {
+    collector: SystemCollector,
+    spool: Arc<Mutex<Spool>>,
+    new_data: Arc<Notify>,
+    stats: Arc<Stats>,
+    interval: std::time::Duration,
+    /// Stop after this many samples.
+    count: Option<u64>,
+}
+
+impl Sampler {
+    /// Samples until `shutdown` turns true or `count` samples are taken; stops at the first
+    /// spool write that fails, so that no sample is lost silently.
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SpoolError> {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self
+                .count
+                .is_some_and(|n| self.stats.samples_taken.load(Ordering::Relaxed) >= n)
+            {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.append_sample() {
+                self.stats.record_error(ErrorKind::Spool, &e);
+                tracing::error!(error = %e, "cannot write to the spool; stopping so that no sample is lost silently");
+                return Err(e);
+            }
+            self.stats.samples_taken.fetch_add(1, Ordering::Relaxed);
+            self.new_data.notify_one();
+        }
+    }
+
+    /// Takes one sample and appends it to the spool under the spool's next seq.
+    fn append_sample(&mut self) -> Result<(), SpoolError> {
+        let mut sample = self.collector.sample();
+        let mut spool = self.spool.lock().expect("spool lock");
+        sample.seq = spool.next_seq();
+        spool.append(sample.seq, &sample.encode_to_vec())
+    }
 }

@@ -228,58 +228,15 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => {
-            let count = args.count;
-            let config = match (*args).into_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("shoal-agent: {e}");
-                    return ExitCode::from(64);
-                }
-            };
-            // One thread: the agent's work is small and a single thread keeps memory low.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match rt.block_on(run(config, RunOptions { count })) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("shoal-agent: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Run(args) => run_agent(*args),
         Command::Sample {
             once: _,
             sysroot: Some(root),
-        } => {
-            if !root.join("proc").is_dir() && !root.join("sys").is_dir() {
-                eprintln!(
-                    "shoal-agent: {} holds neither proc/ nor sys/",
-                    root.display()
-                );
-                return ExitCode::from(64);
-            }
-            print_json(&shoal_agent::board::snapshot(
-                &shoal_agent::board::Sysroot::new(root),
-            ))
-        }
+        } => sample_sysroot(root),
         Command::Sample {
             once: _,
             sysroot: None,
-        } => {
-            let mut c = match SystemCollector::new() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("shoal-agent: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            // CPU usage and network rates are differences: measure over a short window.
-            std::thread::sleep(Duration::from_millis(250));
-            print_json(&c.sample())
-        }
+        } => sample_live(),
         Command::Spool {
             command: SpoolCommand::Status { spool_dir },
         } => match Spool::inspect(&spool_dir) {
@@ -289,21 +246,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig(args) => match (*args).into_config() {
-            Ok(mut config) => {
-                // Never print a secret.
-                if config.mqtt_password.is_some() {
-                    config.mqtt_password = Some("(hidden)".into());
-                }
-                let text = toml::to_string_pretty(&config).expect("config serialises");
-                let _ = std::io::stdout().write_all(text.as_bytes());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("shoal-agent: {e}");
-                ExitCode::from(64)
-            }
-        },
+        Command::CheckConfig(args) => check_config(*args),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a closed pipe (`| head`).
             let _ = std::io::stdout().write_all(&completions(shell));
@@ -314,6 +257,77 @@ fn main() -> ExitCode {
                 toml::to_string_pretty(&AgentConfig::default()).expect("default config serialises");
             let _ = std::io::stdout().write_all(text.as_bytes());
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `run`: the agent until a signal (or `--count`); exit 64 on a bad config, 1 on failure.
+fn run_agent(args: RunArgs) -> ExitCode {
+    let count = args.count;
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shoal-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    // One thread: the agent's work is small and a single thread keeps memory low.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(config, RunOptions { count })) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sample --once --sysroot ROOT`: the board readings of a captured tree, as JSON.
+fn sample_sysroot(root: PathBuf) -> ExitCode {
+    if !root.join("proc").is_dir() && !root.join("sys").is_dir() {
+        eprintln!(
+            "shoal-agent: {} holds neither proc/ nor sys/",
+            root.display()
+        );
+        return ExitCode::from(64);
+    }
+    print_json(&shoal_agent::board::snapshot(
+        &shoal_agent::board::Sysroot::new(root),
+    ))
+}
+
+/// `sample --once`: one sample of this machine, as JSON.
+fn sample_live() -> ExitCode {
+    let mut c = match SystemCollector::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shoal-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // CPU usage and network rates are differences: measure over a short window.
+    std::thread::sleep(Duration::from_millis(250));
+    print_json(&c.sample())
+}
+
+/// `check-config`: the configuration `run` would use, as TOML, secrets hidden; exit 64 if bad.
+fn check_config(args: RunArgs) -> ExitCode {
+    match args.into_config() {
+        Ok(mut config) => {
+            // Never print a secret.
+            if config.mqtt_password.is_some() {
+                config.mqtt_password = Some("(hidden)".into());
+            }
+            let text = toml::to_string_pretty(&config).expect("config serialises");
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shoal-agent: {e}");
+            ExitCode::from(64)
         }
     }
 }

@@ -155,49 +155,8 @@ impl Row {
         if let Some(v) = s.uptime_seconds {
             set("uptime_seconds", v as f64);
         }
-        let hottest = s
-            .temperatures
-            .iter()
-            .map(|t| t.celsius)
-            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
-        match &s.pi {
-            Some(pi) => {
-                set("temperature_celsius", pi.soc_temperature_celsius);
-                if pi.cpu_frequency_mhz > 0 {
-                    set("cpu_frequency_mhz", f64::from(pi.cpu_frequency_mhz));
-                }
-                if pi.throttled_known {
-                    set("throttled_flags", f64::from(pi.throttled_flags));
-                }
-            }
-            None => {
-                if let Some(t) = hottest {
-                    set("temperature_celsius", t);
-                }
-            }
-        }
-        if !s.gpus.is_empty() {
-            let n = s.gpus.len() as f64;
-            set(
-                "gpu_utilization_percent",
-                s.gpus.iter().map(|g| g.utilization_percent).sum::<f64>() / n,
-            );
-            set(
-                "gpu_temperature_celsius",
-                s.gpus
-                    .iter()
-                    .map(|g| g.temperature_celsius)
-                    .fold(f64::MIN, f64::max),
-            );
-            set(
-                "gpu_power_watts",
-                s.gpus.iter().map(|g| g.power_watts).sum(),
-            );
-            set(
-                "gpu_sm_clock_mhz",
-                f64::from(s.gpus.iter().map(|g| g.sm_clock_mhz).max().unwrap_or(0)),
-            );
-        }
+        set_thermal(s, &mut set);
+        set_gpus(s, &mut set);
         // Non-finite readings (a broken sensor) are left out rather than poisoning a dataset.
         for x in &mut v {
             if x.is_some_and(|x| !x.is_finite()) {
@@ -211,6 +170,60 @@ impl Row {
             values: v,
         }
     }
+}
+
+/// The Raspberry Pi's SoC temperature, clock and throttle flags; without a Pi, the hottest
+/// sensor as `temperature_celsius`.
+fn set_thermal(s: &Sample, set: &mut impl FnMut(&str, f64)) {
+    let hottest = s
+        .temperatures
+        .iter()
+        .map(|t| t.celsius)
+        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
+    match &s.pi {
+        Some(pi) => {
+            set("temperature_celsius", pi.soc_temperature_celsius);
+            if pi.cpu_frequency_mhz > 0 {
+                set("cpu_frequency_mhz", f64::from(pi.cpu_frequency_mhz));
+            }
+            if pi.throttled_known {
+                set("throttled_flags", f64::from(pi.throttled_flags));
+            }
+        }
+        None => {
+            if let Some(t) = hottest {
+                set("temperature_celsius", t);
+            }
+        }
+    }
+}
+
+/// The GPU columns over all GPUs: mean utilisation, hottest temperature, total power, highest
+/// SM clock (none without GPUs).
+fn set_gpus(s: &Sample, set: &mut impl FnMut(&str, f64)) {
+    if s.gpus.is_empty() {
+        return;
+    }
+    let n = s.gpus.len() as f64;
+    set(
+        "gpu_utilization_percent",
+        s.gpus.iter().map(|g| g.utilization_percent).sum::<f64>() / n,
+    );
+    set(
+        "gpu_temperature_celsius",
+        s.gpus
+            .iter()
+            .map(|g| g.temperature_celsius)
+            .fold(f64::MIN, f64::max),
+    );
+    set(
+        "gpu_power_watts",
+        s.gpus.iter().map(|g| g.power_watts).sum(),
+    );
+    set(
+        "gpu_sm_clock_mhz",
+        f64::from(s.gpus.iter().map(|g| g.sm_clock_mhz).max().unwrap_or(0)),
+    );
 }
 
 /// A column of the dataset schema.

@@ -10,7 +10,7 @@ use serde_json::json;
 use shoal_ml::dataset::{self, Manifest};
 use shoal_ml::mlflow::{Metric, Mlflow, MlflowError, RunInfo};
 use shoal_ml::store::Location;
-use shoal_ml::train::{DEFAULT_FEATURES, DEFAULT_TARGET, Model, TrainConfig, Trainer};
+use shoal_ml::train::{DEFAULT_FEATURES, DEFAULT_TARGET, Model, Report, TrainConfig, Trainer};
 
 /// Exit code when the model was trained and written but MLflow could not record it
 /// (EX_TEMPFAIL: a scheduled job's retry will try again).
@@ -212,28 +212,9 @@ async fn start_tracking(
 }
 
 async fn train(args: TrainArgs) -> ExitCode {
-    let config = TrainConfig {
-        target: args.target.clone(),
-        features: args.features.clone(),
-        holdout: args.holdout,
-        seed: args.seed,
-        ridge: args.ridge,
-        threshold: args.threshold,
-    };
-    let mut trainer = match Trainer::new(config) {
-        Ok(t) => t,
-        Err(e) => return fail(64, e),
-    };
-    let client = match args
-        .mlflow_tracking_uri
-        .as_deref()
-        .filter(|u| !u.is_empty())
-    {
-        Some(uri) => match Mlflow::new(uri) {
-            Ok(c) => Some(c),
-            Err(e) => return fail(64, e),
-        },
-        None => None,
+    let (mut trainer, client) = match trainer_and_client(&args) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let location = match Location::parse(&args.dataset) {
         Ok(l) => l,
@@ -270,11 +251,71 @@ async fn train(args: TrainArgs) -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{}: {e}", args.dataset)),
     };
 
+    let run_id = tracker
+        .as_ref()
+        .and_then(|t| t.run.as_ref())
+        .map_or("", |r| r.run_id.as_str());
+    let (metrics, artifacts) =
+        match save_model(&args, &manifest, &digest, &model, &report, seconds, run_id) {
+            Ok(x) => x,
+            Err(code) => return code,
+        };
+    let summary = json!({
+        "out": args.out,
+        "rows": report.rows_read,
+        "holdout_rmse": report.holdout.rmse,
+        "holdout_r2": report.holdout.r2,
+        "rows_per_second": metrics["rows_per_second"],
+    });
+    let Some(tracker) = tracker else {
+        let _ = writeln!(std::io::stdout(), "{summary}");
+        return ExitCode::SUCCESS;
+    };
+    log_to_mlflow(
+        tracker, &args, &manifest, &digest, &report, seconds, artifacts, summary,
+    )
+    .await
+}
+
+/// The trainer and, when a tracking server is given, its MLflow client; `Err` is exit 64,
+/// already explained on stderr.
+fn trainer_and_client(args: &TrainArgs) -> Result<(Trainer, Option<Mlflow>), ExitCode> {
+    let config = TrainConfig {
+        target: args.target.clone(),
+        features: args.features.clone(),
+        holdout: args.holdout,
+        seed: args.seed,
+        ridge: args.ridge,
+        threshold: args.threshold,
+    };
+    let trainer = Trainer::new(config).map_err(|e| fail(64, e))?;
+    let client = match args
+        .mlflow_tracking_uri
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        Some(uri) => Some(Mlflow::new(uri).map_err(|e| fail(64, e))?),
+        None => None,
+    };
+    Ok((trainer, client))
+}
+
+/// Writes model.onnx, model.json, metrics.json and MLmodel to `--out`; returns the metrics
+/// and the artifacts MLflow gets. `Err` is exit 73, already explained on stderr.
+fn save_model(
+    args: &TrainArgs,
+    manifest: &Manifest,
+    digest: &str,
+    model: &Model,
+    report: &Report,
+    seconds: f64,
+    run_id: &str,
+) -> Result<(serde_json::Value, Artifacts), ExitCode> {
     let onnx = shoal_ml::onnx::export(
-        &model,
+        model,
         &[
             ("dataset_uri", args.dataset.as_str()),
-            ("dataset_sha256", digest.as_str()),
+            ("dataset_sha256", digest),
         ],
     );
     let metrics = json!({
@@ -286,49 +327,31 @@ async fn train(args: TrainArgs) -> ExitCode {
         "peak_rss_bytes": peak_rss_bytes(),
     });
     let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
-    let mlmodel = mlmodel_file(
-        tracker
-            .as_ref()
-            .and_then(|t| t.run.as_ref())
-            .map_or("", |r| r.run_id.as_str()),
-    );
+    let mlmodel = mlmodel_file(run_id);
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("model.onnx", onnx.clone()),
         (
             "model.json",
-            serde_json::to_vec_pretty(&model).expect("json"),
+            serde_json::to_vec_pretty(model).expect("json"),
         ),
         ("metrics.json", metrics_json.clone()),
         ("MLmodel", mlmodel.clone().into_bytes()),
     ];
     for (name, bytes) in &files {
         if let Err(e) = std::fs::write(args.out.join(name), bytes) {
-            return fail(73, format!("{}: {e}", args.out.join(name).display()));
+            return Err(fail(73, format!("{}: {e}", args.out.join(name).display())));
         }
     }
-
-    let mut out = std::io::stdout();
-    let summary = json!({
-        "out": args.out,
-        "rows": report.rows_read,
-        "holdout_rmse": report.holdout.rmse,
-        "holdout_r2": report.holdout.r2,
-        "rows_per_second": metrics["rows_per_second"],
-    });
-    let Some(tracker) = tracker else {
-        let _ = writeln!(out, "{summary}");
-        return ExitCode::SUCCESS;
-    };
     let artifacts = [
         ("model/model.onnx", onnx),
         ("model/MLmodel", mlmodel.into_bytes()),
         ("evaluation/metrics.json", metrics_json),
     ];
-    log_to_mlflow(
-        tracker, &args, &manifest, &digest, &report, seconds, artifacts, summary,
-    )
-    .await
+    Ok((metrics, artifacts))
 }
+
+/// The files a training run uploads to MLflow: path under the run's artifacts, and bytes.
+type Artifacts = [(&'static str, Vec<u8>); 3];
 
 /// The final metrics, artifacts and registered version in MLflow, and `mlflow.json` saying
 /// whether they got there (exit 75 when not: a retry of the job logs them again).
@@ -338,33 +361,12 @@ async fn log_to_mlflow(
     args: &TrainArgs,
     manifest: &Manifest,
     digest: &str,
-    report: &shoal_ml::train::Report,
+    report: &Report,
     seconds: f64,
-    artifacts: [(&'static str, Vec<u8>); 3],
+    artifacts: Artifacts,
     summary: serde_json::Value,
 ) -> ExitCode {
-    let mut out = std::io::stdout();
-    let now = chrono::Utc::now().timestamp_millis();
-    let last_step = manifest.files.len() as i64;
-    let finals: Vec<Metric> = [
-        ("holdout_rmse", report.holdout.rmse),
-        ("holdout_bias", report.holdout.bias),
-        ("holdout_r2", report.holdout.r2),
-        ("train_rmse", report.train.rmse),
-        ("train_r2", report.train.r2),
-        (
-            "rows_per_second",
-            report.rows_read as f64 / seconds.max(1e-9),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| Metric {
-        key: k.into(),
-        value: v,
-        step: last_step,
-        timestamp_ms: now,
-    })
-    .collect();
+    let finals = final_metrics(report, seconds, manifest.files.len() as i64);
     tracker
         .attempt(async |c, run| c.log_batch(&run.run_id, &[], &finals, &[]).await)
         .await;
@@ -385,21 +387,7 @@ async fn log_to_mlflow(
         })
         .await;
     let run_id = tracker.run.as_ref().map(|r| r.run_id.clone());
-    let record = match &tracker.error {
-        None => json!({
-            "status": "logged",
-            "tracking_uri": tracker.client.uri(),
-            "run_id": run_id,
-            "registered_model": name,
-            "version": version,
-        }),
-        Some(e) => json!({
-            "status": "not_logged",
-            "tracking_uri": tracker.client.uri(),
-            "run_id": run_id,
-            "error": e.to_string(),
-        }),
-    };
+    let record = mlflow_record(&tracker, run_id.as_deref(), &name, version.as_deref());
     let _ = std::fs::write(
         args.out.join("mlflow.json"),
         serde_json::to_vec_pretty(&record).expect("json"),
@@ -407,7 +395,7 @@ async fn log_to_mlflow(
     match tracker.error {
         None => {
             let _ = writeln!(
-                out,
+                std::io::stdout(),
                 "{}",
                 json!({ "mlflow_run_id": run_id, "registered_model": name, "version": version, "summary": summary })
             );
@@ -431,6 +419,54 @@ async fn log_to_mlflow(
                 ),
             )
         }
+    }
+}
+
+/// The run's closing metrics, logged at step `last_step` (the number of dataset files).
+fn final_metrics(report: &Report, seconds: f64, last_step: i64) -> Vec<Metric> {
+    let now = chrono::Utc::now().timestamp_millis();
+    [
+        ("holdout_rmse", report.holdout.rmse),
+        ("holdout_bias", report.holdout.bias),
+        ("holdout_r2", report.holdout.r2),
+        ("train_rmse", report.train.rmse),
+        ("train_r2", report.train.r2),
+        (
+            "rows_per_second",
+            report.rows_read as f64 / seconds.max(1e-9),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| Metric {
+        key: k.into(),
+        value: v,
+        step: last_step,
+        timestamp_ms: now,
+    })
+    .collect()
+}
+
+/// What `mlflow.json` says: logged (with the registered version) or not (with the error).
+fn mlflow_record(
+    tracker: &Tracker,
+    run_id: Option<&str>,
+    name: &str,
+    version: Option<&str>,
+) -> serde_json::Value {
+    match &tracker.error {
+        None => json!({
+            "status": "logged",
+            "tracking_uri": tracker.client.uri(),
+            "run_id": run_id,
+            "registered_model": name,
+            "version": version,
+        }),
+        Some(e) => json!({
+            "status": "not_logged",
+            "tracking_uri": tracker.client.uri(),
+            "run_id": run_id,
+            "error": e.to_string(),
+        }),
     }
 }
 

@@ -1,5 +1,7 @@
 //! `shoal devices`.
 
+use serde_json::Value;
+
 use super::client::{CliError, Client, Output, encode};
 use super::format::*;
 
@@ -52,121 +54,127 @@ impl Client {
             return Ok(pretty(&d));
         }
         let now = crate::store::series::now_ms();
-        let mut rows = vec![
-            vec!["device".into(), str_of(&d["device_id"])],
-            vec!["status".into(), str_of(&d["status"])],
-            vec![
-                "last seen".into(),
-                ago(now, d["last_seen_ms"].as_i64().unwrap_or(0)),
-            ],
-            vec![
-                "first seen".into(),
-                ago(now, d["first_seen_ms"].as_i64().unwrap_or(0)),
-            ],
-            vec!["hostname".into(), str_of(&d["hostname"])],
-            vec!["hardware".into(), str_of(&d["hardware_model"])],
-            vec![
-                "os".into(),
-                format!("{} (kernel {})", str_of(&d["os"]), str_of(&d["kernel"])),
-            ],
-            vec!["arch".into(), str_of(&d["arch"])],
-            vec!["agent".into(), str_of(&d["agent_version"])],
-            vec!["gpu driver".into(), str_of(&d["gpu_driver_version"])],
-            vec!["cuda".into(), str_of(&d["cuda_version"])],
-            vec!["stored up to seq".into(), d["stored_up_to_seq"].to_string()],
-        ];
-        if let Some(labels) = d["labels"].as_object().filter(|l| !l.is_empty()) {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}={}", str_of(v)))
-                .collect();
-            rows.push(vec!["labels".into(), l.join(", ")]);
-        }
+        let mut rows = identity_rows(&d, now);
         let s = &d["latest_sample"];
         if s.is_object() {
-            rows.push(vec![
-                "cpu".into(),
-                format!("{:.1}%", s["cpu"]["total_percent"].as_f64().unwrap_or(0.0)),
-            ]);
-            rows.push(vec![
-                "load".into(),
-                format!(
-                    "{:.2} {:.2} {:.2}",
-                    s["load"]["one"].as_f64().unwrap_or(0.0),
-                    s["load"]["five"].as_f64().unwrap_or(0.0),
-                    s["load"]["fifteen"].as_f64().unwrap_or(0.0)
-                ),
-            ]);
-            let m = &s["memory"];
-            rows.push(vec![
-                "memory".into(),
-                format!(
-                    "{} of {}",
-                    bytes(m["used_bytes"].as_f64()),
-                    bytes(m["total_bytes"].as_f64())
-                ),
-            ]);
-            for disk in s["disks"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or_default()
-            {
-                rows.push(vec![
-                    format!("disk {}", str_of(&disk["mount_point"])),
-                    format!(
-                        "{} of {}",
-                        bytes(disk["used_bytes"].as_f64()),
-                        bytes(disk["total_bytes"].as_f64())
-                    ),
-                ]);
-            }
-            for t in s["temperatures"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or_default()
-            {
-                rows.push(vec![
-                    format!("temp {}", str_of(&t["sensor"])),
-                    format!("{:.1} °C", t["celsius"].as_f64().unwrap_or(0.0)),
-                ]);
-            }
-            rows.push(vec!["processes".into(), s["process_count"].to_string()]);
-            for g in s["gpus"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or_default()
-            {
-                rows.push(vec![
-                    format!("gpu {} ({})", g["index"], str_of(&g["source"])),
-                    format!(
-                        "{} · {:.0}% · {} of {} · {:.0} °C · {} MHz",
-                        str_of(&g["name"]),
-                        g["utilization_percent"].as_f64().unwrap_or(0.0),
-                        bytes(g["memory_used_bytes"].as_f64()),
-                        bytes(g["memory_total_bytes"].as_f64()),
-                        g["temperature_celsius"].as_f64().unwrap_or(0.0),
-                        g["sm_clock_mhz"]
-                    ),
-                ]);
-            }
-            if s["pi"].is_object() {
-                let pi = &s["pi"];
-                rows.push(vec![
-                    "pi".into(),
-                    format!(
-                        "SoC {:.1} °C · {} MHz · throttle flags {:#x}",
-                        pi["soc_temperature_celsius"].as_f64().unwrap_or(0.0),
-                        pi["cpu_frequency_mhz"],
-                        pi["throttled_flags"].as_u64().unwrap_or(0)
-                    ),
-                ]);
-            }
+            rows.extend(sample_rows(s));
         }
         Ok(rows
             .iter()
             .map(|r| format!("{:<18} {}\n", r[0], r[1]))
             .collect())
     }
+}
+
+/// `devices show`'s rows for what the device is: identity, status, versions and labels.
+fn identity_rows(d: &Value, now: i64) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec!["device".into(), str_of(&d["device_id"])],
+        vec!["status".into(), str_of(&d["status"])],
+        vec![
+            "last seen".into(),
+            ago(now, d["last_seen_ms"].as_i64().unwrap_or(0)),
+        ],
+        vec![
+            "first seen".into(),
+            ago(now, d["first_seen_ms"].as_i64().unwrap_or(0)),
+        ],
+        vec!["hostname".into(), str_of(&d["hostname"])],
+        vec!["hardware".into(), str_of(&d["hardware_model"])],
+        vec![
+            "os".into(),
+            format!("{} (kernel {})", str_of(&d["os"]), str_of(&d["kernel"])),
+        ],
+        vec!["arch".into(), str_of(&d["arch"])],
+        vec!["agent".into(), str_of(&d["agent_version"])],
+        vec!["gpu driver".into(), str_of(&d["gpu_driver_version"])],
+        vec!["cuda".into(), str_of(&d["cuda_version"])],
+        vec!["stored up to seq".into(), d["stored_up_to_seq"].to_string()],
+    ];
+    if let Some(labels) = d["labels"].as_object().filter(|l| !l.is_empty()) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", str_of(v)))
+            .collect();
+        rows.push(vec!["labels".into(), l.join(", ")]);
+    }
+    rows
+}
+
+/// `devices show`'s rows for the latest sample: CPU, load, memory, disks, sensors, GPUs, Pi.
+fn sample_rows(s: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec![
+            "cpu".into(),
+            format!("{:.1}%", s["cpu"]["total_percent"].as_f64().unwrap_or(0.0)),
+        ],
+        vec![
+            "load".into(),
+            format!(
+                "{:.2} {:.2} {:.2}",
+                s["load"]["one"].as_f64().unwrap_or(0.0),
+                s["load"]["five"].as_f64().unwrap_or(0.0),
+                s["load"]["fifteen"].as_f64().unwrap_or(0.0)
+            ),
+        ],
+        vec![
+            "memory".into(),
+            format!(
+                "{} of {}",
+                bytes(s["memory"]["used_bytes"].as_f64()),
+                bytes(s["memory"]["total_bytes"].as_f64())
+            ),
+        ],
+    ];
+    for disk in list(&s["disks"]) {
+        rows.push(vec![
+            format!("disk {}", str_of(&disk["mount_point"])),
+            format!(
+                "{} of {}",
+                bytes(disk["used_bytes"].as_f64()),
+                bytes(disk["total_bytes"].as_f64())
+            ),
+        ]);
+    }
+    for t in list(&s["temperatures"]) {
+        rows.push(vec![
+            format!("temp {}", str_of(&t["sensor"])),
+            format!("{:.1} °C", t["celsius"].as_f64().unwrap_or(0.0)),
+        ]);
+    }
+    rows.push(vec!["processes".into(), s["process_count"].to_string()]);
+    for g in list(&s["gpus"]) {
+        rows.push(vec![
+            format!("gpu {} ({})", g["index"], str_of(&g["source"])),
+            format!(
+                "{} · {:.0}% · {} of {} · {:.0} °C · {} MHz",
+                str_of(&g["name"]),
+                g["utilization_percent"].as_f64().unwrap_or(0.0),
+                bytes(g["memory_used_bytes"].as_f64()),
+                bytes(g["memory_total_bytes"].as_f64()),
+                g["temperature_celsius"].as_f64().unwrap_or(0.0),
+                g["sm_clock_mhz"]
+            ),
+        ]);
+    }
+    let pi = &s["pi"];
+    if pi.is_object() {
+        rows.push(vec![
+            "pi".into(),
+            format!(
+                "SoC {:.1} °C · {} MHz · throttle flags {:#x}",
+                pi["soc_temperature_celsius"].as_f64().unwrap_or(0.0),
+                pi["cpu_frequency_mhz"],
+                pi["throttled_flags"].as_u64().unwrap_or(0)
+            ),
+        ]);
+    }
+    rows
+}
+
+/// A JSON array's items; none when `v` is not an array.
+fn list(v: &Value) -> &[Value] {
+    v.as_array().map(|a| a.as_slice()).unwrap_or_default()
 }
 
 #[derive(clap::Subcommand)]

@@ -12,7 +12,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use shoal_proto::v1::ingest_server::{Ingest, IngestServer};
-use shoal_proto::v1::{IngestRequest, IngestResponse, ingest_request, ingest_response};
+use shoal_proto::v1::{IngestRequest, IngestResponse, Welcome, ingest_request, ingest_response};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -142,32 +142,7 @@ impl Ingest for IngestService {
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
-        let first = match inbound.message().await {
-            Ok(m) => m,
-            Err(status) => {
-                return Err(match classify(&status, max_bytes) {
-                    Some((why, answer)) => {
-                        ingestor.refuse(why, &peer, status.message());
-                        answer
-                    }
-                    None => status,
-                });
-            }
-        };
-        let hello = match first.and_then(|m| m.msg) {
-            Some(ingest_request::Msg::Hello(h)) => h,
-            _ => {
-                ingestor.refuse(StreamReject::NoHello, &peer, "first message is not a hello");
-                return Err(Status::invalid_argument(
-                    "the first message of an ingest stream must be a hello",
-                ));
-            }
-        };
-        let device_id = hello.device_id.clone();
-        let welcome = ingestor.hello(hello).await.map_err(|e| match e {
-            HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
-            HelloError::Store(_) => Status::unavailable(e.to_string()),
-        })?;
+        let (device_id, welcome) = open(&ingestor, &mut inbound, &peer, max_bytes).await?;
         tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
 
         let (tx, rx) = mpsc::channel(8);
@@ -176,55 +151,102 @@ impl Ingest for IngestService {
                 msg: Some(ingest_response::Msg::Welcome(welcome)),
             }))
             .await;
-        tokio::spawn(async move {
-            let _active = ActiveStream::new(ingestor.metrics().clone());
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(status) => {
-                        if let Some((why, answer)) = classify(&status, max_bytes) {
-                            ingestor.refuse(why, &device_id, status.message());
-                            let _ = tx.send(Err(answer)).await;
-                        }
-                        break;
-                    }
-                };
-                let batch = match msg.msg {
-                    Some(ingest_request::Msg::Batch(b)) => b,
-                    _ => {
-                        ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "after the hello only batches may follow",
-                            )))
-                            .await;
-                        break;
-                    }
-                };
-                let ack = match ingestor.batch(&device_id, batch.samples).await {
-                    Ok(ack) => ack,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "hub store unavailable: {e}"
-                            ))))
-                            .await;
-                        break;
-                    }
-                };
-                if tx
-                    .send(Ok(IngestResponse {
-                        msg: Some(ingest_response::Msg::Ack(ack)),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            tracing::debug!(device_id = %device_id, "device stream ended");
-        });
+        tokio::spawn(ingest_batches(ingestor, device_id, inbound, tx, max_bytes));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Reads the stream's first message, which must be a hello, and registers its device; what is
+/// refused is counted.
+async fn open(
+    ingestor: &Ingestor,
+    inbound: &mut Streaming<IngestRequest>,
+    peer: &str,
+    max_bytes: usize,
+) -> Result<(String, Welcome), Status> {
+    let first = match inbound.message().await {
+        Ok(m) => m,
+        Err(status) => {
+            return Err(match classify(&status, max_bytes) {
+                Some((why, answer)) => {
+                    ingestor.refuse(why, peer, status.message());
+                    answer
+                }
+                None => status,
+            });
+        }
+    };
+    let hello = match first.and_then(|m| m.msg) {
+        Some(ingest_request::Msg::Hello(h)) => h,
+        _ => {
+            ingestor.refuse(StreamReject::NoHello, peer, "first message is not a hello");
+            return Err(Status::invalid_argument(
+                "the first message of an ingest stream must be a hello",
+            ));
+        }
+    };
+    let device_id = hello.device_id.clone();
+    let welcome = ingestor.hello(hello).await.map_err(|e| match e {
+        HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
+        HelloError::Store(_) => Status::unavailable(e.to_string()),
+    })?;
+    Ok((device_id, welcome))
+}
+
+/// Stores the batches that follow the hello, acking each on `tx`, until the stream ends or
+/// fails.
+async fn ingest_batches(
+    ingestor: Ingestor,
+    device_id: String,
+    mut inbound: Streaming<IngestRequest>,
+    tx: mpsc::Sender<Result<IngestResponse, Status>>,
+    max_bytes: usize,
+) {
+    let _active = ActiveStream::new(ingestor.metrics().clone());
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(status) => {
+                if let Some((why, answer)) = classify(&status, max_bytes) {
+                    ingestor.refuse(why, &device_id, status.message());
+                    let _ = tx.send(Err(answer)).await;
+                }
+                break;
+            }
+        };
+        let batch = match msg.msg {
+            Some(ingest_request::Msg::Batch(b)) => b,
+            _ => {
+                ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "after the hello only batches may follow",
+                    )))
+                    .await;
+                break;
+            }
+        };
+        let ack = match ingestor.batch(&device_id, batch.samples).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "hub store unavailable: {e}"
+                    ))))
+                    .await;
+                break;
+            }
+        };
+        if tx
+            .send(Ok(IngestResponse {
+                msg: Some(ingest_response::Msg::Ack(ack)),
+            }))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    tracing::debug!(device_id = %device_id, "device stream ended");
 }

@@ -257,66 +257,9 @@ async fn device_worker(
                 continue;
             }
         };
-        let kind = parse_topic(&p.topic).map_or("", |t| t.kind);
-        if p.payload.len() > max {
-            ingestor.refuse(
-                StreamReject::Oversized,
-                &device_id,
-                &format!(
-                    "{} bytes on {}, the limit is {max}",
-                    p.payload.len(),
-                    p.topic
-                ),
-            );
-            replier.done(&p).await;
+        let Outcome::Done(response) = on_device_message(&ingestor, &device_id, &p, max).await
+        else {
             continue;
-        }
-        let response = match kind {
-            kind::HELLO => match DeviceHello::decode(p.payload.as_ref()) {
-                Ok(hello) if hello.device_id != device_id => {
-                    ingestor.refuse(
-                        StreamReject::InvalidDeviceId,
-                        &device_id,
-                        &format!(
-                            "hello names device {:?} on the topic of {device_id:?}",
-                            hello.device_id
-                        ),
-                    );
-                    None
-                }
-                Ok(hello) => match ingestor.hello(hello).await {
-                    Ok(w) => Some(ingest_response::Msg::Welcome(w)),
-                    Err(HelloError::InvalidId { .. }) => None,
-                    Err(e @ HelloError::Store(_)) => {
-                        // Not acknowledged: the agent's ack timeout resends it.
-                        tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    ingestor.refuse(StreamReject::Malformed, &device_id, &format!("hello: {e}"));
-                    None
-                }
-            },
-            kind::TELEMETRY => match TelemetryBatch::decode(p.payload.as_ref()) {
-                Ok(batch) => match ingestor.batch(&device_id, batch.samples).await {
-                    Ok(ack) => Some(ingest_response::Msg::Ack(ack)),
-                    Err(e) => {
-                        tracing::error!(device_id = %device_id, error = %e, "cannot store a batch");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    ingestor.refuse(
-                        StreamReject::Malformed,
-                        &device_id,
-                        &format!("telemetry: {e}"),
-                    );
-                    None
-                }
-            },
-            // The hub's own answers (acks) and future command topics are not ingested.
-            _ => None,
         };
         if let Some(msg) = response {
             replier
@@ -327,6 +270,94 @@ async fn device_worker(
                 .await;
         }
         replier.done(&p).await;
+    }
+}
+
+/// What became of one message on a device topic.
+enum Outcome {
+    /// Stored, or refused for good; `Some` is the answer for the device's acks topic.
+    Done(Option<ingest_response::Msg>),
+    /// Not stored: left unacknowledged, so that it comes again.
+    NotStored,
+}
+
+/// Ingests one message on `device_id`'s topics; oversized and malformed ones are counted.
+async fn on_device_message(
+    ingestor: &Ingestor,
+    device_id: &str,
+    p: &Publish,
+    max: usize,
+) -> Outcome {
+    let kind = parse_topic(&p.topic).map_or("", |t| t.kind);
+    if p.payload.len() > max {
+        ingestor.refuse(
+            StreamReject::Oversized,
+            device_id,
+            &format!(
+                "{} bytes on {}, the limit is {max}",
+                p.payload.len(),
+                p.topic
+            ),
+        );
+        return Outcome::Done(None);
+    }
+    match kind {
+        kind::HELLO => on_hello(ingestor, device_id, &p.payload).await,
+        kind::TELEMETRY => on_telemetry(ingestor, device_id, &p.payload).await,
+        // The hub's own answers (acks) and future command topics are not ingested.
+        _ => Outcome::Done(None),
+    }
+}
+
+/// Registers the device from its hello, answered with a welcome; a hello naming another device
+/// is refused.
+async fn on_hello(ingestor: &Ingestor, device_id: &str, payload: &[u8]) -> Outcome {
+    match DeviceHello::decode(payload) {
+        Ok(hello) if hello.device_id != device_id => {
+            ingestor.refuse(
+                StreamReject::InvalidDeviceId,
+                device_id,
+                &format!(
+                    "hello names device {:?} on the topic of {device_id:?}",
+                    hello.device_id
+                ),
+            );
+            Outcome::Done(None)
+        }
+        Ok(hello) => match ingestor.hello(hello).await {
+            Ok(w) => Outcome::Done(Some(ingest_response::Msg::Welcome(w))),
+            Err(HelloError::InvalidId { .. }) => Outcome::Done(None),
+            Err(e @ HelloError::Store(_)) => {
+                // Not acknowledged: the agent's ack timeout resends it.
+                tracing::error!(device_id = %device_id, error = %e, "cannot store a hello");
+                Outcome::NotStored
+            }
+        },
+        Err(e) => {
+            ingestor.refuse(StreamReject::Malformed, device_id, &format!("hello: {e}"));
+            Outcome::Done(None)
+        }
+    }
+}
+
+/// Stores one telemetry batch, answered with an ack.
+async fn on_telemetry(ingestor: &Ingestor, device_id: &str, payload: &[u8]) -> Outcome {
+    match TelemetryBatch::decode(payload) {
+        Ok(batch) => match ingestor.batch(device_id, batch.samples).await {
+            Ok(ack) => Outcome::Done(Some(ingest_response::Msg::Ack(ack))),
+            Err(e) => {
+                tracing::error!(device_id = %device_id, error = %e, "cannot store a batch");
+                Outcome::NotStored
+            }
+        },
+        Err(e) => {
+            ingestor.refuse(
+                StreamReject::Malformed,
+                device_id,
+                &format!("telemetry: {e}"),
+            );
+            Outcome::Done(None)
+        }
     }
 }
 

@@ -67,11 +67,7 @@ pub async fn run(spec: &RunSpec, log_dir: &Path, mut cancel: watch::Receiver<boo
     }
     for attempt in 0..=spec.backoff_limit {
         if attempt > 0 {
-            let delay = spec
-                .backoff_base
-                .saturating_mul(1 << (attempt - 1).min(10))
-                .min(Duration::from_secs(360));
-            let wake = tokio::time::Instant::now() + delay;
+            let wake = tokio::time::Instant::now() + backoff_delay(spec.backoff_base, attempt);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = sleep_until_opt(deadline) => return RunOutcome { ending: Ending::DeadlineExceeded, attempts },
@@ -79,18 +75,7 @@ pub async fn run(spec: &RunSpec, log_dir: &Path, mut cancel: watch::Receiver<boo
             }
         }
         let log = log_dir.join(format!("attempt-{}.log", attempt + 1));
-        let mut cmd = tokio::process::Command::new(&spec.argv[0]);
-        cmd.args(&spec.argv[1..])
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(dir) = &spec.working_dir {
-            cmd.current_dir(dir);
-        }
-        let mut child = match cmd.spawn() {
+        let mut child = match command(spec).spawn() {
             Ok(c) => c,
             Err(e) => {
                 return RunOutcome {
@@ -133,6 +118,28 @@ pub async fn run(spec: &RunSpec, log_dir: &Path, mut cancel: watch::Receiver<boo
         ending: Ending::Failed,
         attempts,
     }
+}
+
+/// The wait before retry `attempt` (1 for the first): `base`, doubling, at most six minutes.
+fn backoff_delay(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1 << (attempt - 1).min(10))
+        .min(Duration::from_secs(360))
+}
+
+/// One attempt's process: its own group, stdin closed, output piped, killed when dropped.
+fn command(spec: &RunSpec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = &spec.working_dir {
+        cmd.current_dir(dir);
+    }
+    cmd
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

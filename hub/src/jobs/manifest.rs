@@ -269,45 +269,12 @@ pub fn parse(text: &str) -> Result<JobDefinition, ManifestError> {
 
 /// Checks a manifest already read (e.g. from the store).
 pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
-    if !matches!(m.api_version.as_str(), "batch/v1" | "batch/v1beta1") {
-        return Err(bad(
-            "apiVersion",
-            format!("{:?} is not batch/v1 (or batch/v1beta1)", m.api_version),
-        ));
-    }
-    if m.kind != "CronJob" {
-        return Err(bad("kind", format!("{:?} is not CronJob", m.kind)));
-    }
+    check_type(&m)?;
     check_name(&m.metadata.name)?;
     let spec = &m.spec;
     let schedule = Schedule::parse(&spec.schedule).map_err(|e| bad("spec.schedule", e.reason))?;
-    let time_zone = match &spec.time_zone {
-        None => chrono_tz::Tz::UTC,
-        Some(tz) => tz.parse().map_err(|_| {
-            bad(
-                "spec.timeZone",
-                format!("{tz:?} is not a time zone of the IANA database (e.g. Europe/Berlin)"),
-            )
-        })?,
-    };
-    let concurrency = match spec.concurrency_policy.as_deref() {
-        None | Some("Allow") => Concurrency::Allow,
-        Some("Forbid") => Concurrency::Forbid,
-        Some("Replace") => Concurrency::Replace,
-        Some(other) => {
-            return Err(bad(
-                "spec.concurrencyPolicy",
-                format!("{other:?} is not Allow, Forbid or Replace"),
-            ));
-        }
-    };
-    let non_negative = |field: &str, v: Option<i64>, default: u32| -> Result<u32, ManifestError> {
-        match v {
-            None => Ok(default),
-            Some(n) if n < 0 => Err(bad(field, format!("{n} is negative"))),
-            Some(n) => u32::try_from(n).map_err(|_| bad(field, format!("{n} is too large"))),
-        }
-    };
+    let time_zone = parse_time_zone(spec.time_zone.as_deref())?;
+    let concurrency = parse_concurrency(spec.concurrency_policy.as_deref())?;
     non_negative(
         "spec.startingDeadlineSeconds",
         spec.starting_deadline_seconds,
@@ -324,6 +291,78 @@ pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
         1,
     )?;
     let job = &spec.job_template.spec;
+    let backoff_limit = check_job(job)?;
+    let (runner, missed_starts) = read_annotations(&m.metadata.annotations)?;
+    if runner == Runner::Local && job.template.spec.containers[0].command.is_empty() {
+        return Err(bad(
+            "spec.jobTemplate.spec.template.spec.containers[0].command",
+            "the local runner runs this command (an image's entrypoint is unknown outside Kubernetes); set it, or annotate shoal.dev/runner: kubernetes",
+        ));
+    }
+    Ok(JobDefinition {
+        schedule,
+        time_zone,
+        concurrency,
+        missed_starts,
+        runner,
+        backoff_limit,
+        successful_history,
+        failed_history,
+        manifest: m,
+    })
+}
+
+/// The manifest must be a `batch/v1` (or `batch/v1beta1`) CronJob.
+fn check_type(m: &CronJob) -> Result<(), ManifestError> {
+    if !matches!(m.api_version.as_str(), "batch/v1" | "batch/v1beta1") {
+        return Err(bad(
+            "apiVersion",
+            format!("{:?} is not batch/v1 (or batch/v1beta1)", m.api_version),
+        ));
+    }
+    if m.kind != "CronJob" {
+        return Err(bad("kind", format!("{:?} is not CronJob", m.kind)));
+    }
+    Ok(())
+}
+
+/// `spec.timeZone` as an IANA zone; UTC when not set.
+fn parse_time_zone(tz: Option<&str>) -> Result<chrono_tz::Tz, ManifestError> {
+    match tz {
+        None => Ok(chrono_tz::Tz::UTC),
+        Some(tz) => tz.parse().map_err(|_| {
+            bad(
+                "spec.timeZone",
+                format!("{tz:?} is not a time zone of the IANA database (e.g. Europe/Berlin)"),
+            )
+        }),
+    }
+}
+
+/// `spec.concurrencyPolicy`; Allow when not set.
+fn parse_concurrency(policy: Option<&str>) -> Result<Concurrency, ManifestError> {
+    match policy {
+        None | Some("Allow") => Ok(Concurrency::Allow),
+        Some("Forbid") => Ok(Concurrency::Forbid),
+        Some("Replace") => Ok(Concurrency::Replace),
+        Some(other) => Err(bad(
+            "spec.concurrencyPolicy",
+            format!("{other:?} is not Allow, Forbid or Replace"),
+        )),
+    }
+}
+
+/// A count field that must fit a `u32`; `default` when not set.
+fn non_negative(field: &str, v: Option<i64>, default: u32) -> Result<u32, ManifestError> {
+    match v {
+        None => Ok(default),
+        Some(n) if n < 0 => Err(bad(field, format!("{n} is negative"))),
+        Some(n) => u32::try_from(n).map_err(|_| bad(field, format!("{n} is too large"))),
+    }
+}
+
+/// Checks `spec.jobTemplate.spec` and its pod; returns the backoff limit (default 6).
+fn check_job(job: &JobSpec) -> Result<u32, ManifestError> {
     let backoff_limit = non_negative("spec.jobTemplate.spec.backoffLimit", job.backoff_limit, 6)?;
     if let Some(d) = job.active_deadline_seconds
         && d <= 0
@@ -334,7 +373,12 @@ pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
         ));
     }
     known_fields("spec.jobTemplate.spec", &job.other, JOB_FIELDS)?;
-    let pod = &job.template.spec;
+    check_pod(&job.template.spec)?;
+    Ok(backoff_limit)
+}
+
+/// Checks `spec.jobTemplate.spec.template.spec`: its fields, restart policy and containers.
+fn check_pod(pod: &PodSpec) -> Result<(), ManifestError> {
     known_fields(
         "spec.jobTemplate.spec.template.spec",
         &pod.other,
@@ -361,9 +405,16 @@ pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
             CONTAINER_FIELDS,
         )?;
     }
+    Ok(())
+}
+
+/// Shoal's `shoal.dev/` annotations (other annotations are left alone).
+fn read_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> Result<(Runner, MissedStarts), ManifestError> {
     let mut runner = Runner::Local;
     let mut missed_starts = MissedStarts::Refuse;
-    for (key, value) in &m.metadata.annotations {
+    for (key, value) in annotations {
         let field = format!("metadata.annotations[{key}]");
         match key.as_str() {
             ANNOTATION_RUNNER => {
@@ -391,23 +442,7 @@ pub fn check(m: CronJob) -> Result<JobDefinition, ManifestError> {
             _ => {}
         }
     }
-    if runner == Runner::Local && pod.containers[0].command.is_empty() {
-        return Err(bad(
-            "spec.jobTemplate.spec.template.spec.containers[0].command",
-            "the local runner runs this command (an image's entrypoint is unknown outside Kubernetes); set it, or annotate shoal.dev/runner: kubernetes",
-        ));
-    }
-    Ok(JobDefinition {
-        schedule,
-        time_zone,
-        concurrency,
-        missed_starts,
-        runner,
-        backoff_limit,
-        successful_history,
-        failed_history,
-        manifest: m,
-    })
+    Ok((runner, missed_starts))
 }
 
 fn known_fields(

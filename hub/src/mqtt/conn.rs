@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -10,14 +11,16 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::mqttbytes::valid_filter;
 use rumqttc::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot::error::RecvError;
 use tokio::sync::watch;
 
 use super::Handle;
 use super::acl::{Identity, Role, may_publish, may_subscribe};
-use super::state::{self, Inflight, Kick, Link, Outgoing};
+use super::state::{self, Inbox, Inflight, Kick, Link, Outgoing};
 use crate::metrics::StreamReject;
 
 /// Largest packet read at all; payloads over the hub's message limit are refused (and counted)
@@ -75,6 +78,7 @@ pub(super) async fn run<S>(
     }
 }
 
+/// One connection's life: CONNECT, its session, packets both ways, its messages handed back.
 async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -84,42 +88,101 @@ async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let shared = &handle.shared;
-    let ingestor = &shared.ingestor;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
-    let connect = match tokio::time::timeout(
-        Duration::from_secs(10),
-        read_packet(&mut rd, &mut rbuf),
-    )
-    .await
-    {
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
-        Ok(Err(e)) => {
-            ingestor.refuse(StreamReject::Malformed, &peer.to_string(), &e.to_string());
-            return Err(e);
-        }
-        _ => return Err(ConnError::Refused("no CONNECT".into())),
+    let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
+    let identity = authenticate(handle, &connect, peer, &mut wr).await?;
+    let client_id = choose_client_id(&connect, peer, &mut wr).await?;
+    take_over(handle, &client_id).await;
+    let (outbox, link) = state::new_link();
+    let Link {
+        inbox,
+        mut kicked,
+        alive,
+    } = link;
+    let connected = handle
+        .shared
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .connect(&client_id, connect.clean_session, outbox);
+    let (conn_id, session_present) = (connected.conn_id, connected.session_present);
+    let mut conn = Conn {
+        handle,
+        peer,
+        identity,
+        client_id,
+        rd,
+        rbuf,
+        wr,
+        inflight: Inflight::default(),
+        // What waited for this session goes first, before anything routed to it from now on.
+        backlog: connected.queued.into(),
+        inbox,
     };
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5);
+    let heard = LastHeard::new();
+    // A kick, the keep-alive or shutdown interrupts even a write to a client that stopped
+    // reading.
+    let result: Result<(), ConnError> = tokio::select! {
+        r = conn.exchange(session_present, &heard) => r,
+        _ = heard.silence(keep_alive) => Err(ConnError::Refused("keep-alive expired".into())),
+        why = &mut kicked => Err(conn.kicked(why)),
+        _ = shutdown.changed() => Ok(()),
+    };
+    conn.hand_back(conn_id);
+    drop(alive);
+    result
+}
+
+/// Waits (briefly) for the client's CONNECT; a malformed one is counted.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    handle: &Handle,
+) -> Result<Connect, ConnError> {
+    match tokio::time::timeout(Duration::from_secs(10), read_packet(rd, rbuf)).await {
+        Ok(Ok(Some(Packet::Connect(c)))) => Ok(c),
+        Ok(Err(e)) => {
+            handle.shared.ingestor.refuse(
+                StreamReject::Malformed,
+                &peer.to_string(),
+                &e.to_string(),
+            );
+            Err(e)
+        }
+        _ => Err(ConnError::Refused("no CONNECT".into())),
+    }
+}
+
+/// Checks the CONNECT's login against the broker's users; a refusal is counted and answered.
+async fn authenticate<W: AsyncWrite + Unpin>(
+    handle: &Handle,
+    connect: &Connect,
+    peer: SocketAddr,
+    wr: &mut W,
+) -> Result<Identity, ConnError> {
+    let ingestor = &handle.shared.ingestor;
     let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
-    let identity = match (&shared.users, &connect.login) {
+    match (&handle.shared.users, &connect.login) {
         (Some(users), Some(login)) => match users.check(&login.username, &login.password) {
-            Some(role) => Identity {
+            Some(role) => Ok(Identity {
                 name: login.username.clone(),
                 role,
                 authenticated: true,
-            },
+            }),
             None => {
                 ingestor.refuse(
                     StreamReject::BadCredentials,
                     &peer.to_string(),
                     &format!("user {:?}", login.username),
                 );
-                write_packet(&mut wr, refuse(ConnectReturnCode::BadUserNamePassword)).await?;
-                return Err(ConnError::Refused(format!(
+                write_packet(wr, refuse(ConnectReturnCode::BadUserNamePassword)).await?;
+                Err(ConnError::Refused(format!(
                     "bad credentials for {:?}",
                     login.username
-                )));
+                )))
             }
         },
         (Some(_), None) => {
@@ -128,165 +191,244 @@ where
                 &peer.to_string(),
                 "no user name",
             );
-            write_packet(&mut wr, refuse(ConnectReturnCode::NotAuthorized)).await?;
-            return Err(ConnError::Refused("anonymous client".into()));
+            write_packet(wr, refuse(ConnectReturnCode::NotAuthorized)).await?;
+            Err(ConnError::Refused("anonymous client".into()))
         }
-        (None, _) => Identity {
+        (None, _) => Ok(Identity {
             name: connect.client_id.clone(),
             role: Role::Device,
             authenticated: false,
-        },
-    };
+        }),
+    }
+}
+
+/// The session's client id: the CONNECT's, or one made up for a clean session without one.
+async fn choose_client_id<W: AsyncWrite + Unpin>(
+    connect: &Connect,
+    peer: SocketAddr,
+    wr: &mut W,
+) -> Result<String, ConnError> {
     if connect.client_id.is_empty() && !connect.clean_session {
-        write_packet(&mut wr, refuse(ConnectReturnCode::BadClientId)).await?;
+        let refuse = Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false));
+        write_packet(wr, refuse).await?;
         return Err(ConnError::Refused(
             "persistent session without a client id".into(),
         ));
     }
-    let client_id = if connect.client_id.is_empty() {
+    Ok(if connect.client_id.is_empty() {
         format!("anonymous-{peer}")
     } else {
         connect.client_id.clone()
-    };
+    })
+}
 
-    // A client id still connected elsewhere is taken over: that connection is told to go,
-    // and this one waits (briefly) until it has handed its unacknowledged messages back to
-    // the session, so that they are resent here.
-    let previous = shared
+/// Tells a connection still holding `client_id` to go, and waits until it has left.
+async fn take_over(handle: &Handle, client_id: &str) {
+    // That connection hands its unacknowledged messages back to the session before it goes,
+    // so that they are resent here; the wait is bounded.
+    let previous = handle
+        .shared
         .sessions
         .lock()
         .expect("sessions lock")
-        .take_over(&client_id);
+        .take_over(client_id);
     if let Some(mut gone) = previous {
         let _ = tokio::time::timeout(TAKEOVER_WAIT, gone.changed()).await;
     }
-    let (outbox, link) = state::new_link();
-    let Link {
-        mut inbox,
-        mut kicked,
-        alive,
-    } = link;
-    let connected = shared.sessions.lock().expect("sessions lock").connect(
-        &client_id,
-        connect.clean_session,
-        outbox,
-    );
-    let (conn_id, session_present) = (connected.conn_id, connected.session_present);
-    let mut inflight = Inflight::default();
-    // What waited for this session goes first, before anything routed to it from now on.
-    let mut backlog: VecDeque<Outgoing> = connected.queued.into();
-    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5);
-    // When the client was last heard from, in milliseconds since `started`: keep-alive counts
-    // only what the client sends, so one that went silent is let go even while messages
-    // still flow to it (or wait for a socket it no longer reads).
-    let started = Instant::now();
-    let last_heard = AtomicU64::new(0);
-    let silence = async {
+}
+
+/// When the client was last heard from. Keep-alive counts only what the client sends, so one
+/// that went silent is let go even while messages still flow to it (or wait for a socket it
+/// no longer reads).
+struct LastHeard {
+    started: Instant,
+    /// Milliseconds since `started`.
+    millis: AtomicU64,
+}
+
+impl LastHeard {
+    /// Starts the clock, as if the client had just been heard.
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that the client was heard from just now.
+    fn heard(&self) {
+        self.millis
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once the client has been silent for `keep_alive`; never when that is zero.
+    async fn silence(&self, keep_alive: Duration) {
         if keep_alive.is_zero() {
             std::future::pending::<()>().await;
         }
         loop {
-            let heard = started + Duration::from_millis(last_heard.load(Ordering::Relaxed));
+            let heard = self.started + Duration::from_millis(self.millis.load(Ordering::Relaxed));
             if heard.elapsed() >= keep_alive {
                 return;
             }
             tokio::time::sleep_until((heard + keep_alive).into()).await;
         }
-    };
-    let exchange = async {
+    }
+}
+
+/// A connected client: who it is, its socket, and the messages on their way to it.
+struct Conn<'a, S> {
+    handle: &'a Handle,
+    peer: SocketAddr,
+    identity: Identity,
+    client_id: String,
+    rd: ReadHalf<S>,
+    rbuf: BytesMut,
+    wr: WriteHalf<S>,
+    inflight: Inflight,
+    /// Waiting for room in the in-flight window, ahead of `inbox`.
+    backlog: VecDeque<Outgoing>,
+    inbox: Inbox,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<'_, S> {
+    /// Sends the CONNACK, then moves packets both ways until the client leaves or fails.
+    async fn exchange(
+        &mut self,
+        session_present: bool,
+        heard: &LastHeard,
+    ) -> Result<(), ConnError> {
         write_packet(
-            &mut wr,
+            &mut self.wr,
             Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)),
         )
         .await?;
-        tracing::debug!(%peer, client_id = %client_id, "MQTT client connected");
+        let peer = self.peer;
+        tracing::debug!(%peer, client_id = %self.client_id, "MQTT client connected");
         loop {
-            // Send what the window allows; the queue waits while it is full, and fills.
-            while inflight.has_room()
-                && let Some(m) = backlog.pop_front()
-            {
-                deliver(&mut wr, m, &mut inflight).await?;
-            }
+            self.send_backlog().await?;
             tokio::select! {
-                packet = read_packet(&mut rd, &mut rbuf) => {
+                packet = read_packet(&mut self.rd, &mut self.rbuf) => {
                     let Some(packet) = packet? else { return Ok(()) };
-                    last_heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    match packet {
-                        Packet::Publish(p) => on_publish(handle, &identity, &mut wr, p).await?,
-                        Packet::PubAck(a) => {
-                            inflight.ack(a.pkid);
-                        }
-                        Packet::Subscribe(s) => {
-                            let mut codes = Vec::with_capacity(s.filters.len());
-                            for f in &s.filters {
-                                if valid_filter(&f.path) && may_subscribe(&identity, &f.path) {
-                                    let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                                    shared.sessions.lock().expect("sessions lock").subscribe(&client_id, &f.path, qos);
-                                    codes.push(SubscribeReasonCode::Success(qos));
-                                } else {
-                                    ingestor.refuse(StreamReject::ForeignTopic, &identity.name, &format!("subscribe {}", f.path));
-                                    codes.push(SubscribeReasonCode::Failure);
-                                }
-                            }
-                            write_packet(&mut wr, Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
-                        }
-                        Packet::Unsubscribe(u) => {
-                            for f in &u.topics {
-                                shared.sessions.lock().expect("sessions lock").unsubscribe(&client_id, f);
-                            }
-                            write_packet(&mut wr, Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
-                        }
-                        Packet::PingReq => write_packet(&mut wr, Packet::PingResp).await?,
-                        Packet::Disconnect => return Ok(()),
-                        Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
-                            return Err(ConnError::Refused("QoS 2 is not supported; use QoS 0 or 1".into()));
-                        }
-                        _ => {}
+                    heard.heard();
+                    if self.on_packet(packet).await?.is_break() {
+                        return Ok(());
                     }
                 }
-                out = inbox.recv(), if backlog.is_empty() && inflight.has_room() => match out {
-                    Some(m) => deliver(&mut wr, m, &mut inflight).await?,
+                out = self.inbox.recv(), if self.backlog.is_empty() && self.inflight.has_room() => match out {
+                    Some(m) => self.deliver(m).await?,
                     // The session is gone (a clean takeover); the kick says why.
                     None => std::future::pending().await,
                 },
             }
         }
-    };
-    // A kick, the keep-alive or shutdown interrupts even a write to a client that stopped
-    // reading.
-    let result: Result<(), ConnError> = tokio::select! {
-        r = exchange => r,
-        _ = silence => Err(ConnError::Refused("keep-alive expired".into())),
-        why = &mut kicked => Err(match why {
+    }
+
+    /// Sends what the window allows; the backlog waits while it is full, and the queue fills.
+    async fn send_backlog(&mut self) -> Result<(), ConnError> {
+        while self.inflight.has_room()
+            && let Some(m) = self.backlog.pop_front()
+        {
+            self.deliver(m).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one message to the client, in flight until acknowledged if it is QoS 1.
+    async fn deliver(&mut self, m: Outgoing) -> Result<(), ConnError> {
+        let p = self.inflight.publish(m);
+        write_packet(&mut self.wr, Packet::Publish(p)).await
+    }
+
+    /// Handles one packet from the client; `Break` when it disconnected.
+    async fn on_packet(&mut self, packet: Packet) -> Result<ControlFlow<()>, ConnError> {
+        match packet {
+            Packet::Publish(p) => on_publish(self.handle, &self.identity, &mut self.wr, p).await?,
+            Packet::PubAck(a) => {
+                self.inflight.ack(a.pkid);
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await?,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await?,
+            Packet::PingReq => write_packet(&mut self.wr, Packet::PingResp).await?,
+            Packet::Disconnect => return Ok(ControlFlow::Break(())),
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                return Err(ConnError::Refused(
+                    "QoS 2 is not supported; use QoS 0 or 1".into(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Subscribes to each filter the client may read (refusing, and counting, the rest), then
+    /// answers with a SUBACK.
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), ConnError> {
+        let shared = &self.handle.shared;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        for f in &s.filters {
+            if valid_filter(&f.path) && may_subscribe(&self.identity, &f.path) {
+                let qos = if f.qos == QoS::AtMostOnce {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                shared.sessions.lock().expect("sessions lock").subscribe(
+                    &self.client_id,
+                    &f.path,
+                    qos,
+                );
+                codes.push(SubscribeReasonCode::Success(qos));
+            } else {
+                shared.ingestor.refuse(
+                    StreamReject::ForeignTopic,
+                    &self.identity.name,
+                    &format!("subscribe {}", f.path),
+                );
+                codes.push(SubscribeReasonCode::Failure);
+            }
+        }
+        write_packet(&mut self.wr, Packet::SubAck(SubAck::new(s.pkid, codes))).await
+    }
+
+    /// Drops the client's subscriptions to the given filters, then answers with an UNSUBACK.
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), ConnError> {
+        for f in &u.topics {
+            self.handle
+                .shared
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .unsubscribe(&self.client_id, f);
+        }
+        write_packet(&mut self.wr, Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+    }
+
+    /// Why a kicked connection ends; a subscriber cut for being slow is logged (rate-limited).
+    fn kicked(&self, why: Result<Kick, RecvError>) -> ConnError {
+        match why {
             Ok(Kick::TooSlow) => {
-                if shared.slow_log.allow(&client_id) {
-                    tracing::warn!(%peer, client_id = %client_id, "disconnected a subscriber too slow to take its messages");
+                if self.handle.shared.slow_log.allow(&self.client_id) {
+                    let peer = self.peer;
+                    tracing::warn!(%peer, client_id = %self.client_id, "disconnected a subscriber too slow to take its messages");
                 }
                 ConnError::Refused("too slow: its queue was full".into())
             }
-            Ok(Kick::TakenOver) | Err(_) => ConnError::Refused("taken over by a new connection with the same client id".into()),
-        }),
-        _ = shutdown.changed() => Ok(()),
-    };
-    // Oldest first: sent and unacknowledged, waiting from an earlier connection, queued.
-    let mut unsent = inflight.into_unacked();
-    unsent.extend(backlog);
-    {
-        let mut sessions = shared.sessions.lock().expect("sessions lock");
-        unsent.extend(inbox.drain());
-        sessions.disconnect(&client_id, conn_id, unsent);
+            Ok(Kick::TakenOver) | Err(_) => {
+                ConnError::Refused("taken over by a new connection with the same client id".into())
+            }
+        }
     }
-    drop(alive);
-    result
-}
 
-async fn deliver<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    m: Outgoing,
-    inflight: &mut Inflight,
-) -> Result<(), ConnError> {
-    let p = inflight.publish(m);
-    write_packet(wr, Packet::Publish(p)).await
+    /// Hands every message the client did not take back to its session, oldest first.
+    fn hand_back(&mut self, conn_id: u64) {
+        // Oldest first: sent and unacknowledged, waiting from an earlier connection, queued.
+        let mut unsent = std::mem::take(&mut self.inflight).into_unacked();
+        unsent.extend(self.backlog.drain(..));
+        let mut sessions = self.handle.shared.sessions.lock().expect("sessions lock");
+        unsent.extend(self.inbox.drain());
+        sessions.disconnect(&self.client_id, conn_id, unsent);
+    }
 }
 
 async fn on_publish<W: AsyncWrite + Unpin>(
