@@ -6,7 +6,9 @@
 //! - [`up`]: the one-command demo (a hub plus the `shoal-agent` binary); [`serve`]: the hub's
 //!   settings and [`run`], which wires everything below together.
 //! - [`cli`]: the operator commands, one file per command group, over the REST API only.
-//! - [`api`]: the REST API (`/api/v1`, one file per resource), `/healthz`, `/metrics`.
+//! - [`api`]: the REST API (`/api/v1`, one file per resource), `/healthz`, `/metrics`; every
+//!   request passes its access gate ([`api::access`]).
+//! - [`auth`]: roles, API tokens (stored hashed), the audit log.
 //! - [`mqtt`]: the embedded MQTT broker (sessions, ACL, TLS), handing device topics to ingest.
 //! - [`ingest`]: validation and acks for every transport: gRPC ([`ingest::grpc`]), an external
 //!   broker ([`ingest::mqtt`]), the book's JSON form ([`ingest::json`]).
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod ingest;
 pub mod jobs;

@@ -84,6 +84,23 @@ enum Command {
     /// cpu_core_percent{core="0"}, disk_used_bytes{mount="/"}, net_rx_bytes_per_second{iface="eth0"},
     /// temperature_celsius{sensor="..."} and more (see docs/telemetry.md).
     Telemetry(cli::telemetry::TelemetryArgs),
+    /// API tokens (admin): create, list, revoke.
+    ///
+    /// Every REST call needs a token: the CLI sends SHOAL_TOKEN, else the one `shoal login`
+    /// saved for --hub. A new hub writes its first admin token to DATA_DIR/admin.token.
+    Tokens {
+        #[command(subcommand)]
+        command: cli::access::TokensCommand,
+    },
+    /// Check a token against --hub and save it for the commands that follow.
+    ///
+    ///   shoal login --token-file ./shoal-data/hub/admin.token
+    ///   echo "$TOKEN" | shoal --hub https://hub.example login
+    Login(cli::access::LoginArgs),
+    /// Who the hub takes you for, and your role.
+    Whoami,
+    /// The audit log (admin): every change and every refusal, newest last.
+    Audit(cli::access::AuditArgs),
     /// Print the completion script for a shell.
     ///
     /// The Debian package installs bash, zsh and fish scripts; by hand, e.g.:
@@ -118,7 +135,7 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> ExitCode {
-    let client = Client::new(&cli.hub);
+    let client = Client::new(&cli.hub, cli::credentials::token_for(&cli.hub));
     let output = cli.output;
     let printed = match cli.command {
         Command::Serve(args) => {
@@ -154,9 +171,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
             };
             let result = shoal_hub::up::up(
                 opts,
-                |ep, agent| {
-                    let _ =
-                        std::io::stdout().write_all(shoal_hub::up::banner(ep, agent).as_bytes());
+                |ep, agent, login| {
+                    let _ = std::io::stdout()
+                        .write_all(shoal_hub::up::banner(ep, agent, login).as_bytes());
                 },
                 signal_channel(),
             )
@@ -168,6 +185,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Datasets { command } => command.run(&client, output).await,
         Command::Devices { command } => command.run(&client, output).await,
         Command::Telemetry(args) => args.run(&client, output).await,
+        Command::Tokens { command } => command.run(&client, output).await,
+        Command::Login(args) => args.run(&cli.hub).await,
+        Command::Whoami => client.whoami(output).await,
+        Command::Audit(args) => args.run(&client, output).await,
         // Into a buffer first: clap_complete writing to a closed pipe (`| head`) panics.
         Command::Completions { shell } => Ok(String::from_utf8_lossy(&completions(shell)).into()),
     };
@@ -190,6 +211,14 @@ async fn serve(
     mqtt_listen: Option<&str>,
 ) -> ExitCode {
     if let Err(e) = config.validate() {
+        eprintln!("shoal: {e}");
+        return ExitCode::from(64);
+    }
+    // Before binding: an unauthenticated API is refused on a non-loopback address.
+    let exposed = http_listen
+        .parse()
+        .map(|addr| shoal_hub::serve::refuse_exposed_without_auth(&config.auth, addr));
+    if let Ok(Err(e)) = exposed {
         eprintln!("shoal: {e}");
         return ExitCode::from(64);
     }

@@ -124,6 +124,8 @@ pub struct Metrics {
     pub mqtt_slow_disconnects: Counter,
     /// Requests by (route template, status).
     http_requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Requests the access gate refused, by reason.
+    http_denied: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -155,6 +157,16 @@ impl Metrics {
     pub fn observe_http(&self, route: &str, status: u16) {
         let mut counts = self.http_requests.lock().expect("http counters");
         *counts.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    /// Counts a request the access gate refused (`missing_token`, `invalid_token`, `role`, ...).
+    pub fn deny_http(&self, reason: &'static str) {
+        *self
+            .http_denied
+            .lock()
+            .expect("http counters")
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// Requests answered on `route` with `status` so far.
@@ -318,6 +330,15 @@ impl Metrics {
                 out,
                 "shoal_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP shoal_http_denied_total HTTP requests refused by the access gate, by reason."
+        );
+        let _ = writeln!(out, "# TYPE shoal_http_denied_total counter");
+        for (reason, n) in self.http_denied.lock().expect("http counters").iter() {
+            let _ = writeln!(out, "shoal_http_denied_total{{reason=\"{reason}\"}} {n}");
         }
 
         let _ = writeln!(out, "# HELP shoal_devices Known devices by status.");

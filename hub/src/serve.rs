@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::{api, ingest, jobs, mqtt};
+use crate::{api, auth, ingest, jobs, mqtt};
 
+use crate::api::access::MetricsAuth;
 use crate::ingest::grpc::IngestService;
 use crate::ingest::mqtt::BrokerConfig;
 use crate::ingest::{IngestLimits, Ingestor};
@@ -47,6 +48,29 @@ pub struct HubConfig {
     pub mlflow_tracking_uri: Option<String>,
     /// Given to job runs as SHOAL_DATASET_URI.
     pub dataset_uri: Option<String>,
+    /// Who may use the REST API.
+    pub auth: AuthConfig,
+}
+
+/// Access to the REST API (see [`crate::auth`] and [`crate::api::access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// API tokens required (the default); false lets anyone do anything.
+    pub enforce: bool,
+    /// Without `enforce`, whether a non-loopback HTTP address is still allowed
+    /// (`--insecure-no-auth`).
+    pub allow_exposed: bool,
+    pub metrics: MetricsAuth,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enforce: true,
+            allow_exposed: false,
+            metrics: MetricsAuth::Open,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +83,8 @@ pub enum HubError {
     Config { field: &'static str, reason: String },
     #[error("jobs: {0}")]
     Jobs(String),
+    #[error("access: {0}")]
+    Auth(#[from] auth::TokenError),
 }
 
 impl HubConfig {
@@ -93,6 +119,64 @@ impl HubConfig {
     }
 }
 
+/// Without authentication, only a loopback address unless `--insecure-no-auth` says otherwise.
+pub fn refuse_exposed_without_auth(auth: &AuthConfig, http: SocketAddr) -> Result<(), HubError> {
+    if auth.enforce || auth.allow_exposed || http.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(HubError::Config {
+        field: "no-auth",
+        reason: format!(
+            "refusing to serve the API on {http} without authentication: anyone who can reach \
+             it could run commands on this machine (jobs) and read every device's telemetry. \
+             Drop --no-auth (API tokens; the first admin token is written to the data dir), \
+             listen on 127.0.0.1, or pass --insecure-no-auth if something in front of the hub \
+             authenticates every request"
+        ),
+    })
+}
+
+/// Tokens (with the first admin token made on a new hub), the audit log, and the token runs
+/// on the hub get: `hub-runs` (scientist), made anew at each start, the previous one revoked.
+fn open_auth(
+    config: &HubConfig,
+    store: &Store,
+) -> Result<(api::AuthState, Option<String>), HubError> {
+    let tokens = auth::Tokens::open(store.clone())?;
+    if config.auth.enforce {
+        if let Some(path) = tokens.bootstrap(&config.data_dir)? {
+            tracing::warn!(
+                path = %path.display(),
+                "made the first admin token; log in with: shoal login --token-file {}",
+                path.display()
+            );
+        }
+    } else {
+        tracing::warn!("authentication is off: every caller of the REST API is an admin");
+    }
+    let run_token = if config.auth.enforce {
+        match tokens.revoke(RUNS_TOKEN) {
+            Ok(_) | Err(auth::TokenError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (_, token) = tokens.create(RUNS_TOKEN, auth::Role::Scientist, None, "shoal serve")?;
+        Some(token)
+    } else {
+        None
+    };
+    let audit = auth::AuditLog::open(&config.data_dir).map_err(HubError::Io)?;
+    let state = api::AuthState {
+        tokens,
+        audit: Arc::new(audit),
+        enforce: config.auth.enforce,
+        metrics: config.auth.metrics,
+    };
+    Ok((state, run_token))
+}
+
+/// The name of the token runs on the hub act with.
+const RUNS_TOKEN: &str = "hub-runs";
+
 /// The sockets a hub serves, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -122,8 +206,10 @@ pub async fn run(
         mqtt: mqtt_listener,
     } = listeners;
     config.validate()?;
+    refuse_exposed_without_auth(&config.auth, http.local_addr()?)?;
     let cluster = connect_cluster(&config).await?;
     let store = Store::open(&config.data_dir)?;
+    let (auth, run_token) = open_auth(&config, &store)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
     let metrics = Arc::new(Metrics::default());
     let (writer, writer_thread) = Writer::start(store.clone(), fleet.clone(), metrics.clone());
@@ -163,8 +249,14 @@ pub async fn run(
     ));
 
     let hub_url = format!("http://{}", http.local_addr()?);
-    let (scheduler, job_store, scheduler_task) =
-        start_jobs(&config, &store, &hub_url, cluster, shutdown.clone())?;
+    let (scheduler, job_store, scheduler_task) = start_jobs(
+        &config,
+        &store,
+        &hub_url,
+        cluster,
+        run_token,
+        shutdown.clone(),
+    )?;
     let state = api::AppState {
         jobs: scheduler,
         job_store,
@@ -174,10 +266,12 @@ pub async fn run(
         fleet,
         metrics,
         thresholds: config.thresholds,
+        auth,
     };
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http, api::router(state))
+        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(http, app)
             .with_graceful_shutdown(async move {
                 let _ = http_shutdown.wait_for(|s| *s).await;
             })
@@ -221,6 +315,7 @@ fn start_jobs(
     store: &Store,
     hub_url: &str,
     cluster: Option<jobs::cluster::Cluster>,
+    run_token: Option<String>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<
     (
@@ -241,6 +336,7 @@ fn start_jobs(
         log_limit: 1024 * 1024,
         grace: Duration::from_secs(10),
         cluster,
+        run_token,
     };
     let (scheduler, task) = jobs::scheduler::Scheduler::start(
         job_store.clone(),
@@ -334,6 +430,17 @@ pub struct ServeArgs {
     /// Password on the broker (prefer the environment variable).
     #[arg(long, env = "SHOAL_MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
+    /// Turn API authentication off: every caller may do everything. Only on a loopback
+    /// --http-listen; anywhere else it is refused (see --insecure-no-auth).
+    #[arg(long, env = "SHOAL_NO_AUTH")]
+    pub no_auth: bool,
+    /// Turn API authentication off even on a non-loopback address: only behind something
+    /// that authenticates every request itself.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Whether /metrics needs a token (any role) or is open to scrapers.
+    #[arg(long, value_enum, default_value = "open")]
+    pub metrics_auth: MetricsAuth,
 }
 
 impl ServeArgs {
@@ -364,6 +471,11 @@ impl ServeArgs {
             .transpose()
             .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
         Ok(HubConfig {
+            auth: AuthConfig {
+                enforce: !(a.no_auth || a.insecure_no_auth),
+                allow_exposed: a.insecure_no_auth,
+                metrics: a.metrics_auth,
+            },
             data_dir: a.data_dir,
             thresholds: StatusThresholds {
                 stale_after: a.stale_after,

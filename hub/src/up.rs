@@ -31,6 +31,15 @@ pub struct LocalAgent {
     pub spool_dir: PathBuf,
 }
 
+/// How the operator commands reach `shoal up`'s hub: its first admin token, saved for them.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// The hub's admin token file (`DATA_DIR/hub/admin.token`).
+    pub token_file: PathBuf,
+    /// Where the token was saved for the CLI; `Err` says why it was not.
+    pub saved: Result<PathBuf, String>,
+}
+
 /// How long the agent gets to stop after SIGTERM before it is killed (its spool keeps
 /// everything unacknowledged either way).
 const AGENT_GRACE: Duration = Duration::from_secs(5);
@@ -38,7 +47,7 @@ const AGENT_GRACE: Duration = Duration::from_secs(5);
 /// Runs hub and agent until `shutdown`; `on_ready` gets the bound addresses.
 pub async fn up(
     opts: UpOptions,
-    on_ready: impl FnOnce(&Endpoints, &LocalAgent),
+    on_ready: impl FnOnce(&Endpoints, &LocalAgent, &Login),
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), HubError> {
     let agent = LocalAgent {
@@ -74,8 +83,10 @@ pub async fn up(
         mqtt_users: None,
         mqtt_json_topic: "sensor/+".into(),
         mqtt_tls: None,
+        auth: crate::serve::AuthConfig::default(),
     };
     hub_config.validate()?;
+    let login = log_in(&hub_config.data_dir, endpoints.http)?;
     let listeners = crate::Listeners {
         grpc,
         http,
@@ -83,7 +94,7 @@ pub async fn up(
     };
     let hub = tokio::spawn(crate::run(hub_config, listeners, shutdown.clone()));
     let mut child = spawn_agent(&agent, &endpoints)?;
-    on_ready(&endpoints, &agent);
+    on_ready(&endpoints, &agent, &login);
 
     tokio::select! {
         status = child.wait() => {
@@ -96,6 +107,26 @@ pub async fn up(
         _ = shutdown.wait_for(|s| *s) => stop(&mut child).await,
     }
     hub.await.expect("hub task")
+}
+
+/// Makes the hub's first admin token (before the hub starts, so it is there when the banner
+/// says so) and saves it for the operator commands against this hub's URL: `shoal up` needs
+/// no set-up, and its API is still closed to everyone else (a web page included).
+fn log_in(hub_data: &Path, http: std::net::SocketAddr) -> Result<Login, HubError> {
+    let store = crate::store::Store::open(hub_data)?;
+    let tokens = crate::auth::Tokens::open(store)?;
+    tokens.bootstrap(hub_data)?;
+    drop(tokens); // closes the store: the hub opens it next
+    let token_file = hub_data.join(crate::auth::tokens::BOOTSTRAP_FILE);
+    let saved = std::fs::read_to_string(&token_file)
+        .map_err(|e| {
+            format!(
+                "{}: {e} (log in with a token from `shoal tokens create`)",
+                token_file.display()
+            )
+        })
+        .and_then(|token| crate::cli::credentials::save(&format!("http://{http}"), token.trim()));
+    Ok(Login { token_file, saved })
 }
 
 /// `shoal-agent` beside this executable (a release archive, `cargo build`, the .deb), else on
@@ -171,9 +202,22 @@ async fn bind(addr: &str, field: &'static str) -> Result<TcpListener, HubError> 
 }
 
 /// What `shoal up` prints once everything listens: where things are and what to try.
-pub fn banner(ep: &Endpoints, agent: &LocalAgent) -> String {
+pub fn banner(ep: &Endpoints, agent: &LocalAgent, login: &Login) -> String {
+    let access = match &login.saved {
+        Ok(path) => format!(
+            "admin token in {} (saved for the shoal CLI in {})",
+            login.token_file.display(),
+            path.display()
+        ),
+        Err(why) => format!(
+            "admin token in {}; not saved for the CLI ({why}): shoal{} login --token-file {}",
+            login.token_file.display(),
+            hub_flag(ep.http),
+            login.token_file.display()
+        ),
+    };
     format!(
-        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
+        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  access     {access}\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
         hub = hub_flag(ep.http),
         http = ep.http,
         grpc = ep.grpc,

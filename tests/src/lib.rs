@@ -63,7 +63,30 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// `GET url`.
+/// An HTTP client that sends `token` as `Authorization: Bearer` on every request.
+pub fn authed_client(token: &str) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("token header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("http client")
+}
+
+/// The admin token a hub wrote to its data dir when it first started (`admin.token`).
+pub fn admin_token(data_dir: &Path) -> String {
+    let path = data_dir.join("admin.token");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (the hub writes it on first start)", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// `GET url`, without credentials.
 pub async fn http_get(url: &str) -> reqwest::Result<reqwest::Response> {
     http_client().get(url).send().await
 }
@@ -161,6 +184,8 @@ pub struct Hub {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub data_dir: PathBuf,
+    /// The hub's first admin token (empty for a hub started with --no-auth).
+    pub token: String,
 }
 
 impl Hub {
@@ -217,11 +242,12 @@ impl Hub {
                 "shoal serve exited before listening on {grpc} and {http} ({status}); its stderr says why"
             );
         }
-        let hub = Self {
+        let mut hub = Self {
             proc,
             grpc,
             http,
             data_dir: data_dir.to_path_buf(),
+            token: String::new(),
         };
         let url = format!("{}/healthz", hub.http_url());
         wait_until("the hub's /healthz", Duration::from_secs(20), || {
@@ -229,7 +255,16 @@ impl Hub {
             async move { http_get(&url).await.is_ok_and(|r| r.status().is_success()) }
         })
         .await;
+        // Written before the API listens; absent with --no-auth.
+        hub.token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
         hub
+    }
+
+    /// An HTTP client holding the hub's admin token.
+    pub fn client(&self) -> reqwest::Client {
+        authed_client(&self.token)
     }
 
     /// SIGKILL, then start again on the same ports and data.
@@ -249,7 +284,10 @@ impl Hub {
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        let resp = http_get(&format!("{}{path}", self.http_url()))
+        let resp = self
+            .client()
+            .get(format!("{}{path}", self.http_url()))
+            .send()
             .await
             .expect("hub REST request");
         resp.json().await.expect("JSON body")
@@ -257,7 +295,9 @@ impl Hub {
 
     /// The HTTP status the hub answers `path` with.
     pub async fn get_status(&self, path: &str) -> u16 {
-        http_get(&format!("{}{path}", self.http_url()))
+        self.client()
+            .get(format!("{}{path}", self.http_url()))
+            .send()
             .await
             .expect("hub REST request")
             .status()
@@ -302,7 +342,10 @@ impl Hub {
 
     /// The value of one line of `/metrics`, e.g. `shoal_ingest_samples_accepted_total`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = http_get(&format!("{}/metrics", self.http_url()))
+        let text = self
+            .client()
+            .get(format!("{}/metrics", self.http_url()))
+            .send()
             .await
             .expect("metrics request")
             .text()
@@ -362,10 +405,20 @@ pub fn run_bin(name: &str, args: &[&str]) -> Output {
 
 /// Runs the `shoal` CLI against `hub`: (success, stdout, stderr).
 pub fn shoal_cli(hub: &Hub, args: &[&str]) -> (bool, String, String) {
-    let url = hub.http_url();
-    let mut all = vec!["--hub", url.as_str()];
-    all.extend_from_slice(args);
-    let out = run_bin("shoal", &all);
+    shoal_cli_as(hub, &hub.token, args)
+}
+
+/// Runs the `shoal` CLI against `hub` with `token` as SHOAL_TOKEN (and no credentials file).
+pub fn shoal_cli_as(hub: &Hub, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("shoal"))
+        .arg("--hub")
+        .arg(hub.http_url())
+        .args(args)
+        .env("SHOAL_TOKEN", token)
+        .env("SHOAL_CREDENTIALS", "/nonexistent/credentials.toml")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoal");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -868,8 +921,8 @@ pub async fn ingest(
 }
 
 /// Starts `shoal serve` (the binary at `shoal`) on 127.0.0.1 ports the kernel picks, for the
-/// benchmark harnesses: the process and its gRPC and HTTP base URLs.
-pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String, String)> {
+/// benchmark harnesses: the process, its gRPC and HTTP base URLs, and its admin token.
+pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String, String, String)> {
     use anyhow::Context;
     use std::io::BufRead;
     let mut hub = Command::new(shoal)
@@ -891,7 +944,23 @@ pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String
     let endpoints: Value = serde_json::from_str(&line).context("the hub's endpoints line")?;
     let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
     let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
-    Ok((hub, grpc, http))
+    // The endpoints are printed once bound; the admin token is written just after.
+    let token_file = data_dir.join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let token = loop {
+        if let Ok(t) = std::fs::read_to_string(&token_file)
+            && !t.trim().is_empty()
+        {
+            break t.trim().to_string();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} did not appear within 20 s",
+            token_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok((hub, grpc, http, token))
 }
 
 /// A real `mlflow server` (from the venv `tests/run` installs) on a free port, with a sqlite

@@ -254,13 +254,20 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
     .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
     .arg("--data-dir")
     .arg(dir.path())
+    .env("SHOAL_CREDENTIALS", dir.path().join("credentials.toml"))
     .stdout(std::process::Stdio::piped());
     let mut up = Proc::spawn("shoal up", cmd);
     let url = format!("http://127.0.0.1:{http}/api/v1/devices");
+    let token_file = dir.path().join("hub/admin.token");
     wait_until("the local agent's samples", Duration::from_secs(30), || {
         let url = url.clone();
+        let token = std::fs::read_to_string(&token_file).unwrap_or_default();
         async move {
-            let Ok(r) = shoal_e2e::http_get(&url).await else {
+            let Ok(r) = shoal_e2e::authed_client(token.trim())
+                .get(&url)
+                .send()
+                .await
+            else {
                 return false;
             };
             let v: serde_json::Value = r.json().await.unwrap_or_default();
@@ -269,6 +276,27 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
         }
     })
     .await;
+    // Closed to anyone without the token (a web page included), open to the operator's CLI
+    // with no set-up: `shoal up` saved its admin token for its own URL.
+    let anonymous = shoal_e2e::http_get(&url).await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let listed = Command::new(bin("shoal"))
+        .args([
+            "--hub",
+            &format!("http://127.0.0.1:{http}"),
+            "devices",
+            "list",
+        ])
+        .env("SHOAL_CREDENTIALS", dir.path().join("credentials.toml"))
+        .env_remove("SHOAL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("online"));
     let status = up.terminate().await;
     assert!(
         status.success(),
@@ -284,6 +312,7 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
         printed.contains(&format!("shoal --hub http://127.0.0.1:{http} devices list")),
         "on non-default ports the printed commands carry --hub: {printed}"
     );
+    assert!(printed.contains("admin token in"), "{printed}");
     assert!(dir.path().join("hub/shoal.redb").exists() && dir.path().join("agent-spool").exists());
 }
 

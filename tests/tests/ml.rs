@@ -532,12 +532,15 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
     assert!(std::fs::metadata(&fetched).unwrap().len() > 100);
     let (ok, _, err) = shoal(&hub, &["runs", "fetch", &id, "../../etc/passwd"]);
     assert!(!ok && err.contains("not a path inside"), "{err}");
-    let raw = shoal_e2e::http_get(&format!(
-        "{}/api/v1/runs/{id}/artifacts/%2e%2e/%2e%2e/hub/shoal.redb",
-        hub.http_url()
-    ))
-    .await
-    .unwrap();
+    let raw = hub
+        .client()
+        .get(format!(
+            "{}/api/v1/runs/{id}/artifacts/%2e%2e/%2e%2e/hub/shoal.redb",
+            hub.http_url()
+        ))
+        .send()
+        .await
+        .unwrap();
     assert!(
         raw.status().is_client_error(),
         "the hub serves nothing outside the run's artifacts ({})",

@@ -41,6 +41,11 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/runs/{id}/logs"),
     ("get", "/api/v1/runs/{id}/artifacts"),
     ("get", "/api/v1/runs/{id}/artifacts/{path}"),
+    ("get", "/api/v1/tokens"),
+    ("post", "/api/v1/tokens"),
+    ("delete", "/api/v1/tokens/{id}"),
+    ("get", "/api/v1/whoami"),
+    ("get", "/api/v1/audit"),
 ];
 
 const JOB: &str = r#"apiVersion: batch/v1
@@ -133,6 +138,7 @@ fn full_sample(seq: u64, start_ms: i64) -> Sample {
 struct Recorder {
     dir: PathBuf,
     base: String,
+    token: String,
     cases: Vec<Value>,
 }
 
@@ -147,7 +153,7 @@ impl Recorder {
         body: Option<(&str, &str)>,
         status: u16,
     ) -> Vec<u8> {
-        let client = http_client();
+        let client = shoal_e2e::authed_client(&self.token);
         let url = format!("{}{path}", self.base);
         let mut req = client.request(method.to_uppercase().parse().unwrap(), &url);
         if let Some((content_type, text)) = body {
@@ -265,6 +271,7 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     let mut r = Recorder {
         dir: answers.clone(),
         base: hub.http_url(),
+        token: hub.token.clone(),
         cases: Vec::new(),
     };
 
@@ -587,6 +594,75 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
         404,
     )
     .await;
+
+    // Access: tokens, identity, refusals, the audit log.
+    let json_body = |v: Value| v.to_string();
+    let made = r
+        .call(
+            "post",
+            "/api/v1/tokens",
+            "/api/v1/tokens",
+            Some((
+                "application/json",
+                &json_body(json!({"name": "dash", "role": "viewer", "expires_in": "30d"})),
+            )),
+            201,
+        )
+        .await;
+    let viewer = serde_json::from_slice::<Value>(&made).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (body, status) in [
+        (json!({"name": "dash", "role": "viewer"}), 409),
+        (json!({"name": "has space", "role": "viewer"}), 400),
+        (
+            json!({"name": "x", "role": "viewer", "expires_in": "soon"}),
+            400,
+        ),
+    ] {
+        r.call(
+            "post",
+            "/api/v1/tokens",
+            "/api/v1/tokens",
+            Some(("application/json", &json_body(body))),
+            status,
+        )
+        .await;
+    }
+    r.get("/api/v1/tokens", "/api/v1/tokens", 200).await;
+    r.get("/api/v1/whoami", "/api/v1/whoami", 200).await;
+    let admin = std::mem::replace(&mut r.token, viewer);
+    r.call(
+        "post",
+        "/api/v1/jobs",
+        "/api/v1/jobs",
+        Some(("application/yaml", JOB)),
+        403,
+    )
+    .await;
+    r.token = String::new();
+    r.get("/api/v1/devices", "/api/v1/devices", 401).await;
+    r.token = admin;
+    r.call(
+        "delete",
+        "/api/v1/tokens/{id}",
+        "/api/v1/tokens/dash",
+        None,
+        200,
+    )
+    .await;
+    r.call(
+        "delete",
+        "/api/v1/tokens/{id}",
+        "/api/v1/tokens/nope",
+        None,
+        404,
+    )
+    .await;
+    r.get("/api/v1/audit", "/api/v1/audit?limit=5", 200).await;
+    r.get("/api/v1/audit", "/api/v1/audit?limit=100000", 400)
+        .await;
 
     // The fallback: not an operation, but the documented error form.
     let client = http_client();

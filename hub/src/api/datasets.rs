@@ -127,6 +127,7 @@ fn line(v: ExportLine) -> Result<Bytes, std::convert::Infallible> {
     path = "/api/v1/datasets/export",
     operation_id = "export_dataset",
     tag = "datasets",
+    security(("token" = ["scientist"])),
     request_body = ExportRequest,
     responses(
         (status = 200, description = "A stream of JSON lines, each an `ExportLine`: `progress` lines, then one `manifest` or `error` line", body = ExportLine, content_type = "application/x-ndjson"),

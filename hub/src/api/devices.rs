@@ -79,6 +79,7 @@ fn device(s: &AppState, id: &str) -> Result<DeviceState, ApiError> {
     get,
     path = "/api/v1/devices",
     tag = "devices",
+    security(("token" = ["viewer"])),
     responses((status = 200, description = "The fleet", body = DeviceList)),
 )]
 async fn list_devices(State(s): State<AppState>) -> Json<DeviceList> {
@@ -97,6 +98,7 @@ async fn list_devices(State(s): State<AppState>) -> Json<DeviceList> {
     get,
     path = "/api/v1/devices/{id}",
     tag = "devices",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Device id")),
     responses(
         (status = 200, description = "The device", body = DeviceDetail),
@@ -149,6 +151,7 @@ const MAX_PAGE: usize = 10_000;
     get,
     path = "/api/v1/devices/{id}/samples",
     tag = "devices",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Device id"), SamplesQuery),
     responses(
         (status = 200, description = "A page of samples", body = SamplesPage),
@@ -219,6 +222,7 @@ struct SeriesView {
     path = "/api/v1/devices/{id}/series",
     operation_id = "series",
     tag = "devices",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Device id"), SeriesQuery),
     responses(
         (status = 200, description = "The series", body = SeriesView),

@@ -186,6 +186,7 @@ fn summary(r: &JobRecord) -> JobSummary {
     post,
     path = "/api/v1/jobs",
     tag = "jobs",
+    security(("token" = ["scientist"])),
     request_body(
         description = "The CronJob manifest (the content type is not checked: YAML is a superset of JSON)",
         content(
@@ -229,6 +230,7 @@ async fn apply_job(State(s): State<AppState>, body: TextBody) -> Result<Json<App
     get,
     path = "/api/v1/jobs",
     tag = "jobs",
+    security(("token" = ["viewer"])),
     responses(
         (status = 200, description = "The jobs", body = JobList),
         (status = 500, description = "The store could not be read", body = ErrorBody),
@@ -246,6 +248,7 @@ async fn list_jobs(State(s): State<AppState>) -> Result<Json<JobList>, ApiError>
     get,
     path = "/api/v1/jobs/{name}",
     tag = "jobs",
+    security(("token" = ["viewer"])),
     params(("name" = String, Path, description = "Job name")),
     responses(
         (status = 200, description = "The job", body = JobDetail),
@@ -277,6 +280,7 @@ struct ExportQuery {
     get,
     path = "/api/v1/jobs/{name}/export",
     tag = "jobs",
+    security(("token" = ["viewer"])),
     params(("name" = String, Path, description = "Job name"), ExportQuery),
     responses(
         (status = 200, description = "A `batch/v1` CronJob, or Job", body = schemas::KubernetesObject),
@@ -320,6 +324,7 @@ async fn export_job(
     delete,
     path = "/api/v1/jobs/{name}",
     tag = "jobs",
+    security(("token" = ["scientist"])),
     params(("name" = String, Path, description = "Job name")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
@@ -343,6 +348,7 @@ async fn delete_job(
     post,
     path = "/api/v1/jobs/{name}/run",
     tag = "jobs",
+    security(("token" = ["scientist"])),
     params(("name" = String, Path, description = "Job name")),
     responses(
         (status = 200, description = "The run started", body = Triggered),
@@ -363,6 +369,7 @@ async fn run_job(
     post,
     path = "/api/v1/jobs/{name}/suspend",
     tag = "jobs",
+    security(("token" = ["scientist"])),
     params(("name" = String, Path, description = "Job name")),
     responses(
         (status = 200, description = "Suspended", body = Suspended),
@@ -386,6 +393,7 @@ async fn suspend_job(
     post,
     path = "/api/v1/jobs/{name}/resume",
     tag = "jobs",
+    security(("token" = ["scientist"])),
     params(("name" = String, Path, description = "Job name")),
     responses(
         (status = 200, description = "Resumed", body = Suspended),
@@ -416,6 +424,7 @@ struct RunsQuery {
     get,
     path = "/api/v1/runs",
     tag = "runs",
+    security(("token" = ["viewer"])),
     params(RunsQuery),
     responses(
         (status = 200, description = "The runs", body = RunList),
@@ -437,6 +446,7 @@ async fn list_runs(
     get,
     path = "/api/v1/runs/{id}",
     tag = "runs",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Run id")),
     responses(
         (status = 200, description = "The run", body = schemas::RunRecord),
@@ -465,6 +475,7 @@ struct LogQuery {
     get,
     path = "/api/v1/runs/{id}/logs",
     tag = "runs",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Run id"), LogQuery),
     responses(
         (status = 200, description = "The attempt's stdout and stderr (empty when it wrote nothing yet)", body = String, content_type = "text/plain; charset=utf-8"),
@@ -497,6 +508,7 @@ async fn run_logs(
     get,
     path = "/api/v1/runs/{id}/artifacts",
     tag = "runs",
+    security(("token" = ["viewer"])),
     params(("id" = String, Path, description = "Run id")),
     responses(
         (status = 200, description = "The artifacts (none when the run left none)", body = ArtifactList),
@@ -549,6 +561,7 @@ async fn list_artifacts(
     get,
     path = "/api/v1/runs/{id}/artifacts/{*path}",
     tag = "runs",
+    security(("token" = ["viewer"])),
     params(
         ("id" = String, Path, description = "Run id"),
         ("path" = String, Path, description = "The file's path in the artifacts folder; may hold `/`"),

@@ -30,6 +30,7 @@ pub struct Health {
     get,
     path = "/healthz",
     tag = "ops",
+    security(()),
     responses((status = 200, description = "The hub is up", body = Health)),
 )]
 pub async fn healthz() -> Json<Health> {
@@ -41,6 +42,7 @@ pub async fn healthz() -> Json<Health> {
     get,
     path = "/metrics",
     tag = "ops",
+    security(()),
     responses((
         status = 200,
         description = "Prometheus text exposition format 0.0.4",

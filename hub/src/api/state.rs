@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use super::access::MetricsAuth;
+use crate::auth::{AuditLog, Tokens};
 use crate::jobs::scheduler::Scheduler;
 use crate::jobs::store::JobStore;
 use crate::metrics::Metrics;
@@ -20,4 +22,15 @@ pub struct AppState {
     pub runs_dir: std::path::PathBuf,
     /// This hub's REST URL, given to runs.
     pub hub_url: String,
+    pub auth: AuthState,
+}
+
+/// What the access gate and the token routes use.
+#[derive(Clone)]
+pub struct AuthState {
+    pub tokens: Tokens,
+    pub audit: Arc<AuditLog>,
+    /// False with `--insecure-no-auth`: every caller is an anonymous admin.
+    pub enforce: bool,
+    pub metrics: MetricsAuth,
 }

@@ -202,7 +202,10 @@ fn the_document_is_openapi_3_1_with_every_operation_described() {
                 .collect();
             assert_eq!(path_params, placeholders, "{at}: path parameters");
             let responses = op["responses"].as_object().unwrap();
-            assert!(responses.contains_key("200"), "{at}: no 200");
+            assert!(
+                responses.contains_key("200") || responses.contains_key("201"),
+                "{at}: no 200 or 201"
+            );
             for (status, response) in responses {
                 let content = response["content"].as_object().unwrap_or_else(|| {
                     panic!("{at} {status}: no content");
@@ -352,4 +355,67 @@ fn the_dataset_manifest_schema_matches_the_manifest() {
     assert_eq!(lines[0], json!({ "progress": { "rows": 0, "total": 5 } }));
     assert_eq!(lines[1]["manifest"]["rows"], 1);
     assert_eq!(lines[2], json!({ "error": "disk full" }));
+}
+
+#[test]
+fn every_operation_states_the_role_it_needs() {
+    use super::access::{MetricsAuth, Rule};
+    use crate::auth::Role;
+    use axum::http::Method;
+    let doc = doc();
+    assert_eq!(
+        doc["components"]["securitySchemes"]["token"]["scheme"], "bearer",
+        "{:#}",
+        doc["components"]["securitySchemes"]
+    );
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let security = op["security"].as_array();
+            assert!(security.is_some(), "{method} {path} states no role");
+            if op["security"][0].get("token").is_some() {
+                for status in ["401", "403"] {
+                    assert!(
+                        op["responses"][status].is_object(),
+                        "{method} {path} does not document {status}"
+                    );
+                }
+            }
+        }
+    }
+    let rules = super::rules(MetricsAuth::Open);
+    for (method, route, rule) in [
+        (Method::GET, "/healthz", Rule::Open),
+        (Method::GET, "/metrics", Rule::Open),
+        (Method::GET, "/api/v1/devices", Rule::Needs(Role::Viewer)),
+        (Method::POST, "/api/v1/jobs", Rule::Needs(Role::Scientist)),
+        (
+            Method::POST,
+            "/api/v1/jobs/{name}/run",
+            Rule::Needs(Role::Scientist),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/jobs/{name}",
+            Rule::Needs(Role::Scientist),
+        ),
+        (
+            Method::POST,
+            "/api/v1/datasets/export",
+            Rule::Needs(Role::Scientist),
+        ),
+        (
+            Method::GET,
+            "/api/v1/runs/{id}/artifacts/{*path}",
+            Rule::Needs(Role::Viewer),
+        ),
+        (Method::POST, "/api/v1/tokens", Rule::Needs(Role::Admin)),
+        (Method::GET, "/api/v1/audit", Rule::Needs(Role::Admin)),
+    ] {
+        assert_eq!(rules.get(&method, route), Some(rule), "{method} {route}");
+    }
+    let closed = super::rules(MetricsAuth::Token);
+    assert_eq!(
+        closed.get(&Method::GET, "/metrics"),
+        Some(Rule::Needs(Role::Viewer))
+    );
 }

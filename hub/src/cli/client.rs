@@ -28,9 +28,19 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Self {
+    /// A client of the hub at `base`, sending `token` (if any) as `Authorization: Bearer`.
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) =
+            token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            let mut value = value;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()
             .expect("http client");
         Self {
@@ -56,7 +66,24 @@ impl Client {
         self.request(method, path, &[], body).await
     }
 
-    /// One REST call; a non-2xx answer becomes the API's own error message.
+    /// A JSON body.
+    pub(super) async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, CliError> {
+        self.request_typed(
+            method,
+            path,
+            &[],
+            Some((body.to_string(), "application/json")),
+        )
+        .await
+    }
+
+    /// One REST call with a YAML (or JSON: YAML is a superset) body; a non-2xx answer becomes
+    /// the API's own error message.
     pub(super) async fn request(
         &self,
         method: reqwest::Method,
@@ -64,10 +91,21 @@ impl Client {
         query: &[(&str, String)],
         body: Option<String>,
     ) -> Result<Value, CliError> {
+        self.request_typed(method, path, query, body.map(|b| (b, "application/yaml")))
+            .await
+    }
+
+    async fn request_typed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<(String, &str)>,
+    ) -> Result<Value, CliError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).query(query);
-        if let Some(b) = body {
-            req = req.header("content-type", "application/yaml").body(b);
+        if let Some((b, content_type)) = body {
+            req = req.header("content-type", content_type).body(b);
         }
         let resp = req.send().await.map_err(|e| CliError::Unreachable {
             url: self.base.clone(),

@@ -4,7 +4,9 @@
 //! [`client`] holds the request path and errors, [`format`] the printing; one file per command
 //! group builds on both.
 
+pub mod access;
 pub mod client;
+pub mod credentials;
 pub mod datasets;
 pub mod devices;
 pub mod format;

@@ -50,6 +50,10 @@ pub struct SchedulerConfig {
     /// Where `shoal.dev/runner: kubernetes` jobs run; without one their runs fail to start,
     /// saying so.
     pub cluster: Option<Cluster>,
+    /// Given to runs on the hub as SHOAL_TOKEN, so that what they run (`shoal datasets
+    /// export`, the training template) may call the hub's API. Not given to Kubernetes Jobs,
+    /// whose spec anyone with read access to the namespace can see.
+    pub run_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,54 +134,13 @@ impl Scheduler {
         store: JobStore,
         config: SchedulerConfig,
         clock: Clock,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), JobError> {
-        for mut run in store
-            .runs(None)?
-            .into_iter()
-            .filter(|r| r.status == RunStatus::Running)
-        {
-            run.status = RunStatus::Interrupted;
-            run.reason =
-                Some("the hub stopped while this run was in flight; its outcome is unknown".into());
-            run.finished_ms = Some(ms(clock()));
-            store.put_run(&run)?;
-        }
-        let mut histories: HashMap<String, std::collections::VecDeque<(String, bool)>> =
-            HashMap::new();
-        for run in store
-            .runs(None)?
-            .into_iter()
-            .filter(|r| r.status.finished())
-        {
-            histories
-                .entry(run.job.clone())
-                .or_default()
-                .push_back((run.id, run.status.succeeded()));
-        }
-        let mut jobs = HashMap::new();
-        for record in store.jobs()? {
-            match manifest::check(record.manifest.clone()) {
-                Ok(def) => {
-                    let history = histories.remove(def.name()).unwrap_or_default();
-                    jobs.insert(
-                        def.name().to_string(),
-                        Job {
-                            def,
-                            record,
-                            warned_missed: false,
-                            history,
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(job = %record.manifest.metadata.name, error = %e, "stored job no longer valid; not scheduled")
-                }
-            }
-        }
-        let (tx, mut rx) = mpsc::channel(64);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let mut state = State {
+        interrupt_in_flight(&store, &clock)?;
+        let jobs = load_jobs(&store)?;
+        let (tx, rx) = mpsc::channel(64);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let state = State {
             store,
             config,
             clock,
@@ -185,51 +148,7 @@ impl Scheduler {
             active: HashMap::new(),
             done_tx,
         };
-        let task = tokio::spawn(async move {
-            loop {
-                state.evaluate();
-                let now = (state.clock)();
-                let wake = state
-                    .jobs
-                    .values()
-                    .filter_map(|j| {
-                        policy::next_wakeup(
-                            &job_policy(&j.def, j.record.manifest.spec.suspend),
-                            now,
-                        )
-                    })
-                    .min();
-                let sleep = wake.map_or(Duration::from_secs(3600), |w| {
-                    (w - now).to_std().unwrap_or_default()
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(sleep) => {}
-                    cmd = rx.recv() => match cmd {
-                        Some(cmd) => state.command(cmd),
-                        None => break,
-                    },
-                    Some(first) = done_rx.recv() => {
-                        let mut done = vec![first];
-                        while let Ok(more) = done_rx.try_recv() {
-                            done.push(more);
-                        }
-                        state.finished(done);
-                    }
-                    _ = shutdown.changed() => break,
-                }
-            }
-            for a in state.active.values() {
-                let _ = a.cancel.send(true);
-            }
-            // Give cancelled runs a moment to record themselves.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while !state.active.is_empty() {
-                match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                    Ok(Some(done)) => state.finished(vec![done]),
-                    _ => break,
-                }
-            }
-        });
+        let task = tokio::spawn(state.run(rx, done_rx, shutdown));
         Ok((Self { tx }, task))
     }
 
@@ -282,7 +201,114 @@ pub fn job_policy(def: &JobDefinition, suspend: Option<bool>) -> JobPolicy {
     }
 }
 
+/// Marks the runs the store still has as running (the hub stopped during them) as interrupted.
+fn interrupt_in_flight(store: &JobStore, clock: &Clock) -> Result<(), JobError> {
+    for mut run in store
+        .runs(None)?
+        .into_iter()
+        .filter(|r| r.status == RunStatus::Running)
+    {
+        run.status = RunStatus::Interrupted;
+        run.reason =
+            Some("the hub stopped while this run was in flight; its outcome is unknown".into());
+        run.finished_ms = Some(ms(clock()));
+        store.put_run(&run)?;
+    }
+    Ok(())
+}
+
+/// The stored jobs that still check, each with its finished runs; the others are logged.
+fn load_jobs(store: &JobStore) -> Result<HashMap<String, Job>, JobError> {
+    let mut histories: HashMap<String, std::collections::VecDeque<(String, bool)>> = HashMap::new();
+    for run in store
+        .runs(None)?
+        .into_iter()
+        .filter(|r| r.status.finished())
+    {
+        histories
+            .entry(run.job.clone())
+            .or_default()
+            .push_back((run.id, run.status.succeeded()));
+    }
+    let mut jobs = HashMap::new();
+    for record in store.jobs()? {
+        match manifest::check(record.manifest.clone()) {
+            Ok(def) => {
+                let history = histories.remove(def.name()).unwrap_or_default();
+                jobs.insert(
+                    def.name().to_string(),
+                    Job {
+                        def,
+                        record,
+                        warned_missed: false,
+                        history,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(job = %record.manifest.metadata.name, error = %e, "stored job no longer valid; not scheduled")
+            }
+        }
+    }
+    Ok(jobs)
+}
+
 impl State {
+    /// The scheduler task: decides, sleeps until the next schedule time, a command or a
+    /// finished run, and on `shutdown` cancels the active runs and waits briefly for them.
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Cmd>,
+        mut done_rx: mpsc::UnboundedReceiver<(String, RunOutcome)>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            self.evaluate();
+            let sleep = self.until_next_wakeup();
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                Some(first) = done_rx.recv() => {
+                    let mut done = vec![first];
+                    while let Ok(more) = done_rx.try_recv() {
+                        done.push(more);
+                    }
+                    self.finished(done);
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        for a in self.active.values() {
+            let _ = a.cancel.send(true);
+        }
+        // Give cancelled runs a moment to record themselves.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.active.is_empty() {
+            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                Ok(Some(done)) => self.finished(vec![done]),
+                _ => break,
+            }
+        }
+    }
+
+    /// How long until the earliest next schedule time of any job (an hour when none has one).
+    fn until_next_wakeup(&self) -> Duration {
+        let now = (self.clock)();
+        let wake = self
+            .jobs
+            .values()
+            .filter_map(|j| {
+                policy::next_wakeup(&job_policy(&j.def, j.record.manifest.spec.suspend), now)
+            })
+            .min();
+        wake.map_or(Duration::from_secs(3600), |w| {
+            (w - now).to_std().unwrap_or_default()
+        })
+    }
+
     fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Apply(def, reply) => {
@@ -669,6 +695,9 @@ fn run_spec(
         }
     }
     env.extend(run_env(def, run_id, config));
+    if let Some(token) = &config.run_token {
+        env.push(("SHOAL_TOKEN".into(), token.clone()));
+    }
     // What the run leaves for the hub to keep (a trained model, a report): listed and served
     // by /api/v1/runs/RUN/artifacts, kept as long as the run's history entry.
     env.push((

@@ -50,8 +50,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let (mut hub, _grpc, http) = shoal_e2e::spawn_hub(&shoal, dir.path())?;
-    let client = shoal_e2e::http_client();
+    let (mut hub, _grpc, http, token) = shoal_e2e::spawn_hub(&shoal, dir.path())?;
+    let client = shoal_e2e::authed_client(&token);
     for i in 0..args.jobs {
         let manifest = format!(
             "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: bench-{i:05}\nspec:\n  schedule: \"* * * * *\"\n  successfulJobsHistoryLimit: {keep}\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: c\n              command: [\"date\", \"+%s%3N\"]\n",
@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let r = client
             .post(format!("{http}/api/v1/jobs"))
+            .header("content-type", "application/yaml")
             .body(manifest)
             .send()
             .await?;

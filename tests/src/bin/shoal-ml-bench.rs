@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let (mut hub, grpc, http) = spawn_hub(&shoal, &dir.path().join("hub"))?;
+    let (mut hub, grpc, http, token) = spawn_hub(&shoal, &dir.path().join("hub"))?;
     let hub_pid = hub.id();
 
     // Timestamps end now, so "--since" covers them all.
@@ -112,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
             "--hub", &http, "-o", "json", "datasets", "export", "--since", "30d", "--to",
         ])
         .arg(&dataset)
+        .env("SHOAL_TOKEN", &token)
         .output()?;
     let export_s = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);

@@ -23,6 +23,7 @@ impl Fixture {
         let config = SchedulerConfig {
             runs_dir: self.dir.path().join("runs"),
             hub_url: "http://127.0.0.1:8080".into(),
+            run_token: None,
             mlflow_tracking_uri: Some("http://127.0.0.1:5000".into()),
             dataset_uri: Some("s3://datasets/fleet".into()),
             values_dir: Some(self.dir.path().to_path_buf()),
