@@ -22,7 +22,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::schemas;
 use super::state::AppState;
+use crate::store::Store;
 use crate::store::series;
+use crate::store::writer::DeviceState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::default().routes(routes!(export))
@@ -141,6 +143,34 @@ pub async fn export(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<ExportRequest>,
 ) -> Result<Response, ApiError> {
+    let plan = plan_export(&s, req)?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+    tokio::spawn(run_export(s.store.clone(), plan, tx));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .expect("response"))
+}
+
+/// The answer's lines, on their way to the response body.
+type LineSender = mpsc::Sender<Result<Bytes, std::convert::Infallible>>;
+
+/// A checked export request: the window, the devices it covers, and where to write.
+struct ExportPlan {
+    from: i64,
+    to: i64,
+    /// The selected devices, sorted by id.
+    devices: Vec<DeviceState>,
+    location: Location,
+    /// What the manifest records about the request.
+    source: serde_json::Value,
+}
+
+/// Checks the request's window, selector and destination, and picks the devices (400 if bad).
+fn plan_export(s: &AppState, req: ExportRequest) -> Result<ExportPlan, ApiError> {
     let bad = |field: &str, reason: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -169,94 +199,116 @@ pub async fn export(
         .filter(|d| selector.matches(&d.record))
         .collect();
     devices.sort_by(|a, b| a.record.device_id.cmp(&b.record.device_id));
-
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
-    let store = s.store.clone();
     let source = json!({
         "since": req.since, "until": req.until, "from_ms": from, "to_ms": to,
         "devices": req.devices, "hub": s.hub_url,
     });
-    tokio::spawn(async move {
-        let (rows_tx, mut rows_rx) = mpsc::channel::<Msg>(4);
-        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let total: u64 = devices
-                .iter()
-                .map(|d| store.count_time_range(d.key, from, to).unwrap_or(0))
-                .sum();
-            let _ = rows_tx.blocking_send(Msg::Total(total));
-            let mut chunk = Vec::with_capacity(CHUNK);
-            for d in &devices {
-                let id = d.record.device_id.clone();
-                store
-                    .scan_time_range(d.key, from, to, |sample| {
-                        chunk.push(Row::from_sample(&id, sample.seq, sample));
-                        if chunk.len() == CHUNK {
-                            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                            let _ = rows_tx.blocking_send(Msg::Rows(full));
-                        }
-                    })
-                    .map_err(|e| format!("reading the store: {e}"))?;
-            }
-            if !chunk.is_empty() {
-                let _ = rows_tx.blocking_send(Msg::Rows(chunk));
-            }
-            Ok(())
-        });
-        let mut writer = DatasetWriter::new(location);
-        let (mut total, mut reported) = (0u64, 0u64);
-        let mut result = Ok(());
-        'read: while let Some(msg) = rows_rx.recv().await {
-            let rows = match msg {
-                Msg::Total(t) => {
-                    total = t;
-                    let _ = tx.send(line(ExportLine::Progress { rows: 0, total })).await;
-                    continue;
+    Ok(ExportPlan {
+        from,
+        to,
+        devices,
+        location,
+        source,
+    })
+}
+
+/// Runs an export to its end, sending progress lines and then the manifest or the error.
+async fn run_export(store: Store, plan: ExportPlan, tx: LineSender) {
+    let ExportPlan {
+        from,
+        to,
+        devices,
+        location,
+        source,
+    } = plan;
+    let (rows_tx, rows_rx) = mpsc::channel::<Msg>(4);
+    let reader =
+        tokio::task::spawn_blocking(move || read_rows(&store, &devices, from, to, rows_tx));
+    let mut writer = DatasetWriter::new(location);
+    // Dropping `rows_rx` on the way out lets a reader blocked on a full channel finish.
+    let mut result = write_rows(&mut writer, rows_rx, &tx).await;
+    if let Ok(Err(e)) = reader.await
+        && result.is_ok()
+    {
+        result = Err(e);
+    }
+    let outcome = match result {
+        Ok(()) => writer.finish(source).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, "dataset export failed");
+    }
+    let _ = tx
+        .send(line(match outcome {
+            Ok(manifest) => ExportLine::Manifest(manifest),
+            Err(e) => ExportLine::Error(e),
+        }))
+        .await;
+}
+
+/// Reads the window's rows from the store (blocking): the total first, then chunks of `CHUNK`.
+fn read_rows(
+    store: &Store,
+    devices: &[DeviceState],
+    from: i64,
+    to: i64,
+    rows_tx: mpsc::Sender<Msg>,
+) -> Result<(), String> {
+    let total: u64 = devices
+        .iter()
+        .map(|d| store.count_time_range(d.key, from, to).unwrap_or(0))
+        .sum();
+    let _ = rows_tx.blocking_send(Msg::Total(total));
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for d in devices {
+        let id = d.record.device_id.clone();
+        store
+            .scan_time_range(d.key, from, to, |sample| {
+                chunk.push(Row::from_sample(&id, sample.seq, sample));
+                if chunk.len() == CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    let _ = rows_tx.blocking_send(Msg::Rows(full));
                 }
-                Msg::Rows(rows) => rows,
-            };
-            for row in rows {
-                if let Err(e) = writer.push(row).await {
-                    result = Err(e.to_string());
-                    break 'read;
-                }
+            })
+            .map_err(|e| format!("reading the store: {e}"))?;
+    }
+    if !chunk.is_empty() {
+        let _ = rows_tx.blocking_send(Msg::Rows(chunk));
+    }
+    Ok(())
+}
+
+/// Writes the reader's rows: a progress line once the total is known, then every `PROGRESS_EVERY`.
+async fn write_rows(
+    writer: &mut DatasetWriter,
+    mut rows_rx: mpsc::Receiver<Msg>,
+    tx: &LineSender,
+) -> Result<(), String> {
+    let (mut total, mut reported) = (0u64, 0u64);
+    while let Some(msg) = rows_rx.recv().await {
+        let rows = match msg {
+            Msg::Total(t) => {
+                total = t;
+                let _ = tx.send(line(ExportLine::Progress { rows: 0, total })).await;
+                continue;
             }
-            if writer.rows() - reported >= PROGRESS_EVERY {
-                reported = writer.rows();
-                let _ = tx
-                    .send(line(ExportLine::Progress {
-                        rows: reported,
-                        total: total.max(reported),
-                    }))
-                    .await;
-            }
-        }
-        drop(rows_rx);
-        if let Ok(Err(e)) = reader.await
-            && result.is_ok()
-        {
-            result = Err(e);
-        }
-        let outcome = match result {
-            Ok(()) => writer.finish(source).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Msg::Rows(rows) => rows,
         };
-        if let Err(e) = &outcome {
-            tracing::warn!(error = %e, "dataset export failed");
+        for row in rows {
+            writer.push(row).await.map_err(|e| e.to_string())?;
         }
-        let _ = tx
-            .send(line(match outcome {
-                Ok(manifest) => ExportLine::Manifest(manifest),
-                Err(e) => ExportLine::Error(e),
-            }))
-            .await;
-    });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .expect("response"))
+        if writer.rows() - reported >= PROGRESS_EVERY {
+            reported = writer.rows();
+            let _ = tx
+                .send(line(ExportLine::Progress {
+                    rows: reported,
+                    total: total.max(reported),
+                }))
+                .await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -342,20 +342,12 @@ fn go_atoi(s: &str) -> Result<u64, String> {
     u64::try_from(n).map_err(|_| format!("{s:?} is negative"))
 }
 
+/// The most nanoseconds a Go duration may hold before its sign: 2^63.
+const GO_DURATION_LIMIT: u64 = 1 << 63;
+
 /// Go's `time.ParseDuration`, in nanoseconds: a signed sequence of decimal numbers, each with
 /// an optional fraction and a unit among ns, us, µs, μs, ms, s, m, h.
 fn go_duration(text: &str) -> Result<i64, String> {
-    const UNITS: [(&str, u64); 8] = [
-        ("ns", 1),
-        ("us", 1_000),
-        ("\u{b5}s", 1_000),
-        ("\u{3bc}s", 1_000),
-        ("ms", 1_000_000),
-        ("s", 1_000_000_000),
-        ("m", 60_000_000_000),
-        ("h", 3_600_000_000_000),
-    ];
-    const LIMIT: u64 = 1 << 63;
     let invalid = || format!("invalid duration {text:?} (e.g. 90s, 1h30m)");
     let mut s = text.as_bytes();
     let mut neg = false;
@@ -376,74 +368,31 @@ fn go_duration(text: &str) -> Result<i64, String> {
         if !(s[0] == b'.' || s[0].is_ascii_digit()) {
             return Err(invalid());
         }
-        let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
-        let mut v: u64 = 0;
-        for &c in &s[..digits] {
-            if v > LIMIT / 10 {
-                return Err(invalid());
-            }
-            v = v * 10 + u64::from(c - b'0');
-            if v > LIMIT {
-                return Err(invalid());
-            }
-        }
-        let pre = digits > 0;
-        s = &s[digits..];
-        let (mut frac, mut scale, mut post) = (0u64, 1f64, false);
+        let (mut v, pre) = leading_int(s).ok_or_else(invalid)?;
+        s = &s[pre..];
+        let (mut frac, mut scale, mut post) = (0u64, 1f64, 0);
         if let Some((b'.', rest)) = s.split_first() {
-            s = rest;
-            let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
-            // Digits past what fits only stop adding precision; they are not an error.
-            let mut overflow = false;
-            for &c in &s[..digits] {
-                if overflow || frac > (LIMIT - 1) / 10 {
-                    overflow = true;
-                    continue;
-                }
-                let next = frac * 10 + u64::from(c - b'0');
-                if next > LIMIT {
-                    overflow = true;
-                    continue;
-                }
-                frac = next;
-                scale *= 10.0;
-            }
-            post = digits > 0;
-            s = &s[digits..];
+            (frac, scale, post) = leading_fraction(rest);
+            s = &rest[post..];
         }
-        if !pre && !post {
+        if pre == 0 && post == 0 {
             return Err(invalid());
         }
-        let unit_len = s
-            .iter()
-            .take_while(|c| !(**c == b'.' || c.is_ascii_digit()))
-            .count();
-        if unit_len == 0 {
-            return Err(format!(
-                "missing unit in duration {text:?} (ns, us, ms, s, m or h)"
-            ));
-        }
-        let (name, rest) = s.split_at(unit_len);
+        let (unit, rest) = duration_unit(s, text)?;
         s = rest;
-        let Some(&(_, unit)) = UNITS.iter().find(|(u, _)| u.as_bytes() == name) else {
-            return Err(format!(
-                "unknown unit {:?} in duration {text:?} (ns, us, ms, s, m or h)",
-                String::from_utf8_lossy(name)
-            ));
-        };
-        if v > LIMIT / unit {
+        if v > GO_DURATION_LIMIT / unit {
             return Err(invalid());
         }
         v *= unit;
         if frac > 0 {
             v += (frac as f64 * (unit as f64 / scale)) as u64;
-            if v > LIMIT {
+            if v > GO_DURATION_LIMIT {
                 return Err(invalid());
             }
         }
         // Both terms are at most 2^63, so only exactly 2^64 wraps (to 0), as it does in Go.
         total = total.wrapping_add(v);
-        if total > LIMIT {
+        if total > GO_DURATION_LIMIT {
             return Err(invalid());
         }
     }
@@ -451,6 +400,75 @@ fn go_duration(text: &str) -> Result<i64, String> {
         return Ok((total as i64).wrapping_neg());
     }
     i64::try_from(total).map_err(|_| invalid())
+}
+
+/// Go's `leadingInt`: the leading decimal digits' value and count; `None` past 2^63.
+fn leading_int(s: &[u8]) -> Option<(u64, usize)> {
+    let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut v: u64 = 0;
+    for &c in &s[..digits] {
+        if v > GO_DURATION_LIMIT / 10 {
+            return None;
+        }
+        v = v * 10 + u64::from(c - b'0');
+        if v > GO_DURATION_LIMIT {
+            return None;
+        }
+    }
+    Some((v, digits))
+}
+
+/// Go's `leadingFraction`: the digits after a `.` as `frac / scale`, and how many there were.
+fn leading_fraction(s: &[u8]) -> (u64, f64, usize) {
+    let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
+    let (mut frac, mut scale) = (0u64, 1f64);
+    // Digits past what fits only stop adding precision; they are not an error.
+    let mut overflow = false;
+    for &c in &s[..digits] {
+        if overflow || frac > (GO_DURATION_LIMIT - 1) / 10 {
+            overflow = true;
+            continue;
+        }
+        let next = frac * 10 + u64::from(c - b'0');
+        if next > GO_DURATION_LIMIT {
+            overflow = true;
+            continue;
+        }
+        frac = next;
+        scale *= 10.0;
+    }
+    (frac, scale, digits)
+}
+
+/// The unit that starts `s`, in nanoseconds, and what follows it; `text` is for the error.
+fn duration_unit<'a>(s: &'a [u8], text: &str) -> Result<(u64, &'a [u8]), String> {
+    const UNITS: [(&str, u64); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("\u{b5}s", 1_000),
+        ("\u{3bc}s", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    let unit_len = s
+        .iter()
+        .take_while(|c| !(**c == b'.' || c.is_ascii_digit()))
+        .count();
+    if unit_len == 0 {
+        return Err(format!(
+            "missing unit in duration {text:?} (ns, us, ms, s, m or h)"
+        ));
+    }
+    let (name, rest) = s.split_at(unit_len);
+    let Some(&(_, unit)) = UNITS.iter().find(|(u, _)| u.as_bytes() == name) else {
+        return Err(format!(
+            "unknown unit {:?} in duration {text:?} (ns, us, ms, s, m or h)",
+            String::from_utf8_lossy(name)
+        ));
+    };
+    Ok((unit, rest))
 }
 
 #[cfg(test)]
