@@ -59,6 +59,8 @@ pub struct Stats {
     pub samples_acked: AtomicU64,
     pub samples_rejected: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Spooled samples renumbered above a hub's seq instead of being discarded.
+    pub samples_renumbered: AtomicU64,
     /// True while a stream to the hub (or its broker) is up.
     pub connected: AtomicBool,
     /// Errors by [`ErrorKind`].

@@ -14,6 +14,7 @@
 //! | `shoal_agent_samples_sent_total` | counter | samples sent to the hub (a resend counts again) |
 //! | `shoal_agent_samples_acked_total` | counter | samples the hub acknowledged as stored |
 //! | `shoal_agent_samples_rejected_total` | counter | samples the hub refused for good (dropped) |
+//! | `shoal_agent_samples_renumbered_total` | counter | spooled samples kept under new seqs because the hub already held theirs |
 //! | `shoal_agent_spool_samples` | gauge | samples in the spool waiting for the hub's ack |
 //! | `shoal_agent_spool_bytes` | gauge | the spool's size on disk |
 //! | `shoal_agent_spool_dropped_total` | counter | samples dropped by the spool's size bound (kept across restarts) |
@@ -109,6 +110,12 @@ pub fn render(out: &mut String, info: &Info, stats: &Stats, spool: &SpoolStatus)
         "shoal_agent_samples_rejected_total",
         "Samples the hub refused for good; they are dropped.",
         load(&stats.samples_rejected),
+    );
+    counter(
+        out,
+        "shoal_agent_samples_renumbered_total",
+        "Spooled samples kept under new seqs because the hub held their seqs already.",
+        load(&stats.samples_renumbered),
     );
     gauge(
         out,

@@ -39,6 +39,15 @@ pub enum SpoolError {
     TooLarge(usize),
 }
 
+/// Why [`Spool::renumber_above`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RenumberError<E> {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("a spooled record could not be rewritten: {0}")]
+    Rewrite(E),
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.to_path_buf(),
@@ -354,6 +363,44 @@ impl Spool {
         self.last_seq = self.last_seq.max(seq);
         self.write_state()?;
         self.trim()
+    }
+
+    /// Keeps what waits here when a hub holds seqs up to `floor` that this spool never had
+    /// acknowledged (its state was lost, or another client sent under this device's id): every
+    /// unacknowledged record is written again under a new seq above `floor` (`reseq` rewrites
+    /// its payload for the new seq), then everything up to `floor` is acknowledged. Returns how
+    /// many records moved. Crash-safe: until the acknowledgement, the old records stay too, and
+    /// a hub answers a resent seq it already holds as a duplicate.
+    pub fn renumber_above<E>(
+        &mut self,
+        floor: u64,
+        mut reseq: impl FnMut(&[u8], u64) -> Result<Vec<u8>, E>,
+    ) -> Result<u64, RenumberError<E>> {
+        let old_last = self.last_seq;
+        if floor <= old_last {
+            return Ok(0);
+        }
+        self.last_seq = floor;
+        let mut after = self.state.acked_seq;
+        let mut moved = 0;
+        'read: loop {
+            let batch = self.read_after(after, 512, 1 << 20)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, payload) in batch {
+                if seq > old_last {
+                    break 'read;
+                }
+                let new_seq = self.next_seq();
+                let rewritten = reseq(&payload, new_seq).map_err(RenumberError::Rewrite)?;
+                self.append(new_seq, &rewritten)?;
+                after = seq;
+                moved += 1;
+            }
+        }
+        self.ack(floor)?;
+        Ok(moved)
     }
 
     pub fn status(&self) -> SpoolStatus {

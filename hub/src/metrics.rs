@@ -52,16 +52,19 @@ pub enum StreamReject {
     ForeignTopic,
     /// An MQTT client with a wrong or missing user name or password.
     BadCredentials,
+    /// An authenticated device connecting under another client id than its own.
+    ForeignClientId,
 }
 
 impl StreamReject {
-    const ALL: [StreamReject; 6] = [
+    const ALL: [StreamReject; 7] = [
         Self::InvalidDeviceId,
         Self::NoHello,
         Self::Oversized,
         Self::Malformed,
         Self::ForeignTopic,
         Self::BadCredentials,
+        Self::ForeignClientId,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -71,6 +74,7 @@ impl StreamReject {
             Self::Malformed => "malformed_message",
             Self::ForeignTopic => "foreign_topic",
             Self::BadCredentials => "bad_credentials",
+            Self::ForeignClientId => "foreign_client_id",
         }
     }
 }
@@ -118,7 +122,7 @@ pub struct Metrics {
     pub grpc_connection_errors: Counter,
     pub streams_active: AtomicI64,
     samples_rejected: [Counter; 3],
-    streams_rejected: [Counter; 6],
+    streams_rejected: [Counter; 7],
     mqtt_dropped: [Counter; 3],
     /// Embedded-broker subscribers disconnected because a QoS 1 message found their queue full.
     pub mqtt_slow_disconnects: Counter,

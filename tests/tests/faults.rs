@@ -154,3 +154,55 @@ async fn samples_taken_while_the_hub_is_down_arrive_later_in_order() {
         "the backlog went in batches, not one by one ({batches} batches)"
     );
 }
+
+/// A client that sent under this device's id before it (its hub state lost, or a spoofer) left
+/// the hub holding higher seqs than the agent's spool: the agent keeps every spooled sample,
+/// renumbered above the hub's, and counts them; nothing waiting is discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_samples_survive_a_hub_that_holds_higher_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let grpc_port = free_port();
+    let http_port = free_port();
+    let mut first = agent(
+        &format!("http://127.0.0.1:{grpc_port}"),
+        "pi-7",
+        &spool,
+        "10ms",
+        None,
+    );
+    wait_for_spool(
+        &spool,
+        "samples spooled with no hub",
+        Duration::from_secs(30),
+        |s| s["last_written_seq"].as_u64().unwrap() >= 16,
+    )
+    .await;
+    first.kill9();
+    let spooled = spool_status(&spool)["pending"].as_u64().unwrap();
+
+    let hub = Hub::start_on(&dir.path().join("hub"), grpc_port, http_port, &[]).await;
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 60_000;
+    shoal_e2e::ingest(&hub.grpc_url(), "pi-7", 100, move |seq| {
+        shoal_e2e::pi_sample(seq, start_ms, 10, 40.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(hub.stored_up_to("pi-7").await, 100);
+
+    let mut second = agent(&hub.grpc_url(), "pi-7", &spool, "10ms", Some(5));
+    let status = second.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+    let seqs = hub.stored_seqs("pi-7").await;
+    assert_eq!(
+        seqs.len() as u64,
+        100 + spooled + 5,
+        "every spooled sample arrived, above the hub's seqs"
+    );
+    assert_eq!(*seqs.last().unwrap(), 100 + spooled + 5);
+    assert_eq!(spool_status(&spool)["pending"], 0);
+}

@@ -269,6 +269,33 @@ async fn credentials_and_the_own_topic_rule() {
         "nothing from a refused agent"
     );
 
+    // dev-a's credentials do not open dev-b's client id (and with it dev-b's session).
+    let out = pub_(
+        mqtt,
+        &[
+            "-u",
+            "dev-a",
+            "-P",
+            "pa",
+            "-i",
+            "dev-b",
+            "-t",
+            "shoal/v1/devices/dev-a/telemetry",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not authorised"),
+        "{out:?}"
+    );
+    assert_eq!(
+        hub.metric("shoal_ingest_streams_rejected_total{reason=\"foreign_client_id\"}")
+            .await,
+        1.0
+    );
+
     // An observer sees telemetry; dev-a may not publish as dev-b, nor send garbage or giants.
     let mut watcher = sub(
         mqtt,
@@ -277,7 +304,7 @@ async fn credentials_and_the_own_topic_rule() {
         &["-u", "watcher", "-P", "pw"],
     )
     .await;
-    let as_a = ["-u", "dev-a", "-P", "pa"];
+    let as_a = ["-u", "dev-a", "-P", "pa", "-i", "dev-a"];
     let out = pub_(
         mqtt,
         &[

@@ -463,3 +463,40 @@ mod props {
         }
     }
 }
+
+#[test]
+fn renumbering_keeps_every_unacknowledged_record_above_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(dir.path(), limits()).unwrap();
+    fill(&mut spool, 30);
+    spool.ack(10).unwrap();
+    let moved = spool
+        .renumber_above(100, |payload, seq| {
+            Ok::<_, std::convert::Infallible>(
+                format!("{}->{seq}", String::from_utf8_lossy(payload)).into_bytes(),
+            )
+        })
+        .unwrap();
+    assert_eq!(moved, 20);
+    assert_eq!(spool.acked_seq(), 100);
+    let check = |spool: &mut Spool| {
+        let all = spool
+            .read_after(spool.acked_seq(), 1000, usize::MAX)
+            .unwrap();
+        assert_eq!(seqs(&all), (101..=120).collect::<Vec<_>>());
+        assert_eq!(all[0].1, b"sample-11->101");
+        assert_eq!(all[19].1, b"sample-30->120");
+    };
+    check(&mut spool);
+    assert_eq!(spool.next_seq(), 121);
+    drop(spool);
+    let (mut spool, _) = Spool::open(dir.path(), limits()).unwrap();
+    check(&mut spool);
+    assert_eq!(
+        spool
+            .renumber_above(50, |p, _| Ok::<_, std::convert::Infallible>(p.to_vec()))
+            .unwrap(),
+        0,
+        "a floor below what the spool holds changes nothing"
+    );
+}

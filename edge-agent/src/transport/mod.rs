@@ -170,18 +170,39 @@ impl Sender {
         }
     }
 
-    /// The hub says how far it has this device's samples; a spool behind that lost its state,
-    /// and numbering must continue above the hub's or new samples would count as duplicates.
+    /// The hub says how far it has this device's samples. A spool behind that lost its state
+    /// (or another client sent under this device's id): numbering must continue above the
+    /// hub's or new samples would count as duplicates, and what waits here is kept, renumbered
+    /// above the hub's seq, never discarded.
     fn on_welcome(&self, w: &Welcome) -> Result<(), TransportError> {
+        use prost::Message;
         let mut spool = self.spool.lock().expect("spool lock");
-        if w.stored_up_to_seq > spool.last_written_seq() {
-            tracing::warn!(
-                hub_has = w.stored_up_to_seq,
-                spool_has = spool.last_written_seq(),
-                "the hub holds newer samples than this spool (its state was lost); numbering continues above the hub's"
-            );
-            spool.ack(w.stored_up_to_seq)?;
+        if w.stored_up_to_seq <= spool.last_written_seq() {
+            return Ok(());
         }
+        let spool_has = spool.last_written_seq();
+        let moved = spool
+            .renumber_above(w.stored_up_to_seq, |bytes, seq| {
+                let mut sample = Sample::decode(bytes)?;
+                sample.seq = seq;
+                Ok::<_, prost::DecodeError>(sample.encode_to_vec())
+            })
+            .map_err(|e| match e {
+                crate::spool::RenumberError::Spool(e) => TransportError::from(e),
+                crate::spool::RenumberError::Rewrite(source) => TransportError::Decode {
+                    seq: spool_has,
+                    source,
+                },
+            })?;
+        self.stats
+            .samples_renumbered
+            .fetch_add(moved, Ordering::Relaxed);
+        tracing::warn!(
+            hub_has = w.stored_up_to_seq,
+            spool_has,
+            kept = moved,
+            "the hub holds newer samples than this spool; numbering continues above the hub's, and the samples waiting here are kept under new seqs"
+        );
         Ok(())
     }
 

@@ -93,6 +93,7 @@ where
     let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
     let identity = authenticate(handle, &connect, peer, &mut wr).await?;
     let client_id = choose_client_id(&connect, peer, &mut wr).await?;
+    own_client_id(handle, &identity, &client_id, peer, &mut wr).await?;
     take_over(handle, &client_id).await;
     let (outbox, link) = state::new_link();
     let Link {
@@ -220,6 +221,31 @@ async fn choose_client_id<W: AsyncWrite + Unpin>(
     } else {
         connect.client_id.clone()
     })
+}
+
+/// An authenticated device connects under its own id only: another client id would take over
+/// that device's connection and persistent session (its queued acks). Refused and counted.
+async fn own_client_id<W: AsyncWrite + Unpin>(
+    handle: &Handle,
+    identity: &Identity,
+    client_id: &str,
+    peer: SocketAddr,
+    wr: &mut W,
+) -> Result<(), ConnError> {
+    if !identity.authenticated || identity.role != Role::Device || client_id == identity.name {
+        return Ok(());
+    }
+    handle.shared.ingestor.refuse(
+        StreamReject::ForeignClientId,
+        &peer.to_string(),
+        &format!("user {:?} as client id {client_id:?}", identity.name),
+    );
+    let refuse = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
+    write_packet(wr, refuse).await?;
+    Err(ConnError::Refused(format!(
+        "{:?} may connect only as client id {:?}, not {client_id:?}",
+        identity.name, identity.name
+    )))
 }
 
 /// Tells a connection still holding `client_id` to go, and waits until it has left.
