@@ -119,6 +119,61 @@ impl HubConfig {
     }
 }
 
+/// gRPC ingest, and MQTT ingest from an external broker and the embedded one when configured:
+/// the gRPC task and the MQTT tasks.
+fn start_ingest(
+    config: &HubConfig,
+    grpc: TcpListener,
+    mqtt_listener: Option<TcpListener>,
+    ingestor: Ingestor,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> (
+    tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let mut mqtt_tasks = Vec::new();
+    if let Some(broker) = config.mqtt_broker.clone() {
+        mqtt_tasks.push(tokio::spawn(ingest::mqtt::run_external(
+            broker,
+            ingestor.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let Some(l) = mqtt_listener {
+        mqtt_tasks.push(tokio::spawn(mqtt::serve(
+            l,
+            config.mqtt_users.clone(),
+            config.mqtt_json_topic.clone(),
+            config.mqtt_tls.clone(),
+            ingestor.clone(),
+            shutdown.clone(),
+        )));
+    }
+    let grpc_task = tokio::spawn(ingest::grpc::serve(
+        grpc,
+        IngestService::new(ingestor),
+        config.limits,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    (grpc_task, mqtt_tasks)
+}
+
+/// The REST API until `shutdown`, with each request's client address known (for the audit).
+async fn serve_api(
+    http: TcpListener,
+    state: api::AppState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(http, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}
+
 /// Without authentication, only a loopback address unless `--insecure-no-auth` says otherwise.
 pub fn refuse_exposed_without_auth(auth: &AuthConfig, http: SocketAddr) -> Result<(), HubError> {
     if auth.enforce || auth.allow_exposed || http.ip().is_loopback() {
@@ -222,31 +277,8 @@ pub async fn run(
     );
 
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
-    let mqtt_task = config.mqtt_broker.clone().map(|broker| {
-        tokio::spawn(ingest::mqtt::run_external(
-            broker,
-            ingestor.clone(),
-            shutdown.clone(),
-        ))
-    });
-    let broker_task = mqtt_listener.map(|l| {
-        tokio::spawn(mqtt::serve(
-            l,
-            config.mqtt_users.clone(),
-            config.mqtt_json_topic.clone(),
-            config.mqtt_tls.clone(),
-            ingestor.clone(),
-            shutdown.clone(),
-        ))
-    });
-    let service = IngestService::new(ingestor);
-    let grpc_task = tokio::spawn(ingest::grpc::serve(
-        grpc,
-        service,
-        config.limits,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let (grpc_task, mqtt_tasks) =
+        start_ingest(&config, grpc, mqtt_listener, ingestor, &metrics, &shutdown);
 
     let hub_url = format!("http://{}", http.local_addr()?);
     let (scheduler, job_store, scheduler_task) = start_jobs(
@@ -268,18 +300,10 @@ pub async fn run(
         thresholds: config.thresholds,
         auth,
     };
-    let mut http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http_task = tokio::spawn(serve_api(http, state, shutdown.clone()));
 
     let (grpc_res, http_res) = tokio::join!(grpc_task, http_task);
-    for t in [mqtt_task, broker_task].into_iter().flatten() {
+    for t in mqtt_tasks {
         let _ = t.await;
     }
     let _ = scheduler_task.await;

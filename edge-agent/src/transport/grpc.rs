@@ -5,10 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shoal_proto::v1::ingest_client::IngestClient;
-use shoal_proto::v1::{IngestRequest, ingest_request, ingest_response};
+use shoal_proto::v1::{IngestRequest, IngestResponse, ingest_request, ingest_response};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
 
 use super::inflight::InFlight;
 use super::{Backoff, Sender, Stopped, TransportError, WINDOW};
@@ -22,45 +23,8 @@ impl Sender {
         if self.drained() {
             return Ok(Stopped::Drained);
         }
-        let endpoint = Endpoint::from_shared(self.hub.clone())
-            .map_err(|e| TransportError::Connect {
-                hub: self.hub.clone(),
-                source: e,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| TransportError::Connect {
-                hub: self.hub.clone(),
-                source: e,
-            })?;
-        let mut client = IngestClient::new(channel)
-            .max_encoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES);
-
-        let (tx, rx) = mpsc::channel::<IngestRequest>(WINDOW + 1);
-        let mut hello = self.hello.clone();
-        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
-        tx.send(IngestRequest {
-            msg: Some(ingest_request::Msg::Hello(hello)),
-        })
-        .await
-        .map_err(|_| TransportError::Closed)?;
-        let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        let welcome = match tokio::time::timeout(self.ack_timeout, responses.message()).await {
-            Err(_) => return Err(TransportError::AckTimeout(self.ack_timeout)),
-            Ok(r) => r?.ok_or(TransportError::Closed)?,
-        };
-        let Some(ingest_response::Msg::Welcome(welcome)) = welcome.msg else {
-            return Err(TransportError::Protocol(
-                "first answer is not a welcome".into(),
-            ));
-        };
-        self.on_welcome(&welcome)?;
+        let client = self.connect().await?;
+        let (tx, mut responses) = self.open_stream(client).await?;
         self.stats.connected.store(true, Ordering::Relaxed);
         backoff.reset();
         tracing::info!(hub = %self.hub, "streaming to hub");
@@ -104,5 +68,50 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// A gRPC client of the hub, connected.
+    async fn connect(&self) -> Result<IngestClient<Channel>, TransportError> {
+        let connect_error = |source| TransportError::Connect {
+            hub: self.hub.clone(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(self.hub.clone())
+            .map_err(connect_error)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await.map_err(connect_error)?;
+        Ok(IngestClient::new(channel)
+            .max_encoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES))
+    }
+
+    /// Opens the stream: the hello out, the hub's welcome back (and acted on).
+    async fn open_stream(
+        &self,
+        mut client: IngestClient<Channel>,
+    ) -> Result<(mpsc::Sender<IngestRequest>, Streaming<IngestResponse>), TransportError> {
+        let (tx, rx) = mpsc::channel::<IngestRequest>(WINDOW + 1);
+        let mut hello = self.hello.clone();
+        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
+        tx.send(IngestRequest {
+            msg: Some(ingest_request::Msg::Hello(hello)),
+        })
+        .await
+        .map_err(|_| TransportError::Closed)?;
+        let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let welcome = match tokio::time::timeout(self.ack_timeout, responses.message()).await {
+            Err(_) => return Err(TransportError::AckTimeout(self.ack_timeout)),
+            Ok(r) => r?.ok_or(TransportError::Closed)?,
+        };
+        let Some(ingest_response::Msg::Welcome(welcome)) = welcome.msg else {
+            return Err(TransportError::Protocol(
+                "first answer is not a welcome".into(),
+            ));
+        };
+        self.on_welcome(&welcome)?;
+        Ok((tx, responses))
     }
 }

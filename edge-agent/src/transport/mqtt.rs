@@ -21,9 +21,7 @@ use crate::ErrorKind;
 impl Sender {
     pub(super) async fn run_mqtt(mut self, mut shutdown: watch::Receiver<bool>) -> Stopped {
         let device_id = self.hello.device_id.clone();
-        let opts =
-            parse_broker(&self.hub).and_then(|addr| options(&device_id, &addr, self.tls.clone()));
-        let mut opts = match opts {
+        let opts = match self.mqtt_options(&device_id) {
             Ok(o) => o,
             Err(e) => {
                 self.stats.record_error(ErrorKind::Connect, &e);
@@ -31,15 +29,6 @@ impl Sender {
                 return Stopped::Shutdown;
             }
         };
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_session(false);
-        opts.set_max_packet_size(
-            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
-            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
-        );
-        if let Some((user, pass)) = &self.mqtt_credentials {
-            opts.set_credentials(user.clone(), pass.clone());
-        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         no_delay(&mut events);
         let acks_topic = topic(&device_id, kind::ACKS);
@@ -87,13 +76,8 @@ impl Sender {
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
-                        self.stats.connected.store(true, Ordering::Relaxed);
                         backoff.reset();
-                        tracing::info!(broker = %self.hub, "connected to the MQTT broker");
-                        let mut hello = self.hello.clone();
-                        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
-                        let _ = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce);
-                        let _ = client.try_publish(topic(&device_id, kind::HELLO), QoS::AtLeastOnce, false, hello.encode_to_vec());
+                        self.on_connected(&client, &acks_topic);
                         // Whatever was in flight may be lost with the old connection: resend.
                         in_flight.clear();
                         last_sent = self.spool.lock().expect("spool lock").acked_seq();
@@ -107,14 +91,7 @@ impl Sender {
                     Ok(_) => {}
                     Err(e) => {
                         connected = false;
-                        self.stats.connected.store(false, Ordering::Relaxed);
-                        self.stats.record_error(
-                            ErrorKind::Connect,
-                            &format_args!("MQTT connection to {}: {e}", self.hub),
-                        );
-                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(broker = %self.hub, error = %e, retry_in = ?delay, "MQTT connection failed");
+                        let delay = self.on_connection_lost(&e, &mut backoff);
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.changed() => return Stopped::Shutdown,
@@ -123,6 +100,51 @@ impl Sender {
                 },
             }
         }
+    }
+
+    /// The client's settings: the broker from the hub URL, a persistent session under the
+    /// device id, the contract's packet size, credentials.
+    fn mqtt_options(&self, device_id: &str) -> Result<rumqttc::MqttOptions, String> {
+        let mut opts =
+            parse_broker(&self.hub).and_then(|addr| options(device_id, &addr, self.tls.clone()))?;
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(false);
+        opts.set_max_packet_size(
+            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            shoal_proto::DEFAULT_MAX_MESSAGE_BYTES,
+        );
+        if let Some((user, pass)) = &self.mqtt_credentials {
+            opts.set_credentials(user.clone(), pass.clone());
+        }
+        Ok(opts)
+    }
+
+    /// On CONNACK: subscribes to the device's acks and says hello.
+    fn on_connected(&self, client: &AsyncClient, acks_topic: &str) {
+        self.stats.connected.store(true, Ordering::Relaxed);
+        tracing::info!(broker = %self.hub, "connected to the MQTT broker");
+        let mut hello = self.hello.clone();
+        hello.last_written_seq = self.spool.lock().expect("spool lock").last_written_seq();
+        let _ = client.try_subscribe(acks_topic, QoS::AtLeastOnce);
+        let _ = client.try_publish(
+            topic(&hello.device_id, kind::HELLO),
+            QoS::AtLeastOnce,
+            false,
+            hello.encode_to_vec(),
+        );
+    }
+
+    /// Counts and logs a lost (or refused) connection; returns how long to wait.
+    fn on_connection_lost(&self, e: &rumqttc::ConnectionError, backoff: &mut Backoff) -> Duration {
+        self.stats.connected.store(false, Ordering::Relaxed);
+        self.stats.record_error(
+            ErrorKind::Connect,
+            &format_args!("MQTT connection to {}: {e}", self.hub),
+        );
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        tracing::warn!(broker = %self.hub, error = %e, retry_in = ?delay, "MQTT connection failed");
+        delay
     }
 
     /// Publishes batches from the spool until the window is full.
