@@ -356,7 +356,10 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Disk-heavy: 64 cases unless PROPTEST_CASES asks for more (a longer run, docs/security.md).
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+        ))]
 
         /// Reopening a spool whose segments were damaged in any way never panics, keeps each
         /// segment's records up to its first damaged one (payloads unchanged), drops and cuts

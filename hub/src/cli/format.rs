@@ -6,15 +6,8 @@ use serde_json::Value;
 
 /// An epoch-milliseconds field as RFC 3339, or "-".
 pub fn time_of(v: &Value) -> String {
-    v.as_i64().map_or_else(
-        || "-".into(),
-        |ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
-            )
-            .to_string()
-        },
-    )
+    v.as_i64()
+        .map_or_else(|| "-".into(), crate::store::series::rfc3339_ms)
 }
 
 pub fn pretty(v: &Value) -> String {

@@ -37,9 +37,8 @@ impl Client {
             .unwrap_or_default()
             .iter()
             .map(|p| {
-                let t = std::time::UNIX_EPOCH + Duration::from_millis(p["t"].as_u64().unwrap_or(0));
                 vec![
-                    humantime::format_rfc3339_seconds(t).to_string(),
+                    crate::store::series::rfc3339_ms(p["t"].as_i64().unwrap_or(0)),
                     with_unit(&p["avg"], unit),
                     with_unit(&p["min"], unit),
                     with_unit(&p["max"], unit),

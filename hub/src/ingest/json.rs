@@ -183,8 +183,6 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
             /// Whatever arrives on the JSON topic, `parse` answers Ok or Err: it never panics,
             /// and what it accepts names a valid device and carries a reading.
             #[test]

@@ -207,8 +207,7 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
 }
 
 fn fmt_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::store::series::rfc3339_ms(ms)
 }
 
 #[cfg(test)]
@@ -221,6 +220,18 @@ mod tests {
             timestamp_ms: ts,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_timestamp_past_the_year_9999_is_refused_not_a_panic() {
+        let now = 1_800_000_000_000;
+        let c = check_batch(vec![sample(1, i64::MAX)], now, Duration::from_secs(60));
+        assert_eq!(c.rejected.len(), 1);
+        assert!(
+            c.rejected[0].2.contains("after the year 9999"),
+            "{}",
+            c.rejected[0].2
+        );
     }
 
     #[test]
@@ -277,5 +288,62 @@ mod tests {
             ]
         );
         assert_eq!(c.rows.len(), 1);
+    }
+
+    /// The gRPC ingest path on bytes no one vetted: decoding never panics, and whatever decodes
+    /// is checked sample by sample, every sample accounted for exactly once.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use prost::Message;
+        use shoal_proto::v1::{IngestRequest, TelemetryBatch, ingest_request};
+
+        fn batch_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let sample =
+                (any::<u64>(), any::<i64>(), any::<Option<u64>>()).prop_map(|(seq, ts, uptime)| {
+                    Sample {
+                        seq,
+                        timestamp_ms: ts,
+                        uptime_seconds: uptime,
+                        ..Default::default()
+                    }
+                });
+            prop::collection::vec(sample, 0..20).prop_map(|samples| {
+                IngestRequest {
+                    msg: Some(ingest_request::Msg::Batch(TelemetryBatch { samples })),
+                }
+                .encode_to_vec()
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_decode_or_fail_and_every_sample_is_accounted_for(
+                bytes in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..512),
+                    batch_bytes(),
+                    // A valid batch with bytes flipped.
+                    (batch_bytes(), any::<prop::sample::Index>(), any::<u8>()).prop_map(|(mut b, i, x)| {
+                        if !b.is_empty() {
+                            let at = i.index(b.len());
+                            b[at] ^= x;
+                        }
+                        b
+                    }),
+                ],
+                now in 0i64..4_000_000_000_000,
+            ) {
+                let Ok(request) = IngestRequest::decode(bytes.as_slice()) else {
+                    return Ok(());
+                };
+                if let Some(ingest_request::Msg::Batch(batch)) = request.msg {
+                    let n = batch.samples.len();
+                    let max_seq = batch.samples.iter().map(|s| s.seq).max().unwrap_or(0);
+                    let checked = check_batch(batch.samples, now, Duration::from_secs(600));
+                    prop_assert_eq!(checked.rows.len() + checked.rejected.len(), n);
+                    prop_assert_eq!(checked.up_to_seq, max_seq);
+                }
+            }
+        }
     }
 }

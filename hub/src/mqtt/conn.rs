@@ -509,3 +509,76 @@ async fn on_publish<W: AsyncWrite + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reads every packet a client could send in `bytes`, as a connection does.
+    fn read_all(bytes: &[u8]) -> Result<usize, ConnError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut reader = bytes;
+            let mut buf = BytesMut::new();
+            let mut n = 0;
+            while read_packet(&mut reader, &mut buf).await?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// A CONNECT, a PUBLISH and a SUBSCRIBE as a device sends them.
+    fn valid_stream() -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new("pi-1");
+        connect.keep_alive = 30;
+        let mut publish = rumqttc::mqttbytes::v4::Publish::new(
+            "shoal/v1/devices/pi-1/telemetry",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![1u8, 2, 3],
+        );
+        publish.pkid = 1;
+        let mut subscribe = rumqttc::mqttbytes::v4::Subscribe::new(
+            "shoal/v1/devices/pi-1/acks",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+        );
+        subscribe.pkid = 2;
+        for p in [
+            Packet::Connect(connect),
+            Packet::Publish(publish),
+            Packet::Subscribe(subscribe),
+        ] {
+            p.write(&mut out, MAX_PACKET).expect("packet encodes");
+        }
+        out.to_vec()
+    }
+
+    #[test]
+    fn a_valid_stream_reads_as_its_packets() {
+        assert_eq!(read_all(&valid_stream()).unwrap(), 3);
+    }
+
+    proptest! {
+        /// Whatever bytes a client sends, the broker's reader answers packets, an error or the
+        /// end of the stream: it never panics or hangs.
+        #[test]
+        fn any_bytes_read_as_packets_or_an_error(
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..256),
+                (any::<prop::sample::Index>(), any::<u8>(), 0usize..64).prop_map(|(i, x, cut)| {
+                    let mut b = valid_stream();
+                    let at = i.index(b.len());
+                    b[at] ^= x;
+                    b.truncate(b.len() - cut.min(b.len()));
+                    b
+                }),
+            ],
+        ) {
+            let _ = read_all(&bytes);
+        }
+    }
+}

@@ -99,10 +99,33 @@ pub fn default_step(from_ms: i64, to_ms: i64) -> Duration {
     Duration::from_millis((((to_ms - from_ms) / 120).max(1000)) as u64)
 }
 
+/// Epoch milliseconds as RFC 3339 (seconds, UTC); past the year 9999, which RFC 3339 cannot
+/// write, the number itself. Safe on any value a client sends.
+pub fn rfc3339_ms(ms: i64) -> String {
+    use std::fmt::Write;
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let mut out = String::new();
+    match write!(out, "{}", humantime::format_rfc3339_seconds(t)) {
+        Ok(()) => out,
+        Err(_) => format!("{ms} ms after the epoch (after the year 9999)"),
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    #[test]
+    fn every_millisecond_value_formats() {
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339_ms(-5), "1970-01-01T00:00:00Z");
+        assert!(super::rfc3339_ms(i64::MAX).contains("after the year 9999"));
+        assert!(super::rfc3339_ms(253_402_300_800_000).contains("after the year 9999"));
+    }
 }
 
 #[cfg(test)]

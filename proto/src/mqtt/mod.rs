@@ -188,8 +188,6 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
             #[test]
             fn topics_round_trip(id in device_id(), k in any_kind()) {
                 let t = topic(&id, &k);

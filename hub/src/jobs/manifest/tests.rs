@@ -225,3 +225,29 @@ fn not_yaml_at_all() {
     let err = parse("{{{").unwrap_err();
     assert!(!err.reason.is_empty());
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text, and the book's manifest with any line replaced by anything: `parse`
+        /// answers a job or an error that names a field; it never panics.
+        #[test]
+        fn any_manifest_text_parses_or_names_a_field(
+            text in prop_oneof![
+                ".{0,300}",
+                (any::<prop::sample::Index>(), ".{0,60}").prop_map(|(i, line): (prop::sample::Index, String)| {
+                    let mut lines: Vec<&str> = HRDUMP.lines().collect();
+                    let at = i.index(lines.len());
+                    lines[at] = &line;
+                    lines.join("\n")
+                }),
+            ],
+        ) {
+            if let Err(e) = parse(&text) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+}
