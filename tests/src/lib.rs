@@ -428,6 +428,11 @@ pub fn shoal_cli_as(hub: &Hub, token: &str, args: &[&str]) -> (bool, String, Str
 
 /// `shoal-agent spool status` as JSON.
 pub fn spool_status(spool: &Path) -> Value {
+    try_spool_status(spool).unwrap_or_else(|e| panic!("spool status failed: {e}"))
+}
+
+/// `shoal-agent spool status` as JSON, or what it printed instead.
+fn try_spool_status(spool: &Path) -> Result<Value, String> {
     let out = run_bin(
         "shoal-agent",
         &[
@@ -437,12 +442,17 @@ pub fn spool_status(spool: &Path) -> Value {
             spool.to_str().expect("utf-8 path"),
         ],
     );
-    assert!(
-        out.status.success(),
-        "spool status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("spool status JSON")
+    let printed = || {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    if !out.status.success() {
+        return Err(printed());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|_| printed())
 }
 
 /// Polls `shoal-agent spool status` (read-only, safe next to a running agent) until `cond`
@@ -457,28 +467,14 @@ pub async fn wait_for_spool(
 ) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let out = run_bin(
-            "shoal-agent",
-            &[
-                "spool",
-                "status",
-                "--spool-dir",
-                spool.to_str().expect("utf-8 path"),
-            ],
-        );
-        let status: Option<Value> = out
-            .status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten();
-        if let Some(status) = status.filter(|s| cond(s)) {
-            return status;
-        }
+        let last = match try_spool_status(spool) {
+            Ok(status) if cond(&status) => return status,
+            Ok(status) => status.to_string(),
+            Err(printed) => printed,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; spool status: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "timed out after {timeout:?} waiting for {what}; spool status: {last}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

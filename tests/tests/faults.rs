@@ -77,23 +77,7 @@ async fn agent_killed_keeps_its_spool_and_drains_it() {
     let spool = dir.path().join("spool");
     let grpc_port = free_port();
     let http_port = free_port();
-    // No hub yet: everything stays in the spool.
-    let mut first = agent(
-        &format!("http://127.0.0.1:{grpc_port}"),
-        "crash-agent",
-        &spool,
-        "10ms",
-        None,
-    );
-    // Killed once it has spooled what the assertions below need.
-    wait_for_spool(
-        &spool,
-        "samples spooled with no hub",
-        Duration::from_secs(30),
-        |s| s["last_written_seq"].as_u64().unwrap() >= 20,
-    )
-    .await;
-    first.kill9();
+    spool_with_no_hub(grpc_port, "crash-agent", &spool, 20).await;
     let before = spool_status(&spool);
     let written = before["last_written_seq"].as_u64().unwrap();
     assert!(
@@ -164,21 +148,7 @@ async fn spooled_samples_survive_a_hub_that_holds_higher_seqs() {
     let spool = dir.path().join("spool");
     let grpc_port = free_port();
     let http_port = free_port();
-    let mut first = agent(
-        &format!("http://127.0.0.1:{grpc_port}"),
-        "pi-7",
-        &spool,
-        "10ms",
-        None,
-    );
-    wait_for_spool(
-        &spool,
-        "samples spooled with no hub",
-        Duration::from_secs(30),
-        |s| s["last_written_seq"].as_u64().unwrap() >= 16,
-    )
-    .await;
-    first.kill9();
+    spool_with_no_hub(grpc_port, "pi-7", &spool, 16).await;
     let spooled = spool_status(&spool)["pending"].as_u64().unwrap();
 
     let hub = Hub::start_on(&dir.path().join("hub"), grpc_port, http_port, &[]).await;
@@ -205,4 +175,24 @@ async fn spooled_samples_survive_a_hub_that_holds_higher_seqs() {
     );
     assert_eq!(*seqs.last().unwrap(), 100 + spooled + 5);
     assert_eq!(spool_status(&spool)["pending"], 0);
+}
+
+/// Runs an agent for `device` against `grpc_port`, where no hub listens yet, until it has
+/// spooled at least `samples`, then SIGKILLs it: a spool full of samples no hub has seen.
+async fn spool_with_no_hub(grpc_port: u16, device: &str, spool: &std::path::Path, samples: u64) {
+    let mut agent = agent(
+        &format!("http://127.0.0.1:{grpc_port}"),
+        device,
+        spool,
+        "10ms",
+        None,
+    );
+    wait_for_spool(
+        spool,
+        "samples spooled with no hub",
+        Duration::from_secs(30),
+        |s| s["last_written_seq"].as_u64().unwrap() >= samples,
+    )
+    .await;
+    agent.kill9();
 }
