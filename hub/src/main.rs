@@ -18,6 +18,9 @@ use tokio::sync::watch;
 /// Try it:  shoal up          (hub + a local agent, data in ./shoal-data)
 ///          shoal devices list
 ///          shoal telemetry DEVICE --metric cpu_percent --since 15m
+///
+/// Each operator command says which role its API token needs ([role: viewer], ...; see
+/// docs/security.md).
 #[derive(Parser)]
 #[command(name = "shoal", version, propagate_version = true)]
 struct Cli {
@@ -78,13 +81,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::devices::DevicesCommand,
     },
-    /// A device's metric over time, downsampled (avg/min/max per step).
+    /// A device's metric over time, downsampled (avg/min/max per step). [role: viewer]
     ///
     /// Metric names: cpu_percent, load1, memory_used_bytes, uptime_seconds, process_count,
     /// cpu_core_percent{core="0"}, disk_used_bytes{mount="/"}, net_rx_bytes_per_second{iface="eth0"},
     /// temperature_celsius{sensor="..."} and more (see docs/telemetry.md).
     Telemetry(cli::telemetry::TelemetryArgs),
-    /// API tokens (admin): create, list, revoke.
+    /// API tokens: create, list, revoke. [role: admin]
     ///
     /// Every REST call needs a token: the CLI sends SHOAL_TOKEN, else the one `shoal login`
     /// saved for --hub. A new hub writes its first admin token to DATA_DIR/admin.token.
@@ -97,9 +100,9 @@ enum Command {
     ///   shoal login --token-file ./shoal-data/hub/admin.token
     ///   echo "$TOKEN" | shoal --hub https://hub.example login
     Login(cli::access::LoginArgs),
-    /// Who the hub takes you for, and your role.
+    /// Who the hub takes you for, and your role. [any role]
     Whoami,
-    /// The audit log (admin): every change and every refusal, newest last.
+    /// The audit log: every change and every refusal, newest last. [role: admin]
     Audit(cli::access::AuditArgs),
     /// Print the completion script for a shell.
     ///
@@ -294,6 +297,30 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every command that calls the hub's API says the role it needs in its help.
+    #[test]
+    fn operator_commands_state_their_role() {
+        fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let here = format!("{path} {}", cmd.get_name());
+            if cmd.get_subcommands().next().is_none() {
+                let about = cmd.get_about().map(|a| a.to_string()).unwrap_or_default();
+                let local = ["serve", "up", "completions", "login", "template", "help"];
+                if !local.contains(&cmd.get_name())
+                    && !about.contains("[role: ")
+                    && !about.contains("[any role]")
+                {
+                    out.push(here.clone());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &here, out);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no role stated: {missing:?}");
     }
 
     #[test]

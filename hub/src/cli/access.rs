@@ -11,7 +11,7 @@ use crate::auth::Role;
 
 #[derive(clap::Subcommand)]
 pub enum TokensCommand {
-    /// Make an API token (admin). It is printed once and stored only as a hash: keep it now.
+    /// Make an API token, printed once and stored only as a hash: keep it now. [role: admin]
     ///
     ///   shoal tokens create --name ci-nightly --role scientist --expires 30d
     Create {
@@ -25,9 +25,9 @@ pub enum TokensCommand {
         #[arg(long)]
         expires: Option<String>,
     },
-    /// Every token: id, name, role, state (never the secret).
+    /// Every token: id, name, role, state (never the secret). [role: admin]
     List,
-    /// Revoke a token by id (or an active token's name); it opens nothing from then on.
+    /// Revoke a token by id (or an active token's name); it opens nothing from then on. [role: admin]
     Revoke { token: String },
 }
 

@@ -63,7 +63,9 @@ impl Client {
 #[derive(clap::Subcommand)]
 pub enum DatasetsCommand {
     /// Write a window of telemetry as Parquet files plus manifest.json (schema, rows, time
-    /// range, devices, SHA-256 of every file) to a folder or an S3 bucket. The hub writes it:
+    /// range, devices, SHA-256 of every file) to a folder or an S3 bucket [role: scientist].
+    ///
+    /// The hub writes it:
     /// a folder is on the hub's machine, and s3:// uses the hub's AWS_* environment
     /// (AWS_ENDPOINT_URL for MinIO or Garage). See docs/datasets.md.
     ///

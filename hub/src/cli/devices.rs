@@ -179,9 +179,9 @@ fn list(v: &Value) -> &[Value] {
 
 #[derive(clap::Subcommand)]
 pub enum DevicesCommand {
-    /// Every device with its status (online / stale / offline) and last heartbeat.
+    /// Every device with its status (online / stale / offline) and last heartbeat. [role: viewer]
     List,
-    /// One device: identity, status and its latest sample.
+    /// One device: identity, status and its latest sample. [role: viewer]
     Show { id: String },
 }
 

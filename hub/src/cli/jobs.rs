@@ -138,40 +138,29 @@ impl Client {
 
 #[derive(clap::Subcommand)]
 pub enum JobsCommand {
-    /// Create or update a job from a Kubernetes CronJob manifest (YAML or JSON; `-` reads stdin).
+    /// Create or update a job from a Kubernetes CronJob manifest (YAML or JSON; `-` reads stdin). [role: scientist]
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
-    /// Every job with its schedule, last and next start.
+    /// Every job with its schedule, last and next start. [role: viewer]
     List,
-    /// One job and its runs.
-    Show {
-        name: String,
-    },
-    /// Start a run now, whatever the schedule.
-    Run {
-        name: String,
-    },
-    /// No new runs until resumed (a run in progress goes on).
-    Suspend {
-        name: String,
-    },
-    Resume {
-        name: String,
-    },
-    /// Remove a job (its active runs are stopped).
-    Delete {
-        name: String,
-    },
+    /// One job and its runs. [role: viewer]
+    Show { name: String },
+    /// Start a run now, whatever the schedule. [role: scientist]
+    Run { name: String },
+    /// No new runs until resumed (a run in progress goes on). [role: scientist]
+    Suspend { name: String },
+    /// Runs start again on the schedule. [role: scientist]
+    Resume { name: String },
+    /// Remove a job (its active runs are stopped). [role: scientist]
+    Delete { name: String },
     /// Print a built-in job's manifest (without NAME: list them), ready for `jobs apply -f -`:
     ///
     ///   shoal jobs template dataset-export | shoal jobs apply -f -
-    Template {
-        name: Option<String>,
-    },
+    Template { name: Option<String> },
     /// Print the job as a Kubernetes object (JSON, which `kubectl apply -f -` takes): the
-    /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be.
+    /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be. [role: viewer]
     Export {
         name: String,
         /// Kubernetes objects (the only export format; accepted for clarity).

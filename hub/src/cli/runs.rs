@@ -171,16 +171,16 @@ pub(super) fn runs_table(v: &Value) -> String {
 
 #[derive(clap::Subcommand)]
 pub enum RunsCommand {
-    /// Runs, oldest first.
+    /// Runs, oldest first. [role: viewer]
     List {
         #[arg(long)]
         job: Option<String>,
     },
-    /// One run: status, times, attempts, reason.
+    /// One run: status, times, attempts, reason. [role: viewer]
     Show { run: String },
-    /// Files a run left in its SHOAL_ARTIFACTS_DIR (a trained model, a report).
+    /// Files a run left in its SHOAL_ARTIFACTS_DIR (a trained model, a report). [role: viewer]
     Artifacts { run: String },
-    /// Download one artifact of a run.
+    /// Download one artifact of a run. [role: viewer]
     Fetch {
         run: String,
         /// Path as `runs artifacts` lists it, e.g. model.onnx.
@@ -189,7 +189,7 @@ pub enum RunsCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
-    /// A run's output (the last attempt's).
+    /// A run's output (the last attempt's). [role: viewer]
     Logs {
         run: String,
         /// Keep printing until the run has finished.
