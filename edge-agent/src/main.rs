@@ -133,8 +133,8 @@ struct RunArgs {
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Serve the agent's own metrics for Prometheus at http://ADDR/metrics (text format 0.0.4),
-    /// e.g. 127.0.0.1:9560. Off by default, and then it costs nothing. Meant for a loopback
-    /// address: the endpoint has no authentication.
+    /// e.g. 127.0.0.1:9560. Off by default, and then it costs nothing. Loopback addresses
+    /// only: the endpoint has no authentication.
     ///
     /// Metrics: shoal_agent_samples_collected_total (taken and spooled),
     /// shoal_agent_samples_sent_total, shoal_agent_samples_acked_total (stored by the hub),

@@ -50,11 +50,21 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest error message put in a label.
 const MAX_MESSAGE: usize = 300;
 
-/// Parses `--metrics-listen`: an IP address and port, e.g. `127.0.0.1:9560` or `[::1]:9560`.
+/// Parses `--metrics-listen`: a loopback address and port, e.g. `127.0.0.1:9560` or
+/// `[::1]:9560`. The endpoint has no authentication, so any other address is refused: a
+/// scraper on another machine reaches it through something that authenticates (an SSH tunnel,
+/// a local Prometheus agent).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
-        format!("{s:?} is not an address like 127.0.0.1:9560 (IP:PORT; meant for loopback)")
-    })
+    let addr: SocketAddr = s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an address like 127.0.0.1:9560 (IP:PORT on loopback)")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{s:?} is not a loopback address: the metrics endpoint has no authentication, so \
+             it listens on 127.0.0.1 or [::1] only"
+        ));
+    }
+    Ok(addr)
 }
 
 /// What the agent is, for `shoal_agent_info`.
@@ -410,6 +420,9 @@ mod tests {
         assert!(parse_listen("[::1]:9560").is_ok());
         assert!(parse_listen("not-an-addr").is_err());
         assert!(parse_listen("127.0.0.1").is_err());
+        let exposed = parse_listen("0.0.0.0:9560").unwrap_err();
+        assert!(exposed.contains("not a loopback address"), "{exposed}");
+        assert!(parse_listen("192.168.1.7:9560").is_err());
     }
 
     #[tokio::test]

@@ -152,6 +152,24 @@ fn a_bad_metrics_listen_exits_64_naming_the_flag() {
     assert!(stderr.contains("metrics-listen"), "{stderr}");
     assert!(stderr.contains("not-an-addr"), "{stderr}");
 
+    // No authentication there, so loopback only: an exposed address is refused before start.
+    let out = run_bin(
+        "shoal-agent",
+        &[
+            "run",
+            "--device-id",
+            "bad-metrics",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--metrics-listen",
+            "0.0.0.0:9560",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+    assert!(!spool.exists(), "a refused start changes nothing");
+
     // The same from the environment and from the config file.
     let out = std::process::Command::new(shoal_e2e::bin("shoal-agent"))
         .args(["check-config", "--device-id", "bad-metrics"])
