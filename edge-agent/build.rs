@@ -21,9 +21,16 @@ fn main() {
     let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
     let layout = std::env::var("SHOAL_AGENT_LAYOUT").map_or(true, |v| v != "off");
     if linux && layout {
+        // The linker gets copies in OUT_DIR, inside the target directory: cargo may reuse this
+        // script's output for another checkout sharing that directory, and a path into a
+        // checkout that has since moved or gone would fail the link.
         let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+        let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
         for script in ["hot.ld", "cold.ld"] {
-            println!("cargo:rustc-link-arg-bin=shoal-agent=-Wl,-T,{dir}/link/{script}");
+            let copy = format!("{out}/{script}");
+            std::fs::copy(format!("{dir}/link/{script}"), &copy)
+                .unwrap_or_else(|e| panic!("copying link/{script} to {copy}: {e}"));
+            println!("cargo:rustc-link-arg-bin=shoal-agent=-Wl,-T,{copy}");
         }
     }
     if let Ok(map) = std::env::var("SHOAL_AGENT_LINK_MAP") {

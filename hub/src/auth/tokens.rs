@@ -10,6 +10,7 @@ use std::time::Duration;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shoal_ml::dataset::hex;
 use utoipa::ToSchema;
 
 use super::{Principal, Role};
@@ -247,10 +248,6 @@ fn random_hex(bytes: usize) -> String {
 
 fn sha256_hex(s: &str) -> String {
     hex(&Sha256::digest(s.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
