@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/shoal/v1/telemetry.proto",
         "proto/shoal/v1/ingest.proto",
+        "proto/shoal/v1/enroll.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The hub's ingest endpoint: `http://HOST:PORT` for gRPC, `mqtt://HOST:PORT` for MQTT
-    /// (a broker the hub listens on).
+    /// The hub's ingest endpoint: `https://HOST:PORT` for gRPC with this device's certificate
+    /// (after `shoal-agent enroll`), `http://HOST:PORT` for plaintext gRPC (a hub run with
+    /// `--device-auth none`), `mqtt://HOST:PORT` for MQTT (a broker the hub listens on).
     pub hub: String,
     /// MQTT user name (the broker's per-device credentials).
     pub mqtt_username: Option<String>,
@@ -22,8 +23,12 @@ pub struct AgentConfig {
     pub mqtt_password: Option<String>,
     /// A file holding the MQTT password.
     pub mqtt_password_file: Option<PathBuf>,
-    /// CA certificates (PEM) that verify the broker of an `mqtts://` hub.
+    /// CA certificates (PEM) that verify the broker of an `mqtts://` hub, or an `https://`
+    /// hub whose serving certificate is not from its device CA.
     pub tls_ca: Option<PathBuf>,
+    /// Where this device's key, certificate and the hub's CA are kept (`shoal-agent enroll`
+    /// writes them); default: beside the config file, else /etc/shoal.
+    pub identity_dir: Option<PathBuf>,
     /// Resend what the hub has not acknowledged after this long.
     #[serde(with = "humantime_serde_compat")]
     pub ack_timeout: Duration,
@@ -53,6 +58,7 @@ impl Default for AgentConfig {
             mqtt_password: None,
             mqtt_password_file: None,
             tls_ca: None,
+            identity_dir: None,
             ack_timeout: Duration::from_secs(30),
             device_id: None,
             interval: Duration::from_secs(10),
@@ -117,7 +123,7 @@ impl AgentConfig {
                 return Err(invalid(
                     "hub",
                     format!(
-                        "{:?} is not a URL like http://HOST:PORT (gRPC), mqtt://HOST:PORT or mqtts://HOST:PORT",
+                        "{:?} is not a URL like https://HOST:PORT (gRPC), http://HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT",
                         self.hub
                     ),
                 ));
@@ -148,6 +154,19 @@ impl AgentConfig {
         }
         self.metrics_addr()?;
         Ok(())
+    }
+
+    /// Whether the hub is reached over TLS with this device's certificate (`https://`).
+    pub fn uses_identity(&self) -> bool {
+        self.hub.starts_with("https://")
+    }
+
+    /// Where the identity lives: `identity_dir`, else /etc/shoal (`shoal-agent run --config
+    /// FILE` sets it beside FILE).
+    pub fn identity_dir(&self) -> PathBuf {
+        self.identity_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/shoal"))
     }
 
     /// Where to serve metrics; `None` when off (unset or empty).

@@ -6,6 +6,8 @@
 //! - [`board`]: Raspberry Pi, Jetson and thermal-zone readings through a sysroot.
 //! - [`spool`]: the durable, bounded, crash-safe on-disk queue between sampling and sending.
 //! - [`transport`]: gRPC or MQTT to the hub, acks, reconnects with backoff.
+//! - [`identity`]: the device's key and certificate on a hub that requires them: enrollment,
+//!   renewal, and the TLS settings the gRPC transport presents them with.
 //! - [`metrics`]: the agent's own counters for Prometheus, on an opt-in `--metrics-listen`.
 //!
 //! [`run`] wires them: a sampler task appends to the spool every interval, a sender task drains
@@ -17,6 +19,7 @@ pub mod clock;
 pub mod collector;
 pub mod config;
 pub mod gpu;
+pub mod identity;
 pub mod metrics;
 pub mod spool;
 pub mod transport;
@@ -44,6 +47,10 @@ pub enum AgentError {
         "no device id given and none could be derived from /etc/machine-id or the hostname; pass --device-id"
     )]
     NoDeviceId,
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("this device is enrolled as {enrolled:?} (its certificate names it), not {given:?}")]
+    DeviceIdMismatch { enrolled: String, given: String },
     #[error("cannot serve metrics on --metrics-listen {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -160,10 +167,23 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunSummary, AgentError> {
     config.validate()?;
-    let device_id = match &config.device_id {
-        Some(id) => id.clone(),
-        None => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
+    let identity = if config.uses_identity() {
+        Some(identity::Identity::require(&config.identity_dir())?)
+    } else {
+        None
     };
+    let device_id = match (&identity, &config.device_id) {
+        (Some(i), Some(given)) if *given != i.info.device_id => {
+            return Err(AgentError::DeviceIdMismatch {
+                enrolled: i.info.device_id.clone(),
+                given: given.clone(),
+            });
+        }
+        (Some(i), _) => i.info.device_id.clone(),
+        (None, Some(id)) => id.clone(),
+        (None, None) => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
+    };
+    let grpc_tls = start_renewal(&config, identity.as_ref(), &shutdown)?;
     let collector = SystemCollector::new()?;
     let spool = Arc::new(Mutex::new(open_spool(&config, &device_id)?));
     let new_data = Arc::new(Notify::new());
@@ -185,7 +205,12 @@ pub async fn run(
     let sender = Sender {
         hub: config.hub.clone(),
         hello: {
-            let mut hello = collector::describe_device(&device_id, &config.labels);
+            let mut labels = identity
+                .as_ref()
+                .map(|i| i.info.labels.clone())
+                .unwrap_or_default();
+            labels.extend(config.labels.clone());
+            let mut hello = collector::describe_device(&device_id, &labels);
             (hello.gpu_driver_version, hello.cuda_version) = collector.gpu_versions();
             hello
         },
@@ -196,6 +221,7 @@ pub async fn run(
         sampling_done: done_rx,
         ack_timeout: config.ack_timeout,
         tls: tls_config(&config)?,
+        grpc_tls,
         mqtt_credentials: mqtt_credentials(&config)?,
     };
     let sender = tokio::spawn(sender.run(shutdown.clone()));
@@ -228,6 +254,28 @@ pub async fn run(
     };
     tracing::info!(?summary, "agent stopped");
     Ok(summary)
+}
+
+/// The TLS settings that present `identity`, kept current by a renewal task of their own.
+fn start_renewal(
+    config: &AgentConfig,
+    identity: Option<&identity::Identity>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<identity::SharedTls>, AgentError> {
+    let Some(identity) = identity else {
+        return Ok(None);
+    };
+    let tls = Arc::new(std::sync::RwLock::new(
+        identity.tls_config(config.tls_ca.as_deref())?,
+    ));
+    tokio::spawn(identity::keep_renewed(
+        config.hub.clone(),
+        identity.clone(),
+        config.tls_ca.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
+    Ok(Some(tls))
 }
 
 /// Opens the spool under its size bound and logs the start of the run with what it holds.

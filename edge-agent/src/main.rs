@@ -30,6 +30,14 @@ enum Command {
     /// later ones win. Example:
     ///   shoal-agent run --hub http://hub:50051 --interval 1s --spool-dir /var/lib/shoal-agent/spool
     Run(Box<RunArgs>),
+    /// Enroll this device with a hub: make a key here (it never leaves the device), send a
+    /// certificate signing request with the one-time token an admin made, and keep the
+    /// certificate the hub signs in the identity directory (key mode 0600). Then report with
+    /// `shoal-agent run --hub https://HOST:PORT`; the agent renews the certificate itself.
+    ///
+    /// `shoal devices enroll --name pi-7` on the hub prints the whole command, e.g.:
+    ///   shoal-agent enroll --hub https://hub:50051 --token enroll_… --ca-sha256 3f0c…
+    Enroll(EnrollArgs),
     /// Take one sample and print it as JSON.
     Sample {
         /// Take a single sample (the only mode for now; kept explicit for scripts).
@@ -93,12 +101,40 @@ enum SpoolCommand {
 }
 
 #[derive(Args)]
+struct EnrollArgs {
+    /// The hub's gRPC port, https://HOST:PORT.
+    #[arg(long, env = "SHOAL_HUB")]
+    hub: String,
+    /// The one-time enrollment token (SHOAL_ENROLL_TOKEN keeps it out of shell history).
+    #[arg(long, env = "SHOAL_ENROLL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// SHA-256 (hex) of the hub's device CA certificate, printed with the token: the agent
+    /// trusts the hub only if it presents that CA.
+    #[arg(long, required_unless_present = "tls_ca", conflicts_with = "tls_ca")]
+    ca_sha256: Option<String>,
+    /// CA certificates (PEM) that signed the hub's serving certificate, instead of
+    /// --ca-sha256.
+    #[arg(long, env = "SHOAL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Where to keep the key and certificate [default: beside --config, else /etc/shoal].
+    #[arg(long, env = "SHOAL_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
+    /// The agent's config file (the identity goes beside it).
+    #[arg(long, env = "SHOAL_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Replace the identity already there (the old certificate stays valid until revoked).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// TOML config file.
     #[arg(long, env = "SHOAL_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Where to report: http://HOST:PORT (the hub's gRPC port) or mqtt://HOST:PORT (a broker
-    /// the hub listens on).
+    /// Where to report: https://HOST:PORT (the hub's gRPC port, with this device's
+    /// certificate from `shoal-agent enroll`), http://HOST:PORT (a hub run with --device-auth
+    /// none) or mqtt://HOST:PORT (a broker the hub listens on).
     #[arg(long, env = "SHOAL_HUB")]
     hub: Option<String>,
     /// MQTT user name.
@@ -110,9 +146,14 @@ struct RunArgs {
     /// File holding the MQTT password.
     #[arg(long, env = "SHOAL_MQTT_PASSWORD_FILE")]
     mqtt_password_file: Option<PathBuf>,
-    /// CA certificates (PEM) that verify the broker of an mqtts:// hub.
+    /// CA certificates (PEM) that verify the broker of an mqtts:// hub, or an https:// hub
+    /// whose serving certificate is not from its device CA.
     #[arg(long, env = "SHOAL_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Where this device's key and certificate are (written by `shoal-agent enroll`)
+    /// [default: beside --config, else /etc/shoal].
+    #[arg(long, env = "SHOAL_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
     /// Resend what the hub has not acknowledged after this long [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     ack_timeout: Option<Duration>,
@@ -184,6 +225,17 @@ impl RunArgs {
         if let Some(v) = self.tls_ca {
             c.tls_ca = Some(v);
         }
+        if let Some(v) = self.identity_dir {
+            c.identity_dir = Some(v);
+        } else if c.identity_dir.is_none() {
+            // Beside the config file, as `shoal-agent enroll --config` puts it.
+            c.identity_dir = self
+                .config
+                .as_deref()
+                .and_then(std::path::Path::parent)
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(std::path::Path::to_path_buf);
+        }
         if let Some(v) = self.ack_timeout {
             c.ack_timeout = v;
         }
@@ -229,6 +281,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run_agent(*args),
+        Command::Enroll(args) => enroll(args),
         Command::Sample {
             once: _,
             sysroot: Some(root),
@@ -280,6 +333,85 @@ fn run_agent(args: RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shoal-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `enroll`: exit 0 enrolled, 64 on bad arguments or an identity already there, 1 when the
+/// hub refused or could not be reached.
+fn enroll(args: EnrollArgs) -> ExitCode {
+    use shoal_agent::identity::{self, Identity, Trust};
+    if !args.hub.starts_with("https://") {
+        eprintln!(
+            "shoal-agent: invalid hub: {:?} must be https://HOST:PORT (enrollment runs over TLS)",
+            args.hub
+        );
+        return ExitCode::from(64);
+    }
+    let dir = args.identity_dir.clone().unwrap_or_else(|| {
+        args.config
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("/etc/shoal"), std::path::Path::to_path_buf)
+    });
+    match Identity::load(&dir) {
+        Ok(Some(existing)) if !args.force => {
+            eprintln!(
+                "shoal-agent: {}",
+                identity::IdentityError::AlreadyEnrolled(dir, existing.info.device_id)
+            );
+            return ExitCode::from(64);
+        }
+        Err(e) if !args.force => {
+            eprintln!("shoal-agent: {e}");
+            return ExitCode::from(64);
+        }
+        _ => {}
+    }
+    let trust = match (args.ca_sha256, args.tls_ca) {
+        (Some(pin), _) => {
+            let pin = pin
+                .trim()
+                .trim_start_matches("sha256:")
+                .to_ascii_lowercase();
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                eprintln!("shoal-agent: invalid ca-sha256: 64 hex digits expected");
+                return ExitCode::from(64);
+            }
+            Trust::Fingerprint(pin)
+        }
+        (None, Some(path)) => Trust::CaFile(path),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(identity::enroll(&args.hub, &args.token, &trust, &dir)) {
+        Ok(id) => {
+            let until = id.info.not_after_unix;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "enrolled as {} (certificate valid until {}, renewed automatically); identity in {}\nreport with: shoal-agent run --hub {}{}",
+                id.info.device_id,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(until).unwrap_or(0))
+                ),
+                dir.display(),
+                args.hub,
+                if args.identity_dir.is_some() {
+                    format!(" --identity-dir {}", dir.display())
+                } else {
+                    String::new()
+                },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shoal-agent: enrollment failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -130,6 +130,10 @@ pub struct Metrics {
     http_requests: Mutex<BTreeMap<(String, u16), u64>>,
     /// Requests the access gate refused, by reason.
     http_denied: Mutex<BTreeMap<&'static str, u64>>,
+    /// Device requests (enrollment, renewal, ingest) refused for their identity, by reason.
+    device_denied: Mutex<BTreeMap<&'static str, u64>>,
+    /// TLS handshakes on the gRPC port that failed (no TLS, a certificate from another CA, ...).
+    pub grpc_tls_failures: Counter,
 }
 
 impl Metrics {
@@ -169,6 +173,16 @@ impl Metrics {
             .http_denied
             .lock()
             .expect("http counters")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Counts a device request refused for its identity (`no_certificate`, `wrong_device`, ...).
+    pub fn deny_device(&self, reason: &'static str) {
+        *self
+            .device_denied
+            .lock()
+            .expect("device counters")
             .entry(reason)
             .or_default() += 1;
     }
@@ -344,6 +358,25 @@ impl Metrics {
         for (reason, n) in self.http_denied.lock().expect("http counters").iter() {
             let _ = writeln!(out, "shoal_http_denied_total{{reason=\"{reason}\"}} {n}");
         }
+
+        let _ = writeln!(
+            out,
+            "# HELP shoal_device_denied_total Device requests (enrollment, renewal, ingest) refused for their identity, by reason."
+        );
+        let _ = writeln!(out, "# TYPE shoal_device_denied_total counter");
+        for (reason, n) in self.device_denied.lock().expect("device counters").iter() {
+            let _ = writeln!(out, "shoal_device_denied_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP shoal_grpc_tls_failures_total TLS handshakes on the gRPC port that failed."
+        );
+        let _ = writeln!(out, "# TYPE shoal_grpc_tls_failures_total counter");
+        let _ = writeln!(
+            out,
+            "shoal_grpc_tls_failures_total {}",
+            self.grpc_tls_failures.get()
+        );
 
         let _ = writeln!(out, "# HELP shoal_devices Known devices by status.");
         let _ = writeln!(out, "# TYPE shoal_devices gauge");

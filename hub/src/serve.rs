@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::{api, auth, ingest, jobs, mqtt};
 
 use crate::api::access::MetricsAuth;
+use crate::ingest::enroll::EnrollmentService;
 use crate::ingest::grpc::IngestService;
 use crate::ingest::mqtt::BrokerConfig;
 use crate::ingest::{IngestLimits, Ingestor};
@@ -50,6 +51,52 @@ pub struct HubConfig {
     pub dataset_uri: Option<String>,
     /// Who may use the REST API.
     pub auth: AuthConfig,
+    /// Which devices may send telemetry.
+    pub devices: DeviceAuthConfig,
+}
+
+/// Device identity on the gRPC port (see [`crate::auth::devices`]).
+#[derive(Debug, Clone)]
+pub struct DeviceAuthConfig {
+    /// Devices must present the certificate of the device they send as (TLS with client
+    /// certificates; the default). False: plaintext gRPC where any client may send as any
+    /// device, refused on a non-loopback address without `--insecure-no-auth`.
+    pub enforce: bool,
+    /// An operator's own CA (certificate, key) instead of the one the hub makes in
+    /// `DATA_DIR/ca`.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    pub serving: auth::tls::ServingCert,
+    pub policy: auth::devices::CertPolicy,
+}
+
+impl Default for DeviceAuthConfig {
+    fn default() -> Self {
+        Self {
+            enforce: true,
+            ca: None,
+            serving: auth::tls::ServingCert::Issued {
+                names: default_serving_names(None),
+            },
+            policy: auth::devices::CertPolicy::default(),
+        }
+    }
+}
+
+/// The names the hub's own serving certificate covers: loopback, this machine's host name,
+/// the listen address when it is a specific one, and `extra`.
+pub fn default_serving_names(listen: Option<SocketAddr>) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() {
+            names.push(host.to_string());
+        }
+    }
+    if let Some(addr) = listen.filter(|a| !a.ip().is_unspecified()) {
+        names.push(addr.ip().to_string());
+    }
+    names.dedup();
+    names
 }
 
 /// Access to the REST API (see [`crate::auth`] and [`crate::api::access`]).
@@ -119,13 +166,44 @@ impl HubConfig {
     }
 }
 
-/// gRPC ingest, and MQTT ingest from an external broker and the embedded one when configured:
-/// the gRPC task and the MQTT tasks.
+/// The device CA, enrollment and the gRPC port's TLS settings, when devices must be enrolled.
+type DeviceDoor = Option<(Arc<auth::DeviceAuthority>, Arc<rustls::ServerConfig>)>;
+
+fn open_devices(config: &HubConfig, store: &Store) -> Result<DeviceDoor, HubError> {
+    let d = &config.devices;
+    if !d.enforce {
+        tracing::warn!(
+            "device authentication is off: any client of the gRPC port may send as any device"
+        );
+        return Ok(None);
+    }
+    let ca = match &d.ca {
+        Some((cert, key)) => auth::ca::DeviceCa::from_files(cert, key),
+        None => auth::ca::DeviceCa::open_or_create(&config.data_dir),
+    }
+    .map_err(|e| HubError::Config {
+        field: "device-ca-cert",
+        reason: e.to_string(),
+    })?;
+    let tls = auth::tls::grpc_server_config(&ca, &d.serving, d.policy.grace).map_err(|reason| {
+        HubError::Config {
+            field: "grpc-tls-cert",
+            reason,
+        }
+    })?;
+    tracing::info!(ca_sha256 = %ca.fingerprint(), "devices need certificates (shoal devices enroll)");
+    let authority = auth::DeviceAuthority::open(store.clone(), ca, d.policy)?;
+    Ok(Some((authority, tls)))
+}
+
+/// gRPC ingest (with enrollment when devices need certificates), and MQTT ingest from an
+/// external broker and the embedded one when configured: the gRPC task and the MQTT tasks.
 fn start_ingest(
     config: &HubConfig,
-    grpc: TcpListener,
-    mqtt_listener: Option<TcpListener>,
+    (grpc, mqtt_listener): (TcpListener, Option<TcpListener>),
     ingestor: Ingestor,
+    devices: DeviceDoor,
+    audit: &Arc<auth::AuditLog>,
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
 ) -> (
@@ -150,10 +228,20 @@ fn start_ingest(
             shutdown.clone(),
         )));
     }
+    let mut service = IngestService::new(ingestor);
+    let (enrollment, tls) = match devices {
+        Some((authority, tls)) => {
+            service = service.with_devices(authority.clone(), audit.clone());
+            let enroll = EnrollmentService::new(authority, audit.clone(), metrics.clone());
+            (Some(enroll), Some(tls))
+        }
+        None => (None, None),
+    };
     let grpc_task = tokio::spawn(ingest::grpc::serve(
         grpc,
-        IngestService::new(ingestor),
-        config.limits,
+        service,
+        enrollment,
+        tls,
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -189,6 +277,38 @@ pub fn refuse_exposed_without_auth(auth: &AuthConfig, http: SocketAddr) -> Resul
              authenticates every request"
         ),
     })
+}
+
+/// Without device authentication, only a loopback gRPC address unless `--insecure-no-auth`.
+fn refuse_anonymous_devices(config: &HubConfig, grpc: SocketAddr) -> Result<(), HubError> {
+    if config.devices.enforce || config.auth.allow_exposed || grpc.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(HubError::Config {
+        field: "device-auth",
+        reason: format!(
+            "refusing to take telemetry on {grpc} without device authentication: anyone who \
+             can reach it could send as any device. Drop --device-auth none (devices enroll \
+             with shoal devices enroll), listen on 127.0.0.1, or pass --insecure-no-auth"
+        ),
+    })
+}
+
+/// The gRPC URL agents are told to use (`shoal devices enroll` prints it): `https://` with
+/// device authentication, on this machine's host name when the hub listens on every address.
+fn advertised_grpc_url(config: &HubConfig, grpc: SocketAddr) -> String {
+    let scheme = if config.devices.enforce {
+        "https"
+    } else {
+        "http"
+    };
+    if !grpc.ip().is_unspecified() {
+        return format!("{scheme}://{grpc}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{scheme}://{host}:{}", grpc.port())
 }
 
 /// Tokens (with the first admin token made on a new hub), the audit log, and the token runs
@@ -260,8 +380,10 @@ pub async fn run(
         http,
         mqtt: mqtt_listener,
     } = listeners;
+    let grpc_addr = grpc.local_addr()?;
     config.validate()?;
     refuse_exposed_without_auth(&config.auth, http.local_addr()?)?;
+    refuse_anonymous_devices(&config, grpc.local_addr()?)?;
     let cluster = connect_cluster(&config).await?;
     let store = Store::open(&config.data_dir)?;
     let (auth, run_token) = open_auth(&config, &store)?;
@@ -277,10 +399,20 @@ pub async fn run(
     );
 
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
-    let (grpc_task, mqtt_tasks) =
-        start_ingest(&config, grpc, mqtt_listener, ingestor, &metrics, &shutdown);
+    let devices = open_devices(&config, &store)?;
+    let authority = devices.as_ref().map(|(a, _)| a.clone());
+    let (grpc_task, mqtt_tasks) = start_ingest(
+        &config,
+        (grpc, mqtt_listener),
+        ingestor,
+        devices,
+        &auth.audit,
+        &metrics,
+        &shutdown,
+    );
 
     let hub_url = format!("http://{}", http.local_addr()?);
+    let grpc_url = advertised_grpc_url(&config, grpc_addr);
     let (scheduler, job_store, scheduler_task) = start_jobs(
         &config,
         &store,
@@ -299,6 +431,8 @@ pub async fn run(
         metrics,
         thresholds: config.thresholds,
         auth,
+        devices: authority,
+        grpc_url,
     };
     let http_task = tokio::spawn(serve_api(http, state, shutdown.clone()));
 
@@ -465,6 +599,44 @@ pub struct ServeArgs {
     /// Whether /metrics needs a token (any role) or is open to scrapers.
     #[arg(long, value_enum, default_value = "open")]
     pub metrics_auth: MetricsAuth,
+    /// How devices prove who they are on the gRPC port. `cert`: TLS, and each device presents
+    /// the certificate it got at enrollment (shoal devices enroll; shoal-agent enroll).
+    /// `none`: plaintext, any client may send as any device id; only on a loopback
+    /// --grpc-listen unless --insecure-no-auth.
+    #[arg(long, env = "SHOAL_DEVICE_AUTH", value_enum, default_value = "cert")]
+    pub device_auth: DeviceAuthMode,
+    /// Sign device certificates with this CA certificate (PEM) instead of the CA the hub
+    /// makes in DATA_DIR/ca; needs --device-ca-key.
+    #[arg(long, env = "SHOAL_DEVICE_CA_CERT", requires = "device_ca_key")]
+    pub device_ca_cert: Option<PathBuf>,
+    /// The private key (PEM, PKCS#8) of --device-ca-cert.
+    #[arg(long, env = "SHOAL_DEVICE_CA_KEY", requires = "device_ca_cert")]
+    pub device_ca_key: Option<PathBuf>,
+    /// The gRPC port's certificate chain (PEM); without it the device CA issues one at each
+    /// start for localhost, this host's name, the listen address and every --grpc-tls-name.
+    #[arg(long, env = "SHOAL_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "SHOAL_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Another DNS name or IP address agents reach the hub by (repeatable), e.g. the
+    /// Kubernetes Service's name.
+    #[arg(long = "grpc-tls-name", value_name = "NAME")]
+    pub grpc_tls_names: Vec<String>,
+    /// How long a device certificate lasts; agents renew at 2/3 of it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+    pub device_cert_ttl: Duration,
+    /// How long after expiry a device may still renew its certificate (a device that was
+    /// offline past its expiry); nothing else is allowed with an expired certificate.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+    pub device_renew_grace: Duration,
+}
+
+/// See `shoal serve --device-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceAuthMode {
+    Cert,
+    None,
 }
 
 impl ServeArgs {
@@ -494,7 +666,26 @@ impl ServeArgs {
             .map(shoal_proto::mqtt::client::tls_config)
             .transpose()
             .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
+        if a.device_cert_ttl < Duration::from_secs(1) {
+            return Err("invalid device-cert-ttl: must be at least 1s".into());
+        }
+        let listen = a.grpc_listen.parse().ok();
+        let mut names = default_serving_names(listen);
+        names.extend(a.grpc_tls_names.iter().cloned());
+        let devices = DeviceAuthConfig {
+            enforce: a.device_auth == DeviceAuthMode::Cert,
+            ca: a.device_ca_cert.clone().zip(a.device_ca_key.clone()),
+            serving: match (a.grpc_tls_cert.clone(), a.grpc_tls_key.clone()) {
+                (Some(cert), Some(key)) => auth::tls::ServingCert::Files { cert, key },
+                _ => auth::tls::ServingCert::Issued { names },
+            },
+            policy: auth::devices::CertPolicy {
+                lifetime: a.device_cert_ttl,
+                grace: a.device_renew_grace,
+            },
+        };
         Ok(HubConfig {
+            devices,
             auth: AuthConfig {
                 enforce: !(a.no_auth || a.insecure_no_auth),
                 allow_exposed: a.insecure_no_auth,

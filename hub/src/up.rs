@@ -29,6 +29,10 @@ pub struct LocalAgent {
     pub binary: PathBuf,
     pub interval: Duration,
     pub spool_dir: PathBuf,
+    /// Its key and certificate (it enrolls itself on the first `shoal up`).
+    pub identity_dir: PathBuf,
+    /// The hub's device CA, which the agent trusts the hub through.
+    pub ca_file: PathBuf,
 }
 
 /// How the operator commands reach `shoal up`'s hub: its first admin token, saved for them.
@@ -54,6 +58,8 @@ pub async fn up(
         binary: find_agent()?,
         interval: opts.interval,
         spool_dir: opts.data_dir.join("agent-spool"),
+        identity_dir: opts.data_dir.join("agent-identity"),
+        ca_file: opts.data_dir.join("hub").join("ca").join("ca.crt"),
     };
     // The agent's own bounds, checked here so a bad value stops `shoal up` before it starts.
     if opts.interval < Duration::from_millis(10) || opts.interval > Duration::from_secs(3600) {
@@ -84,15 +90,20 @@ pub async fn up(
         mqtt_json_topic: "sensor/+".into(),
         mqtt_tls: None,
         auth: crate::serve::AuthConfig::default(),
+        devices: crate::serve::DeviceAuthConfig::default(),
     };
     hub_config.validate()?;
     let login = log_in(&hub_config.data_dir, endpoints.http)?;
+    let enrollment = prepare_enrollment(&hub_config, &agent)?;
     let listeners = crate::Listeners {
         grpc,
         http,
         mqtt: Some(mqtt),
     };
     let hub = tokio::spawn(crate::run(hub_config, listeners, shutdown.clone()));
+    if let Some(token) = enrollment {
+        enroll_agent(&agent, &endpoints, &token).await?;
+    }
     let mut child = spawn_agent(&agent, &endpoints)?;
     on_ready(&endpoints, &agent, &login);
 
@@ -129,6 +140,95 @@ fn log_in(hub_data: &Path, http: std::net::SocketAddr) -> Result<Login, HubError
     Ok(Login { token_file, saved })
 }
 
+/// On the first `shoal up`, an enrollment token for the local agent (made before the hub
+/// starts, like the admin token); `None` once the agent holds an identity.
+fn prepare_enrollment(config: &HubConfig, agent: &LocalAgent) -> Result<Option<String>, HubError> {
+    if agent.identity_dir.join("identity.toml").exists() {
+        return Ok(None);
+    }
+    let device_err = |e: crate::auth::DeviceAuthError| HubError::Config {
+        field: "enrollment",
+        reason: e.to_string(),
+    };
+    let ca = crate::auth::ca::DeviceCa::open_or_create(&config.data_dir).map_err(|e| {
+        HubError::Config {
+            field: "device-ca",
+            reason: e.to_string(),
+        }
+    })?;
+    let store = crate::store::Store::open(&config.data_dir)?;
+    let authority = crate::auth::DeviceAuthority::open(store, ca, config.devices.policy)?;
+    let labels = [("source".to_string(), "shoal-up".to_string())].into();
+    let (_, token) = authority
+        .create_enrollment(
+            &local_device_id(),
+            labels,
+            Duration::from_secs(3600),
+            "shoal up",
+        )
+        .map_err(device_err)?;
+    Ok(Some(token))
+}
+
+/// The id the local agent would take by itself: the machine id, else the host name.
+fn local_device_id() -> String {
+    [
+        "/etc/machine-id",
+        "/var/lib/dbus/machine-id",
+        "/proc/sys/kernel/hostname",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .map(|s| s.trim().to_string())
+    .find(|s| shoal_proto::device_id::validate(s).is_ok())
+    .unwrap_or_else(|| "local".into())
+}
+
+/// The local agent's gRPC URL for the hub: TLS, on loopback when the hub listens everywhere.
+fn agent_hub_url(endpoints: &Endpoints) -> String {
+    let mut addr = endpoints.grpc;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("https://{addr}")
+}
+
+/// `shoal-agent enroll` with the token, as a device would run it.
+async fn enroll_agent(
+    agent: &LocalAgent,
+    endpoints: &Endpoints,
+    token: &str,
+) -> Result<(), HubError> {
+    let fail = |reason: String| HubError::Config {
+        field: "shoal-agent",
+        reason,
+    };
+    let run = Command::new(&agent.binary)
+        .arg("enroll")
+        .arg("--hub")
+        .arg(agent_hub_url(endpoints))
+        .arg("--tls-ca")
+        .arg(&agent.ca_file)
+        .arg("--identity-dir")
+        .arg(&agent.identity_dir)
+        .env("SHOAL_ENROLL_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Ok(Ok(s)) if s.success() => Ok(()),
+        Ok(Ok(s)) => Err(fail(format!(
+            "the local agent could not enroll ({s}); its message is above"
+        ))),
+        Ok(Err(e)) => Err(fail(format!(
+            "cannot start {}: {e}",
+            agent.binary.display()
+        ))),
+        Err(_) => Err(fail("the local agent did not enroll within 30 s".into())),
+    }
+}
+
 /// `shoal-agent` beside this executable (a release archive, `cargo build`, the .deb), else on
 /// PATH.
 fn find_agent() -> Result<PathBuf, HubError> {
@@ -161,7 +261,9 @@ fn spawn_agent(agent: &LocalAgent, endpoints: &Endpoints) -> Result<Child, HubEr
     Command::new(&agent.binary)
         .arg("run")
         .arg("--hub")
-        .arg(format!("http://{}", endpoints.grpc))
+        .arg(agent_hub_url(endpoints))
+        .arg("--identity-dir")
+        .arg(&agent.identity_dir)
         .arg("--interval")
         .arg(humantime::format_duration(agent.interval).to_string())
         .arg("--spool-dir")
@@ -217,7 +319,7 @@ pub fn banner(ep: &Endpoints, agent: &LocalAgent, login: &Login) -> String {
         ),
     };
     format!(
-        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     http://{grpc} (gRPC) or mqtt://{mqtt} (MQTT): shoal-agent run --hub URL\n  access     {access}\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
+        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     https://{grpc} (gRPC, enrolled devices: shoal devices enroll --name NAME) or mqtt://{mqtt} (MQTT)\n  access     {access}\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
         hub = hub_flag(ep.http),
         http = ep.http,
         grpc = ep.grpc,

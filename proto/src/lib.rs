@@ -1,7 +1,8 @@
 //! Shoal's wire contract.
 //!
 //! # Layout
-//! - `proto/shoal/v1/*.proto`: the messages and the `Ingest` service (package `shoal.v1`),
+//! - `proto/shoal/v1/*.proto`: the messages, the `Ingest` service and the `Enrollment` service
+//!   (device certificates; package `shoal.v1`),
 //!   compiled at build time by protox + tonic-prost-build (no system `protoc` needed).
 //! - [`v1`]: the generated types, client and server.
 //! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the

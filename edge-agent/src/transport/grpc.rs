@@ -82,7 +82,16 @@ impl Sender {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(connect_error)?;
+        let channel = match &self.grpc_tls {
+            Some(tls) => {
+                let config = tls.read().expect("tls lock").clone();
+                endpoint
+                    .connect_with_connector(crate::identity::connector(config))
+                    .await
+            }
+            None => endpoint.connect().await,
+        }
+        .map_err(connect_error)?;
         Ok(IngestClient::new(channel)
             .max_encoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES)
             .max_decoding_message_size(shoal_proto::DEFAULT_MAX_MESSAGE_BYTES))

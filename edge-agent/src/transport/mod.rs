@@ -33,7 +33,7 @@ const BATCH_MAX_BYTES: usize = 1024 * 1024;
 
 /// An error and its causes on one line: tonic's own message ("transport error") names no
 /// reason; the operator needs the one underneath ("Connection refused").
-fn causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {
@@ -142,6 +142,8 @@ pub struct Sender {
     pub mqtt_credentials: Option<(String, String)>,
     /// TLS settings for `mqtts://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS settings (with this device's certificate) for `https://`.
+    pub grpc_tls: Option<crate::identity::SharedTls>,
 }
 
 impl Sender {

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod datasets;
 pub mod devices;
+pub mod enrollment;
 pub mod error;
 pub mod extract;
 pub mod jobs;
@@ -85,6 +86,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .merge(datasets::routes())
         .merge(jobs::routes())
         .merge(tokens::routes())
+        .merge(enrollment::routes())
 }
 
 /// The OpenAPI 3.1 document of [`router`]'s routes.

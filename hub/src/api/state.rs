@@ -23,6 +23,10 @@ pub struct AppState {
     /// This hub's REST URL, given to runs.
     pub hub_url: String,
     pub auth: AuthState,
+    /// Enrollment and revocation; `None` with `--device-auth none`.
+    pub devices: Option<Arc<crate::auth::DeviceAuthority>>,
+    /// The gRPC URL agents are told to use.
+    pub grpc_url: String,
 }
 
 /// What the access gate and the token routes use.

@@ -1,18 +1,24 @@
 //! Who may do what: roles, the principals that hold them ([`tokens`]: API tokens stored hashed),
-//! and the append-only [`audit`] log. It uses [`crate::store`] (tokens live in a record table)
-//! and nothing above it; [`crate::api`] enforces it on every route.
+//! and the append-only [`audit`] log; for devices, the hub's certificate authority ([`ca`]),
+//! enrollment, renewal and revocation ([`devices`]) and the gRPC port's TLS ([`tls`]). It uses
+//! [`crate::store`] (tokens and identities live in record tables) and nothing above it;
+//! [`crate::api`] enforces it on every route, [`crate::ingest`] on every device stream.
 //!
 //! Roles: `viewer` reads; `operator` manages devices; `scientist` runs jobs and exports
 //! datasets (jobs run commands on the hub); `admin` does everything, including tokens and the
 //! audit log. A route needs one role; `admin` holds every role, and every role can read.
 
 pub mod audit;
+pub mod ca;
+pub mod devices;
+pub mod tls;
 pub mod tokens;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use self::audit::{AuditEntry, AuditLog};
+pub use self::devices::{DeviceAuthError, DeviceAuthority, PeerCert};
 pub use self::tokens::{TokenError, Tokens};
 
 /// What a principal may do.

@@ -66,6 +66,77 @@ impl Client {
     }
 }
 
+impl Client {
+    async fn devices_enroll(
+        &self,
+        name: &str,
+        labels: &[(String, String)],
+        ttl: &str,
+        output: Output,
+    ) -> Result<String, CliError> {
+        let map: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let body = serde_json::json!({ "device_id": name, "labels": map, "ttl": ttl });
+        let v = self
+            .send_json(reqwest::Method::POST, "/api/v1/enrollments", &body)
+            .await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        Ok(format!(
+            "On the device, run (the token works once, until {}):\n\n  {}\n\nToken (shown once): {}\n",
+            rfc3339_of(&v["expires_ms"]),
+            str_of(&v["command"]),
+            str_of(&v["token"]),
+        ))
+    }
+
+    async fn devices_identities(&self, output: Output) -> Result<String, CliError> {
+        let v = self.get("/api/v1/identities", &[]).await?;
+        if output == Output::Json {
+            return Ok(pretty(&v));
+        }
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let state = if i["revoked_ms"].is_i64() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                vec![
+                    str_of(&i["device_id"]),
+                    state.to_string(),
+                    rfc3339_of(&i["not_after_s"].as_i64().map(|s| s * 1000).into()),
+                    str_of(&i["serial"]),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok("no device has enrolled yet (shoal devices enroll)\n".into());
+        }
+        Ok(table(&["DEVICE", "STATE", "CERT EXPIRES", "SERIAL"], &rows))
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// A time in ms as RFC 3339, or "-" when absent.
+fn rfc3339_of(ms: &Value) -> String {
+    ms.as_i64()
+        .map_or_else(|| "-".into(), crate::store::series::rfc3339_ms)
+}
+
 /// `devices show`'s rows for what the device is: identity, status, versions and labels.
 fn identity_rows(d: &Value, now: i64) -> Vec<Vec<String>> {
     let mut rows = vec![
@@ -183,6 +254,29 @@ pub enum DevicesCommand {
     List,
     /// One device: identity, status and its latest sample. [role: viewer]
     Show { id: String },
+    /// Make a one-time token that enrolls a device, and print the command to run on it.
+    /// [role: admin]
+    ///
+    /// The device makes its own key and gets a certificate naming it; the hub then takes its
+    /// telemetry only with that certificate. Example:
+    ///   shoal devices enroll --name pi-7 --labels site=lab,rack=3 --ttl 24h
+    Enroll {
+        /// The device id it gets (letters, digits, '.', '_', '-', ':').
+        #[arg(long)]
+        name: String,
+        /// Labels it reports, KEY=VALUE[,KEY=VALUE...]; repeatable.
+        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token can be used.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Revoke a device: its certificate stops working at its next request. What it stored
+    /// stays, and so does its spool on the device; enrolling it again lets it back in.
+    /// [role: admin]
+    Revoke { id: String },
+    /// Enrolled devices' certificates: serial, expiry, last renewal, revocation. [role: viewer]
+    Identities,
 }
 
 impl DevicesCommand {
@@ -190,6 +284,27 @@ impl DevicesCommand {
         match self {
             DevicesCommand::List => client.devices_list(output).await,
             DevicesCommand::Show { id } => client.devices_show(&id, output).await,
+            DevicesCommand::Enroll { name, labels, ttl } => {
+                client.devices_enroll(&name, &labels, &ttl, output).await
+            }
+            DevicesCommand::Revoke { id } => {
+                let v = client
+                    .send(
+                        reqwest::Method::POST,
+                        &format!("/api/v1/devices/{}/revoke", encode(&id)),
+                        None,
+                    )
+                    .await?;
+                Ok(if output == Output::Json {
+                    pretty(&v)
+                } else {
+                    format!(
+                        "revoked {}: it is refused from its next request on; its data and spool are kept\n",
+                        str_of(&v["device_id"])
+                    )
+                })
+            }
+            DevicesCommand::Identities => client.devices_identities(output).await,
         }
     }
 }

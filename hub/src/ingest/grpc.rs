@@ -4,6 +4,11 @@
 //! connection that ends in an error — garbage bytes, a broken HTTP/2 session — is counted in
 //! `/metrics`, and so that shutdown drains open streams with a deadline. HTTP/1 requests (and
 //! bytes that are not HTTP/2) get an HTTP/1 `400 Bad Request` instead of a silent close.
+//!
+//! With device authentication on, the port speaks TLS only: each connection's handshake runs
+//! in its own task (a slow client holds up no one), and the client certificate it presented
+//! (a [`PeerCert`]) rides on every request of that connection, where `Ingest` and `Renew` check
+//! it. The `Enrollment` service shares the port.
 
 use std::sync::Arc;
 
@@ -11,27 +16,43 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use shoal_proto::v1::enrollment_server::EnrollmentServer;
 use shoal_proto::v1::ingest_server::{Ingest, IngestServer};
-use shoal_proto::v1::{IngestRequest, IngestResponse, Welcome, ingest_request, ingest_response};
+use shoal_proto::v1::{
+    DeviceHello, IngestRequest, IngestResponse, Welcome, ingest_request, ingest_response,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::{DRAIN_GRACE, HelloError, IngestLimits, Ingestor};
+use super::enroll::EnrollmentService;
+use super::{DRAIN_GRACE, HelloError, Ingestor};
+use crate::auth::audit::{AuditEntry, AuditLog, Outcome};
+use crate::auth::{DeviceAuthority, PeerCert};
 use crate::metrics::{Metrics, StreamReject};
+
+/// How long a client gets to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn serve(
     listener: TcpListener,
     service: IngestService,
-    limits: IngestLimits,
+    enrollment: Option<EnrollmentService>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let max_bytes = service.ingestor.limits().max_message_bytes;
     let svc = IngestServer::new(service)
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
-    let routes = tonic::service::Routes::new(svc).prepare();
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes);
+    let mut routes = tonic::service::Routes::new(svc);
+    if let Some(e) = enrollment {
+        routes = routes.add_service(EnrollmentServer::new(e));
+    }
+    let routes = routes.prepare();
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -53,17 +74,21 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 metrics.grpc_connections.inc();
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(routes.clone()))
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        metrics.grpc_connection_errors.inc();
-                        tracing::debug!(%peer, error = %e, "gRPC connection ended with an error");
+                let conn = Conn {
+                    builder: builder.clone(),
+                    routes: routes.clone(),
+                    watcher: graceful.watcher(),
+                    metrics: metrics.clone(),
+                    peer,
+                };
+                match &tls {
+                    None => {
+                        tokio::spawn(conn.serve(stream, None));
                     }
-                });
+                    Some(acceptor) => {
+                        tokio::spawn(conn.handshake(acceptor.clone(), stream));
+                    }
+                }
             }
             _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
         }
@@ -76,14 +101,117 @@ pub async fn serve(
     Ok(())
 }
 
-/// The gRPC face of the [`Ingestor`].
+/// One accepted connection, before and after its TLS handshake.
+struct Conn {
+    builder: Builder<TokioExecutor>,
+    routes: tonic::service::Routes,
+    watcher: hyper_util::server::graceful::Watcher,
+    metrics: Arc<Metrics>,
+    peer: std::net::SocketAddr,
+}
+
+impl Conn {
+    async fn handshake(self, acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| PeerCert::from_der(der));
+                self.serve(tls, cert).await;
+            }
+            Ok(Err(e)) => {
+                self.metrics.grpc_tls_failures.inc();
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                self.metrics.grpc_tls_failures.inc();
+                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+            }
+        }
+    }
+
+    /// Serves HTTP/2 on `io`; every request carries the connection's client certificate.
+    async fn serve<IO>(self, io: IO, cert: Option<PeerCert>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use tower::ServiceExt;
+        let svc =
+            self.routes
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    if let Some(c) = &cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    req
+                });
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+            .into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            self.metrics.grpc_connection_errors.inc();
+            tracing::debug!(peer = %self.peer, error = %e, "gRPC connection ended with an error");
+        }
+    }
+}
+
+/// The gRPC face of the [`Ingestor`]; with a [`DeviceAuthority`], every stream must come from
+/// the enrolled device it names.
 pub struct IngestService {
     ingestor: Ingestor,
+    devices: Option<Arc<DeviceAuthority>>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl IngestService {
     pub fn new(ingestor: Ingestor) -> Self {
-        Self { ingestor }
+        Self {
+            ingestor,
+            devices: None,
+            audit: None,
+        }
+    }
+
+    /// Streams must present the certificate of the device they name.
+    pub fn with_devices(mut self, devices: Arc<DeviceAuthority>, audit: Arc<AuditLog>) -> Self {
+        self.devices = Some(devices);
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Refuses, counts and audits a stream whose certificate does not fit `claimed`.
+    fn authorize(&self, cert: Option<&PeerCert>, claimed: &str, from: &str) -> Result<(), Status> {
+        let Some(devices) = &self.devices else {
+            return Ok(());
+        };
+        let Err(e) = devices.authorize(cert, claimed) else {
+            return Ok(());
+        };
+        self.ingestor.metrics().deny_device(e.reason());
+        tracing::info!(device_id = %claimed, %from, reason = e.reason(), error = %e, "ingest stream refused");
+        if let Some(audit) = &self.audit {
+            let entry = AuditEntry {
+                time_ms: crate::now_ms(),
+                actor: cert.map_or_else(
+                    || "unauthenticated".into(),
+                    |c| format!("device:{}", c.device_id),
+                ),
+                role: None,
+                action: "gRPC shoal.v1.Ingest/Stream".into(),
+                object: claimed.into(),
+                from: Some(from.into()),
+                outcome: Outcome::Denied,
+                status: 403,
+                reason: Some(e.to_string()),
+            };
+            if let Err(err) = audit.append(&entry, false) {
+                tracing::error!(error = %err, "cannot append to the audit log");
+            }
+        }
+        Err(super::enroll::status_of(&e))
     }
 }
 
@@ -141,8 +269,11 @@ impl Ingest for IngestService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        let cert = request.extensions().get::<PeerCert>().cloned();
         let mut inbound = request.into_inner();
-        let (device_id, welcome) = open(&ingestor, &mut inbound, &peer, max_bytes).await?;
+        let hello = first_hello(&ingestor, &mut inbound, &peer, max_bytes).await?;
+        self.authorize(cert.as_ref(), &hello.device_id, &peer)?;
+        let (device_id, welcome) = open(&ingestor, hello).await?;
         tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
 
         let (tx, rx) = mpsc::channel(8);
@@ -151,19 +282,21 @@ impl Ingest for IngestService {
                 msg: Some(ingest_response::Msg::Welcome(welcome)),
             }))
             .await;
-        tokio::spawn(ingest_batches(ingestor, device_id, inbound, tx, max_bytes));
+        let revoked = self.devices.clone();
+        tokio::spawn(ingest_batches(
+            ingestor, device_id, inbound, tx, max_bytes, revoked,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Reads the stream's first message, which must be a hello, and registers its device; what is
-/// refused is counted.
-async fn open(
+/// Reads the stream's first message, which must be a hello; what is refused is counted.
+async fn first_hello(
     ingestor: &Ingestor,
     inbound: &mut Streaming<IngestRequest>,
     peer: &str,
     max_bytes: usize,
-) -> Result<(String, Welcome), Status> {
+) -> Result<DeviceHello, Status> {
     let first = match inbound.message().await {
         Ok(m) => m,
         Err(status) => {
@@ -185,6 +318,11 @@ async fn open(
             ));
         }
     };
+    Ok(hello)
+}
+
+/// Registers the hello's device; the welcome says how far the hub has its samples.
+async fn open(ingestor: &Ingestor, hello: DeviceHello) -> Result<(String, Welcome), Status> {
     let device_id = hello.device_id.clone();
     let welcome = ingestor.hello(hello).await.map_err(|e| match e {
         HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
@@ -201,6 +339,7 @@ async fn ingest_batches(
     mut inbound: Streaming<IngestRequest>,
     tx: mpsc::Sender<Result<IngestResponse, Status>>,
     max_bytes: usize,
+    devices: Option<Arc<DeviceAuthority>>,
 ) {
     let _active = ActiveStream::new(ingestor.metrics().clone());
     loop {
@@ -227,6 +366,15 @@ async fn ingest_batches(
                 break;
             }
         };
+        if devices.as_ref().is_some_and(|d| d.is_revoked(&device_id)) {
+            ingestor.metrics().deny_device("revoked");
+            let _ = tx
+                .send(Err(Status::permission_denied(format!(
+                    "device {device_id:?} was revoked; enroll it again to let it back in"
+                ))))
+                .await;
+            break;
+        }
         let ack = match ingestor.batch(&device_id, batch.samples).await {
             Ok(ack) => ack,
             Err(e) => {

@@ -2,6 +2,7 @@
 //! the writer, acknowledged. The transports ([`grpc`], [`mqtt`] from an external broker, the
 //! book's [`json`] form, and the embedded broker in `crate::mqtt`) only move bytes to it.
 
+pub mod enroll;
 pub mod grpc;
 pub mod json;
 pub mod mqtt;

@@ -411,6 +411,8 @@ fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
+        "--device-auth",
+        "none",
         "--data-dir",
     ])
     .arg(&dir);
