@@ -225,6 +225,13 @@ async fn serve(
         eprintln!("shoal: {e}");
         return ExitCode::from(64);
     }
+    let anonymous = grpc_listen
+        .parse()
+        .map(|addr| shoal_hub::serve::refuse_anonymous_devices(&config, addr));
+    if let Ok(Err(e)) = anonymous {
+        eprintln!("shoal: {e}");
+        return ExitCode::from(64);
+    }
     let bind = |addr: &str| {
         let addr = addr.to_string();
         async move {

@@ -280,7 +280,7 @@ pub fn refuse_exposed_without_auth(auth: &AuthConfig, http: SocketAddr) -> Resul
 }
 
 /// Without device authentication, only a loopback gRPC address unless `--insecure-no-auth`.
-fn refuse_anonymous_devices(config: &HubConfig, grpc: SocketAddr) -> Result<(), HubError> {
+pub fn refuse_anonymous_devices(config: &HubConfig, grpc: SocketAddr) -> Result<(), HubError> {
     if config.devices.enforce || config.auth.allow_exposed || grpc.ip().is_loopback() {
         return Ok(());
     }

@@ -935,6 +935,8 @@ pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            "--device-auth",
+            "none",
             "--data-dir",
         ])
         .arg(data_dir)

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_e2e::{Hub, http_client, ingest, pi_sample, wait_until, which};
+use shoal_e2e::{Hub, free_port, http_client, ingest, pi_sample, run_bin, wait_until, which};
 use shoal_proto::v1::{
     Cpu, Disk, Gpu, LoadAverage, Memory, NetInterface, PiBoard, Sample, Temperature,
 };
@@ -46,6 +46,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/tokens/{id}"),
     ("get", "/api/v1/whoami"),
     ("get", "/api/v1/audit"),
+    ("get", "/api/v1/enrollments"),
+    ("post", "/api/v1/enrollments"),
+    ("get", "/api/v1/identities"),
+    ("post", "/api/v1/devices/{id}/revoke"),
 ];
 
 const JOB: &str = r#"apiVersion: batch/v1
@@ -663,6 +667,90 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     r.get("/api/v1/audit", "/api/v1/audit?limit=5", 200).await;
     r.get("/api/v1/audit", "/api/v1/audit?limit=100000", 400)
         .await;
+
+    // Device identity: off on this hub (its devices send without certificates)...
+    let enroll_body =
+        json_body(json!({"device_id": "pi-9", "labels": {"site": "lab"}, "ttl": "1h"}));
+    r.call(
+        "post",
+        "/api/v1/enrollments",
+        "/api/v1/enrollments",
+        Some(("application/json", &enroll_body)),
+        409,
+    )
+    .await;
+    // ...and on a hub as deployed, where devices need certificates.
+    let secure = Hub::start_on(
+        &dir.path().join("secure"),
+        free_port(),
+        free_port(),
+        &["--device-auth", "cert"],
+    )
+    .await;
+    let plain = (
+        std::mem::replace(&mut r.base, secure.http_url()),
+        std::mem::replace(&mut r.token, secure.token.clone()),
+    );
+    let made = r
+        .call(
+            "post",
+            "/api/v1/enrollments",
+            "/api/v1/enrollments",
+            Some(("application/json", &enroll_body)),
+            201,
+        )
+        .await;
+    let made: Value = serde_json::from_slice(&made).unwrap();
+    for (body, status) in [
+        (json!({"device_id": "no spaces"}), 400),
+        (json!({"device_id": "pi-9", "ttl": "soon"}), 400),
+    ] {
+        r.call(
+            "post",
+            "/api/v1/enrollments",
+            "/api/v1/enrollments",
+            Some(("application/json", &json_body(body))),
+            status,
+        )
+        .await;
+    }
+    let id_dir = dir.path().join("pi-9-identity");
+    let out = run_bin(
+        "shoal-agent",
+        &[
+            "enroll",
+            "--hub",
+            made["hub"].as_str().unwrap(),
+            "--token",
+            made["token"].as_str().unwrap(),
+            "--ca-sha256",
+            made["ca_sha256"].as_str().unwrap(),
+            "--identity-dir",
+            id_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    r.get("/api/v1/enrollments", "/api/v1/enrollments", 200)
+        .await;
+    let ids = r.get("/api/v1/identities", "/api/v1/identities", 200).await;
+    assert_eq!(ids[0]["device_id"], "pi-9", "{ids}");
+    r.call(
+        "post",
+        "/api/v1/devices/{id}/revoke",
+        "/api/v1/devices/pi-9/revoke",
+        None,
+        200,
+    )
+    .await;
+    r.call(
+        "post",
+        "/api/v1/devices/{id}/revoke",
+        "/api/v1/devices/nope/revoke",
+        None,
+        404,
+    )
+    .await;
+    (r.base, r.token) = plain;
 
     // The fallback: not an operation, but the documented error form.
     let client = http_client();

@@ -52,7 +52,8 @@ pub enum CaError {
 pub struct Issued {
     pub cert_pem: String,
     pub serial: String,
-    pub not_before_s: i64,
+    /// When it was issued (its notBefore is a minute earlier, for devices whose clock lags).
+    pub issued_s: i64,
     pub not_after_s: i64,
 }
 
@@ -195,7 +196,8 @@ impl DeviceCa {
         SystemRandom::new()
             .fill(&mut serial)
             .map_err(|_| CaError::Sign("no randomness".into()))?;
-        serial[0] &= 0x7f;
+        // Positive and without a leading zero byte, so the DER integer is these 16 bytes.
+        serial[0] = (serial[0] & 0x7f) | 0x40;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         // A minute back: a device whose clock runs a little behind accepts it at once.
         let now = SystemTime::now();
@@ -209,7 +211,7 @@ impl DeviceCa {
         Ok(Issued {
             cert_pem: cert.pem(),
             serial: hex(&serial),
-            not_before_s: unix_s(not_before),
+            issued_s: unix_s(now),
             not_after_s: unix_s(not_after),
         })
     }
@@ -230,4 +232,27 @@ fn short_random() -> String {
 fn unix_s(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_is_made_once_with_a_private_key_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = DeviceCa::open_or_create(dir.path()).unwrap();
+        let key = dir.path().join(CA_DIR).join(CA_KEY);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = DeviceCa::open_or_create(dir.path()).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        assert_eq!(first.fingerprint().len(), 64);
+        // An operator's own CA, from files.
+        let own = DeviceCa::from_files(&dir.path().join(CA_DIR).join(CA_CERT), &key).unwrap();
+        assert_eq!(own.fingerprint(), first.fingerprint());
+        let missing = DeviceCa::from_files(&dir.path().join("nope.crt"), &key).unwrap_err();
+        assert!(missing.to_string().contains("nope.crt"), "{missing}");
+    }
 }

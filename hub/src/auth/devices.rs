@@ -293,6 +293,15 @@ impl DeviceAuthority {
         token: &str,
         csr_pem: &str,
     ) -> Result<(Issued, EnrollmentInfo), DeviceAuthError> {
+        self.enroll_at(token, csr_pem, crate::now_ms())
+    }
+
+    fn enroll_at(
+        &self,
+        token: &str,
+        csr_pem: &str,
+        now: i64,
+    ) -> Result<(Issued, EnrollmentInfo), DeviceAuthError> {
         let (id, secret) = token
             .strip_prefix(PREFIX)
             .and_then(|rest| rest.split_once('_'))
@@ -309,7 +318,6 @@ impl DeviceAuthority {
         ) {
             return Err(DeviceAuthError::UnknownToken);
         }
-        let now = crate::now_ms();
         let device = stored.info.device_id.clone();
         if stored.info.used_ms.is_some() {
             return Err(DeviceAuthError::TokenUsed { device });
@@ -421,5 +429,167 @@ impl DeviceAuthority {
             return Err(DeviceAuthError::Superseded { device });
         }
         Ok(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(policy: CertPolicy) -> (tempfile::TempDir, Arc<DeviceAuthority>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ca = DeviceCa::open_or_create(dir.path()).unwrap();
+        (dir, DeviceAuthority::open(store, ca, policy).unwrap())
+    }
+
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        // What the device asks for does not matter: the hub names it.
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "someone-else");
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    fn peer_of(issued: &Issued) -> PeerCert {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        PeerCert::from_der(&der).unwrap()
+    }
+
+    fn enroll(a: &DeviceAuthority, device: &str) -> Issued {
+        let (_, token) = a
+            .create_enrollment(device, BTreeMap::new(), Duration::from_secs(60), "test")
+            .unwrap();
+        a.enroll(&token, &csr()).unwrap().0
+    }
+
+    #[test]
+    fn a_token_enrolls_once_and_the_certificate_names_the_device() {
+        let (_dir, a) = authority(CertPolicy::default());
+        let labels = BTreeMap::from([("site".to_string(), "lab".to_string())]);
+        let (_, token) = a
+            .create_enrollment("pi-7", labels.clone(), Duration::from_secs(60), "test")
+            .unwrap();
+        let (issued, info) = a.enroll(&token, &csr()).unwrap();
+        assert_eq!(info.labels, labels);
+        let peer = peer_of(&issued);
+        assert_eq!(peer.device_id, "pi-7", "the CSR's own name is ignored");
+        assert_eq!(peer.serial, issued.serial);
+        assert_eq!(peer.not_after_s, issued.not_after_s);
+        a.authorize(Some(&peer), "pi-7").unwrap();
+        assert!(matches!(
+            a.enroll(&token, &csr()),
+            Err(DeviceAuthError::TokenUsed { .. })
+        ));
+        let mut wrong = token.clone();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == '0' { '1' } else { '0' });
+        for bad in [wrong.as_str(), "enroll_", "shoal_abc_def", ""] {
+            let e = a.enroll(bad, &csr()).unwrap_err();
+            assert_eq!(e.reason(), "enrollment_unknown", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_expired_token_and_a_bad_csr_are_refused_and_leave_the_token_unused() {
+        let (_dir, a) = authority(CertPolicy::default());
+        let (info, token) = a
+            .create_enrollment("pi-8", BTreeMap::new(), Duration::from_secs(60), "test")
+            .unwrap();
+        let later = info.expires_ms + 1;
+        assert!(matches!(
+            a.enroll_at(&token, &csr(), later),
+            Err(DeviceAuthError::TokenExpired { .. })
+        ));
+        let e = a
+            .enroll(
+                &token,
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_csr");
+        assert!(a.enrollments().unwrap()[0].used_ms.is_none());
+        a.enroll(&token, &csr()).unwrap();
+        assert!(matches!(
+            a.create_enrollment("bad id!", BTreeMap::new(), Duration::from_secs(60), "t"),
+            Err(DeviceAuthError::BadDeviceId(_))
+        ));
+    }
+
+    #[test]
+    fn a_certificate_acts_only_for_its_device_until_revoked_or_replaced() {
+        let (_dir, a) = authority(CertPolicy::default());
+        let first = peer_of(&enroll(&a, "pi-a"));
+        let other = peer_of(&enroll(&a, "pi-b"));
+        let e = a.authorize(Some(&first), "pi-b").unwrap_err();
+        assert_eq!(e.reason(), "wrong_device");
+        assert_eq!(
+            a.authorize(None, "pi-a").unwrap_err().reason(),
+            "no_certificate"
+        );
+        // Renewed: the new and the previous certificate work, the one before stops.
+        let second = peer_of(&a.renew(&first, &csr()).unwrap());
+        a.authorize(Some(&second), "pi-a").unwrap();
+        a.authorize(Some(&first), "pi-a").unwrap();
+        let third = peer_of(&a.renew(&second, &csr()).unwrap());
+        a.authorize(Some(&third), "pi-a").unwrap();
+        assert_eq!(
+            a.authorize(Some(&first), "pi-a").unwrap_err().reason(),
+            "unknown_certificate"
+        );
+        // A new enrollment replaces every earlier certificate.
+        let again = peer_of(&enroll(&a, "pi-a"));
+        a.authorize(Some(&again), "pi-a").unwrap();
+        assert!(a.authorize(Some(&third), "pi-a").is_err());
+        // Revoked: refused everything, renewal included; others unaffected.
+        a.revoke("pi-a").unwrap();
+        assert!(a.is_revoked("pi-a"));
+        assert_eq!(
+            a.authorize(Some(&again), "pi-a").unwrap_err().reason(),
+            "revoked"
+        );
+        assert_eq!(a.renew(&again, &csr()).unwrap_err().reason(), "revoked");
+        a.authorize(Some(&other), "pi-b").unwrap();
+        assert!(matches!(
+            a.revoke("nope"),
+            Err(DeviceAuthError::NotEnrolled { .. })
+        ));
+        // Enrolling it again lets it back in.
+        let back = peer_of(&enroll(&a, "pi-a"));
+        assert!(!a.is_revoked("pi-a"));
+        a.authorize(Some(&back), "pi-a").unwrap();
+    }
+
+    #[test]
+    fn an_expired_certificate_may_only_renew() {
+        let (_dir, a) = authority(CertPolicy::default());
+        let mut peer = peer_of(&enroll(&a, "pi-c"));
+        peer.not_after_s = crate::now_ms() / 1000 - 10;
+        assert_eq!(
+            a.authorize(Some(&peer), "pi-c").unwrap_err().reason(),
+            "expired_certificate"
+        );
+        let renewed = peer_of(&a.renew(&peer, &csr()).unwrap());
+        a.authorize(Some(&renewed), "pi-c").unwrap();
+    }
+
+    #[test]
+    fn revocations_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let ca = DeviceCa::open_or_create(dir.path()).unwrap();
+            let a = DeviceAuthority::open(store, ca, CertPolicy::default()).unwrap();
+            enroll(&a, "pi-d");
+            a.revoke("pi-d").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let ca = DeviceCa::open_or_create(dir.path()).unwrap();
+        let a = DeviceAuthority::open(store, ca, CertPolicy::default()).unwrap();
+        assert!(a.is_revoked("pi-d"));
     }
 }

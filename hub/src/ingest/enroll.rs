@@ -71,7 +71,7 @@ impl EnrollmentService {
                 device_id,
                 cert_pem: issued.cert_pem,
                 ca_pem: self.devices.ca().cert_pem().to_string(),
-                not_before_unix: issued.not_before_s,
+                not_before_unix: issued.issued_s,
                 not_after_unix: issued.not_after_s,
                 labels: labels.into_iter().collect(),
             })),

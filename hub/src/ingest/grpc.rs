@@ -139,9 +139,14 @@ impl Conn {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         use tower::ServiceExt;
+        let connect_info = tonic::transport::server::TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some(self.peer),
+        };
         let svc =
             self.routes
                 .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(connect_info.clone());
                     if let Some(c) = &cert {
                         req.extensions_mut().insert(c.clone());
                     }
