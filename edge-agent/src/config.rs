@@ -29,6 +29,12 @@ pub struct AgentConfig {
     /// Where this device's key, certificate and the hub's CA are kept (`shoal-agent enroll`
     /// writes them); default: beside the config file, else /etc/shoal.
     pub identity_dir: Option<PathBuf>,
+    /// With an `https://` hub and no identity yet: enroll first with the token in this file
+    /// (a DaemonSet mounts one per node from a Secret), trusting the hub through `ca_sha256`
+    /// or `tls_ca`.
+    pub enroll_token_file: Option<PathBuf>,
+    /// SHA-256 (hex) of the hub's device CA certificate, for enrolling.
+    pub ca_sha256: Option<String>,
     /// Resend what the hub has not acknowledged after this long.
     #[serde(with = "humantime_serde_compat")]
     pub ack_timeout: Duration,
@@ -59,6 +65,8 @@ impl Default for AgentConfig {
             mqtt_password_file: None,
             tls_ca: None,
             identity_dir: None,
+            enroll_token_file: None,
+            ca_sha256: None,
             ack_timeout: Duration::from_secs(30),
             device_id: None,
             interval: Duration::from_secs(10),
@@ -128,6 +136,17 @@ impl AgentConfig {
                     ),
                 ));
             }
+        }
+        if let Some(pin) = &self.ca_sha256
+            && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid("ca-sha256", "64 hex digits expected"));
+        }
+        if self.enroll_token_file.is_some() && self.ca_sha256.is_none() && self.tls_ca.is_none() {
+            return Err(invalid(
+                "enroll-token-file",
+                "enrolling needs --ca-sha256 (or --tls-ca) to know the hub is the right one",
+            ));
         }
         if let Some(id) = &self.device_id {
             shoal_proto::device_id::validate(id)

@@ -168,7 +168,7 @@ pub async fn run(
 ) -> Result<RunSummary, AgentError> {
     config.validate()?;
     let identity = if config.uses_identity() {
-        Some(identity::Identity::require(&config.identity_dir())?)
+        Some(load_or_enroll(&config).await?)
     } else {
         None
     };
@@ -254,6 +254,30 @@ pub async fn run(
     };
     tracing::info!(?summary, "agent stopped");
     Ok(summary)
+}
+
+/// The identity in the identity dir; with none there and `enroll_token_file` set, enrolls
+/// first.
+async fn load_or_enroll(config: &AgentConfig) -> Result<identity::Identity, AgentError> {
+    let dir = config.identity_dir();
+    if let Some(found) = identity::Identity::load(&dir)? {
+        return Ok(found);
+    }
+    let Some(file) = &config.enroll_token_file else {
+        return Err(identity::IdentityError::NotEnrolled(dir).into());
+    };
+    let token = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    let trust = match (&config.ca_sha256, &config.tls_ca) {
+        (Some(pin), _) => identity::Trust::Fingerprint(pin.clone()),
+        (None, Some(ca)) => identity::Trust::CaFile(ca.clone()),
+        (None, None) => unreachable!("validate() requires one"),
+    };
+    let enrolled = identity::enroll(&config.hub, token.trim(), &trust, &dir).await?;
+    tracing::info!(device_id = %enrolled.info.device_id, identity = %dir.display(), "enrolled");
+    Ok(enrolled)
 }
 
 /// The TLS settings that present `identity`, kept current by a renewal task of their own.

@@ -154,6 +154,13 @@ struct RunArgs {
     /// [default: beside --config, else /etc/shoal].
     #[arg(long, env = "SHOAL_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
+    /// Not enrolled yet: enroll first with the one-time token in this file (for a DaemonSet
+    /// or an image that enrolls at first start); ignored once enrolled.
+    #[arg(long, env = "SHOAL_ENROLL_TOKEN_FILE")]
+    enroll_token_file: Option<PathBuf>,
+    /// SHA-256 of the hub's device CA certificate, for --enroll-token-file.
+    #[arg(long, env = "SHOAL_CA_SHA256")]
+    ca_sha256: Option<String>,
     /// Resend what the hub has not acknowledged after this long [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     ack_timeout: Option<Duration>,
@@ -235,6 +242,12 @@ impl RunArgs {
                 .and_then(std::path::Path::parent)
                 .filter(|p| !p.as_os_str().is_empty())
                 .map(std::path::Path::to_path_buf);
+        }
+        if let Some(v) = self.enroll_token_file {
+            c.enroll_token_file = Some(v);
+        }
+        if let Some(v) = self.ca_sha256 {
+            c.ca_sha256 = Some(v.trim().trim_start_matches("sha256:").to_ascii_lowercase());
         }
         if let Some(v) = self.ack_timeout {
             c.ack_timeout = v;

@@ -64,6 +64,13 @@ fn base_renders_and_validates() {
         "device id = node name"
     );
     assert!(
+        yaml.contains("value: https://shoal-hub.shoal.svc:50051")
+            && yaml.contains("--grpc-tls-name=shoal-hub.shoal.svc")
+            && yaml.contains("--enroll-token-file=/etc/shoal/enroll/$(SHOAL_DEVICE_ID)")
+            && yaml.contains("secretName: shoal-agent-enrollment"),
+        "agents enroll per node and report over TLS to a name the hub's certificate covers"
+    );
+    assert!(
         yaml.contains("--kube-in-cluster")
             && yaml.contains("serviceAccountName: shoal-hub")
             && yaml.contains("resources:\n  - jobs/status"),

@@ -496,3 +496,45 @@ async fn without_device_authentication_a_hub_stays_on_loopback() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_enrolls_itself_at_first_start_from_a_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(&dir.path().join("hub"), &[]).await;
+    let e = enrollment(&hub, "node-1", "10m").await;
+    let token_file = dir.path().join("node-1");
+    std::fs::write(&token_file, e["token"].as_str().unwrap()).unwrap();
+    let id = dir.path().join("id");
+    let args = [
+        "--identity-dir",
+        id.to_str().unwrap(),
+        "--enroll-token-file",
+        token_file.to_str().unwrap(),
+        "--ca-sha256",
+        e["ca_sha256"].as_str().unwrap(),
+    ];
+    let spool = dir.path().join("spool");
+    for round in 1..=2 {
+        // The second start finds its identity; the used token beside it is ignored.
+        let mut agent = agent_with(&https(&hub), "node-1", &spool, "100ms", Some(2), &args);
+        assert!(
+            agent.wait(Duration::from_secs(30)).await.success(),
+            "round {round}"
+        );
+    }
+    assert_eq!(hub.stored_seqs("node-1").await, vec![1, 2, 3, 4]);
+    assert_eq!(denied(&hub, "enrollment_used").await, 0.0);
+    // Without a fingerprint or CA the agent does not know which hub to trust.
+    let out = run_bin(
+        "shoal-agent",
+        &[
+            "check-config",
+            "--hub",
+            &https(&hub),
+            "--enroll-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca-sha256"));
+}
