@@ -120,10 +120,10 @@ impl AgentConfig {
             Some("mqtt" | "mqtts") => {
                 let addr =
                     shoal_proto::mqtt::parse_broker(&self.hub).map_err(|e| invalid("hub", e))?;
-                if addr.tls && self.tls_ca.is_none() {
+                if addr.tls && self.tls_ca.is_none() && !self.is_enrolled() {
                     return Err(invalid(
                         "tls-ca",
-                        "an mqtts:// hub needs the CA file that signed the broker's certificate",
+                        "an mqtts:// hub needs the CA file that signed the broker's certificate (or an enrolled device's identity)",
                     ));
                 }
             }
@@ -175,9 +175,15 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Whether the hub is reached over TLS with this device's certificate (`https://`).
+    /// Whether the hub is reached with this device's certificate: always over `https://`;
+    /// over `mqtts://` when the device is enrolled.
     pub fn uses_identity(&self) -> bool {
-        self.hub.starts_with("https://")
+        self.hub.starts_with("https://") || (self.hub.starts_with("mqtts://") && self.is_enrolled())
+    }
+
+    /// Whether the identity directory holds an identity.
+    pub fn is_enrolled(&self) -> bool {
+        self.identity_dir().join("identity.toml").exists()
     }
 
     /// Where the identity lives: `identity_dir`, else /etc/shoal (`shoal-agent run --config

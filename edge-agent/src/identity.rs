@@ -161,6 +161,18 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The same settings for an `mqtts://` broker (no ALPN).
+    pub fn mqtt_tls_config(
+        &self,
+        server_ca: Option<&Path>,
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        let mut config = (*self.tls_config(server_ca)?).clone();
+        config.alpn_protocols.clear();
+        Ok(Arc::new(config))
+    }
+}
+
 /// Enrolls with the hub at `hub` (`https://HOST:PORT`): makes a key, sends a CSR with the
 /// token, and stores what comes back in `dir`.
 pub async fn enroll(

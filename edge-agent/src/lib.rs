@@ -220,7 +220,10 @@ pub async fn run(
         batch_max_samples: config.batch_max_samples,
         sampling_done: done_rx,
         ack_timeout: config.ack_timeout,
-        tls: tls_config(&config)?,
+        tls: match (&identity, config.hub.starts_with("mqtts://")) {
+            (Some(i), true) => Some(i.mqtt_tls_config(config.tls_ca.as_deref())?),
+            _ => tls_config(&config)?,
+        },
         grpc_tls,
         mqtt_credentials: mqtt_credentials(&config)?,
     };
@@ -289,6 +292,11 @@ fn start_renewal(
     let Some(identity) = identity else {
         return Ok(None);
     };
+    if !config.hub.starts_with("https://") {
+        // MQTT presents the certificate; renewal needs the gRPC port (`shoal-agent enroll`
+        // again when it nears expiry).
+        return Ok(None);
+    }
     let tls = Arc::new(std::sync::RwLock::new(
         identity.tls_config(config.tls_ca.as_deref())?,
     ));

@@ -225,9 +225,10 @@ async fn serve(
         eprintln!("shoal: {e}");
         return ExitCode::from(64);
     }
+    let mqtt_addr = mqtt_listen.and_then(|a| a.parse().ok());
     let anonymous = grpc_listen
         .parse()
-        .map(|addr| shoal_hub::serve::refuse_anonymous_devices(&config, addr));
+        .map(|addr| shoal_hub::serve::refuse_anonymous_devices(&config, addr, mqtt_addr));
     if let Ok(Err(e)) = anonymous {
         eprintln!("shoal: {e}");
         return ExitCode::from(64);

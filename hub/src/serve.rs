@@ -37,8 +37,10 @@ pub struct HubConfig {
     pub mqtt_users: Option<mqtt::acl::Users>,
     /// MQTT topic filter of the plain JSON form (`sensor/+`); empty turns it off.
     pub mqtt_json_topic: String,
-    /// TLS for the embedded broker: it then speaks MQTT over TLS only.
-    pub mqtt_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The embedded broker's certificate and key (PEM files, checked when the config is made):
+    /// it then speaks MQTT over TLS only. With device authentication on and a non-loopback
+    /// broker without a users file, the device CA issues one.
+    pub mqtt_tls: Option<(PathBuf, PathBuf)>,
     /// The cluster `shoal.dev/runner: kubernetes` jobs run in.
     pub kubernetes: Option<jobs::cluster::ClusterSource>,
     /// Namespace for Jobs whose manifest names none.
@@ -196,11 +198,57 @@ fn open_devices(config: &HubConfig, store: &Store) -> Result<DeviceDoor, HubErro
     Ok(Some((authority, tls)))
 }
 
+/// Who may use the embedded broker on `addr`. With device authentication on, a client shows a
+/// device certificate or (with a users file) a password when the broker speaks TLS or listens
+/// off loopback; a broker off loopback without a users file speaks TLS with a certificate
+/// from the device CA. A plaintext broker on loopback stays open to anonymous clients
+/// (`shoal up`, the book's `mosquitto_pub` scripts).
+fn broker_access(
+    config: &HubConfig,
+    devices: &DeviceDoor,
+    addr: SocketAddr,
+) -> Result<mqtt::Access, HubError> {
+    let authority = devices.as_ref().map(|(a, _)| a.clone());
+    let exposed = !addr.ip().is_loopback();
+    let tls_error = |reason: String| HubError::Config {
+        field: "mqtt-tls-cert",
+        reason,
+    };
+    let tls = match (&authority, &config.mqtt_tls) {
+        (Some(a), Some((cert, key))) => Some(
+            auth::tls::mqtt_server_config(
+                a.ca(),
+                &auth::tls::ServingCert::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            )
+            .map_err(tls_error)?,
+        ),
+        (Some(a), None) if exposed && config.mqtt_users.is_none() => {
+            let names = match &config.devices.serving {
+                auth::tls::ServingCert::Issued { names } => names.clone(),
+                auth::tls::ServingCert::Files { .. } => default_serving_names(Some(addr)),
+            };
+            let serving = auth::tls::ServingCert::Issued { names };
+            Some(auth::tls::mqtt_server_config(a.ca(), &serving).map_err(tls_error)?)
+        }
+        (None, Some((cert, key))) => Some(server_config(cert, key).map_err(tls_error)?),
+        _ => None,
+    };
+    Ok(mqtt::Access {
+        users: config.mqtt_users.clone(),
+        require_identity: authority.is_some() && (exposed || tls.is_some()),
+        tls,
+        devices: authority,
+    })
+}
+
 /// gRPC ingest (with enrollment when devices need certificates), and MQTT ingest from an
 /// external broker and the embedded one when configured: the gRPC task and the MQTT tasks.
 fn start_ingest(
     config: &HubConfig,
-    (grpc, mqtt_listener): (TcpListener, Option<TcpListener>),
+    (grpc, mqtt_listener): (TcpListener, Option<(TcpListener, mqtt::Access)>),
     ingestor: Ingestor,
     devices: DeviceDoor,
     audit: &Arc<auth::AuditLog>,
@@ -218,12 +266,11 @@ fn start_ingest(
             shutdown.clone(),
         )));
     }
-    if let Some(l) = mqtt_listener {
+    if let Some((l, access)) = mqtt_listener {
         mqtt_tasks.push(tokio::spawn(mqtt::serve(
             l,
-            config.mqtt_users.clone(),
+            access,
             config.mqtt_json_topic.clone(),
-            config.mqtt_tls.clone(),
             ingestor.clone(),
             shutdown.clone(),
         )));
@@ -280,14 +327,26 @@ pub fn refuse_exposed_without_auth(auth: &AuthConfig, http: SocketAddr) -> Resul
 }
 
 /// Without device authentication, only a loopback gRPC address unless `--insecure-no-auth`.
-pub fn refuse_anonymous_devices(config: &HubConfig, grpc: SocketAddr) -> Result<(), HubError> {
-    if config.devices.enforce || config.auth.allow_exposed || grpc.ip().is_loopback() {
+pub fn refuse_anonymous_devices(
+    config: &HubConfig,
+    grpc: SocketAddr,
+    mqtt: Option<SocketAddr>,
+) -> Result<(), HubError> {
+    if config.devices.enforce || config.auth.allow_exposed {
         return Ok(());
     }
+    // An exposed broker with a users file authenticates its clients itself.
+    let exposed_broker = mqtt.filter(|a| !a.ip().is_loopback() && config.mqtt_users.is_none());
+    let exposed = Some(grpc)
+        .filter(|a| !a.ip().is_loopback())
+        .or(exposed_broker);
+    let Some(addr) = exposed else {
+        return Ok(());
+    };
     Err(HubError::Config {
         field: "device-auth",
         reason: format!(
-            "refusing to take telemetry on {grpc} without device authentication: anyone who \
+            "refusing to take telemetry on {addr} without device authentication: anyone who \
              can reach it could send as any device. Drop --device-auth none (devices enroll \
              with shoal devices enroll), listen on 127.0.0.1, or pass --insecure-no-auth"
         ),
@@ -383,7 +442,11 @@ pub async fn run(
     let grpc_addr = grpc.local_addr()?;
     config.validate()?;
     refuse_exposed_without_auth(&config.auth, http.local_addr()?)?;
-    refuse_anonymous_devices(&config, grpc.local_addr()?)?;
+    let mqtt_addr = match &mqtt_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    refuse_anonymous_devices(&config, grpc.local_addr()?, mqtt_addr)?;
     let cluster = connect_cluster(&config).await?;
     let store = Store::open(&config.data_dir)?;
     let (auth, run_token) = open_auth(&config, &store)?;
@@ -401,6 +464,13 @@ pub async fn run(
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
+    let mqtt_listener = match mqtt_listener {
+        Some(l) => {
+            let access = broker_access(&config, &devices, l.local_addr()?)?;
+            Some((l, access))
+        }
+        None => None,
+    };
     let (grpc_task, mqtt_tasks) = start_ingest(
         &config,
         (grpc, mqtt_listener),
@@ -650,9 +720,10 @@ impl ServeArgs {
             .transpose()
             .map_err(|e| format!("invalid mqtt-users: {e}"))?;
         let mqtt_tls = match (&a.mqtt_tls_cert, &a.mqtt_tls_key) {
-            (Some(cert), Some(key)) => Some(
-                server_config(cert, key).map_err(|e| format!("invalid mqtt-tls-cert/key: {e}"))?,
-            ),
+            (Some(cert), Some(key)) => {
+                server_config(cert, key).map_err(|e| format!("invalid mqtt-tls-cert/key: {e}"))?;
+                Some((cert.clone(), key.clone()))
+            }
             (None, None) => None,
             _ => {
                 return Err(

@@ -538,3 +538,76 @@ async fn an_agent_enrolls_itself_at_first_start_from_a_token_file() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca-sha256"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_takes_device_certificates_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = shoal_e2e::TestCerts::make(&dir.path().join("certs"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let hub = hub(
+        &dir.path().join("hub"),
+        &[
+            "--mqtt-listen",
+            &addr,
+            "--mqtt-tls-cert",
+            certs.cert.to_str().unwrap(),
+            "--mqtt-tls-key",
+            certs.key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let url = format!("mqtts://{addr}");
+    let id = dir.path().join("id");
+    enrolled(&hub, "mq-1", &id).await;
+    let ca = certs.ca.to_str().unwrap();
+    let with_id = ["--identity-dir", id.to_str().unwrap(), "--tls-ca", ca];
+    let mut a = agent_with(
+        &url,
+        "mq-1",
+        &dir.path().join("s1"),
+        "50ms",
+        Some(5),
+        &with_id,
+    );
+    assert!(a.wait(Duration::from_secs(60)).await.success());
+    assert_eq!(hub.stored_seqs("mq-1").await, vec![1, 2, 3, 4, 5]);
+
+    // No certificate and no password: refused.
+    let empty = dir.path().join("no-identity");
+    let mut anon = agent_with(
+        &url,
+        "mq-2",
+        &dir.path().join("s2"),
+        "50ms",
+        Some(1),
+        &["--identity-dir", empty.to_str().unwrap(), "--tls-ca", ca],
+    );
+    wait_until(
+        "an anonymous client refused",
+        Duration::from_secs(20),
+        || async { denied(&hub, "no_certificate").await >= 1.0 },
+    )
+    .await;
+    anon.kill9();
+
+    // Revoked: refused at its next connection.
+    let (ok, _, err) = shoal_cli(&hub, &["devices", "revoke", "mq-1"]);
+    assert!(ok, "{err}");
+    let mut revoked = agent_with(
+        &url,
+        "mq-1",
+        &dir.path().join("s1"),
+        "50ms",
+        Some(1),
+        &with_id,
+    );
+    wait_until(
+        "the revoked device refused",
+        Duration::from_secs(20),
+        || async { denied(&hub, "revoked").await >= 1.0 },
+    )
+    .await;
+    revoked.kill9();
+    assert_eq!(hub.stored_seqs("mq-1").await, vec![1, 2, 3, 4, 5]);
+    assert!(hub.stored_seqs("mq-2").await.is_empty());
+}

@@ -32,13 +32,50 @@ pub enum ServingCert {
     Issued { names: Vec<String> },
 }
 
-/// The rustls settings of the gRPC port: ALPN h2, device client certificates optional.
+/// The rustls settings of the gRPC port: ALPN h2, device client certificates optional, and an
+/// expired one accepted within `grace` (for renewal only).
 pub fn grpc_server_config(
     ca: &DeviceCa,
     serving: &ServingCert,
     grace: Duration,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let inner = device_verifier(ca)?;
+    let verifier = Arc::new(GraceVerifier { inner, grace });
+    let mut config = server_config(ca, serving, verifier)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls settings of the embedded MQTT broker: device client certificates optional (a
+/// client may log in with a password instead), checked against the device CA.
+pub fn mqtt_server_config(
+    ca: &DeviceCa,
+    serving: &ServingCert,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    Ok(Arc::new(server_config(ca, serving, device_verifier(ca)?)?))
+}
+
+/// Client certificates from the device CA, optional at the TLS layer.
+fn device_verifier(ca: &DeviceCa) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca.cert_der().to_vec()))
+        .map_err(|e| format!("the device CA certificate: {e}"))?;
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(
+    ca: &DeviceCa,
+    serving: &ServingCert,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<rustls::ServerConfig, String> {
     let (chain, key) = match serving {
         ServingCert::Files { cert, key } => read_pair(cert, key)?,
         ServingCert::Issued { names } => {
@@ -54,23 +91,12 @@ pub fn grpc_server_config(
             (chain, key)
         }
     };
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca.cert_der().to_vec()))
-        .map_err(|e| format!("the device CA certificate: {e}"))?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let verifier = Arc::new(GraceVerifier { inner, grace });
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| format!("the gRPC serving certificate and key do not fit: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+        .map_err(|e| format!("the serving certificate and key do not fit: {e}"))
 }
 
 fn read_pair(

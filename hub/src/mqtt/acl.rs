@@ -2,8 +2,10 @@
 //!
 //! The users file has one `NAME:PASSWORD[:ROLE]` per line (`#` starts a comment). ROLE is
 //! `device` (the default: NAME is the device id) or `observer` (may subscribe to anything,
-//! publish nothing — for dashboards and `mosquitto_sub`). Without a users file anyone may
-//! connect and a client's id stands for its device id.
+//! publish nothing — for dashboards and `mosquitto_sub`). Over TLS, a device may instead show
+//! the certificate it got at enrollment: the certificate names it. Without either, on a
+//! broker that allows it (a loopback address, or `--device-auth none`), anyone may connect and
+//! a client's id stands for its device id.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,8 +29,10 @@ pub struct Identity {
     /// The device id (user name, or client id when anonymous).
     pub name: String,
     pub role: Role,
-    /// False when the broker runs without a users file.
+    /// False when the broker runs without a users file and the client showed no certificate.
     pub authenticated: bool,
+    /// Authenticated by a device certificate (checked again for revocation on every publish).
+    pub by_certificate: bool,
 }
 
 impl Users {
@@ -140,6 +144,7 @@ mod tests {
             name: name.into(),
             role: Role::Device,
             authenticated,
+            by_certificate: false,
         }
     }
 
@@ -183,6 +188,7 @@ mod tests {
             name: "g".into(),
             role: Role::Observer,
             authenticated: true,
+            by_certificate: false,
         };
         assert!(may_publish(&obs, "shoal/v1/devices/g/telemetry", false).is_err());
     }
@@ -197,6 +203,7 @@ mod tests {
             name: "g".into(),
             role: Role::Observer,
             authenticated: true,
+            by_certificate: false,
         };
         assert!(may_subscribe(&obs, "shoal/v1/devices/+/telemetry"));
     }

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::Handle;
 use super::acl::{Identity, Role, may_publish, may_subscribe};
 use super::state::{self, Inbox, Inflight, Kick, Link, Outgoing};
+use crate::auth::PeerCert;
 use crate::metrics::StreamReject;
 
 /// Largest packet read at all; payloads over the hub's message limit are refused (and counted)
@@ -68,12 +69,13 @@ async fn write_packet<W: AsyncWrite + Unpin>(w: &mut W, p: Packet) -> Result<(),
 pub(super) async fn run<S>(
     stream: S,
     peer: SocketAddr,
+    cert: Option<PeerCert>,
     handle: Handle,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    if let Err(e) = serve(stream, peer, &handle, shutdown).await {
+    if let Err(e) = serve(stream, peer, cert, &handle, shutdown).await {
         tracing::debug!(%peer, error = %e, "MQTT connection ended");
     }
 }
@@ -82,6 +84,7 @@ pub(super) async fn run<S>(
 async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    cert: Option<PeerCert>,
     handle: &Handle,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
@@ -91,7 +94,10 @@ where
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
-    let identity = authenticate(handle, &connect, peer, &mut wr).await?;
+    let identity = match cert {
+        Some(cert) => certified(handle, cert, peer, &mut wr).await?,
+        None => authenticate(handle, &connect, peer, &mut wr).await?,
+    };
     let client_id = choose_client_id(&connect, peer, &mut wr).await?;
     own_client_id(handle, &identity, &client_id, peer, &mut wr).await?;
     take_over(handle, &client_id).await;
@@ -157,6 +163,34 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
+/// A client that showed a device certificate is that device, if the hub still lets it act.
+async fn certified<W: AsyncWrite + Unpin>(
+    handle: &Handle,
+    cert: PeerCert,
+    peer: SocketAddr,
+    wr: &mut W,
+) -> Result<Identity, ConnError> {
+    let devices = handle
+        .shared
+        .devices
+        .as_ref()
+        .expect("certificates need the authority");
+    match devices.authorize(Some(&cert), &cert.device_id) {
+        Ok(()) => Ok(Identity {
+            name: cert.device_id,
+            role: Role::Device,
+            authenticated: true,
+            by_certificate: true,
+        }),
+        Err(e) => {
+            handle.shared.ingestor.metrics().deny_device(e.reason());
+            let refuse = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
+            write_packet(wr, refuse).await?;
+            Err(ConnError::Refused(format!("{peer}: {e}")))
+        }
+    }
+}
+
 /// Checks the CONNECT's login against the broker's users; a refusal is counted and answered.
 async fn authenticate<W: AsyncWrite + Unpin>(
     handle: &Handle,
@@ -172,6 +206,7 @@ async fn authenticate<W: AsyncWrite + Unpin>(
                 name: login.username.clone(),
                 role,
                 authenticated: true,
+                by_certificate: false,
             }),
             None => {
                 ingestor.refuse(
@@ -195,10 +230,22 @@ async fn authenticate<W: AsyncWrite + Unpin>(
             write_packet(wr, refuse(ConnectReturnCode::NotAuthorized)).await?;
             Err(ConnError::Refused("anonymous client".into()))
         }
+        (None, _) if handle.shared.require_identity => {
+            handle
+                .shared
+                .ingestor
+                .metrics()
+                .deny_device("no_certificate");
+            write_packet(wr, refuse(ConnectReturnCode::NotAuthorized)).await?;
+            Err(ConnError::Refused(
+                "no device certificate: this broker takes only enrolled devices".into(),
+            ))
+        }
         (None, _) => Ok(Identity {
             name: connect.client_id.clone(),
             role: Role::Device,
             authenticated: false,
+            by_certificate: false,
         }),
     }
 }
@@ -493,6 +540,18 @@ async fn on_publish<W: AsyncWrite + Unpin>(
         .expect("dispatcher lock")
         .as_ref()
         .is_some_and(|d| d.is_json(&p.topic));
+    if who.by_certificate
+        && shared
+            .devices
+            .as_ref()
+            .is_some_and(|d| d.is_revoked(&who.name))
+    {
+        ingestor.metrics().deny_device("revoked");
+        return Err(ConnError::Refused(format!(
+            "device {:?} was revoked",
+            who.name
+        )));
+    }
     if let Err(reason) = may_publish(who, &p.topic, json_topic) {
         ingestor.refuse(StreamReject::ForeignTopic, &who.name, &reason);
         return Ok(());

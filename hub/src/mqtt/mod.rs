@@ -33,6 +33,10 @@ struct Shared {
     /// dispatcher → replier → handle → dispatcher).
     dispatcher: Mutex<Option<Dispatcher>>,
     users: Option<Users>,
+    /// Checks device certificates (TLS clients that show one).
+    devices: Option<Arc<crate::auth::DeviceAuthority>>,
+    /// Refuse clients with neither a certificate nor (with a users file) a password.
+    require_identity: bool,
     ingestor: Ingestor,
     /// Subscribers cut for being slow are logged once a minute per client id.
     slow_log: crate::metrics::LogLimiter,
@@ -55,21 +59,33 @@ impl Handle {
     }
 }
 
-/// Serves MQTT on `listener` until `shutdown`. `users`: `None` lets anyone connect (client id
-/// = device id); `Some` requires a user name and password from the list.
+/// Who may connect to the embedded broker.
+pub struct Access {
+    /// `None` lets anyone connect (client id = device id) unless `require_identity`; `Some`
+    /// requires a user name and password from the list (or a device certificate).
+    pub users: Option<Users>,
+    /// TLS settings; with `devices`, they ask clients for a device certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub devices: Option<Arc<crate::auth::DeviceAuthority>>,
+    /// Refuse anonymous clients: a certificate or a password is needed.
+    pub require_identity: bool,
+}
+
+/// Serves MQTT on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    users: Option<Users>,
+    access: Access,
     json_topic: String,
-    tls: Option<Arc<rustls::ServerConfig>>,
     ingestor: Ingestor,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = access.tls.map(tokio_rustls::TlsAcceptor::from);
     let shared = Arc::new(Shared {
         sessions: Mutex::new(Sessions::new(ingestor.metrics().clone())),
         dispatcher: Mutex::new(None),
-        users,
+        users: access.users,
+        devices: access.devices,
+        require_identity: access.require_identity,
         ingestor: ingestor.clone(),
         slow_log: crate::metrics::LogLimiter::new(std::time::Duration::from_secs(60)),
     });
@@ -93,13 +109,21 @@ pub async fn serve(
                     let (handle, shutdown) = (handle.clone(), shutdown.clone());
                     match acceptor.clone() {
                         None => {
-                            tasks.spawn(conn::run(stream, peer, handle, shutdown));
+                            tasks.spawn(conn::run(stream, peer, None, handle, shutdown));
                         }
                         Some(acceptor) => {
                             tasks.spawn(async move {
                                 let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
                                 match handshake.await {
-                                    Ok(Ok(tls)) => conn::run(tls, peer, handle, shutdown).await,
+                                    Ok(Ok(tls)) => {
+                                        let cert = tls
+                                            .get_ref()
+                                            .1
+                                            .peer_certificates()
+                                            .and_then(|c| c.first())
+                                            .and_then(|der| crate::auth::PeerCert::from_der(der));
+                                        conn::run(tls, peer, cert, handle, shutdown).await
+                                    }
                                     Ok(Err(e)) => {
                                         let why = format!("TLS handshake: {e}");
                                         handle.shared.ingestor.refuse(crate::metrics::StreamReject::Malformed, &peer.to_string(), &why);
