@@ -102,7 +102,7 @@ pub fn default_serving_names(listen: Option<SocketAddr>) -> Vec<String> {
 }
 
 /// Access to the REST API (see [`crate::auth`] and [`crate::api::access`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
     /// API tokens required (the default); false lets anyone do anything.
     pub enforce: bool,
@@ -110,6 +110,8 @@ pub struct AuthConfig {
     /// (`--insecure-no-auth`).
     pub allow_exposed: bool,
     pub metrics: MetricsAuth,
+    /// Also accept JWTs from this OpenID Connect issuer.
+    pub oidc: Option<auth::oidc::OidcConfig>,
 }
 
 impl Default for AuthConfig {
@@ -118,6 +120,7 @@ impl Default for AuthConfig {
             enforce: true,
             allow_exposed: false,
             metrics: MetricsAuth::Open,
+            oidc: None,
         }
     }
 }
@@ -399,11 +402,16 @@ fn open_auth(
         None
     };
     let audit = auth::AuditLog::open(&config.data_dir).map_err(HubError::Io)?;
+    let oidc = config.auth.oidc.clone().map(|c| {
+        tracing::info!(issuer = %c.issuer, audience = %c.audience, "accepting JWTs from the OpenID Connect issuer");
+        Arc::new(auth::oidc::Oidc::new(c))
+    });
     let state = api::AuthState {
         tokens,
         audit: Arc::new(audit),
         enforce: config.auth.enforce,
         metrics: config.auth.metrics,
+        oidc,
     };
     Ok((state, run_token))
 }
@@ -669,6 +677,25 @@ pub struct ServeArgs {
     /// Whether /metrics needs a token (any role) or is open to scrapers.
     #[arg(long, value_enum, default_value = "open")]
     pub metrics_auth: MetricsAuth,
+    /// Also accept JWT bearer tokens from this OpenID Connect issuer (e.g.
+    /// https://keycloak.example/realms/shoal); its keys come from its JWKS. Needs
+    /// --oidc-audience.
+    #[arg(long, env = "SHOAL_OIDC_ISSUER", requires = "oidc_audience")]
+    pub oidc_issuer: Option<String>,
+    /// The audience (`aud`) a JWT must name: the client id the issuer knows Shoal by.
+    #[arg(long, env = "SHOAL_OIDC_AUDIENCE", requires = "oidc_issuer")]
+    pub oidc_audience: Option<String>,
+    /// Dot path of the JWT claim holding role names (Keycloak: realm_access.roles, or
+    /// resource_access.CLIENT.roles; others: groups or roles).
+    #[arg(
+        long,
+        env = "SHOAL_OIDC_ROLE_CLAIM",
+        default_value = "realm_access.roles"
+    )]
+    pub oidc_role_claim: String,
+    /// Prefix of Shoal's role names in that claim: with `shoal-`, `shoal-admin` is admin.
+    #[arg(long, env = "SHOAL_OIDC_ROLE_PREFIX", default_value = "")]
+    pub oidc_role_prefix: String,
     /// How devices prove who they are on the gRPC port. `cert`: TLS, and each device presents
     /// the certificate it got at enrollment (shoal devices enroll; shoal-agent enroll).
     /// `none`: plaintext, any client may send as any device id; only on a loopback
@@ -761,6 +788,22 @@ impl ServeArgs {
                 enforce: !(a.no_auth || a.insecure_no_auth),
                 allow_exposed: a.insecure_no_auth,
                 metrics: a.metrics_auth,
+                oidc: match (&a.oidc_issuer, &a.oidc_audience) {
+                    (Some(issuer), Some(audience)) => {
+                        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+                            return Err(format!(
+                                "invalid oidc-issuer: {issuer:?} is not an http(s) URL"
+                            ));
+                        }
+                        Some(auth::oidc::OidcConfig {
+                            issuer: issuer.clone(),
+                            audience: audience.clone(),
+                            role_claim: a.oidc_role_claim.clone(),
+                            role_prefix: a.oidc_role_prefix.clone(),
+                        })
+                    }
+                    _ => None,
+                },
             },
             data_dir: a.data_dir,
             thresholds: StatusThresholds {

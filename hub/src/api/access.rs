@@ -139,7 +139,7 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
         status: 0,
         reason: None,
     };
-    let checked = check(&g, &method, &route, request.headers(), changes);
+    let checked = check(&g, &method, &route, request.headers(), changes).await;
     let principal = match checked {
         Ok(p) => p,
         Err((principal, Denied(status, reason, message))) => {
@@ -192,7 +192,7 @@ fn audit(app: &AppState, entry: &AuditEntry, durable: bool) -> bool {
 }
 
 /// The principal, or why not (with the principal when it was known).
-fn check(
+async fn check(
     g: &Gate,
     method: &Method,
     route: &str,
@@ -215,7 +215,7 @@ fn check(
     let principal = match rule {
         Rule::Open => None,
         Rule::Needs(needed) => {
-            let p = authenticate(&g.app, headers).map_err(|d| (None, d))?;
+            let p = authenticate(&g.app, headers).await.map_err(|d| (None, d))?;
             if !p.role.permits(needed) {
                 let message = format!(
                     "{method} {route} needs the {needed} role; {} has {}",
@@ -232,8 +232,9 @@ fn check(
     Ok(principal)
 }
 
-/// The bearer token's principal (everyone is admin when authentication is off).
-fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, Denied> {
+/// The bearer token's principal (everyone is admin when authentication is off): an API token,
+/// or a JWT from the OpenID Connect issuer.
+async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, Denied> {
     if !app.auth.enforce {
         return Ok(Principal::anonymous_admin());
     }
@@ -258,6 +259,26 @@ fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, Denied
                 "the Authorization header must be `Bearer TOKEN`".into(),
             )
         })?;
+    if crate::auth::oidc::Oidc::is_jwt(token) {
+        let Some(oidc) = &app.auth.oidc else {
+            return Err(Denied(
+                StatusCode::UNAUTHORIZED,
+                "jwt_not_accepted",
+                "this hub accepts no JWTs (it runs without --oidc-issuer); use an API token".into(),
+            ));
+        };
+        return oidc
+            .authenticate(token, crate::now_ms() / 1000)
+            .await
+            .map_err(|e| {
+                let status = match e {
+                    crate::auth::oidc::OidcError::NoRole(_) => StatusCode::FORBIDDEN,
+                    crate::auth::oidc::OidcError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
+                Denied(status, e.reason(), e.to_string())
+            });
+    }
     app.auth
         .tokens
         .authenticate(token, crate::now_ms())

@@ -37,4 +37,6 @@ pub struct AuthState {
     /// False with `--insecure-no-auth`: every caller is an anonymous admin.
     pub enforce: bool,
     pub metrics: MetricsAuth,
+    /// JWTs from an OpenID Connect issuer, when configured.
+    pub oidc: Option<Arc<crate::auth::oidc::Oidc>>,
 }

@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod ca;
 pub mod devices;
+pub mod oidc;
 pub mod tls;
 pub mod tokens;
 
