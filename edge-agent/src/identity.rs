@@ -181,6 +181,17 @@ pub async fn enroll(
     trust: &Trust,
     dir: &Path,
 ) -> Result<Identity, IdentityError> {
+    let (key_pem, issued) = request_certificate(hub, token, trust).await?;
+    store(dir, &key_pem, issued, None)
+}
+
+/// Makes a key and trades `token` and a CSR over it for a certificate; returns the key (PEM)
+/// and the answer, stored nowhere (see [`enroll`]).
+pub async fn request_certificate(
+    hub: &str,
+    token: &str,
+    trust: &Trust,
+) -> Result<(String, IssuedCertificate), IdentityError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
@@ -218,7 +229,25 @@ pub async fn enroll(
         .await
         .map_err(IdentityError::Refused)?
         .into_inner();
-    store(dir, &key_pem, issued, None)
+    Ok((key_pem, issued))
+}
+
+impl Identity {
+    /// An identity held in memory only (a load generator's simulated devices).
+    pub fn in_memory(key_pem: String, issued: IssuedCertificate) -> Self {
+        Self {
+            info: IdentityInfo {
+                device_id: issued.device_id,
+                not_before_unix: issued.not_before_unix,
+                not_after_unix: issued.not_after_unix,
+                labels: issued.labels.into_iter().collect(),
+            },
+            dir: PathBuf::new(),
+            key_pem,
+            cert_pem: issued.cert_pem,
+            ca_pem: issued.ca_pem,
+        }
+    }
 }
 
 /// Renews `current` over a connection that presents it; stores the new certificate (and its

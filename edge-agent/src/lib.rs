@@ -167,22 +167,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunSummary, AgentError> {
     config.validate()?;
-    let identity = if config.uses_identity() {
-        Some(load_or_enroll(&config).await?)
-    } else {
-        None
-    };
-    let device_id = match (&identity, &config.device_id) {
-        (Some(i), Some(given)) if *given != i.info.device_id => {
-            return Err(AgentError::DeviceIdMismatch {
-                enrolled: i.info.device_id.clone(),
-                given: given.clone(),
-            });
-        }
-        (Some(i), _) => i.info.device_id.clone(),
-        (None, Some(id)) => id.clone(),
-        (None, None) => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
-    };
+    let (identity, device_id) = who_am_i(&config).await?;
     let grpc_tls = start_renewal(&config, identity.as_ref(), &shutdown)?;
     let collector = SystemCollector::new()?;
     let spool = Arc::new(Mutex::new(open_spool(&config, &device_id)?));
@@ -204,16 +189,7 @@ pub async fn run(
 
     let sender = Sender {
         hub: config.hub.clone(),
-        hello: {
-            let mut labels = identity
-                .as_ref()
-                .map(|i| i.info.labels.clone())
-                .unwrap_or_default();
-            labels.extend(config.labels.clone());
-            let mut hello = collector::describe_device(&device_id, &labels);
-            (hello.gpu_driver_version, hello.cuda_version) = collector.gpu_versions();
-            hello
-        },
+        hello: hello(&config, identity.as_ref(), &device_id, &collector),
         spool: spool.clone(),
         new_data: new_data.clone(),
         stats: stats.clone(),
@@ -257,6 +233,45 @@ pub async fn run(
     };
     tracing::info!(?summary, "agent stopped");
     Ok(summary)
+}
+
+/// The device's identity (when the hub is reached with a certificate) and its id: the
+/// certificate's, else `device_id`, else the machine's.
+async fn who_am_i(
+    config: &AgentConfig,
+) -> Result<(Option<identity::Identity>, String), AgentError> {
+    let identity = if config.uses_identity() {
+        Some(load_or_enroll(config).await?)
+    } else {
+        None
+    };
+    let device_id = match (&identity, &config.device_id) {
+        (Some(i), Some(given)) if *given != i.info.device_id => {
+            return Err(AgentError::DeviceIdMismatch {
+                enrolled: i.info.device_id.clone(),
+                given: given.clone(),
+            });
+        }
+        (Some(i), _) => i.info.device_id.clone(),
+        (None, Some(id)) => id.clone(),
+        (None, None) => collector::default_device_id().ok_or(AgentError::NoDeviceId)?,
+    };
+    Ok((identity, device_id))
+}
+
+/// The hello: the device as the collector sees it, with the enrollment's labels under the
+/// configured ones.
+fn hello(
+    config: &AgentConfig,
+    identity: Option<&identity::Identity>,
+    device_id: &str,
+    collector: &SystemCollector,
+) -> shoal_proto::v1::DeviceHello {
+    let mut labels = identity.map(|i| i.info.labels.clone()).unwrap_or_default();
+    labels.extend(config.labels.clone());
+    let mut hello = collector::describe_device(device_id, &labels);
+    (hello.gpu_driver_version, hello.cuda_version) = collector.gpu_versions();
+    hello
 }
 
 /// The identity in the identity dir; with none there and `enroll_token_file` set, enrolls

@@ -236,18 +236,14 @@ impl RunArgs {
             c.identity_dir = Some(v);
         } else if c.identity_dir.is_none() {
             // Beside the config file, as `shoal-agent enroll --config` puts it.
-            c.identity_dir = self
-                .config
-                .as_deref()
-                .and_then(std::path::Path::parent)
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(std::path::Path::to_path_buf);
+            c.identity_dir = beside(self.config.as_deref());
         }
         if let Some(v) = self.enroll_token_file {
             c.enroll_token_file = Some(v);
         }
         if let Some(v) = self.ca_sha256 {
-            c.ca_sha256 = Some(v.trim().trim_start_matches("sha256:").to_ascii_lowercase());
+            // A malformed one is kept as given, for validate() to name.
+            c.ca_sha256 = Some(fingerprint(&v).unwrap_or(v));
         }
         if let Some(v) = self.ack_timeout {
             c.ack_timeout = v;
@@ -363,11 +359,7 @@ fn enroll(args: EnrollArgs) -> ExitCode {
         return ExitCode::from(64);
     }
     let dir = args.identity_dir.clone().unwrap_or_else(|| {
-        args.config
-            .as_deref()
-            .and_then(std::path::Path::parent)
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("/etc/shoal"), std::path::Path::to_path_buf)
+        beside(args.config.as_deref()).unwrap_or_else(|| PathBuf::from("/etc/shoal"))
     });
     match Identity::load(&dir) {
         Ok(Some(existing)) if !args.force => {
@@ -384,17 +376,13 @@ fn enroll(args: EnrollArgs) -> ExitCode {
         _ => {}
     }
     let trust = match (args.ca_sha256, args.tls_ca) {
-        (Some(pin), _) => {
-            let pin = pin
-                .trim()
-                .trim_start_matches("sha256:")
-                .to_ascii_lowercase();
-            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (Some(pin), _) => match fingerprint(&pin) {
+            Some(pin) => Trust::Fingerprint(pin),
+            None => {
                 eprintln!("shoal-agent: invalid ca-sha256: 64 hex digits expected");
                 return ExitCode::from(64);
             }
-            Trust::Fingerprint(pin)
-        }
+        },
         (None, Some(path)) => Trust::CaFile(path),
         (None, None) => unreachable!("clap requires one"),
     };
@@ -428,6 +416,24 @@ fn enroll(args: EnrollArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The directory of a config file, where the identity goes.
+fn beside(config: Option<&std::path::Path>) -> Option<PathBuf> {
+    config
+        .and_then(std::path::Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(std::path::Path::to_path_buf)
+}
+
+/// A CA fingerprint as given (hex, optionally `sha256:`-prefixed), normalised; `None` if it is
+/// not 64 hex digits.
+fn fingerprint(given: &str) -> Option<String> {
+    let pin = given
+        .trim()
+        .trim_start_matches("sha256:")
+        .to_ascii_lowercase();
+    (pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_hexdigit())).then_some(pin)
 }
 
 /// `sample --once --sysroot ROOT`: the board readings of a captured tree, as JSON.

@@ -7,6 +7,12 @@
 //!
 //! Without `--hub` it starts `shoal serve` (the binary next to itself) on a fresh data folder
 //! and port, so the figures include a real hub process writing a real store.
+//!
+//! With `--tls` the hub runs as deployed (`--device-auth cert`): every simulated device is
+//! enrolled first (a one-time token through the REST API, a key and CSR of its own, the gRPC
+//! `Enroll` call) and streams over TLS with its own client certificate. After the run, every
+//! device reconnects at once (a hub restart, as the fleet sees it): the time until the last one
+//! has its TLS handshake done and the hub's welcome back is printed.
 
 // The report on stdout is this program's output.
 #![allow(clippy::print_stdout)]
@@ -62,6 +68,9 @@ struct Args {
     /// Data folder for the started hub [default: a temporary folder].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Devices enroll and stream over TLS with their own certificates (gRPC, a started hub).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -156,16 +165,28 @@ enum Link {
 }
 
 impl Link {
-    async fn connect(transport: Transport, hub: &str, id: &str) -> anyhow::Result<Self> {
+    async fn connect(
+        transport: Transport,
+        hub: &str,
+        id: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Self> {
         let hello = DeviceHello {
             device_id: id.to_string(),
             ..Default::default()
         };
         match transport {
             Transport::Grpc => {
-                let mut client = IngestClient::connect(hub.to_string())
-                    .await
-                    .context("connect")?;
+                let mut client = match tls {
+                    Some(tls) => IngestClient::new(
+                        shoal_agent::identity::channel(hub, tls)
+                            .await
+                            .context("connect")?,
+                    ),
+                    None => IngestClient::connect(hub.to_string())
+                        .await
+                        .context("connect")?,
+                };
                 let (tx, rx) = mpsc::channel(2);
                 tx.send(IngestRequest {
                     msg: Some(ingest_request::Msg::Hello(hello)),
@@ -279,6 +300,8 @@ struct Plan {
     pause: Duration,
     /// Delay before the first batch, so devices do not send in lockstep.
     offset: Duration,
+    /// The device's own certificate (with --tls).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 async fn device(
@@ -293,8 +316,9 @@ async fn device(
         batch,
         pause,
         offset,
+        tls,
     } = plan;
-    let mut link = Link::connect(transport, &hub, &id).await?;
+    let mut link = Link::connect(transport, &hub, &id, tls).await?;
     let tmpl = template();
     let mut seq = 0u64;
     let mut result = DeviceResult {
@@ -341,6 +365,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 struct StartedHub {
+    data_dir: PathBuf,
     child: std::process::Child,
     broker: Option<std::process::Child>,
     _dir: Option<tempfile::TempDir>,
@@ -356,6 +381,92 @@ impl Drop for StartedHub {
             let _ = child.wait();
         }
     }
+}
+
+/// With --tls: enrolls every device with the hub (REST for the token, gRPC `Enroll` for the
+/// certificate), 16 at a time; returns each device's TLS settings.
+async fn enroll_devices(
+    http: &str,
+    grpc: &str,
+    data_dir: &std::path::Path,
+    ids: &[String],
+) -> anyhow::Result<Vec<Arc<rustls::ClientConfig>>> {
+    let token_file = data_dir.join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let admin = loop {
+        if let Ok(t) = std::fs::read_to_string(&token_file)
+            && !t.trim().is_empty()
+        {
+            break t.trim().to_string();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no admin token in {}",
+            token_file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let client = shoal_e2e::authed_client(&admin);
+    let gate = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (client, gate) = (client.clone(), gate.clone());
+        let (http, grpc, id) = (http.to_string(), grpc.to_string(), id.clone());
+        tasks.spawn(async move {
+            let _slot = gate.acquire().await?;
+            let made: serde_json::Value = client
+                .post(format!("{http}/api/v1/enrollments"))
+                .json(&serde_json::json!({ "device_id": id, "ttl": "1h" }))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let token = made["token"].as_str().context("token")?;
+            let pin = made["ca_sha256"].as_str().context("ca_sha256")?.to_string();
+            let trust = shoal_agent::identity::Trust::Fingerprint(pin);
+            let (key, issued) =
+                shoal_agent::identity::request_certificate(&grpc, token, &trust).await?;
+            let identity = shoal_agent::identity::Identity::in_memory(key, issued);
+            anyhow::Ok((i, identity.tls_config(None)?))
+        });
+    }
+    let mut configs = vec![None; ids.len()];
+    while let Some(done) = tasks.join_next().await {
+        let (i, tls) = done??;
+        configs[i] = Some(tls);
+    }
+    Ok(configs
+        .into_iter()
+        .map(|c| c.expect("every device enrolled"))
+        .collect())
+}
+
+/// Every device connects at once (a fleet after a hub restart): the time until the last has
+/// its stream open and the hub's welcome back.
+async fn reconnect_storm(
+    hub: &str,
+    ids: &[String],
+    tls: &[Option<Arc<rustls::ClientConfig>>],
+) -> anyhow::Result<Duration> {
+    let start = Arc::new(Barrier::new(ids.len() + 1));
+    let mut tasks = Vec::with_capacity(ids.len());
+    for (id, tls) in ids.iter().zip(tls) {
+        let (hub, id, tls, start) = (hub.to_string(), id.clone(), tls.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            Link::connect(Transport::Grpc, &hub, &id, tls).await
+        }));
+    }
+    start.wait().await;
+    let began = Instant::now();
+    let mut links = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        links.push(t.await?.context("a device could not reconnect")?);
+    }
+    let took = began.elapsed();
+    drop(links);
+    Ok(took)
 }
 
 /// Starts Mosquitto on a free port, sized for a fleet (see docs/mqtt.md); returns its URL.
@@ -412,7 +523,7 @@ fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
         "--http-listen",
         "127.0.0.1:0",
         "--device-auth",
-        "none",
+        if args.tls { "cert" } else { "none" },
         "--data-dir",
     ])
     .arg(&dir);
@@ -440,7 +551,11 @@ fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
     let endpoints: serde_json::Value = serde_json::from_str(&line).context("hub endpoints line")?;
     let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
     let target = match (args.transport, broker_url) {
-        (Transport::Grpc, _) => format!("http://{}", endpoints["grpc"].as_str().context("grpc")?),
+        (Transport::Grpc, _) => format!(
+            "{}://{}",
+            if args.tls { "https" } else { "http" },
+            endpoints["grpc"].as_str().context("grpc")?
+        ),
         (Transport::Mqtt, Some(url)) => url,
         (Transport::Mqtt, None) => {
             format!("mqtt://{}", endpoints["mqtt"].as_str().context("mqtt")?)
@@ -454,6 +569,7 @@ fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
         target,
         http,
         StartedHub {
+            data_dir: dir,
             child,
             broker,
             _dir: Some(tmp),
@@ -478,12 +594,32 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, TelemetryBatch { samples }.encode_to_vec())?;
         return Ok(());
     }
-    let (hub, http, _started) = match &args.hub {
+    if args.tls && (args.hub.is_some() || args.transport != Transport::Grpc) {
+        bail!("--tls runs against a hub it starts itself, over gRPC");
+    }
+    let (hub, http, started) = match &args.hub {
         Some(h) => (h.clone(), None, None),
         None => {
             let (g, h, s) = start_hub(&args)?;
             (g, Some(h), Some(s))
         }
+    };
+    let run_id = now_ms();
+    let ids: Vec<String> = (0..args.devices)
+        .map(|i| format!("load-{run_id}-{i:05}"))
+        .collect();
+    let tls: Vec<Option<Arc<rustls::ClientConfig>>> = match (&started, &http) {
+        (Some(s), Some(http)) if args.tls => {
+            let began = Instant::now();
+            let configs = enroll_devices(http, &hub, &s.data_dir, &ids).await?;
+            eprintln!(
+                "shoal-load: enrolled {} devices in {:.1}s",
+                ids.len(),
+                began.elapsed().as_secs_f64()
+            );
+            configs.into_iter().map(Some).collect()
+        }
+        _ => vec![None; ids.len()],
     };
     let points = shoal_proto::metrics::point_count(&template());
     eprintln!(
@@ -494,16 +630,16 @@ async fn main() -> anyhow::Result<()> {
     );
     let start = Arc::new(Barrier::new(args.devices + 1));
     let stop = Arc::new(AtomicBool::new(false));
-    let run_id = now_ms();
     let tasks: Vec<_> = (0..args.devices)
         .map(|i| {
             let plan = Plan {
                 transport: args.transport,
                 hub: hub.clone(),
-                id: format!("load-{run_id}-{i:05}"),
+                id: ids[i].clone(),
                 batch: args.batch,
                 pause: args.pause,
                 offset: args.pause.mul_f64(i as f64 / args.devices as f64),
+                tls: tls[i].clone(),
             };
             tokio::spawn(device(plan, start.clone(), stop.clone()))
         })
@@ -530,6 +666,22 @@ async fn main() -> anyhow::Result<()> {
     println!("ack latency p50      {:.2} ms", percentile(&lat, 0.50));
     println!("ack latency p99      {:.2} ms", percentile(&lat, 0.99));
     println!("ack latency max      {:.2} ms", percentile(&lat, 1.0));
+    println!(
+        "transport            {}",
+        match (args.transport, args.tls) {
+            (Transport::Grpc, true) => "gRPC over TLS, a client certificate per device",
+            (Transport::Grpc, false) => "gRPC, plaintext",
+            (Transport::Mqtt, _) => "MQTT",
+        }
+    );
+    if args.transport == Transport::Grpc {
+        let took = reconnect_storm(&hub, &ids, &tls).await?;
+        println!(
+            "reconnect storm      {} devices reconnected and welcomed in {:.2}s",
+            ids.len(),
+            took.as_secs_f64()
+        );
+    }
     if let Some(http) = http {
         let text = shoal_e2e::http_get(&format!("{http}/metrics"))
             .await?
