@@ -171,6 +171,12 @@ impl HubConfig {
     }
 }
 
+/// The gRPC task and the MQTT tasks.
+type IngestTasks = (
+    tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
 /// The device CA, enrollment and the gRPC port's TLS settings, when devices must be enrolled.
 type DeviceDoor = Option<(Arc<auth::DeviceAuthority>, Arc<rustls::ServerConfig>)>;
 
@@ -251,16 +257,13 @@ fn broker_access(
 /// external broker and the embedded one when configured: the gRPC task and the MQTT tasks.
 fn start_ingest(
     config: &HubConfig,
-    (grpc, mqtt_listener): (TcpListener, Option<(TcpListener, mqtt::Access)>),
+    (grpc, mqtt_listener): (TcpListener, Option<TcpListener>),
     ingestor: Ingestor,
     devices: DeviceDoor,
     audit: &Arc<auth::AuditLog>,
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
-) -> (
-    tokio::task::JoinHandle<Result<(), std::io::Error>>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
+) -> Result<IngestTasks, HubError> {
     let mut mqtt_tasks = Vec::new();
     if let Some(broker) = config.mqtt_broker.clone() {
         mqtt_tasks.push(tokio::spawn(ingest::mqtt::run_external(
@@ -269,7 +272,8 @@ fn start_ingest(
             shutdown.clone(),
         )));
     }
-    if let Some((l, access)) = mqtt_listener {
+    if let Some(l) = mqtt_listener {
+        let access = broker_access(config, &devices, l.local_addr()?)?;
         mqtt_tasks.push(tokio::spawn(mqtt::serve(
             l,
             access,
@@ -295,7 +299,15 @@ fn start_ingest(
         metrics.clone(),
         shutdown.clone(),
     ));
-    (grpc_task, mqtt_tasks)
+    Ok((grpc_task, mqtt_tasks))
+}
+
+/// Refuses what must not start: a bad config, an unauthenticated door off loopback.
+fn preflight(config: &HubConfig, l: &Listeners) -> Result<(), HubError> {
+    config.validate()?;
+    refuse_exposed_without_auth(&config.auth, l.http.local_addr()?)?;
+    let mqtt = l.mqtt.as_ref().map(TcpListener::local_addr).transpose()?;
+    refuse_anonymous_devices(config, l.grpc.local_addr()?, mqtt)
 }
 
 /// The REST API until `shutdown`, with each request's client address known (for the audit).
@@ -442,19 +454,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), HubError> {
+    preflight(&config, &listeners)?;
     let Listeners {
         grpc,
         http,
         mqtt: mqtt_listener,
     } = listeners;
     let grpc_addr = grpc.local_addr()?;
-    config.validate()?;
-    refuse_exposed_without_auth(&config.auth, http.local_addr()?)?;
-    let mqtt_addr = match &mqtt_listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    refuse_anonymous_devices(&config, grpc.local_addr()?, mqtt_addr)?;
     let cluster = connect_cluster(&config).await?;
     let store = Store::open(&config.data_dir)?;
     let (auth, run_token) = open_auth(&config, &store)?;
@@ -472,13 +478,6 @@ pub async fn run(
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
-    let mqtt_listener = match mqtt_listener {
-        Some(l) => {
-            let access = broker_access(&config, &devices, l.local_addr()?)?;
-            Some((l, access))
-        }
-        None => None,
-    };
     let (grpc_task, mqtt_tasks) = start_ingest(
         &config,
         (grpc, mqtt_listener),
@@ -487,7 +486,7 @@ pub async fn run(
         &auth.audit,
         &metrics,
         &shutdown,
-    );
+    )?;
 
     let hub_url = format!("http://{}", http.local_addr()?);
     let grpc_url = advertised_grpc_url(&config, grpc_addr);
@@ -737,6 +736,46 @@ pub enum DeviceAuthMode {
 }
 
 impl ServeArgs {
+    /// `--device-auth` and its certificates.
+    fn device_auth(&self) -> Result<DeviceAuthConfig, String> {
+        if self.device_cert_ttl < Duration::from_secs(1) {
+            return Err("invalid device-cert-ttl: must be at least 1s".into());
+        }
+        let listen = self.grpc_listen.parse().ok();
+        let mut names = default_serving_names(listen);
+        names.extend(self.grpc_tls_names.iter().cloned());
+        Ok(DeviceAuthConfig {
+            enforce: self.device_auth == DeviceAuthMode::Cert,
+            ca: self.device_ca_cert.clone().zip(self.device_ca_key.clone()),
+            serving: match (self.grpc_tls_cert.clone(), self.grpc_tls_key.clone()) {
+                (Some(cert), Some(key)) => auth::tls::ServingCert::Files { cert, key },
+                _ => auth::tls::ServingCert::Issued { names },
+            },
+            policy: auth::devices::CertPolicy {
+                lifetime: self.device_cert_ttl,
+                grace: self.device_renew_grace,
+            },
+        })
+    }
+
+    /// `--oidc-*`: the issuer JWTs are accepted from, if any.
+    fn oidc(&self) -> Result<Option<auth::oidc::OidcConfig>, String> {
+        let (Some(issuer), Some(audience)) = (&self.oidc_issuer, &self.oidc_audience) else {
+            return Ok(None);
+        };
+        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+            return Err(format!(
+                "invalid oidc-issuer: {issuer:?} is not an http(s) URL"
+            ));
+        }
+        Ok(Some(auth::oidc::OidcConfig {
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            role_claim: self.oidc_role_claim.clone(),
+            role_prefix: self.oidc_role_prefix.clone(),
+        }))
+    }
+
     /// The hub's settings from these flags; `Err` names the flag.
     pub fn to_config(&self) -> Result<HubConfig, String> {
         let a = self.clone();
@@ -764,46 +803,14 @@ impl ServeArgs {
             .map(shoal_proto::mqtt::client::tls_config)
             .transpose()
             .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
-        if a.device_cert_ttl < Duration::from_secs(1) {
-            return Err("invalid device-cert-ttl: must be at least 1s".into());
-        }
-        let listen = a.grpc_listen.parse().ok();
-        let mut names = default_serving_names(listen);
-        names.extend(a.grpc_tls_names.iter().cloned());
-        let devices = DeviceAuthConfig {
-            enforce: a.device_auth == DeviceAuthMode::Cert,
-            ca: a.device_ca_cert.clone().zip(a.device_ca_key.clone()),
-            serving: match (a.grpc_tls_cert.clone(), a.grpc_tls_key.clone()) {
-                (Some(cert), Some(key)) => auth::tls::ServingCert::Files { cert, key },
-                _ => auth::tls::ServingCert::Issued { names },
-            },
-            policy: auth::devices::CertPolicy {
-                lifetime: a.device_cert_ttl,
-                grace: a.device_renew_grace,
-            },
-        };
+        let devices = self.device_auth()?;
         Ok(HubConfig {
             devices,
             auth: AuthConfig {
                 enforce: !(a.no_auth || a.insecure_no_auth),
                 allow_exposed: a.insecure_no_auth,
                 metrics: a.metrics_auth,
-                oidc: match (&a.oidc_issuer, &a.oidc_audience) {
-                    (Some(issuer), Some(audience)) => {
-                        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
-                            return Err(format!(
-                                "invalid oidc-issuer: {issuer:?} is not an http(s) URL"
-                            ));
-                        }
-                        Some(auth::oidc::OidcConfig {
-                            issuer: issuer.clone(),
-                            audience: audience.clone(),
-                            role_claim: a.oidc_role_claim.clone(),
-                            role_prefix: a.oidc_role_prefix.clone(),
-                        })
-                    }
-                    _ => None,
-                },
+                oidc: self.oidc()?,
             },
             data_dir: a.data_dir,
             thresholds: StatusThresholds {

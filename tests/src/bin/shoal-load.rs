@@ -356,6 +356,29 @@ async fn device(
     Ok(result)
 }
 
+/// Prints the run's figures.
+fn report(args: &Args, samples: u64, secs: f64, lat: &mut [u32]) {
+    lat.sort_unstable();
+    let points = shoal_proto::metrics::point_count(&template());
+    let rate = samples as f64 / secs;
+    println!("devices              {}", args.devices);
+    println!("batch size           {}", args.batch);
+    println!("acked samples        {samples} in {secs:.1}s");
+    println!("samples/s            {rate:.0}");
+    println!("metric points/s      {:.0}", rate * points as f64);
+    println!("ack latency p50      {:.2} ms", percentile(lat, 0.50));
+    println!("ack latency p99      {:.2} ms", percentile(lat, 0.99));
+    println!("ack latency max      {:.2} ms", percentile(lat, 1.0));
+    println!(
+        "transport            {}",
+        match (args.transport, args.tls) {
+            (Transport::Grpc, true) => "gRPC over TLS, a client certificate per device",
+            (Transport::Grpc, false) => "gRPC, plaintext",
+            (Transport::Mqtt, _) => "MQTT",
+        }
+    );
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -655,25 +678,7 @@ async fn main() -> anyhow::Result<()> {
         samples += r.samples;
         lat.extend(r.latencies_us);
     }
-    let secs = began.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let rate = samples as f64 / secs;
-    println!("devices              {}", args.devices);
-    println!("batch size           {}", args.batch);
-    println!("acked samples        {samples} in {secs:.1}s");
-    println!("samples/s            {rate:.0}");
-    println!("metric points/s      {:.0}", rate * points as f64);
-    println!("ack latency p50      {:.2} ms", percentile(&lat, 0.50));
-    println!("ack latency p99      {:.2} ms", percentile(&lat, 0.99));
-    println!("ack latency max      {:.2} ms", percentile(&lat, 1.0));
-    println!(
-        "transport            {}",
-        match (args.transport, args.tls) {
-            (Transport::Grpc, true) => "gRPC over TLS, a client certificate per device",
-            (Transport::Grpc, false) => "gRPC, plaintext",
-            (Transport::Mqtt, _) => "MQTT",
-        }
-    );
+    report(&args, samples, began.elapsed().as_secs_f64(), &mut lat);
     if args.transport == Transport::Grpc {
         let took = reconnect_storm(&hub, &ids, &tls).await?;
         println!(
