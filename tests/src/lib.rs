@@ -950,13 +950,19 @@ pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String
     let grpc = format!("http://{}", endpoints["grpc"].as_str().context("grpc")?);
     let http = format!("http://{}", endpoints["http"].as_str().context("http")?);
     // The endpoints are printed once bound; the admin token is written just after.
+    let token = wait_for_admin_token(data_dir)?;
+    Ok((hub, grpc, http, token))
+}
+
+/// The admin token a hub just started in `data_dir` writes there (waits up to 20 s for it).
+pub fn wait_for_admin_token(data_dir: &Path) -> anyhow::Result<String> {
     let token_file = data_dir.join("admin.token");
     let deadline = Instant::now() + Duration::from_secs(20);
-    let token = loop {
+    loop {
         if let Ok(t) = std::fs::read_to_string(&token_file)
             && !t.trim().is_empty()
         {
-            break t.trim().to_string();
+            return Ok(t.trim().to_string());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -964,8 +970,48 @@ pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String
             token_file.display()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `shoal-agent enroll` with what `POST /api/v1/enrollments` answered (`enrollment`), into
+/// `identity_dir`, plus `extra` flags.
+pub fn enroll_agent(enrollment: &Value, identity_dir: &Path, extra: &[&str]) -> Output {
+    let field = |k: &str| {
+        enrollment[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {k} in {enrollment}"))
+            .to_string()
     };
-    Ok((hub, grpc, http, token))
+    let (hub, token, pin) = (field("hub"), field("token"), field("ca_sha256"));
+    let mut args = vec![
+        "enroll",
+        "--hub",
+        &hub,
+        "--token",
+        &token,
+        "--ca-sha256",
+        &pin,
+        "--identity-dir",
+        identity_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    run_bin("shoal-agent", &args)
+}
+
+/// Every file below `dir` (none when it cannot be read).
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_below(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// A real `mlflow server` (from the venv `tests/run` installs) on a free port, with a sqlite

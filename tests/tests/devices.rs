@@ -43,20 +43,8 @@ async fn enrollment(hub: &Hub, device: &str, ttl: &str) -> Value {
 
 /// `shoal-agent enroll` with what the enrollment answered: (success, stdout + stderr).
 fn enroll(hub: &Hub, e: &Value, dir: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args = vec![
-        "enroll",
-        "--hub",
-        e["hub"].as_str().unwrap(),
-        "--token",
-        e["token"].as_str().unwrap(),
-        "--ca-sha256",
-        e["ca_sha256"].as_str().unwrap(),
-        "--identity-dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
     assert_eq!(e["hub"].as_str().unwrap(), https(hub));
-    let out = run_bin("shoal-agent", &args);
+    let out = shoal_e2e::enroll_agent(e, dir, extra);
     (
         out.status.success(),
         format!(
@@ -176,7 +164,7 @@ async fn an_enrolled_device_reports_with_its_own_private_key() {
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     // Past the PKCS#8 header every P-256 key shares: the private scalar itself.
     let secret = &body.as_bytes()[48..80];
-    let hub_files = walk(&hub.data_dir);
+    let hub_files = shoal_e2e::files_below(&hub.data_dir);
     assert!(
         hub_files.iter().all(|f| !std::fs::read(f)
             .unwrap_or_default()
@@ -205,19 +193,6 @@ async fn an_enrolled_device_reports_with_its_own_private_key() {
         lines.contains("shoal.v1.Enrollment/Enroll") && lines.contains("/api/v1/enrollments"),
         "{lines}"
     );
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,7 +228,7 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
         "{artifacts}"
     );
     let stored = mlflow.dir.join("artifacts");
-    let onnx_in_mlflow = walk(&stored)
+    let onnx_in_mlflow = shoal_e2e::files_below(&stored)
         .into_iter()
         .find(|p| p.ends_with("model/model.onnx"))
         .expect("the ONNX file reached MLflow's artifact store");
@@ -253,21 +253,6 @@ fn entry(list: &Value, key: &str) -> Value {
     list.as_array()
         .and_then(|l| l.iter().find(|e| e["key"] == key))
         .map_or(Value::Null, |e| e["value"].clone())
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

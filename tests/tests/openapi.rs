@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_e2e::{Hub, free_port, http_client, ingest, pi_sample, run_bin, wait_until, which};
+use shoal_e2e::{Hub, free_port, http_client, ingest, pi_sample, wait_until, which};
 use shoal_proto::v1::{
     Cpu, Disk, Gpu, LoadAverage, Memory, NetInterface, PiBoard, Sample, Temperature,
 };
@@ -715,20 +715,7 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
         .await;
     }
     let id_dir = dir.path().join("pi-9-identity");
-    let out = run_bin(
-        "shoal-agent",
-        &[
-            "enroll",
-            "--hub",
-            made["hub"].as_str().unwrap(),
-            "--token",
-            made["token"].as_str().unwrap(),
-            "--ca-sha256",
-            made["ca_sha256"].as_str().unwrap(),
-            "--identity-dir",
-            id_dir.to_str().unwrap(),
-        ],
-    );
+    let out = shoal_e2e::enroll_agent(&made, &id_dir, &[]);
     assert!(out.status.success(), "{out:?}");
     r.get("/api/v1/enrollments", "/api/v1/enrollments", 200)
         .await;

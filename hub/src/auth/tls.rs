@@ -99,7 +99,8 @@ fn server_config(
         .map_err(|e| format!("the serving certificate and key do not fit: {e}"))
 }
 
-fn read_pair(
+/// A certificate chain (leaf first) and its private key, from PEM files.
+pub fn read_pair(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {

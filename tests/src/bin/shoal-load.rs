@@ -414,21 +414,7 @@ async fn enroll_devices(
     data_dir: &std::path::Path,
     ids: &[String],
 ) -> anyhow::Result<Vec<Arc<rustls::ClientConfig>>> {
-    let token_file = data_dir.join("admin.token");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let admin = loop {
-        if let Ok(t) = std::fs::read_to_string(&token_file)
-            && !t.trim().is_empty()
-        {
-            break t.trim().to_string();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no admin token in {}",
-            token_file.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let admin = shoal_e2e::wait_for_admin_token(data_dir)?;
     let client = shoal_e2e::authed_client(&admin);
     let gate = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = tokio::task::JoinSet::new();
