@@ -74,19 +74,9 @@ fn device_agent(hub: &Hub, device: &str, id: &Path, spool: &Path, count: Option<
 }
 
 async fn denied(hub: &Hub, reason: &str) -> f64 {
-    let text = hub
-        .client()
-        .get(format!("{}/metrics", hub.http_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("shoal_device_denied_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    let url = format!("{}/metrics", hub.http_url());
+    let series = format!("shoal_device_denied_total{{reason=\"{reason}\"}}");
+    shoal_e2e::scrape_metric(&url, &series).await.unwrap_or(0.0)
 }
 
 /// Opens an ingest stream with `tls` and sends a hello as `device`: the hub's answer.
