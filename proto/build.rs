@@ -1,4 +1,4 @@
-//! Compiles `proto/shoal/v1/*.proto` with protox (a protobuf compiler written in Rust), so a
+//! Compiles `proto/shoal/v1/*.proto` and `proto/inference/predict_v2.proto` with protox (a protobuf compiler written in Rust), so a
 //! fresh machine needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shoal/v1/telemetry.proto",
         "proto/shoal/v1/ingest.proto",
         "proto/shoal/v1/enroll.proto",
+        "proto/inference/predict_v2.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -6,6 +6,7 @@
 //! - [`train`]: the device-health anomaly detector (streaming ridge regression, held-out
 //!   evaluation, deterministic under a seed);
 //! - [`onnx`]: the trained model as an ONNX graph any runtime serves;
+//! - [`serve`]: models loaded into an ONNX runtime (tract) and run on V2 tensors;
 //! - `mlflow` (feature `mlflow`, on by default): an MLflow tracking and Model Registry client
 //!   over its REST API, the only part that needs an HTTP client;
 //! - [`stats`]: streaming summaries (count, min, max, mean, variance) computed in one pass; the
@@ -18,6 +19,7 @@ pub mod dataset;
 #[cfg(feature = "mlflow")]
 pub mod mlflow;
 pub mod onnx;
+pub mod serve;
 pub mod stats;
 pub mod store;
 pub mod train;

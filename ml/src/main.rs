@@ -36,6 +36,11 @@ enum Command {
     /// metrics.json and MLmodel to --out, and logs the run to MLflow when a tracking server is
     /// given.
     Train(Box<TrainArgs>),
+    /// Serve models over the Open Inference Protocol (KServe V2), REST and gRPC, on an ONNX
+    /// runtime. Any V2 client works (tritonclient, curl):
+    ///   shoal-ml serve --model ./model
+    ///   curl -d '{"inputs":[…]}' http://127.0.0.1:8000/v2/models/model/infer
+    Serve(ServeArgs),
     /// Score readings with a trained model: reads {"features": [[…]], "observed": […]} (JSON)
     /// and prints {"expected": […], "score": […]}.
     Score {
@@ -46,6 +51,21 @@ enum Command {
         #[arg(long, default_value = "-")]
         input: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A model to serve: a training run's --out folder (its model.onnx) or an .onnx file,
+    /// as [NAME[:VERSION]=]PATH (NAME defaults to the folder's or file's name, VERSION to 1);
+    /// repeatable: several models, and several versions of one, side by side.
+    #[arg(long = "model", required = true, value_name = "[NAME[:VERSION]=]PATH")]
+    models: Vec<String>,
+    /// Address for REST (/v2/...).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_listen: String,
+    /// Address for gRPC (inference.GRPCInferenceService).
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    grpc_listen: String,
 }
 
 #[derive(clap::Args)]
@@ -104,7 +124,86 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Train(args) => runtime.block_on(train(*args)),
         Command::Score { model, input } => score(&model, &input),
+        Command::Serve(args) => serve(args),
     }
+}
+
+/// `serve`: exit 65 on a model that does not load, 64 on an address that cannot be bound.
+fn serve(args: ServeArgs) -> ExitCode {
+    use shoal_ml::serve::{model::LoadedModel, repo::Repository};
+    let repo = std::sync::Arc::new(Repository::default());
+    for spec in &args.models {
+        let (name, version, path) = match model_spec(spec) {
+            Ok(x) => x,
+            Err(e) => return fail(64, e),
+        };
+        match LoadedModel::load(&path) {
+            Ok(m) => repo.put(&name, &version, m),
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let bind = |a: String| async move {
+            tokio::net::TcpListener::bind(&a)
+                .await
+                .map_err(|e| format!("cannot listen on {a}: {e}"))
+        };
+        let (http, grpc) = match (bind(args.http_listen).await, bind(args.grpc_listen).await) {
+            (Ok(h), Ok(g)) => (h, g),
+            (Err(e), _) | (_, Err(e)) => return fail(64, e),
+        };
+        let addr =
+            |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            json!({ "http": addr(&http), "grpc": addr(&grpc), "models": repo.names() })
+        );
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match shoal_ml::serve::run(repo, http, grpc, stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        }
+    })
+}
+
+/// `[NAME[:VERSION]=]PATH` → (name, version, the model.onnx path).
+fn model_spec(spec: &str) -> Result<(String, String, PathBuf), String> {
+    let (label, path) = match spec.split_once('=') {
+        Some((l, p)) => (Some(l), PathBuf::from(p)),
+        None => (None, PathBuf::from(spec)),
+    };
+    let file = if path.is_dir() {
+        path.join("model.onnx")
+    } else {
+        path.clone()
+    };
+    let default_name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let (name, version) = match label.map(|l| l.split_once(':').unwrap_or((l, "1"))) {
+        Some((n, v)) => (n.to_string(), v.to_string()),
+        None => (default_name, "1".to_string()),
+    };
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if !valid(&name) || !valid(&version) {
+        return Err(format!(
+            "invalid model {spec:?}: NAME and VERSION are letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok((name, version, file))
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {

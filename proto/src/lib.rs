@@ -5,6 +5,7 @@
 //!   (device certificates; package `shoal.v1`),
 //!   compiled at build time by protox + tonic-prost-build (no system `protoc` needed).
 //! - [`v1`]: the generated types, client and server.
+//! - [`inference`]: the Open Inference Protocol's (V2) gRPC service, for model serving.
 //! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the
 //!   contract (the REST API, CLI and datasets use them).
 //! - [`device_id`]: what a valid device id is.
@@ -19,6 +20,12 @@ pub mod mqtt;
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("shoal.v1");
+}
+
+/// The Open Inference Protocol (KServe V2) over gRPC, from `proto/inference/predict_v2.proto`.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod inference {
+    tonic::include_proto!("inference");
 }
 
 /// Largest encoded gRPC message the hub accepts by default, and the ceiling an agent batches to.

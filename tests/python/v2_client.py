@@ -1,0 +1,55 @@
+"""Drives a V2 (Open Inference Protocol) server with Triton's client, over HTTP and gRPC:
+reads {"model": NAME, "version": V or "", "features": [[...]], "observed": [...]} on stdin,
+prints {"http": {...}, "grpc": {...}} with each protocol's server/model checks and outputs."""
+import json
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+http_url, grpc_url = sys.argv[1], sys.argv[2]
+req = json.load(sys.stdin)
+features = np.asarray(req["features"], dtype=np.float64)
+observed = np.asarray(req["observed"], dtype=np.float64).reshape(-1, 1)
+out = {}
+
+h = httpclient.InferenceServerClient(url=http_url)
+inputs = [httpclient.InferInput("features", list(features.shape), "FP64"),
+          httpclient.InferInput("observed", list(observed.shape), "FP64")]
+# JSON tensors both ways (the binary tensor extension is not served).
+inputs[0].set_data_from_numpy(features, binary_data=False)
+inputs[1].set_data_from_numpy(observed, binary_data=False)
+outputs = [httpclient.InferRequestedOutput(n, binary_data=False) for n in ("expected", "score")]
+r = h.infer(req["model"], inputs, model_version=req["version"], outputs=outputs)
+out["http"] = {
+    "live": h.is_server_live(), "ready": h.is_server_ready(),
+    "model_ready": h.is_model_ready(req["model"]),
+    "versions": h.get_model_metadata(req["model"])["versions"],
+    "model_version": r.get_response()["model_version"],
+    "expected": r.as_numpy("expected")[:, 0].tolist(), "score": r.as_numpy("score")[:, 0].tolist(),
+}
+
+g = grpcclient.InferenceServerClient(url=grpc_url)
+inputs = [grpcclient.InferInput("features", list(features.shape), "FP64"),
+          grpcclient.InferInput("observed", list(observed.shape), "FP64")]
+inputs[0].set_data_from_numpy(features)
+inputs[1].set_data_from_numpy(observed)
+r = g.infer(req["model"], inputs, model_version=req["version"])
+meta = g.get_model_metadata(req["model"], as_json=True)
+out["grpc"] = {
+    "live": g.is_server_live(), "ready": g.is_server_ready(),
+    "model_ready": g.is_model_ready(req["model"]),
+    "versions": meta["versions"],
+    "model_version": r.get_response(as_json=True)["model_version"],
+    "expected": r.as_numpy("expected")[:, 0].tolist(), "score": r.as_numpy("score")[:, 0].tolist(),
+}
+# A bad request: the protocol's error, with the server's message.
+try:
+    bad = [grpcclient.InferInput("featurez", list(features.shape), "FP64"), inputs[1]]
+    bad[0].set_data_from_numpy(features)
+    g.infer(req["model"], bad)
+    out["grpc"]["bad"] = "accepted"
+except Exception as e:  # tritonclient raises InferenceServerException
+    out["grpc"]["bad"] = str(e)
+json.dump(out, sys.stdout)
