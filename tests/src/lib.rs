@@ -998,6 +998,38 @@ pub fn enroll_agent(enrollment: &Value, identity_dir: &Path, extra: &[&str]) -> 
     run_bin("shoal-agent", &args)
 }
 
+/// Runs `tests/python/SCRIPT ARGS…` with the venv's Python (first on PATH under tests/run),
+/// `input` as JSON on its stdin; returns the JSON it prints. Fails, naming the script and its
+/// stderr, when it cannot run (the venv or a package missing).
+pub fn python_json(script: &str, args: &[&str], input: &Value) -> Value {
+    use std::io::Write;
+    let python = which("python3").expect("python3 is not installed");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let mut child = Command::new(python)
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write to the script");
+    let out = child.wait_with_output().expect("wait for the script");
+    assert!(
+        out.status.success(),
+        "{script} failed (tests/run installs its packages into the venv): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script} printed no JSON: {e}"))
+}
+
 /// Every file below `dir` (none when it cannot be read).
 pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -1166,6 +1198,12 @@ impl Garage {
         })
         .await;
         let node_id = node.split('@').next().unwrap_or_default().to_string();
+        // `node id` reads the key on disk; `status` needs the daemon's RPC port to answer.
+        wait_until("garage's RPC port", Duration::from_secs(30), || {
+            let ok = garage.cli(&["status"]).status.success();
+            async move { ok }
+        })
+        .await;
         for args in [
             vec!["layout", "assign", "-z", "dc1", "-c", "1G", &node_id],
             vec!["layout", "apply", "--version", "1"],

@@ -2,12 +2,12 @@
 //! `shoal-ml` trains on it, onnxruntime (PyPI) runs the exported ONNX model, and a real
 //! `mlflow server` records the run and registers the model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use shoal_e2e::shoal_cli as shoal;
-use shoal_e2e::{Hub, MlflowServer, bin, ingest, pi_sample, which};
+use shoal_e2e::{Hub, MlflowServer, bin, ingest, pi_sample};
 
 async fn hub_with_two_pis(dir: &Path) -> Hub {
     let hub = Hub::start(&dir.join("hub")).await;
@@ -65,29 +65,7 @@ fn train(dataset: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn onnx_run(model: &Path, readings: &Value) -> Value {
-    // Under tests/run the venv (with onnxruntime) is first on PATH.
-    let python = which("python3").expect("python3");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/onnx_run.py");
-    let mut child = Command::new(python)
-        .arg(script)
-        .arg(model)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(readings.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "onnxruntime could not run the model (tests/run installs onnxruntime into the venv)"
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    shoal_e2e::python_json("onnx_run.py", &[model.to_str().unwrap()], readings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

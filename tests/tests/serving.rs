@@ -4,13 +4,13 @@
 //! model side by side; bad requests get the protocol's error with a clear message and the
 //! server keeps serving. Fails (never skips) when the Python tools are missing.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_e2e::{Proc, bin, free_port, http_client, wait_until, which};
+use shoal_e2e::{Proc, bin, free_port, http_client, wait_until};
 use shoal_ml::train::Model;
 
 fn model(weight: f64) -> Model {
@@ -28,42 +28,6 @@ fn write_model(dir: &Path, m: &Model) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("model.onnx"), shoal_ml::onnx::export(m, &[])).unwrap();
     dir.to_path_buf()
-}
-
-fn python() -> PathBuf {
-    let v = which("openapi-spec-validator")
-        .expect("the test venv is not on PATH (tests/run installs it from PyPI)");
-    v.with_file_name("python3")
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(name)
-}
-
-/// Runs a Python helper with `input` on stdin; its JSON output.
-fn py(args: &[&str], input: &Value) -> Value {
-    let mut child = Command::new(python())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn close(a: &Value, b: &Value) {
@@ -136,25 +100,14 @@ async fn v2_clients_get_what_onnxruntime_computes_from_every_version() {
     });
 
     for (version, file) in [("1", &v1), ("2", &v2), ("", &v2)] {
-        let reference = py(
-            &[
-                script("onnx_run.py").to_str().unwrap(),
-                file.join("model.onnx").to_str().unwrap(),
-            ],
-            &readings,
-        );
+        let model_file = file.join("model.onnx");
+        let reference =
+            shoal_e2e::python_json("onnx_run.py", &[model_file.to_str().unwrap()], &readings);
         // Triton's client, both protocols.
         let mut req = readings.clone();
         req["model"] = json!("anomaly");
         req["version"] = json!(version);
-        let got = py(
-            &[
-                script("v2_client.py").to_str().unwrap(),
-                &server.http,
-                &server.grpc,
-            ],
-            &req,
-        );
+        let got = shoal_e2e::python_json("v2_client.py", &[&server.http, &server.grpc], &req);
         for proto in ["http", "grpc"] {
             let g = &got[proto];
             assert_eq!(g["live"], true, "{got}");
