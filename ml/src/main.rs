@@ -66,6 +66,28 @@ struct ServeArgs {
     /// Address for gRPC (inference.GRPCInferenceService).
     #[arg(long, default_value = "127.0.0.1:8001")]
     grpc_listen: String,
+    /// Listen on addresses other than loopback although the server has no authentication yet
+    /// (only behind something that authenticates every request).
+    #[arg(long)]
+    insecure_no_auth: bool,
+}
+
+/// The server has no authentication yet: loopback addresses only, unless the operator says
+/// something in front of it authenticates.
+fn refuse_exposed(addr: &str, insecure: bool) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("invalid listen address {addr:?}: {e}"))?
+        .collect();
+    if insecure || resolved.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to listen on {addr}: the model server has no authentication yet, so anyone \
+         who can reach it could use and probe the models. Listen on 127.0.0.1, or pass \
+         --insecure-no-auth if something in front of it authenticates every request"
+    ))
 }
 
 #[derive(clap::Args)]
@@ -131,6 +153,11 @@ fn main() -> ExitCode {
 /// `serve`: exit 65 on a model that does not load, 64 on an address that cannot be bound.
 fn serve(args: ServeArgs) -> ExitCode {
     use shoal_ml::serve::{model::LoadedModel, repo::Repository};
+    for addr in [&args.http_listen, &args.grpc_listen] {
+        if let Err(e) = refuse_exposed(addr, args.insecure_no_auth) {
+            return fail(64, e);
+        }
+    }
     let repo = std::sync::Arc::new(Repository::default());
     for spec in &args.models {
         let (name, version, path) = match model_spec(spec) {

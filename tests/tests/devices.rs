@@ -221,6 +221,19 @@ async fn every_way_around_the_certificate_is_refused_and_counted() {
     );
     assert_eq!(denied(&hub, "no_certificate").await, 1.0);
 
+    // Renewal without a client certificate.
+    let channel = identity::channel(&https(&hub), anonymous_tls(&hub))
+        .await
+        .unwrap();
+    let e = shoal_proto::v1::enrollment_client::EnrollmentClient::new(channel)
+        .renew(shoal_proto::v1::RenewRequest {
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert_eq!(denied(&hub, "no_certificate").await, 2.0);
+
     // Device A's certificate sending as B.
     let a_tls = Identity::require(&a).unwrap().tls_config(None).unwrap();
     let e = hello_as(&hub, a_tls.clone(), "dev-b").await.unwrap_err();

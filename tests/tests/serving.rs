@@ -247,6 +247,25 @@ async fn bad_requests_get_the_protocols_error_and_the_server_keeps_serving() {
         .unwrap();
     assert_eq!(meta["inputs"][0]["shape"], json!([-1, 2]), "{meta}");
 
+    // Without authentication the server stays on loopback: any other address is refused
+    // before anything is bound.
+    let out = Command::new(bin("shoal-ml"))
+        .args([
+            "serve",
+            "--model",
+            m.to_str().unwrap(),
+            "--http-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no authentication") && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+
     // A corrupt ONNX file is refused at load, naming the file.
     let broken = dir.path().join("broken.onnx");
     std::fs::write(&broken, b"not an onnx model").unwrap();
