@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use shoal_ml::dataset::{self, Manifest};
 use shoal_ml::mlflow::{Metric, Mlflow, MlflowError, RunInfo};
+use shoal_ml::serve::source::Source;
 use shoal_ml::store::Location;
 use shoal_ml::train::{DEFAULT_FEATURES, DEFAULT_TARGET, Model, Report, TrainConfig, Trainer};
 
@@ -55,11 +56,20 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// A model to serve: a training run's --out folder (its model.onnx) or an .onnx file,
-    /// as [NAME[:VERSION]=]PATH (NAME defaults to the folder's or file's name, VERSION to 1);
-    /// repeatable: several models, and several versions of one, side by side.
-    #[arg(long = "model", required = true, value_name = "[NAME[:VERSION]=]PATH")]
+    /// A model to serve, as [NAME[:VERSION]=]SOURCE; SOURCE is a training run's --out folder
+    /// (its model.onnx), an .onnx file, s3://BUCKET/PREFIX (its model.onnx) or a registered
+    /// model, mlflow:/models/NAME/VERSION (VERSION: a number or latest). NAME defaults to the
+    /// registered, folder's or file's name, VERSION to the registered one or 1. Repeatable:
+    /// several models, and several versions of one, side by side.
+    #[arg(
+        long = "model",
+        required = true,
+        value_name = "[NAME[:VERSION]=]SOURCE"
+    )]
     models: Vec<String>,
+    /// MLflow tracking server for mlflow:/models/… sources.
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
+    mlflow_tracking_uri: Option<String>,
     /// Address for REST (/v2/...).
     #[arg(long, default_value = "127.0.0.1:8000")]
     http_listen: String,
@@ -152,21 +162,9 @@ fn main() -> ExitCode {
 
 /// `serve`: exit 65 on a model that does not load, 64 on an address that cannot be bound.
 fn serve(args: ServeArgs) -> ExitCode {
-    use shoal_ml::serve::{model::LoadedModel, repo::Repository};
     for addr in [&args.http_listen, &args.grpc_listen] {
         if let Err(e) = refuse_exposed(addr, args.insecure_no_auth) {
             return fail(64, e);
-        }
-    }
-    let repo = std::sync::Arc::new(Repository::default());
-    for spec in &args.models {
-        let (name, version, path) = match model_spec(spec) {
-            Ok(x) => x,
-            Err(e) => return fail(64, e),
-        };
-        match LoadedModel::load(&path) {
-            Ok(m) => repo.put(&name, &version, m),
-            Err(e) => return fail(EXIT_BAD_INPUT, e),
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,6 +172,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
+        let repo = match load_models(&args).await {
+            Ok(r) => std::sync::Arc::new(r),
+            Err(code) => return code,
+        };
         let bind = |a: String| async move {
             tokio::net::TcpListener::bind(&a)
                 .await
@@ -200,37 +202,59 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-/// `[NAME[:VERSION]=]PATH` → (name, version, the model.onnx path).
-fn model_spec(spec: &str) -> Result<(String, String, PathBuf), String> {
-    let (label, path) = match spec.split_once('=') {
-        Some((l, p)) => (Some(l), PathBuf::from(p)),
-        None => (None, PathBuf::from(spec)),
+/// Every `--model`, fetched and loaded; `Err`: exit 64 (bad spec) or 65 (does not load).
+async fn load_models(args: &ServeArgs) -> Result<shoal_ml::serve::repo::Repository, ExitCode> {
+    use shoal_ml::serve::model::LoadedModel;
+    let repo = shoal_ml::serve::repo::Repository::default();
+    for spec in &args.models {
+        let (label, source) = model_spec(spec).map_err(|e| fail(64, e))?;
+        let fetched = source
+            .fetch(args.mlflow_tracking_uri.as_deref())
+            .await
+            .map_err(|e| fail(EXIT_BAD_INPUT, e))?;
+        let (name, version) = match label {
+            Some((n, Some(v))) => (n, v),
+            Some((n, None)) => (n, fetched.version.unwrap_or_else(|| "1".into())),
+            None => (
+                source.default_name(),
+                fetched.version.unwrap_or_else(|| "1".into()),
+            ),
+        };
+        let model = LoadedModel::from_bytes(&fetched.onnx)
+            .map_err(|reason| fail(EXIT_BAD_INPUT, format!("cannot load {spec}: {reason}")))?;
+        repo.put(&name, &version, model);
+    }
+    Ok(repo)
+}
+
+/// `[NAME[:VERSION]=]SOURCE` → (the label, if given, with its version, if given; the source).
+#[allow(clippy::type_complexity)]
+fn model_spec(spec: &str) -> Result<(Option<(String, Option<String>)>, Source), String> {
+    // "=" may appear in an S3 key or a path; a label comes first and has no "/".
+    let (label, source) = match spec.split_once('=') {
+        Some((l, s)) if !l.contains('/') => (Some(l), s),
+        _ => (None, spec),
     };
-    let file = if path.is_dir() {
-        path.join("model.onnx")
-    } else {
-        path.clone()
-    };
-    let default_name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("model")
-        .to_string();
-    let (name, version) = match label.map(|l| l.split_once(':').unwrap_or((l, "1"))) {
-        Some((n, v)) => (n.to_string(), v.to_string()),
-        None => (default_name, "1".to_string()),
-    };
+    let source = Source::parse(source)?;
     let valid = |s: &str| {
         !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     };
-    if !valid(&name) || !valid(&version) {
+    let label = label.map(|l| match l.split_once(':') {
+        Some((n, v)) => (n.to_string(), Some(v.to_string())),
+        None => (l.to_string(), None),
+    });
+    let bad = match &label {
+        Some((n, v)) => !valid(n) || v.as_deref().is_some_and(|v| !valid(v)),
+        None => !valid(&source.default_name()),
+    };
+    if bad {
         return Err(format!(
             "invalid model {spec:?}: NAME and VERSION are letters, digits, '.', '_' or '-'"
         ));
     }
-    Ok((name, version, file))
+    Ok((label, source))
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {

@@ -103,11 +103,12 @@ impl Mlflow {
         &self.base
     }
 
-    async fn send(
+    /// The body of a successful answer, retrying unreachable and 5xx; a 4xx is an `Api` error.
+    async fn send_raw(
         &self,
         endpoint: &str,
         make: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<Value, MlflowError> {
+    ) -> Result<bytes::Bytes, MlflowError> {
         let mut delay = self.backoff;
         let mut last = String::new();
         for attempt in 1..=self.attempts {
@@ -124,19 +125,28 @@ impl Mlflow {
                 }
             };
             let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
+            let body = match resp.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    last = causes(&e);
+                    continue;
+                }
+            };
             if status.is_server_error() {
-                last = format!("HTTP {status}: {text}");
+                last = format!("HTTP {status}: {}", String::from_utf8_lossy(&body));
                 tracing::warn!(%endpoint, attempt, error = %last, "MLflow server error");
                 continue;
             }
-            let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             if !status.is_success() {
+                let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 return Err(MlflowError::Api {
                     endpoint: endpoint.to_string(),
                     status: status.as_u16(),
-                    code: body["error_code"].as_str().unwrap_or_default().to_string(),
-                    message: body["message"].as_str().map(str::to_string).unwrap_or(text),
+                    code: json["error_code"].as_str().unwrap_or_default().to_string(),
+                    message: json["message"].as_str().map_or_else(
+                        || String::from_utf8_lossy(&body).into_owned(),
+                        str::to_string,
+                    ),
                 });
             }
             return Ok(body);
@@ -146,6 +156,15 @@ impl Mlflow {
             attempts: self.attempts,
             reason: last,
         })
+    }
+
+    async fn send(
+        &self,
+        endpoint: &str,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Value, MlflowError> {
+        let body = self.send_raw(endpoint, make).await?;
+        Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
     async fn post(&self, path: &str, body: Value) -> Result<Value, MlflowError> {
@@ -299,26 +318,90 @@ impl Mlflow {
         path: &str,
         bytes: Vec<u8>,
     ) -> Result<(), MlflowError> {
-        let Some(rest) = run.artifact_uri.strip_prefix("mlflow-artifacts:") else {
-            return Err(MlflowError::NotProxied {
+        let url = self
+            .proxied(&run.artifact_uri, path)
+            .ok_or_else(|| MlflowError::NotProxied {
                 run_id: run.run_id.clone(),
                 uri: run.artifact_uri.clone(),
-            });
-        };
-        // "mlflow-artifacts:/1/abc/artifacts" or "mlflow-artifacts://host:port/1/abc/artifacts"
-        let rest = match rest.strip_prefix("//") {
-            Some(r) => r.split_once('/').map_or("", |(_, p)| p),
-            None => rest.trim_start_matches('/'),
-        };
-        let url = format!(
-            "{}/api/2.0/mlflow-artifacts/artifacts/{rest}/{path}",
-            self.base
-        );
+            })?;
         let endpoint = format!("mlflow-artifacts/{path}");
         let body = bytes::Bytes::from(bytes);
         self.send(&endpoint, || self.http.put(&url).body(body.clone()))
             .await
             .map(|_| ())
+    }
+
+    /// The proxy URL of `path` under an `mlflow-artifacts:` location; `None` for others.
+    fn proxied(&self, artifact_uri: &str, path: &str) -> Option<String> {
+        let rest = artifact_uri.strip_prefix("mlflow-artifacts:")?;
+        // "mlflow-artifacts:/1/abc/artifacts" or "mlflow-artifacts://host:port/1/abc/artifacts"
+        let rest = match rest.strip_prefix("//") {
+            Some(r) => r.split_once('/').map_or("", |(_, p)| p),
+            None => rest.trim_start_matches('/'),
+        };
+        let rest = rest.trim_end_matches('/');
+        Some(format!(
+            "{}/api/2.0/mlflow-artifacts/artifacts/{rest}/{path}",
+            self.base
+        ))
+    }
+
+    /// Downloads `path` under `artifact_uri` (an `mlflow-artifacts:` location) through the
+    /// tracking server's proxy.
+    pub async fn download(&self, artifact_uri: &str, path: &str) -> Result<Vec<u8>, MlflowError> {
+        let url = self
+            .proxied(artifact_uri, path)
+            .ok_or_else(|| MlflowError::NotProxied {
+                run_id: String::new(),
+                uri: artifact_uri.to_string(),
+            })?;
+        let endpoint = format!("mlflow-artifacts/{path}");
+        self.send_raw(&endpoint, || self.http.get(&url))
+            .await
+            .map(|b| b.to_vec())
+    }
+
+    /// Where registered model `name` version `version` ("latest": the newest) keeps its files,
+    /// and that version's number.
+    pub async fn model_version_source(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<(String, String), MlflowError> {
+        let version = if version == "latest" {
+            let v = self
+                .post(
+                    "registered-models/get-latest-versions",
+                    json!({ "name": name }),
+                )
+                .await?;
+            v["model_versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["version"].as_str()?.parse::<u64>().ok())
+                .max()
+                .map(|v| v.to_string())
+                .ok_or_else(|| MlflowError::Api {
+                    endpoint: "registered-models/get-latest-versions".into(),
+                    status: 404,
+                    code: "RESOURCE_DOES_NOT_EXIST".into(),
+                    message: format!("registered model {name:?} has no versions"),
+                })?
+        } else {
+            version.to_string()
+        };
+        let v = self
+            .get(
+                "model-versions/get",
+                &[("name", name), ("version", version.as_str())],
+            )
+            .await?;
+        let source = v["model_version"]["source"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        Ok((source, version))
     }
 
     /// Registers `source` as a new version of model `name` (creating the model when missing);

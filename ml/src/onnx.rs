@@ -136,6 +136,18 @@ pub fn export(model: &Model, metadata: &[(&str, &str)]) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The metadata properties of an ONNX file (empty when it does not decode).
+pub fn metadata(onnx: &[u8]) -> std::collections::BTreeMap<String, String> {
+    ModelProto::decode(onnx)
+        .map(|m| {
+            m.metadata_props
+                .into_iter()
+                .filter_map(|p| Some((p.key?, p.value.unwrap_or_default())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn entry(k: &str, v: &str) -> StringStringEntryProto {
     StringStringEntryProto {
         key: Some(k.into()),
@@ -163,10 +175,9 @@ mod tests {
         assert_eq!(g.initializer[0].double_data, vec![0.25, 2.0]);
         assert_eq!(g.initializer[0].dims, vec![2, 1]);
         assert_eq!(g.node.len(), 5);
-        assert!(
-            back.metadata_props
-                .iter()
-                .any(|p| p.key.as_deref() == Some("dataset_sha256"))
-        );
+        let meta = metadata(&bytes);
+        assert_eq!(meta["dataset_sha256"], "abc");
+        assert_eq!(meta["features"], "cpu_percent,load1");
+        assert_eq!(meta["target"], "temperature_celsius");
     }
 }

@@ -30,6 +30,31 @@ out["http"] = {
     "expected": r.as_numpy("expected")[:, 0].tolist(), "score": r.as_numpy("score")[:, 0].tolist(),
 }
 
+# The client's defaults: the binary tensor data extension both ways.
+inputs = [httpclient.InferInput("features", list(features.shape), "FP64"),
+          httpclient.InferInput("observed", list(observed.shape), "FP64")]
+inputs[0].set_data_from_numpy(features)
+inputs[1].set_data_from_numpy(observed)
+r = h.infer(req["model"], inputs, model_version=req["version"])
+out["http_binary"] = {
+    "extensions": h.get_server_metadata()["extensions"],
+    "expected": r.as_numpy("expected")[:, 0].tolist(), "score": r.as_numpy("score")[:, 0].tolist(),
+}
+
+# Many clients at once, one row each: every answer is that row's, whatever it ran with.
+hc = httpclient.InferenceServerClient(url=http_url, concurrency=16)
+pending = []
+for i in range(64):
+    row = i % len(features)
+    ins = [httpclient.InferInput("features", [1, features.shape[1]], "FP64"),
+           httpclient.InferInput("observed", [1, 1], "FP64")]
+    ins[0].set_data_from_numpy(features[row:row + 1])
+    ins[1].set_data_from_numpy(observed[row:row + 1])
+    pending.append((row, hc.async_infer(req["model"], ins, model_version=req["version"])))
+rows = [(row, p.get_result().as_numpy("score")[0, 0].item()) for row, p in pending]
+stats = h.get_inference_statistics(req["model"], model_version=req["version"])
+out["concurrent"] = {"rows": rows, "stats": stats["model_stats"]}
+
 g = grpcclient.InferenceServerClient(url=grpc_url)
 inputs = [grpcclient.InferInput("features", list(features.shape), "FP64"),
           grpcclient.InferInput("observed", list(observed.shape), "FP64")]

@@ -118,6 +118,32 @@ async fn v2_clients_get_what_onnxruntime_computes_from_every_version() {
             close(&g["expected"], &reference["expected"]);
             close(&g["score"], &reference["score"]);
         }
+        let binary = &got["http_binary"];
+        assert!(
+            binary["extensions"]
+                .to_string()
+                .contains("binary_tensor_data")
+        );
+        close(&binary["expected"], &reference["expected"]);
+        close(&binary["score"], &reference["score"]);
+        // 64 concurrent one-row requests: each gets its own row's score; the statistics
+        // extension counts every row and at most one run per request.
+        let concurrent = &got["concurrent"];
+        let scores = reference["score"].as_array().unwrap();
+        for pair in concurrent["rows"].as_array().unwrap() {
+            let (row, score) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap(),
+            );
+            assert!(
+                (score - scores[row].as_f64().unwrap()).abs() <= 1e-5,
+                "{pair}"
+            );
+        }
+        let stats = &concurrent["stats"][0];
+        let runs = stats["execution_count"].as_u64().unwrap();
+        let rows = stats["inference_count"].as_u64().unwrap();
+        assert!(rows >= 64 + 3 && runs <= rows, "{stats}");
         let bad = got["grpc"]["bad"].as_str().unwrap();
         assert!(bad.contains("\"features\" is missing"), "{bad}");
 
@@ -152,6 +178,39 @@ async fn v2_clients_get_what_onnxruntime_computes_from_every_version() {
         close(&out("expected"), &reference["expected"]);
         close(&out("score"), &reference["score"]);
     }
+}
+
+/// One row in the binary tensor data extension; the status and the JSON part of the answer.
+async fn binary_infer(url: &str, features: [f64; 2], observed: f64) -> (u16, Value) {
+    let header = json!({ "inputs": [
+        { "name": "features", "shape": [1, 2], "datatype": "FP64", "parameters": { "binary_data_size": 16 } },
+        { "name": "observed", "shape": [1, 1], "datatype": "FP64", "parameters": { "binary_data_size": 8 } },
+    ], "outputs": [{ "name": "score", "parameters": { "binary_data": true } }] });
+    let mut body = serde_json::to_vec(&header).unwrap();
+    let json_len = body.len();
+    for x in features.into_iter().chain([observed]) {
+        body.extend_from_slice(&x.to_le_bytes());
+    }
+    let r = http_client()
+        .post(url)
+        .header("inference-header-content-length", json_len.to_string())
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let len: Option<usize> = r
+        .headers()
+        .get("inference-header-content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let bytes = r.bytes().await.unwrap();
+    let mut v: Value = serde_json::from_slice(&bytes[..len.unwrap_or(bytes.len())]).unwrap();
+    if let Some(len) = len {
+        let score = f64::from_le_bytes(bytes[len..len + 8].try_into().unwrap());
+        v["score"] = json!(score);
+    }
+    (status, v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +289,27 @@ async fn bad_requests_get_the_protocols_error_and_the_server_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    // NaN travels only in binary: the binary tensor data extension, refused with the reason.
+    let (status, v) = binary_infer(&url("/v2/models/anomaly/infer"), [f64::NAN, 1.0], 44.0).await;
+    assert_eq!(status, 400);
+    assert!(v["error"].as_str().unwrap().contains("NaN"), "{v}");
+    let (status, v) = binary_infer(&url("/v2/models/anomaly/infer"), [1.0, 2.0], 44.0).await;
+    assert_eq!(status, 200, "{v}");
+    // Over the size limit: 413 in the protocol's error form.
+    let huge = vec![b' '; (64 << 20) + 1];
+    let r = http_client()
+        .post(url("/v2/models/anomaly/infer"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("limited to 64 MiB"),
+        "{v}"
+    );
     let r = http_client()
         .post(url("/v2/models/anomaly/infer"))
         .json(&good)

@@ -11,7 +11,7 @@ use shoal_proto::inference::model_metadata_response::TensorMetadata;
 use shoal_proto::inference::*;
 use tonic::{Request, Response, Status};
 
-use super::model::{Data, ModelError, NamedTensor, TensorSpec};
+use super::model::{Data, ModelError, NamedTensor, TensorSpec, unsupported};
 use super::repo::Repository;
 use super::{SERVER_NAME, infer_named};
 
@@ -112,7 +112,7 @@ impl GrpcInferenceService for Service {
             model_version: version,
             id: r.id,
             parameters: Default::default(),
-            raw_output_contents: outputs.iter().map(|t| raw_bytes(&t.data)).collect(),
+            raw_output_contents: outputs.iter().map(|t| t.data.to_le_bytes()).collect(),
             outputs: outputs
                 .into_iter()
                 .map(|t| InferOutputTensor {
@@ -124,16 +124,6 @@ impl GrpcInferenceService for Service {
                 })
                 .collect(),
         }))
-    }
-}
-
-fn raw_bytes(d: &Data) -> Vec<u8> {
-    match d {
-        Data::Fp32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Data::Fp64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Data::Int32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Data::Int64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Data::Bool(v) => v.iter().map(|b| u8::from(*b)).collect(),
     }
 }
 
@@ -151,7 +141,7 @@ fn decode_inputs(r: &ModelInferRequest) -> Result<Vec<NamedTensor>, String> {
         .enumerate()
         .map(|(i, t)| {
             let data = match r.raw_input_contents.get(i) {
-                Some(raw) => from_raw(&t.datatype, raw),
+                Some(raw) => Data::from_le_bytes(&t.datatype, raw),
                 None => from_contents(&t.datatype, t.contents.clone().unwrap_or_default()),
             }
             .map_err(|e| format!("input {:?}: {e}", t.name))?;
@@ -173,31 +163,4 @@ fn from_contents(datatype: &str, c: InferTensorContents) -> Result<Data, String>
         "BOOL" => Data::Bool(c.bool_contents),
         other => return Err(unsupported(other)),
     })
-}
-
-fn from_raw(datatype: &str, raw: &[u8]) -> Result<Data, String> {
-    fn chunks<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Result<Vec<T>, String> {
-        if !raw.len().is_multiple_of(N) {
-            return Err(format!(
-                "{} raw bytes are not a whole number of {N}-byte elements",
-                raw.len()
-            ));
-        }
-        Ok(raw
-            .chunks_exact(N)
-            .map(|c| f(c.try_into().expect("exact chunk")))
-            .collect())
-    }
-    Ok(match datatype {
-        "FP32" => Data::Fp32(chunks(raw, f32::from_le_bytes)?),
-        "FP64" => Data::Fp64(chunks(raw, f64::from_le_bytes)?),
-        "INT32" => Data::Int32(chunks(raw, i32::from_le_bytes)?),
-        "INT64" => Data::Int64(chunks(raw, i64::from_le_bytes)?),
-        "BOOL" => Data::Bool(raw.iter().map(|b| *b != 0).collect()),
-        other => return Err(unsupported(other)),
-    })
-}
-
-fn unsupported(datatype: &str) -> String {
-    format!("datatype {datatype:?} is not served (FP32, FP64, INT32, INT64, BOOL)")
 }

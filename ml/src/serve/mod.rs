@@ -6,10 +6,12 @@
 //! which onnxruntime's Rust bindings need. The test suite checks its outputs against
 //! onnxruntime itself.
 
+pub mod batch;
 pub mod grpc;
 pub mod http;
 pub mod model;
 pub mod repo;
+pub mod source;
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use self::repo::Repository;
 /// The name the server reports in its metadata.
 pub const SERVER_NAME: &str = "shoal-ml";
 
-/// Runs `model` on `inputs` off the async threads; keeps the outputs named in `requested`
+/// Runs `model` on `inputs` off the async threads, stacked with concurrent requests; keeps the outputs named in `requested`
 /// (all when empty), refusing a name the model does not produce.
 pub async fn infer_named(
     model: Arc<LoadedModel>,
@@ -34,9 +36,7 @@ pub async fn infer_named(
             "the model has no output {unknown:?}"
         )));
     }
-    let outputs = tokio::task::spawn_blocking(move || model.infer(&inputs))
-        .await
-        .map_err(|e| ModelError::Runtime(e.to_string()))??;
+    let outputs = batch::infer(model, inputs).await?;
     Ok(outputs
         .into_iter()
         .filter(|o| requested.is_empty() || requested.contains(&o.name))

@@ -52,6 +52,78 @@ impl Data {
         }
     }
 
+    /// Elements from little-endian bytes (the protocol's raw and binary forms).
+    pub fn from_le_bytes(datatype: &str, raw: &[u8]) -> Result<Self, String> {
+        fn chunks<const N: usize, T>(
+            raw: &[u8],
+            f: impl Fn([u8; N]) -> T,
+        ) -> Result<Vec<T>, String> {
+            if !raw.len().is_multiple_of(N) {
+                return Err(format!(
+                    "{} bytes are not a whole number of {N}-byte elements",
+                    raw.len()
+                ));
+            }
+            Ok(raw
+                .chunks_exact(N)
+                .map(|c| f(c.try_into().expect("exact chunk")))
+                .collect())
+        }
+        Ok(match datatype {
+            "FP32" => Data::Fp32(chunks(raw, f32::from_le_bytes)?),
+            "FP64" => Data::Fp64(chunks(raw, f64::from_le_bytes)?),
+            "INT32" => Data::Int32(chunks(raw, i32::from_le_bytes)?),
+            "INT64" => Data::Int64(chunks(raw, i64::from_le_bytes)?),
+            "BOOL" => Data::Bool(raw.iter().map(|b| *b != 0).collect()),
+            other => return Err(unsupported(other)),
+        })
+    }
+
+    /// The elements as little-endian bytes.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Data::Fp32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::Fp64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::Int32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::Int64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::Bool(v) => v.iter().map(|b| u8::from(*b)).collect(),
+        }
+    }
+
+    /// `parts` one after another (all of this datatype).
+    pub(crate) fn concat<'a>(parts: impl Iterator<Item = &'a Data>) -> Data {
+        let mut parts = parts.peekable();
+        let mut out = match parts.peek() {
+            Some(Data::Fp32(_)) => Data::Fp32(Vec::new()),
+            Some(Data::Fp64(_)) => Data::Fp64(Vec::new()),
+            Some(Data::Int32(_)) => Data::Int32(Vec::new()),
+            Some(Data::Int64(_)) => Data::Int64(Vec::new()),
+            Some(Data::Bool(_)) | None => Data::Bool(Vec::new()),
+        };
+        for p in parts {
+            match (&mut out, p) {
+                (Data::Fp32(o), Data::Fp32(v)) => o.extend_from_slice(v),
+                (Data::Fp64(o), Data::Fp64(v)) => o.extend_from_slice(v),
+                (Data::Int32(o), Data::Int32(v)) => o.extend_from_slice(v),
+                (Data::Int64(o), Data::Int64(v)) => o.extend_from_slice(v),
+                (Data::Bool(o), Data::Bool(v)) => o.extend_from_slice(v),
+                _ => unreachable!("stacked tensors share a datatype"),
+            }
+        }
+        out
+    }
+
+    /// Elements `range`.
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> Data {
+        match self {
+            Data::Fp32(v) => Data::Fp32(v[range].to_vec()),
+            Data::Fp64(v) => Data::Fp64(v[range].to_vec()),
+            Data::Int32(v) => Data::Int32(v[range].to_vec()),
+            Data::Int64(v) => Data::Int64(v[range].to_vec()),
+            Data::Bool(v) => Data::Bool(v[range].to_vec()),
+        }
+    }
+
     fn has_nan(&self) -> bool {
         match self {
             Data::Fp32(v) => v.iter().any(|x| !x.is_finite()),
@@ -85,6 +157,9 @@ pub struct LoadedModel {
     plan: Arc<TypedRunnableModel>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// The ONNX file's metadata properties (a Shoal model's features, target, dataset…).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub(crate) batcher: Arc<super::batch::Batcher>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -163,19 +238,28 @@ impl LoadedModel {
             plan,
             inputs,
             outputs,
+            metadata: crate::onnx::metadata(onnx),
+            batcher: Arc::default(),
         })
     }
 
     /// Runs the model on `inputs` (each named once, in any order), after checking each against
     /// its spec; returns every output.
     pub fn infer(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, ModelError> {
-        let mut ordered = TVec::new();
+        let ordered = self.validate(inputs)?;
+        self.run(ordered.iter().map(|t| to_tensor(t).into()).collect())
+    }
+
+    /// `inputs` in the model's input order, each checked against its spec.
+    pub(crate) fn validate(&self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, ModelError> {
+        let mut ordered = Vec::with_capacity(self.inputs.len());
         for spec in &self.inputs {
             let given = inputs
                 .iter()
                 .find(|t| t.name == spec.name)
                 .ok_or_else(|| ModelError::BadInput(format!("input {:?} is missing", spec.name)))?;
-            ordered.push(check(spec, given)?.into());
+            check(spec, given)?;
+            ordered.push(given.clone());
         }
         if let Some(extra) = inputs
             .iter()
@@ -187,9 +271,28 @@ impl LoadedModel {
                 names(&self.inputs)
             )));
         }
+        Ok(ordered)
+    }
+
+    /// What this model has run so far.
+    pub fn counters(&self) -> super::batch::Counters {
+        self.batcher.counters()
+    }
+
+    /// Whether requests can be stacked along their first dimension: every input and output
+    /// takes any number of rows.
+    pub(crate) fn batchable(&self) -> bool {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .all(|s| s.shape.first() == Some(&-1))
+    }
+
+    /// Runs checked inputs (in input order).
+    pub(crate) fn run(&self, inputs: TVec<TValue>) -> Result<Vec<NamedTensor>, ModelError> {
         let outputs = self
             .plan
-            .run(ordered)
+            .run(inputs)
             .map_err(|e| ModelError::Runtime(format!("{e:#}")))?;
         self.outputs
             .iter()
@@ -197,6 +300,11 @@ impl LoadedModel {
             .map(|(spec, value)| to_named(spec, &value))
             .collect()
     }
+}
+
+/// The error for a datatype this server does not take.
+pub fn unsupported(datatype: &str) -> String {
+    format!("datatype {datatype:?} is not served (FP32, FP64, INT32, INT64, BOOL)")
 }
 
 fn names(specs: &[TensorSpec]) -> String {
@@ -207,8 +315,8 @@ fn names(specs: &[TensorSpec]) -> String {
         .join(", ")
 }
 
-/// The tract tensor for `given`, if it fits `spec`.
-fn check(spec: &TensorSpec, given: &NamedTensor) -> Result<Tensor, ModelError> {
+/// Whether `given` fits `spec`: datatype, shape, element count, finite values.
+fn check(spec: &TensorSpec, given: &NamedTensor) -> Result<(), ModelError> {
     let bad = |m: String| Err(ModelError::BadInput(format!("input {:?}: {m}", spec.name)));
     if given.data.datatype() != spec.datatype {
         return bad(format!(
@@ -240,6 +348,11 @@ fn check(spec: &TensorSpec, given: &NamedTensor) -> Result<Tensor, ModelError> {
     if given.data.has_nan() {
         return bad("NaN or infinite values".into());
     }
+    Ok(())
+}
+
+/// The runtime's tensor for a checked one.
+pub(crate) fn to_tensor(given: &NamedTensor) -> Tensor {
     let shape: Vec<usize> = given.shape.iter().map(|d| *d as usize).collect();
     let tensor = match &given.data {
         Data::Fp32(v) => Tensor::from_shape(&shape, v),
@@ -248,7 +361,7 @@ fn check(spec: &TensorSpec, given: &NamedTensor) -> Result<Tensor, ModelError> {
         Data::Int64(v) => Tensor::from_shape(&shape, v),
         Data::Bool(v) => Tensor::from_shape(&shape, v),
     };
-    tensor.map_err(|e| ModelError::BadInput(format!("input {:?}: {e}", spec.name)))
+    tensor.expect("a checked tensor's shape holds its elements")
 }
 
 fn to_named(spec: &TensorSpec, value: &TValue) -> Result<NamedTensor, ModelError> {

@@ -64,6 +64,33 @@ impl Repository {
         models.get(name).map(|v| self.list(v)).unwrap_or_default()
     }
 
+    /// Every version of `name` with its model, oldest first.
+    pub fn all(&self, name: &str) -> Vec<(String, Arc<LoadedModel>)> {
+        let models = self.models.read().expect("repository lock");
+        models
+            .get(name)
+            .map(|v| v.iter().map(|(k, m)| (k.1.clone(), m.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes `name` at `version` (every version when `version` is empty); whether anything
+    /// was there. Requests already running finish on it.
+    pub fn remove(&self, name: &str, version: &str) -> bool {
+        let mut models = self.models.write().expect("repository lock");
+        let Some(versions) = models.get_mut(name) else {
+            return false;
+        };
+        let removed = if version.is_empty() {
+            !std::mem::take(versions).is_empty()
+        } else {
+            versions.remove(&VersionKey::new(version)).is_some()
+        };
+        if versions.is_empty() {
+            models.remove(name);
+        }
+        removed
+    }
+
     /// Every model name.
     pub fn names(&self) -> Vec<String> {
         self.models
