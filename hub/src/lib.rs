@@ -15,6 +15,8 @@
 //! - [`jobs`]: CronJob manifests, the scheduler, and the runners (local processes, Kubernetes).
 //! - [`store`]: the embedded redb store — the only module that opens tables or transactions —
 //!   its single writer thread, the in-memory fleet view, and time-series queries.
+//! - [`models`]: deployed models (the embedded V2 server's repository), scoring the fleet's
+//!   telemetry with them, alerts on the scores.
 //! - [`registry`]: device records and online/stale/offline status; [`metrics`]: counters.
 //!
 //! [`run`] takes bound listeners and a shutdown signal from the caller, so tests start a hub
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;
+pub mod models;
 pub mod mqtt;
 pub mod registry;
 pub mod serve;

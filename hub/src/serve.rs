@@ -55,6 +55,31 @@ pub struct HubConfig {
     pub auth: AuthConfig,
     /// Which devices may send telemetry.
     pub devices: DeviceAuthConfig,
+    /// Scoring telemetry with the deployed model, and alerts on the scores.
+    pub scoring: ScoringConfig,
+}
+
+/// How the hub scores its fleet (see [`crate::models`]).
+#[derive(Debug, Clone)]
+pub struct ScoringConfig {
+    /// The model whose deployment scores telemetry; "" turns scoring off.
+    pub model: String,
+    /// Time between scoring rounds.
+    pub period: Duration,
+    pub rule: crate::models::alerts::AlertRule,
+    /// Where alerts are POSTed as JSON.
+    pub webhook: Option<String>,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        Self {
+            model: "shoal-anomaly".into(),
+            period: Duration::from_millis(500),
+            rule: crate::models::alerts::AlertRule::default(),
+            webhook: None,
+        }
+    }
 }
 
 /// Device identity on the gRPC port (see [`crate::auth::devices`]).
@@ -498,7 +523,10 @@ pub async fn run(
         run_token,
         shutdown.clone(),
     )?;
+    let (models, alerts, scoring_task) = start_scoring(&config, &store, &fleet, &shutdown)?;
     let state = api::AppState {
+        models,
+        alerts,
         jobs: scheduler,
         job_store,
         runs_dir: config.data_dir.join("runs"),
@@ -518,6 +546,7 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = scheduler_task.await;
+    let _ = scoring_task.await;
     grpc_res.expect("grpc task")?;
     http_res.expect("http task")?;
     // The service (and with it the last writer handle) is gone: the writer commits what is
@@ -525,6 +554,43 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// The deployed models, the alert rules, and the scorer's task.
+#[allow(clippy::type_complexity)]
+fn start_scoring(
+    config: &HubConfig,
+    store: &Store,
+    fleet: &Arc<Fleet>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<
+    (
+        Arc<crate::models::Models>,
+        Arc<crate::models::alerts::Alerts>,
+        tokio::task::JoinHandle<()>,
+    ),
+    HubError,
+> {
+    let models = Arc::new(crate::models::Models::open(
+        store,
+        &config.data_dir,
+        config.mlflow_tracking_uri.clone(),
+        config.scoring.model.clone(),
+    )?);
+    let alerts = Arc::new(crate::models::alerts::Alerts::open(
+        store,
+        config.scoring.rule,
+        config.scoring.webhook.clone(),
+    )?);
+    let task = tokio::spawn(crate::models::scoring::run(
+        models.clone(),
+        alerts.clone(),
+        fleet.clone(),
+        store.clone(),
+        config.scoring.period,
+        shutdown.clone(),
+    ));
+    Ok((models, alerts, task))
 }
 
 /// The cluster `shoal.dev/runner: kubernetes` jobs run in, when one is configured; an
@@ -653,6 +719,22 @@ pub struct ServeArgs {
     /// SHOAL_DATASET_URI.
     #[arg(long, env = "SHOAL_DATASET_URI")]
     pub dataset_uri: Option<String>,
+    /// The deployed model that scores incoming telemetry (`shoal models deploy NAME`); ""
+    /// turns scoring off.
+    #[arg(long, env = "SHOAL_SCORING_MODEL", default_value = "shoal-anomaly")]
+    pub scoring_model: String,
+    /// Time between scoring rounds (new samples are scored in one request per round).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    pub scoring_period: Duration,
+    /// Score above which a reading counts toward an alert (default: the model's threshold).
+    #[arg(long)]
+    pub alert_threshold: Option<f64>,
+    /// Readings in a row above the threshold that open an alert (and below it, resolve it).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub alert_samples: u32,
+    /// URL alerts are POSTed to as JSON ({"event": "opened"|"resolved", "alert": {…}}).
+    #[arg(long, env = "SHOAL_ALERT_WEBHOOK")]
+    pub alert_webhook: Option<String>,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     pub mqtt_client_id: String,
@@ -804,8 +886,27 @@ impl ServeArgs {
             .transpose()
             .map_err(|e| format!("invalid mqtt-tls-ca: {e}"))?;
         let devices = self.device_auth()?;
+        if let Some(url) = &a.alert_webhook
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "invalid alert-webhook: {url:?} is not an http(s) URL"
+            ));
+        }
+        if a.alert_threshold.is_some_and(|t| !t.is_finite() || t < 0.0) {
+            return Err("invalid alert-threshold: a score is a non-negative number".into());
+        }
         Ok(HubConfig {
             devices,
+            scoring: ScoringConfig {
+                model: a.scoring_model.clone(),
+                period: a.scoring_period.max(Duration::from_millis(10)),
+                rule: crate::models::alerts::AlertRule {
+                    threshold: a.alert_threshold,
+                    samples: a.alert_samples,
+                },
+                webhook: a.alert_webhook.clone(),
+            },
             auth: AuthConfig {
                 enforce: !(a.no_auth || a.insecure_no_auth),
                 allow_exposed: a.insecure_no_auth,

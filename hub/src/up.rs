@@ -91,6 +91,7 @@ pub async fn up(
         mqtt_tls: None,
         auth: crate::serve::AuthConfig::default(),
         devices: crate::serve::DeviceAuthConfig::default(),
+        scoring: crate::serve::ScoringConfig::default(),
     };
     hub_config.validate()?;
     let login = log_in(&hub_config.data_dir, endpoints.http)?;

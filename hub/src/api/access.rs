@@ -123,6 +123,10 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
     let Some(route) = route else {
         return next.run(request).await; // no such route: the fallback answers 404
     };
+    if route.starts_with("/v2/") || route == "/v2" {
+        // The Open Inference Protocol's routes: their own gate (`models::v2`) checks them.
+        return next.run(request).await;
+    }
     let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let from = request
         .extensions()
@@ -142,24 +146,7 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
     let checked = check(&g, &method, &route, request.headers(), changes).await;
     let principal = match checked {
         Ok(p) => p,
-        Err((principal, Denied(status, reason, message))) => {
-            if let Some(p) = principal {
-                entry.actor = p.name;
-                entry.role = Some(p.role);
-            }
-            g.app.metrics.deny_http(reason);
-            entry.outcome = Outcome::Denied;
-            entry.status = status.as_u16();
-            entry.reason = Some(reason.into());
-            audit(&g.app, &entry, false);
-            let mut response = ApiError::new(status, message).into_response();
-            if status == StatusCode::UNAUTHORIZED {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
-            }
-            return response;
-        }
+        Err((principal, denied)) => return refuse(&g.app, entry, principal, denied),
     };
     if let Some(p) = &principal {
         entry.actor = p.name.clone();
@@ -178,6 +165,76 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
         }
     }
     response
+}
+
+/// Counts, audits and answers a refusal.
+fn refuse(
+    app: &AppState,
+    mut entry: AuditEntry,
+    principal: Option<Principal>,
+    Denied(status, reason, message): Denied,
+) -> Response {
+    if let Some(p) = principal {
+        entry.actor = p.name;
+        entry.role = Some(p.role);
+    }
+    app.metrics.deny_http(reason);
+    entry.outcome = Outcome::Denied;
+    entry.status = status.as_u16();
+    entry.reason = Some(reason.into());
+    audit(app, &entry, false);
+    let mut response = ApiError::new(status, message).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
+    }
+    response
+}
+
+/// The check for routes outside the OpenAPI document (the V2 protocol's): a token holding
+/// `needed`, and, for a request with a body, the same-origin check. Refusals are counted and
+/// audited like the gate's; allowed requests are not audited.
+pub async fn authorize(
+    app: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    needed: Role,
+    from: Option<String>,
+) -> Result<(), Response> {
+    let entry = AuditEntry {
+        time_ms: crate::now_ms(),
+        actor: "unauthenticated".into(),
+        role: None,
+        action: format!("{method} {path}"),
+        object: path.to_string(),
+        from,
+        outcome: Outcome::Allowed,
+        status: 0,
+        reason: None,
+    };
+    let changes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if changes && let Err(d) = same_origin(headers) {
+        return Err(refuse(app, entry, None, d));
+    }
+    let p = match authenticate(app, headers).await {
+        Ok(p) => p,
+        Err(d) => return Err(refuse(app, entry, None, d)),
+    };
+    if !p.role.permits(needed) {
+        let message = format!(
+            "{method} {path} needs the {needed} role; {} has {}",
+            p.name, p.role
+        );
+        return Err(refuse(
+            app,
+            entry,
+            Some(p),
+            Denied(StatusCode::FORBIDDEN, "role", message),
+        ));
+    }
+    Ok(())
 }
 
 /// Appends to the audit log; false (and logged) when the log cannot be written.

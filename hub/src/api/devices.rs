@@ -38,6 +38,9 @@ pub struct DeviceView {
     pub status: Status,
     /// Highest seq stored for the device.
     pub stored_up_to_seq: u64,
+    /// Its latest anomaly score from the scoring model; `null` until one is scored.
+    #[schema(required)]
+    pub anomaly: Option<crate::models::scoring::DeviceScore>,
 }
 
 /// `GET /api/v1/devices`.
@@ -61,6 +64,7 @@ fn view(s: &AppState, d: DeviceState, now: i64) -> DeviceView {
     DeviceView {
         status: s.thresholds.status(d.record.last_seen_ms, now),
         stored_up_to_seq: d.max_seq,
+        anomaly: s.models.scores.get(&d.record.device_id),
         record: d.record,
     }
 }

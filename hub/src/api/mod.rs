@@ -17,6 +17,7 @@ pub mod enrollment;
 pub mod error;
 pub mod extract;
 pub mod jobs;
+pub mod models;
 pub mod ops;
 pub mod schemas;
 pub mod state;
@@ -53,6 +54,7 @@ pub use self::state::{AppState, AuthState};
         (name = "jobs", description = "Scheduled jobs (Kubernetes CronJob manifests)"),
         (name = "runs", description = "Runs of jobs: status, logs, artifacts"),
         (name = "access", description = "API tokens, the caller's identity, the audit log"),
+        (name = "models", description = "Deployed models and alerts on their anomaly scores; the models themselves are served at /v2 (the Open Inference Protocol)"),
         (name = "ops", description = "Health, metrics and this document"),
     ),
     modifiers(&BearerToken),
@@ -87,6 +89,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .merge(jobs::routes())
         .merge(tokens::routes())
         .merge(enrollment::routes())
+        .merge(models::routes())
 }
 
 /// The OpenAPI 3.1 document of [`router`]'s routes.
@@ -176,6 +179,7 @@ pub fn router(state: AppState) -> Router {
         .to_json()
         .expect("the OpenAPI document serialises");
     routes
+        .merge(models::v2(state.clone()))
         .fallback(error::not_found)
         .layer(Extension(Served(Bytes::from(doc))))
         .layer(middleware::from_fn_with_state(gate, access::gate))

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::access::MetricsAuth;
 use super::state::AppState;
 use crate::store::series;
 
@@ -56,8 +57,89 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     for d in s.fleet.all() {
         counts[s.thresholds.status(d.record.last_seen_ms, now) as usize].1 += 1;
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&counts),
-    )
+    let mut text = s.metrics.render(&counts);
+    text.push_str(&scoring_metrics(&s));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// The scorer's and the alerts' counters; each device's latest score only when `/metrics`
+/// needs a token (open, it shows no device ids).
+fn scoring_metrics(s: &AppState) -> String {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let sc = &s.models.scores;
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "shoal_scoring_samples_total",
+            "counter",
+            "Samples scored by the scoring model",
+            sc.scored.load(Relaxed),
+        ),
+        (
+            "shoal_scoring_unscorable_total",
+            "counter",
+            "Samples without the model's target value",
+            sc.unscorable.load(Relaxed),
+        ),
+        (
+            "shoal_scoring_failures_total",
+            "counter",
+            "Scoring rounds whose model request failed (the samples wait)",
+            sc.failures.load(Relaxed),
+        ),
+        (
+            "shoal_scoring_lag_samples",
+            "gauge",
+            "Samples stored but not yet scored",
+            sc.lag.load(Relaxed),
+        ),
+        (
+            "shoal_alerts_opened_total",
+            "counter",
+            "Anomaly alerts opened",
+            s.alerts.opened.load(Relaxed),
+        ),
+        (
+            "shoal_alerts_open",
+            "gauge",
+            "Anomaly alerts open now (acknowledged or not)",
+            s.alerts.open_count() as u64,
+        ),
+        (
+            "shoal_alert_webhook_failures_total",
+            "counter",
+            "Alert notifications the webhook never took",
+            s.alerts.webhook_failures.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    if s.auth.metrics == MetricsAuth::Token {
+        let _ = writeln!(
+            out,
+            "# HELP shoal_device_anomaly_score Latest anomaly score per device\n# TYPE shoal_device_anomaly_score gauge"
+        );
+        for (device, score) in sc.all() {
+            let _ = writeln!(
+                out,
+                "shoal_device_anomaly_score{{device_id=\"{}\",model=\"{}\",version=\"{}\"}} {}",
+                escape(&device),
+                escape(&score.model),
+                escape(&score.version),
+                score.score
+            );
+        }
+    }
+    out
+}
+
+/// A Prometheus label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -27,6 +27,9 @@ pub struct AppState {
     pub devices: Option<Arc<crate::auth::DeviceAuthority>>,
     /// The gRPC URL agents are told to use.
     pub grpc_url: String,
+    /// Deployed models, the embedded V2 server's repository, per-device scores.
+    pub models: Arc<crate::models::Models>,
+    pub alerts: Arc<crate::models::alerts::Alerts>,
 }
 
 /// What the access gate and the token routes use.

@@ -242,6 +242,17 @@ fn the_device_schemas_match_what_devices_serialise_to() {
         record: record(),
         status: Status::Stale,
         stored_up_to_seq: 9,
+        anomaly: Some(crate::models::scoring::DeviceScore {
+            score: 4.5,
+            residual: -6.75,
+            expected: 51.5,
+            observed: 44.75,
+            target: "temperature_celsius".into(),
+            model: "shoal-anomaly".into(),
+            version: "3".into(),
+            seq: 9,
+            time_ms: 1_700_000_000_000,
+        }),
     };
     assert_matches(view(), "DeviceView");
     assert_matches(full_sample(), "Sample");

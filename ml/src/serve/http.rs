@@ -25,8 +25,8 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// The binary tensor data extension's header: the JSON part's length.
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
-/// The `/v2` routes over `repo`.
-pub fn router(repo: Arc<Repository>) -> Router {
+/// The `/v2` routes over `repo`, for a router of any state.
+pub fn router<S: Clone + Send + Sync + 'static>(repo: Arc<Repository>) -> Router<S> {
     Router::new()
         .route("/v2", get(server_metadata))
         .route(

@@ -53,7 +53,7 @@ pub async fn run(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let rest = {
         let mut rx = rx.clone();
-        axum::serve(http, http::router(repo.clone())).with_graceful_shutdown(async move {
+        axum::serve(http, http::router::<()>(repo.clone())).with_graceful_shutdown(async move {
             let _ = rx.wait_for(|s| *s).await;
         })
     };

@@ -1,0 +1,204 @@
+//! Models and alerts: deployments (`/api/v1/models/deployments`, scientist to change), the
+//! alerts on anomaly scores (`/api/v1/alerts`, operator to acknowledge), and the embedded
+//! Open Inference Protocol server at `/v2` (any role), behind the same tokens.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{JsonBody, Path, Query};
+use super::state::AppState;
+use crate::auth::{Principal, Role};
+use crate::models::alerts::{Alert, AlertError};
+use crate::models::{DeployError, DeployRequest, Deployment};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(list_deployments, deploy))
+        .routes(routes!(undeploy))
+        .routes(routes!(list_alerts))
+        .routes(routes!(acknowledge))
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        let status = match e {
+            DeployError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            DeployError::Fetch(_) => StatusCode::BAD_GATEWAY,
+            DeployError::Load(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            DeployError::NotFound(_) => StatusCode::NOT_FOUND,
+            DeployError::Store(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<AlertError> for ApiError {
+    fn from(e: AlertError) -> Self {
+        match e {
+            AlertError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            AlertError::Resolved(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            AlertError::Store(s) => s.into(),
+        }
+    }
+}
+
+/// `GET /api/v1/models/deployments`.
+#[derive(Serialize, ToSchema)]
+pub struct DeploymentList {
+    pub deployments: Vec<Deployment>,
+    /// The model whose deployment scores telemetry ("" when scoring is off).
+    pub scoring_model: String,
+}
+
+/// The deployed models.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models/deployments",
+    tag = "models",
+    security(("token" = ["viewer"])),
+    responses((status = 200, description = "Deployed models", body = DeploymentList)),
+)]
+async fn list_deployments(State(s): State<AppState>) -> Json<DeploymentList> {
+    Json(DeploymentList {
+        deployments: s.models.list(),
+        scoring_model: s.models.scoring_model.clone(),
+    })
+}
+
+/// Deploys a model: fetched from its source (MLflow's registry by default), checked by
+/// loading it, kept in the hub's data dir, then served at `/v2` (`to: embedded`) or scored
+/// through an external V2 server (`to: v2`). Another version of a deployed model replaces it
+/// without dropping requests.
+#[utoipa::path(
+    post,
+    path = "/api/v1/models/deployments",
+    tag = "models",
+    security(("token" = ["scientist"])),
+    request_body = DeployRequest,
+    responses(
+        (status = 201, description = "Deployed", body = Deployment),
+        (status = 400, description = "A bad name, version, source or endpoint", body = ErrorBody),
+        (status = 422, description = "The file is not a model the runtime can run", body = ErrorBody),
+        (status = 502, description = "The source could not be read (registry, object store, file)", body = ErrorBody),
+    ),
+)]
+async fn deploy(
+    State(s): State<AppState>,
+    Extension(by): Extension<Principal>,
+    JsonBody(req): JsonBody<DeployRequest>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    let d = s.models.deploy(req, &by.name).await?;
+    Ok((StatusCode::CREATED, Json(d)))
+}
+
+/// Stops serving a model.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/models/deployments/{name}",
+    tag = "models",
+    security(("token" = ["scientist"])),
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "The deployment that was removed", body = Deployment),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+    ),
+)]
+async fn undeploy(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Deployment>, ApiError> {
+    Ok(Json(s.models.undeploy(&name)?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    /// Also resolved alerts.
+    #[serde(default)]
+    all: bool,
+}
+
+/// `GET /api/v1/alerts`.
+#[derive(Serialize, ToSchema)]
+pub struct AlertList {
+    /// Newest first.
+    pub alerts: Vec<Alert>,
+}
+
+/// Alerts on anomaly scores: open and acknowledged ones, or all with `all=true`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts",
+    tag = "models",
+    security(("token" = ["viewer"])),
+    params(AlertsQuery),
+    responses(
+        (status = 200, description = "Alerts", body = AlertList),
+        (status = 400, description = "A bad query", body = ErrorBody),
+    ),
+)]
+async fn list_alerts(
+    State(s): State<AppState>,
+    Query(q): Query<AlertsQuery>,
+) -> Result<Json<AlertList>, ApiError> {
+    let alerts = s.alerts.clone();
+    let alerts = tokio::task::spawn_blocking(move || alerts.list(q.all))
+        .await
+        .expect("read task")?;
+    Ok(Json(AlertList { alerts }))
+}
+
+/// Acknowledges an open alert (it stays open until the device's scores recover).
+#[utoipa::path(
+    post,
+    path = "/api/v1/alerts/{id}/ack",
+    tag = "models",
+    security(("token" = ["operator"])),
+    params(("id" = String, Path, description = "Alert id")),
+    responses(
+        (status = 200, description = "Acknowledged", body = Alert),
+        (status = 404, description = "No such alert", body = ErrorBody),
+        (status = 409, description = "The alert is resolved", body = ErrorBody),
+    ),
+)]
+async fn acknowledge(
+    State(s): State<AppState>,
+    Extension(by): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Alert>, ApiError> {
+    Ok(Json(s.alerts.acknowledge(&id, &by.name)?))
+}
+
+/// The embedded V2 server's routes (`/v2/…`), open to any role: the protocol has its own
+/// specification, so these are not in the hub's OpenAPI document; [`v2_gate`] guards them.
+pub fn v2(state: AppState) -> Router<AppState> {
+    shoal_ml::serve::http::router(state.models.repo.clone())
+        .layer(axum::middleware::from_fn_with_state(state, v2_gate))
+}
+
+/// A token with any role (every caller when authentication is off), and the browser checks
+/// for a request with a body; inference is not audited (it changes nothing), refusals are.
+async fn v2_gate(State(s): State<AppState>, request: Request, next: Next) -> Response {
+    let from = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    match super::access::authorize(&s, &method, &path, request.headers(), Role::Viewer, from).await
+    {
+        Ok(()) => next.run(request).await,
+        Err(response) => response.into_response(),
+    }
+}
