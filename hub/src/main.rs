@@ -81,6 +81,16 @@ enum Command {
         #[command(subcommand)]
         command: cli::devices::DevicesCommand,
     },
+    /// Deployed models: served at /v2 by the hub, or scored through an external V2 server.
+    Models {
+        #[command(subcommand)]
+        command: cli::models::ModelsCommand,
+    },
+    /// Alerts on the fleet's anomaly scores.
+    Alerts {
+        #[command(subcommand)]
+        command: cli::models::AlertsCommand,
+    },
     /// A device's metric over time, downsampled (avg/min/max per step). [role: viewer]
     ///
     /// Metric names: cpu_percent, load1, memory_used_bytes, uptime_seconds, process_count,
@@ -187,6 +197,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Runs { command } => command.run(&client, output).await,
         Command::Datasets { command } => command.run(&client, output).await,
         Command::Devices { command } => command.run(&client, output).await,
+        Command::Models { command } => command.run(&client, output).await,
+        Command::Alerts { command } => command.run(&client, output).await,
         Command::Telemetry(args) => args.run(&client, output).await,
         Command::Tokens { command } => command.run(&client, output).await,
         Command::Login(args) => args.run(&cli.hub).await,

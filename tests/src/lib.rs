@@ -1262,6 +1262,31 @@ impl Garage {
         ]
     }
 
+    /// Writes `file` as object `key` with curl's SigV4 signing.
+    pub fn curl_put(&self, key: &str, file: &Path) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            ])
+            .arg("--aws-sigv4")
+            .arg(format!("aws:amz:{}:s3", Self::REGION))
+            .arg("--user")
+            .arg(format!("{}:{}", self.key_id, self.secret))
+            .arg("-T")
+            .arg(file)
+            .arg(format!("{}/{}/{key}", self.endpoint(), self.bucket))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl PUT {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Reads an object with curl's SigV4 signing: a client Shoal did not write.
     pub fn curl_get(&self, key: &str) -> Vec<u8> {
         let out = Command::new("curl")

@@ -224,6 +224,71 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
         versions.iter().any(|v| v["run_id"] == run_id),
         "{registered}"
     );
+    // The registered model serves straight from the registry, through MLflow's artifact
+    // proxy, and answers what onnxruntime computes from the local file.
+    let version = versions[0]["version"].as_str().unwrap().to_string();
+    let served = serve_and_infer(
+        "mlflow:/models/shoal-anomaly/latest",
+        &[("MLFLOW_TRACKING_URI", mlflow.url())],
+        &out.join("model.onnx"),
+    )
+    .await;
+    assert_eq!(served["name"], "shoal-anomaly");
+    assert_eq!(served["version"], version);
+}
+
+/// Starts `shoal-ml serve --model SOURCE` with `env`, checks one inference against
+/// onnxruntime on `reference`, and returns the served model's name and version.
+async fn serve_and_infer(source: &str, env: &[(&str, String)], reference: &Path) -> Value {
+    use std::io::BufRead;
+    let mut cmd = Command::new(shoal_e2e::bin("shoal-ml"));
+    cmd.args(["serve", "--model", source])
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped());
+    let mut proc = shoal_e2e::Proc::spawn("shoal-ml serve", cmd);
+    let mut line = String::new();
+    std::io::BufReader::new(proc.child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ep: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("{source}: no endpoints line"));
+    let http = format!("http://{}", ep["http"].as_str().unwrap());
+    let name = ep["models"][0].as_str().unwrap().to_string();
+    let meta: Value = shoal_e2e::http_get(&format!("{http}/v2/models/{name}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let k = meta["inputs"][0]["shape"][1].as_u64().unwrap() as usize;
+    let features: Vec<f64> = (0..k).map(|i| 10.0 + i as f64).collect();
+    let readings = serde_json::json!({ "features": [features], "observed": [50.0] });
+    let body = serde_json::json!({ "inputs": [
+        { "name": "features", "shape": [1, k], "datatype": "FP64", "data": features },
+        { "name": "observed", "shape": [1, 1], "datatype": "FP64", "data": [50.0] },
+    ]});
+    let got: Value = shoal_e2e::http_client()
+        .post(format!("{http}/v2/models/{name}/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let want = onnx_run(reference, &readings);
+    let score = got["outputs"][1]["data"][0].as_f64().unwrap();
+    assert!(
+        (score - want["score"][0].as_f64().unwrap()).abs() < 1e-5,
+        "{got} vs {want}"
+    );
+    serde_json::json!({ "name": name, "version": meta["versions"][0] })
 }
 
 /// The value of `key` in an MLflow list of `{"key", "value"}` (tags, params); null if absent.
@@ -403,6 +468,16 @@ async fn datasets_go_to_s3_and_train_from_there() {
         serde_json::from_slice(&std::fs::read(model.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["dataset"]["sha256"].as_str().unwrap().len(), 64);
     assert!(metrics["report"]["holdout"]["r2"].as_f64().unwrap() > 0.95);
+
+    // The model served from the object store by an S3 path.
+    garage.curl_put("models/anomaly/model.onnx", &model.join("model.onnx"));
+    let served = serve_and_infer(
+        "s3://telemetry/models/anomaly",
+        &env,
+        &model.join("model.onnx"),
+    )
+    .await;
+    assert_eq!(served["name"], "anomaly");
 
     // Wrong credentials: a clear error, nothing half-written claimed as a dataset.
     let bad = train_cmd("s3://telemetry/pi/last-hour", &dir.path().join("m2"))

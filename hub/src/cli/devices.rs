@@ -26,6 +26,7 @@ impl Client {
                     str_of(&d["arch"]),
                     str_of(&d["agent_version"]),
                     d["stored_up_to_seq"].to_string(),
+                    score(&d["anomaly"]),
                 ]
             })
             .collect();
@@ -41,6 +42,7 @@ impl Client {
                 "ARCH",
                 "AGENT",
                 "SEQ",
+                "SCORE",
             ],
             &rows,
         ))
@@ -64,6 +66,31 @@ impl Client {
             .map(|r| format!("{:<18} {}\n", r[0], r[1]))
             .collect())
     }
+}
+
+/// A device's anomaly score, "-" until one is scored.
+fn score(a: &Value) -> String {
+    a["score"]
+        .as_f64()
+        .map_or_else(|| "-".into(), |s| format!("{s:.2}"))
+}
+
+/// The latest score in full: score, residual, model, when.
+fn anomaly(a: &Value) -> String {
+    if !a.is_object() {
+        return "- (not scored)".into();
+    }
+    format!(
+        "score {} (observed {} vs expected {} {}, residual {:+.2}) by {}:{} at {}",
+        score(a),
+        num(&a["observed"]),
+        num(&a["expected"]),
+        str_of(&a["target"]),
+        a["residual"].as_f64().unwrap_or(f64::NAN),
+        str_of(&a["model"]),
+        str_of(&a["version"]),
+        time_of(&a["time_ms"])
+    )
 }
 
 impl Client {
@@ -161,6 +188,7 @@ fn identity_rows(d: &Value, now: i64) -> Vec<Vec<String>> {
         vec!["gpu driver".into(), str_of(&d["gpu_driver_version"])],
         vec!["cuda".into(), str_of(&d["cuda_version"])],
         vec!["stored up to seq".into(), d["stored_up_to_seq"].to_string()],
+        vec!["anomaly".into(), anomaly(&d["anomaly"])],
     ];
     if let Some(labels) = d["labels"].as_object().filter(|l| !l.is_empty()) {
         let l: Vec<String> = labels

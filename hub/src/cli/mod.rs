@@ -11,6 +11,7 @@ pub mod datasets;
 pub mod devices;
 pub mod format;
 pub mod jobs;
+pub mod models;
 pub mod runs;
 pub mod telemetry;
 
