@@ -11,7 +11,9 @@ use shoal_ml::dataset::{self, Manifest};
 use shoal_ml::mlflow::{Metric, Mlflow, MlflowError, RunInfo};
 use shoal_ml::serve::source::Source;
 use shoal_ml::store::Location;
-use shoal_ml::train::{DEFAULT_FEATURES, DEFAULT_TARGET, Model, Report, TrainConfig, Trainer};
+use shoal_ml::train::{
+    Choice, DEFAULT_FEATURES, DEFAULT_TARGET, Model, Report, Survey, TrainConfig, Trainer,
+};
 
 /// Exit code when the model was trained and written but MLflow could not record it
 /// (EX_TEMPFAIL: a scheduled job's retry will try again).
@@ -108,11 +110,14 @@ struct TrainArgs {
     /// Where the model and its report go.
     #[arg(long, env = "SHOAL_ARTIFACTS_DIR", default_value = "./model")]
     out: PathBuf,
-    /// Column to predict.
-    #[arg(long, default_value = DEFAULT_TARGET)]
+    /// Column to predict; "auto": the first the dataset holds of temperature_celsius,
+    /// gpu_temperature_celsius, load1, memory_used_bytes (on at least half its rows, varying).
+    #[arg(long, default_value = "auto")]
     target: String,
-    /// Columns to predict from, comma-separated (a missing value counts as 0).
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_FEATURES.map(String::from))]
+    /// Columns to predict from, comma-separated (a missing value counts as 0). Default: for
+    /// a temperature, the load, clock and GPU columns; otherwise the other metrics the dataset
+    /// holds.
+    #[arg(long, value_delimiter = ',')]
     features: Vec<String>,
     /// Share of rows held out for evaluation (chosen by a hash of device, seq and seed).
     #[arg(long, default_value_t = 0.2)]
@@ -138,6 +143,9 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// The target and features in use, and why (set once the dataset is read).
+    #[arg(skip)]
+    choice: Option<Choice>,
 }
 
 fn main() -> ExitCode {
@@ -340,6 +348,12 @@ async fn start_tracking(
         let params: Vec<(String, String)> = [
             ("target", args.target.clone()),
             ("features", args.features.join(",")),
+            (
+                "target_choice",
+                args.choice
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.reason.clone()),
+            ),
             ("holdout", args.holdout.to_string()),
             ("seed", args.seed.to_string()),
             ("ridge", args.ridge.to_string()),
@@ -361,11 +375,11 @@ async fn start_tracking(
     tracker
 }
 
-async fn train(args: TrainArgs) -> ExitCode {
-    let (mut trainer, client) = match trainer_and_client(&args) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+async fn train(mut args: TrainArgs) -> ExitCode {
+    // Flags are checked before anything is read (the target as a temperature when "auto").
+    if let Err(code) = trainer_and_client(&args) {
+        return code;
+    }
     let location = match Location::parse(&args.dataset) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
@@ -373,6 +387,17 @@ async fn train(args: TrainArgs) -> ExitCode {
     let manifest = match dataset::open(&location).await {
         Ok(m) => m,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let choice = match choose_columns(&location, &manifest, &args).await {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("{}: {e}", args.dataset)),
+    };
+    args.target = choice.target.clone();
+    args.features = choice.features.clone();
+    args.choice = Some(choice);
+    let (mut trainer, client) = match trainer_and_client(&args) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     if let Err(e) = std::fs::create_dir_all(&args.out) {
         return fail(73, format!("{}: {e}", args.out.display()));
@@ -427,12 +452,48 @@ async fn train(args: TrainArgs) -> ExitCode {
     .await
 }
 
+/// The target and features: as given, or chosen from what the dataset holds (one reading
+/// pass over it) when the target is "auto" or no features are given.
+async fn choose_columns(
+    location: &Location,
+    manifest: &Manifest,
+    args: &TrainArgs,
+) -> Result<Choice, String> {
+    let target = (args.target != "auto").then_some(args.target.as_str());
+    if let Some(t) = target
+        && !args.features.is_empty()
+    {
+        return Ok(Choice {
+            target: t.to_string(),
+            features: args.features.clone(),
+            reason: "target and features as asked".into(),
+        });
+    }
+    let mut survey = Survey::default();
+    for entry in &manifest.files {
+        let bytes = dataset::fetch(location, entry)
+            .await
+            .map_err(|e| e.to_string())?;
+        dataset::decode(&location.display(&entry.path), bytes, |b| survey.push(b))
+            .map_err(|e| e.to_string())?;
+    }
+    shoal_ml::train::choose(&survey, target, &args.features).map_err(|e| e.to_string())
+}
+
 /// The trainer and, when a tracking server is given, its MLflow client; `Err` is exit 64,
 /// already explained on stderr.
 fn trainer_and_client(args: &TrainArgs) -> Result<(Trainer, Option<Mlflow>), ExitCode> {
     let config = TrainConfig {
-        target: args.target.clone(),
-        features: args.features.clone(),
+        target: if args.target == "auto" {
+            DEFAULT_TARGET.into()
+        } else {
+            args.target.clone()
+        },
+        features: if args.features.is_empty() {
+            DEFAULT_FEATURES.map(String::from).to_vec()
+        } else {
+            args.features.clone()
+        },
         holdout: args.holdout,
         seed: args.seed,
         ridge: args.ridge,
@@ -472,6 +533,7 @@ fn save_model(
         "dataset": { "uri": args.dataset, "sha256": digest, "rows": manifest.rows, "files": manifest.files.len() },
         "report": report,
         "model": model,
+        "choice": args.choice,
         "seconds": seconds,
         "rows_per_second": report.rows_read as f64 / seconds.max(1e-9),
         "peak_rss_bytes": peak_rss_bytes(),

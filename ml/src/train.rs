@@ -27,6 +27,150 @@ pub const DEFAULT_FEATURES: [&str; 7] = [
     "process_count",
 ];
 
+/// The target chosen when none is given (`--target auto`): the first of these the dataset
+/// holds. A temperature where sensors exist; otherwise load, then memory, predicted from the
+/// other metrics every Linux device reports.
+pub const TARGET_PREFERENCE: [&str; 4] = [
+    "temperature_celsius",
+    "gpu_temperature_celsius",
+    "load1",
+    "memory_used_bytes",
+];
+
+/// The features of a target other than a temperature, where the dataset holds them.
+pub const GENERAL_FEATURES: [&str; 12] = [
+    "cpu_percent",
+    "load1",
+    "load5",
+    "load15",
+    "memory_used_bytes",
+    "swap_used_bytes",
+    "net_rx_bytes_per_second",
+    "net_tx_bytes_per_second",
+    "process_count",
+    "cpu_frequency_mhz",
+    "gpu_utilization_percent",
+    "gpu_power_watts",
+];
+
+/// What a dataset holds, per column: how many rows have a value, and its range.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    pub rows: u64,
+    pub count: [u64; METRICS.len()],
+    pub min: [f64; METRICS.len()],
+    pub max: [f64; METRICS.len()],
+}
+
+impl Default for Survey {
+    fn default() -> Self {
+        Self {
+            rows: 0,
+            count: [0; METRICS.len()],
+            min: [f64::INFINITY; METRICS.len()],
+            max: [f64::NEG_INFINITY; METRICS.len()],
+        }
+    }
+}
+
+impl Survey {
+    pub fn push(&mut self, batch: &Batch) {
+        self.rows += batch.len() as u64;
+        for (c, column) in batch.columns.iter().enumerate() {
+            for v in column.iter().flatten() {
+                self.count[c] += 1;
+                self.min[c] = self.min[c].min(*v);
+                self.max[c] = self.max[c].max(*v);
+            }
+        }
+    }
+
+    /// Held by at least half the rows, and not constant.
+    fn usable(&self, name: &str) -> bool {
+        metric_index(name).is_some_and(|c| {
+            self.count[c] >= 2 && self.count[c] * 2 >= self.rows && self.max[c] > self.min[c]
+        })
+    }
+
+    fn held(&self, name: &str) -> String {
+        let c = metric_index(name).expect("a known column");
+        format!("{name} on {} of {} rows", self.count[c], self.rows)
+    }
+}
+
+/// A target and features chosen from what a dataset holds, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Choice {
+    pub target: String,
+    pub features: Vec<String>,
+    pub reason: String,
+}
+
+/// Chooses the target (when `target` is `None`) and the features (when `features` is empty)
+/// from what `survey` says the dataset holds.
+pub fn choose(
+    survey: &Survey,
+    target: Option<&str>,
+    features: &[String],
+) -> Result<Choice, TrainError> {
+    let (target, mut reason) = match target {
+        Some(t) => (t.to_string(), format!("{t} as asked")),
+        None => {
+            let found = TARGET_PREFERENCE
+                .iter()
+                .find(|t| survey.usable(t))
+                .ok_or_else(|| TrainError::NothingUsable {
+                    held: TARGET_PREFERENCE
+                        .iter()
+                        .map(|t| survey.held(t))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            let skipped: Vec<String> = TARGET_PREFERENCE
+                .iter()
+                .take_while(|t| *t != found)
+                .map(|t| survey.held(t))
+                .collect();
+            let reason = if skipped.is_empty() {
+                format!("{} (held by {})", found, survey.held(found))
+            } else {
+                format!(
+                    "{found}, as the dataset holds too little of the others ({}); {}",
+                    skipped.join(", "),
+                    survey.held(found)
+                )
+            };
+            (found.to_string(), reason)
+        }
+    };
+    metric_index(&target).ok_or_else(|| TrainError::UnknownColumn(target.clone()))?;
+    let features: Vec<String> = if !features.is_empty() {
+        features.to_vec()
+    } else if target.contains("temperature") {
+        DEFAULT_FEATURES.iter().map(|s| s.to_string()).collect()
+    } else {
+        GENERAL_FEATURES
+            .iter()
+            .filter(|f| **f != target && survey.usable(f))
+            .map(|s| s.to_string())
+            .collect()
+    };
+    if features.is_empty() {
+        return Err(TrainError::NothingUsable {
+            held: format!(
+                "{target} but none of its features ({})",
+                GENERAL_FEATURES.join(", ")
+            ),
+        });
+    }
+    reason.push_str(&format!(", from {}", features.join(", ")));
+    Ok(Choice {
+        target,
+        features,
+        reason,
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     pub target: String,
@@ -59,6 +203,11 @@ pub enum TrainError {
     UnknownColumn(String),
     #[error("holdout must be between 0 and 1 (exclusive), got {0}")]
     Holdout(f64),
+    #[error(
+        "nothing in the dataset to train on: no target with values on at least half the rows \
+         that varies ({held}); give --target and --features for what the devices do report"
+    )]
+    NothingUsable { held: String },
     #[error("no rows with a {target} value to train on ({seen} rows read)")]
     NoTrainingRows { target: String, seen: u64 },
     #[error(
@@ -496,6 +645,67 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7).1.holdout.rows, run(8).1.holdout.rows);
+    }
+
+    /// A survey of `rows` rows where each named column has `count` values over a range.
+    fn survey(rows: u64, held: &[(&str, u64)]) -> Survey {
+        let mut s = Survey {
+            rows,
+            ..Survey::default()
+        };
+        for (name, count) in held {
+            let c = metric_index(name).unwrap();
+            s.count[c] = *count;
+            s.min[c] = 0.0;
+            s.max[c] = 1.0;
+        }
+        s
+    }
+
+    #[test]
+    fn the_target_is_a_temperature_where_sensors_exist_and_load_where_none_do() {
+        let pi = survey(
+            100,
+            &[
+                ("temperature_celsius", 100),
+                ("cpu_percent", 100),
+                ("load1", 100),
+            ],
+        );
+        let c = choose(&pi, None, &[]).unwrap();
+        assert_eq!(c.target, "temperature_celsius");
+        assert_eq!(c.features.len(), DEFAULT_FEATURES.len());
+        // A virtual machine: no thermal sensor, a few stray readings are not enough.
+        let vm = survey(
+            100,
+            &[
+                ("temperature_celsius", 3),
+                ("cpu_percent", 100),
+                ("load1", 100),
+                ("load5", 100),
+                ("memory_used_bytes", 100),
+                ("process_count", 100),
+            ],
+        );
+        let c = choose(&vm, None, &[]).unwrap();
+        assert_eq!(c.target, "load1");
+        assert_eq!(
+            c.features,
+            ["cpu_percent", "load5", "memory_used_bytes", "process_count"]
+        );
+        assert!(
+            c.reason.contains("temperature_celsius on 3 of 100 rows"),
+            "{}",
+            c.reason
+        );
+        // Given features are kept; nothing usable is refused with what was there.
+        let c = choose(&vm, None, &["cpu_percent".into()]).unwrap();
+        assert_eq!(c.features, ["cpu_percent"]);
+        let empty = survey(100, &[("uptime_seconds", 100)]);
+        let e = choose(&empty, None, &[]).unwrap_err().to_string();
+        assert!(e.contains("load1 on 0 of 100 rows"), "{e}");
+        let only_target = survey(100, &[("load1", 100)]);
+        assert!(choose(&only_target, None, &[]).is_err());
     }
 
     #[test]

@@ -613,3 +613,93 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
     assert_eq!(runs[0]["info"]["status"], "FINISHED");
     assert!(found.to_string().contains("train-anomaly"), "{found}");
 }
+
+/// A virtual machine's sample: no thermal sensor; load follows CPU and the process count.
+fn vm_sample(seq: u64, start_ms: i64) -> shoal_proto::v1::Sample {
+    use shoal_proto::v1::{Cpu, LoadAverage, Memory, Sample};
+    let cpu = ((seq * 37) % 100) as f64;
+    let procs = 100 + (seq * 13) % 50;
+    let noise = ((seq * 7919) % 101) as f64 / 1000.0 - 0.05;
+    let load = 0.03 * cpu + 0.01 * procs as f64 + noise;
+    Sample {
+        seq,
+        timestamp_ms: start_ms + seq as i64 * 1000,
+        cpu: Some(Cpu {
+            total_percent: cpu,
+            ..Default::default()
+        }),
+        load: Some(LoadAverage {
+            one: load,
+            five: None,
+            fifteen: None,
+        }),
+        memory: Some(Memory {
+            used_bytes: (1 << 30) + (seq % 17) * (1 << 20),
+            total_bytes: 4 << 30,
+            ..Default::default()
+        }),
+        process_count: Some(procs as u32),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&dir.path().join("hub")).await;
+    let start = shoal_hub_now() - 3_000_000;
+    ingest(&hub.grpc_url(), "vm-1", 2000, move |seq| {
+        vm_sample(seq, start)
+    })
+    .await
+    .unwrap();
+    let dataset = dir.path().join("vm-dataset");
+    export(&hub, &dataset);
+
+    // No temperature anywhere: the model predicts load from the other metrics, and says so.
+    let out = dir.path().join("model");
+    let result = train(&dataset, &out, &[]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let metrics: Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let choice = &metrics["choice"];
+    assert_eq!(choice["target"], "load1", "{metrics}");
+    let features: Vec<&str> = choice["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(features.contains(&"cpu_percent") && features.contains(&"process_count"));
+    assert!(!features.contains(&"load1") && !features.contains(&"temperature_celsius"));
+    assert!(
+        choice["reason"]
+            .as_str()
+            .unwrap()
+            .contains("temperature_celsius on 0 of 2000 rows"),
+        "{choice}"
+    );
+    assert!(
+        metrics["report"]["holdout"]["r2"].as_f64().unwrap() > 0.95,
+        "{metrics}"
+    );
+    let onnx = std::fs::read(out.join("model.onnx")).unwrap();
+    let meta = shoal_ml::onnx::metadata(&onnx);
+    assert_eq!(meta["target"], "load1");
+
+    // Asked for a temperature it does not have: refused, naming the column.
+    let refused = train(
+        &dataset,
+        &dir.path().join("m2"),
+        &["--target", "temperature_celsius"],
+    );
+    assert_eq!(refused.status.code(), Some(65));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("no rows with a temperature_celsius value")
+    );
+}
