@@ -525,7 +525,10 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
         ok && list.contains("train-anomaly") && list.contains("dataset-export"),
         "{list}"
     );
-    let (ok, yaml, err) = shoal(&hub, &["jobs", "template", "train-anomaly"]);
+    let (ok, yaml, err) = shoal(
+        &hub,
+        &["jobs", "template", "train-anomaly", "--auto-deploy"],
+    );
     assert!(ok, "{err}");
     let file = dir.path().join("train.yaml");
     std::fs::write(&file, yaml).unwrap();
@@ -612,6 +615,25 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
     assert_eq!(runs.len(), 1, "{found}");
     assert_eq!(runs[0]["info"]["status"], "FINISHED");
     assert!(found.to_string().contains("train-anomaly"), "{found}");
+
+    // --auto-deploy: the run deployed its model under the version MLflow registered, and the
+    // hub scores the fleet with it.
+    let registered = mlflow
+        .get("registered-models/get", &[("name", "shoal-anomaly")])
+        .await;
+    let version = registered["registered_model"]["latest_versions"][0]["version"].clone();
+    let deployed = hub.get("/api/v1/models/deployments").await;
+    assert_eq!(
+        deployed["deployments"][0]["name"], "shoal-anomaly",
+        "{deployed}\n{log}"
+    );
+    assert_eq!(deployed["deployments"][0]["version"], version, "{deployed}");
+    shoal_e2e::wait_until(
+        "pi-a is scored",
+        std::time::Duration::from_secs(20),
+        || async { hub.get("/api/v1/devices/pi-a").await["anomaly"]["version"] == version },
+    )
+    .await;
 }
 
 /// A virtual machine's sample: no thermal sensor; load follows CPU and the process count.

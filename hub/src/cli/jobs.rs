@@ -158,7 +158,13 @@ pub enum JobsCommand {
     /// Print a built-in job's manifest (without NAME: list them), ready for `jobs apply -f -`:
     ///
     ///   shoal jobs template dataset-export | shoal jobs apply -f -
-    Template { name: Option<String> },
+    Template {
+        name: Option<String>,
+        /// Deploy the model each run trains to the hub (`shoal models deploy`), so scores
+        /// come from the newest model.
+        #[arg(long)]
+        auto_deploy: bool,
+    },
     /// Print the job as a Kubernetes object (JSON, which `kubectl apply -f -` takes): the
     /// batch/v1 CronJob, or with --job the batch/v1 Job one run would be. [role: viewer]
     Export {
@@ -196,24 +202,27 @@ impl JobsCommand {
             JobsCommand::Resume { name } => client.jobs_action(&name, "resume", output).await,
             JobsCommand::Delete { name } => client.jobs_action(&name, "delete", output).await,
             JobsCommand::Export { name, k8s: _, job } => client.jobs_export(&name, job).await,
-            JobsCommand::Template { name: None } => Ok(table(
+            JobsCommand::Template { name: None, .. } => Ok(table(
                 &["TEMPLATE", "WHAT IT DOES"],
                 &crate::jobs::templates::TEMPLATES
                     .iter()
                     .map(|(n, what, _)| vec![n.to_string(), what.to_string()])
                     .collect::<Vec<_>>(),
             )),
-            JobsCommand::Template { name: Some(name) } => crate::jobs::templates::get(&name)
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    CliError::Api(format!(
+            JobsCommand::Template {
+                name: Some(name),
+                auto_deploy,
+            } => crate::jobs::templates::with_deploy(&name, auto_deploy)
+                .map(|r| r.map_err(CliError::Api))
+                .unwrap_or_else(|| {
+                    Err(CliError::Api(format!(
                         "no template {name:?} (known: {})",
                         crate::jobs::templates::TEMPLATES
                             .iter()
                             .map(|t| t.0)
                             .collect::<Vec<_>>()
                             .join(", ")
-                    ))
+                    )))
                 }),
         }
     }

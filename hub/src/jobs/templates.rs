@@ -75,6 +75,26 @@ pub fn get(name: &str) -> Option<&'static str> {
     TEMPLATES.iter().find(|t| t.0 == name).map(|t| t.2)
 }
 
+/// What `--auto-deploy` adds to a training template: the model it just trained is deployed
+/// to the hub (the registered version when MLflow has it), and the hub scores with it.
+const DEPLOY: &str = r#";
+                  shoal models deploy shoal-anomaly --source "$SHOAL_ARTIFACTS_DIR""#;
+
+/// The manifest of template `name`, with `auto_deploy` the trained model deployed at the end
+/// of each run; `Err` when the template trains nothing.
+pub fn with_deploy(name: &str, auto_deploy: bool) -> Option<Result<String, String>> {
+    let yaml = get(name)?;
+    if !auto_deploy {
+        return Some(Ok(yaml.to_string()));
+    }
+    if name != "train-anomaly" {
+        return Some(Err(format!(
+            "--auto-deploy is for templates that train a model (train-anomaly), not {name}"
+        )));
+    }
+    Some(Ok(format!("{}{DEPLOY}\n", yaml.trim_end())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +105,10 @@ mod tests {
             let def = super::super::manifest::parse(yaml).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(def.name(), name);
         }
+        let deploying = with_deploy("train-anomaly", true).unwrap().unwrap();
+        let def = super::super::manifest::parse(&deploying).unwrap();
+        assert_eq!(def.name(), "train-anomaly");
+        assert!(deploying.contains("shoal models deploy shoal-anomaly"));
+        assert!(with_deploy("dataset-export", true).unwrap().is_err());
     }
 }

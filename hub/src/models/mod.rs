@@ -66,7 +66,8 @@ pub struct Deployment {
 pub struct DeployRequest {
     /// The model's name (for the registry: its registered name).
     pub model: String,
-    /// Its version; absent: the registry's newest, or 1 for another source.
+    /// Its version; absent: the registry's newest (or the one a training run's `mlflow.json`
+    /// names), else `sha256-` and the file digest's first 12 hex digits.
     pub version: Option<String>,
     /// Where to fetch it: a folder or file on the hub, `s3://…`, `mlflow:/models/NAME/VERSION`;
     /// absent: `mlflow:/models/MODEL/VERSION` from the hub's MLflow.
@@ -208,12 +209,18 @@ impl Models {
             .fetch(self.mlflow.as_deref())
             .await
             .map_err(DeployError::Fetch)?;
+        let onnx = fetched.onnx;
+        let sha256: String = <sha2::Sha256 as sha2::Digest>::digest(&onnx)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // Without a registry version, the file's digest names it: scores say exactly which
+        // model produced them.
         let version = req
             .version
             .clone()
             .or(fetched.version.clone())
-            .unwrap_or_else(|| "1".into());
-        let onnx = fetched.onnx;
+            .unwrap_or_else(|| format!("sha256-{}", &sha256[..12]));
         let loaded = {
             let bytes = onnx.clone();
             tokio::task::spawn_blocking(move || LoadedModel::from_bytes(&bytes))
@@ -228,10 +235,7 @@ impl Models {
             source: source_text,
             to: req.to,
             endpoint,
-            sha256: <sha2::Sha256 as sha2::Digest>::digest(&onnx)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256,
             features: meta
                 .get("features")
                 .map(|f| f.split(',').map(str::to_string).collect())

@@ -15,7 +15,8 @@ pub enum Source {
     Registry { name: String, version: String },
 }
 
-/// A fetched model: its ONNX bytes and, from the registry, its version.
+/// A fetched model: its ONNX bytes and, from the registry (or a training run's
+/// `mlflow.json`), its version.
 pub struct Fetched {
     pub onnx: Vec<u8>,
     pub version: Option<String>,
@@ -84,10 +85,14 @@ impl Source {
                 let onnx = tokio::fs::read(&file)
                     .await
                     .map_err(|e| format!("{}: {e}", file.display()))?;
-                Ok(Fetched {
-                    onnx,
-                    version: None,
-                })
+                // A training run's folder says which version the registry gave its model.
+                let version = tokio::fs::read(path.join("mlflow.json"))
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["version"].as_str().map(str::to_string))
+                    .filter(|v| !v.is_empty());
+                Ok(Fetched { onnx, version })
             }
             Self::Object(uri) => {
                 let (dir, key) = match uri.rsplit_once('/') {
