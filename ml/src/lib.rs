@@ -5,7 +5,8 @@
 //! - [`dataset`]: telemetry windows as Parquet files plus a manifest with every file's SHA-256;
 //! - [`train`]: the device-health anomaly detector (streaming ridge regression, held-out
 //!   evaluation, deterministic under a seed);
-//! - [`onnx`]: the trained model as an ONNX graph any runtime serves;
+//! - [`onnx`]: the trained model as an ONNX graph any runtime serves; [`mlmodel`]: the same
+//!   as an MLflow Model (descriptor with signature, environment files);
 //! - [`serve`]: models loaded into an ONNX runtime (tract) and run on V2 tensors;
 //! - `mlflow` (feature `mlflow`, on by default): an MLflow tracking and Model Registry client
 //!   over its REST API, the only part that needs an HTTP client;
@@ -18,6 +19,7 @@
 pub mod dataset;
 #[cfg(feature = "mlflow")]
 pub mod mlflow;
+pub mod mlmodel;
 pub mod onnx;
 pub mod serve;
 pub mod stats;

@@ -539,31 +539,39 @@ fn save_model(
         "peak_rss_bytes": peak_rss_bytes(),
     });
     let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
-    let mlmodel = mlmodel_file(run_id);
-    let files: Vec<(&str, Vec<u8>)> = vec![
+    let mlflow_model = shoal_ml::mlmodel::files(model, run_id);
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("model.onnx", onnx.clone()),
         (
             "model.json",
             serde_json::to_vec_pretty(model).expect("json"),
         ),
         ("metrics.json", metrics_json.clone()),
-        ("MLmodel", mlmodel.clone().into_bytes()),
     ];
+    files.extend(
+        mlflow_model
+            .iter()
+            .map(|(name, text)| (*name, text.clone().into_bytes())),
+    );
     for (name, bytes) in &files {
         if let Err(e) = std::fs::write(args.out.join(name), bytes) {
             return Err(fail(73, format!("{}: {e}", args.out.join(name).display())));
         }
     }
-    let artifacts = [
-        ("model/model.onnx", onnx),
-        ("model/MLmodel", mlmodel.into_bytes()),
-        ("evaluation/metrics.json", metrics_json),
+    let mut artifacts: Artifacts = vec![
+        ("model/model.onnx".into(), onnx),
+        ("evaluation/metrics.json".into(), metrics_json),
     ];
+    artifacts.extend(
+        mlflow_model
+            .into_iter()
+            .map(|(name, text)| (format!("model/{name}"), text.into_bytes())),
+    );
     Ok((metrics, artifacts))
 }
 
 /// The files a training run uploads to MLflow: path under the run's artifacts, and bytes.
-type Artifacts = [(&'static str, Vec<u8>); 3];
+type Artifacts = Vec<(String, Vec<u8>)>;
 
 /// The final metrics, artifacts and registered version in MLflow, and `mlflow.json` saying
 /// whether they got there (exit 75 when not: a retry of the job logs them again).
@@ -584,7 +592,7 @@ async fn log_to_mlflow(
         .await;
     for (path, bytes) in artifacts {
         tracker
-            .attempt(async |c, run| c.upload(run, path, bytes).await)
+            .attempt(async |c, run| c.upload(run, &path, bytes).await)
             .await;
     }
     tracker
@@ -751,18 +759,6 @@ fn peak_rss_bytes() -> Option<u64> {
         .parse::<u64>()
         .ok()?;
     Some(kb * 1024)
-}
-
-/// MLflow's model descriptor for the ONNX file (flavors `onnx` and `python_function`).
-fn mlmodel_file(run_id: &str) -> String {
-    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.6f");
-    let mut text = format!(
-        "artifact_path: model\nflavors:\n  onnx:\n    data: model.onnx\n    providers:\n    - CPUExecutionProvider\n  python_function:\n    loader_module: mlflow.onnx\n    data: model.onnx\n    python_version: '3'\nutc_time_created: '{now}'\n"
-    );
-    if !run_id.is_empty() {
-        text.push_str(&format!("run_id: {run_id}\n"));
-    }
-    text
 }
 
 fn score(model_dir: &Path, input: &Path) -> ExitCode {

@@ -235,6 +235,115 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
     .await;
     assert_eq!(served["name"], "shoal-anomaly");
     assert_eq!(served["version"], version);
+
+    // MLflow's own tools load the registered model from its MLmodel (signature, environment):
+    // `mlflow models predict` and `mlflow models serve` answer what onnxruntime computes.
+    mlflow_tools_serve(
+        &mlflow.url(),
+        &format!("models:/shoal-anomaly/{version}"),
+        &out,
+    )
+    .await;
+}
+
+/// `mlflow models predict` and `mlflow models serve` (the pyfunc scoring server) on `uri`,
+/// compared with onnxruntime on the run's own `model.onnx`.
+async fn mlflow_tools_serve(tracking: &str, uri: &str, out: &Path) {
+    let k = 7;
+    let features: Vec<Vec<f64>> = (0..3)
+        .map(|r| (0..k).map(|i| 10.0 * r as f64 + i as f64).collect())
+        .collect();
+    let observed = [[45.0], [60.0], [50.0]];
+    let reference = onnx_run(
+        &out.join("model.onnx"),
+        &serde_json::json!({ "features": features, "observed": [45.0, 60.0, 50.0] }),
+    );
+    let request = serde_json::json!({ "inputs": { "features": features, "observed": observed } });
+    let scores = |v: &Value| -> Vec<f64> {
+        v["predictions"]["score"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|r| r[0].as_f64().unwrap())
+            .collect()
+    };
+    let close = |got: Vec<f64>| {
+        for (g, w) in got.iter().zip(reference["score"].as_array().unwrap()) {
+            assert!(
+                (g - w.as_f64().unwrap()).abs() < 1e-5,
+                "{got:?} vs {reference}"
+            );
+        }
+    };
+    let input = out.join("mlflow-input.json");
+    let output = out.join("mlflow-output.json");
+    std::fs::write(&input, request.to_string()).unwrap();
+    let predicted = Command::new("mlflow")
+        .args([
+            "models",
+            "predict",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-t",
+            "json",
+        ])
+        .arg("-i")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .env("MLFLOW_TRACKING_URI", tracking)
+        .output()
+        .expect("mlflow (PyPI) is installed by the test command");
+    assert!(
+        predicted.status.success(),
+        "mlflow models predict: {}",
+        String::from_utf8_lossy(&predicted.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    close(scores(&v));
+
+    let port = shoal_e2e::free_port();
+    let mut cmd = Command::new("mlflow");
+    cmd.args([
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+    ])
+    .args(["-p", &port.to_string()])
+    .env("MLFLOW_TRACKING_URI", tracking)
+    .stdout(Stdio::null());
+    let _server = shoal_e2e::Proc::spawn("mlflow models serve", cmd);
+    let url = format!("http://127.0.0.1:{port}");
+    shoal_e2e::wait_until(
+        "mlflow models serve",
+        std::time::Duration::from_secs(60),
+        || {
+            let ping = format!("{url}/ping");
+            async move {
+                shoal_e2e::http_get(&ping)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        },
+    )
+    .await;
+    let v: Value = shoal_e2e::http_client()
+        .post(format!("{url}/invocations"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    close(scores(&v));
 }
 
 /// Starts `shoal-ml serve --model SOURCE` with `env`, checks one inference against
