@@ -98,7 +98,8 @@ mod tests {
         let files = files(&model, "abc");
         let mlmodel = &files[0].1;
         assert!(
-            mlmodel.contains(r#""shape": [-1, 2]}, "name": "features""#),
+            mlmodel
+                .contains(r#"{"name":"features","tensor-spec":{"dtype":"float64","shape":[-1,2]}"#),
             "{mlmodel}"
         );
         assert!(mlmodel.contains("mlflow_version: "));
