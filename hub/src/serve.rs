@@ -487,6 +487,7 @@ pub async fn run(
     } = listeners;
     let grpc_addr = grpc.local_addr()?;
     let cluster = connect_cluster(&config).await?;
+    let seldon_cluster = cluster.clone();
     let store = Store::open(&config.data_dir)?;
     let (auth, run_token) = open_auth(&config, &store)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
@@ -523,7 +524,8 @@ pub async fn run(
         run_token,
         shutdown.clone(),
     )?;
-    let (models, alerts, scoring_task) = start_scoring(&config, &store, &fleet, &shutdown)?;
+    let (models, alerts, scoring_task) =
+        start_scoring(&config, &store, &fleet, seldon_cluster, &shutdown)?;
     let state = api::AppState {
         models,
         alerts,
@@ -562,6 +564,7 @@ fn start_scoring(
     config: &HubConfig,
     store: &Store,
     fleet: &Arc<Fleet>,
+    cluster: Option<jobs::cluster::Cluster>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<
     (
@@ -576,6 +579,7 @@ fn start_scoring(
         &config.data_dir,
         config.mlflow_tracking_uri.clone(),
         config.scoring.model.clone(),
+        cluster,
     )?);
     let alerts = Arc::new(crate::models::alerts::Alerts::open(
         store,

@@ -539,7 +539,7 @@ fn save_model(
         "peak_rss_bytes": peak_rss_bytes(),
     });
     let metrics_json = serde_json::to_vec_pretty(&metrics).expect("json");
-    let mlflow_model = shoal_ml::mlmodel::files(model, run_id);
+    let mlflow_model = shoal_ml::mlmodel::files(&model.target, &model.features, run_id);
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("model.onnx", onnx.clone()),
         (

@@ -5,17 +5,16 @@
 
 use serde_json::json;
 
-use crate::train::Model;
-
 /// The MLflow Model format this descriptor follows (`mlflow_version` in MLmodel).
 pub const MLFLOW_FORMAT: &str = "2.20.0";
 /// What the pyfunc flavor needs at run time (pip requirement lines).
 pub const REQUIREMENTS: [&str; 3] = ["mlflow>=2.20", "onnxruntime>=1.17", "numpy"];
 
-/// The files of the model folder besides `model.onnx`: name and contents.
-pub fn files(model: &Model, run_id: &str) -> Vec<(&'static str, String)> {
+/// The files of the model folder besides `model.onnx` (a model of `target` from `features`):
+/// name and contents.
+pub fn files(target: &str, features: &[String], run_id: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("MLmodel", descriptor(model, run_id)),
+        ("MLmodel", descriptor(target, features, run_id)),
         ("requirements.txt", REQUIREMENTS.join("\n") + "\n"),
         (
             "python_env.yaml",
@@ -41,12 +40,9 @@ fn tensor(name: &str, columns: usize) -> serde_json::Value {
 
 /// The `MLmodel` YAML. Its signature names the ONNX graph's tensors; the features' order is
 /// in the `shoal` section and in the ONNX file's metadata.
-fn descriptor(model: &Model, run_id: &str) -> String {
+fn descriptor(target: &str, features: &[String], run_id: &str) -> String {
     let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.6f");
-    let inputs = json!([
-        tensor("features", model.features.len()),
-        tensor("observed", 1)
-    ]);
+    let inputs = json!([tensor("features", features.len()), tensor("observed", 1)]);
     let outputs = json!([tensor("expected", 1), tensor("score", 1)]);
     let mut text = format!(
         "artifact_path: model\n\
@@ -72,8 +68,7 @@ fn descriptor(model: &Model, run_id: &str) -> String {
         \x20 outputs: '{outputs}'\n\
         \x20 params: null\n\
          utc_time_created: '{now}'\n",
-        target = model.target,
-        features = model.features.join(", "),
+        features = features.join(", "),
     );
     if !run_id.is_empty() {
         text.push_str(&format!("run_id: {run_id}\n"));
@@ -87,15 +82,8 @@ mod tests {
 
     #[test]
     fn the_signature_names_the_graphs_tensors() {
-        let model = Model {
-            target: "load1".into(),
-            features: vec!["cpu_percent".into(), "process_count".into()],
-            weights: vec![0.1, 0.2],
-            intercept: 0.0,
-            sigma: 1.0,
-            threshold: 3.0,
-        };
-        let files = files(&model, "abc");
+        let features = ["cpu_percent".to_string(), "process_count".to_string()];
+        let files = files("load1", &features, "abc");
         let mlmodel = &files[0].1;
         assert!(
             mlmodel

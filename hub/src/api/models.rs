@@ -19,12 +19,13 @@ use super::extract::{JsonBody, Path, Query};
 use super::state::AppState;
 use crate::auth::{Principal, Role};
 use crate::models::alerts::{Alert, AlertError};
-use crate::models::{DeployError, DeployRequest, Deployment};
+use crate::models::{DeployError, DeployRequest, Deployment, SeldonDeployed, SeldonRequest};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::default()
         .routes(routes!(list_deployments, deploy))
         .routes(routes!(undeploy))
+        .routes(routes!(deploy_seldon))
         .routes(routes!(list_alerts))
         .routes(routes!(acknowledge))
 }
@@ -98,6 +99,30 @@ async fn deploy(
     JsonBody(req): JsonBody<DeployRequest>,
 ) -> Result<(StatusCode, Json<Deployment>), ApiError> {
     let d = s.models.deploy(req, &by.name).await?;
+    Ok((StatusCode::CREATED, Json(d)))
+}
+
+/// Lays a model out in the object store for Seldon Core's servers (Triton's repository and
+/// an MLflow Model for MLServer) and writes the Seldon object serving it: a v2 `Model` or a v1
+/// `SeldonDeployment`, applied through the Kubernetes API with `apply: true`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/models/seldon",
+    tag = "models",
+    security(("token" = ["scientist"])),
+    request_body = SeldonRequest,
+    responses(
+        (status = 201, description = "Uploaded, and the object written (or applied)", body = SeldonDeployed),
+        (status = 400, description = "A bad name, storage, or apply without a cluster", body = ErrorBody),
+        (status = 422, description = "The file is not a model the runtime can run", body = ErrorBody),
+        (status = 502, description = "The source, the object store or the Kubernetes API failed", body = ErrorBody),
+    ),
+)]
+async fn deploy_seldon(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<SeldonRequest>,
+) -> Result<(StatusCode, Json<SeldonDeployed>), ApiError> {
+    let d = s.models.deploy_seldon(req).await?;
     Ok((StatusCode::CREATED, Json(d)))
 }
 

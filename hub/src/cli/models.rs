@@ -16,6 +16,13 @@ pub enum ModelsCommand {
     ///   shoal models deploy shoal-anomaly:3 --to embedded
     ///   shoal models deploy shoal-anomaly:3 --source s3://models/anomaly/3
     ///   shoal models deploy shoal-anomaly:3 --to v2 --endpoint http://mlserver:8080
+    ///   shoal models deploy shoal-anomaly:3 --to seldon --storage s3://models/shoal | kubectl apply -f -
+    ///
+    /// With --to seldon the hub uploads the model to --storage in the layouts Seldon's servers
+    /// load (Triton: NAME/config.pbtxt, NAME/VERSION/model.onnx; MLServer: NAME/VERSION/mlflow)
+    /// and prints the Seldon object as YAML: a v2 Model (--protocol v2) or a v1
+    /// SeldonDeployment (--protocol v1, --server triton|mlflow); --apply applies it through
+    /// the hub's Kubernetes API access instead.
     Deploy {
         /// The model, NAME[:VERSION] (VERSION: the registry's newest when omitted).
         model: String,
@@ -29,6 +36,8 @@ pub enum ModelsCommand {
         /// The external V2 server's URL (--to v2).
         #[arg(long)]
         endpoint: Option<String>,
+        #[command(flatten)]
+        seldon: SeldonArgs,
     },
     /// Deployed models and the one that scores telemetry. [role: viewer]
     List,
@@ -36,12 +45,37 @@ pub enum ModelsCommand {
     Undeploy { name: String },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeployTarget {
     /// The hub's own V2 server.
     Embedded,
     /// An external V2 server (MLServer, Triton, Seldon Core) at --endpoint.
     V2,
+    /// Seldon Core on Kubernetes (see --storage, --protocol).
+    Seldon,
+}
+
+/// The flags of `--to seldon`.
+#[derive(clap::Args)]
+pub struct SeldonArgs {
+    /// Where the model's files go for Seldon's servers: s3://BUCKET/PREFIX.
+    #[arg(long, required_if_eq("to", "seldon"))]
+    storage: Option<String>,
+    /// Seldon Core v2 (a Model) or v1 (a SeldonDeployment).
+    #[arg(long, value_parser = ["v1", "v2"], default_value = "v2")]
+    protocol: String,
+    /// The server of a v1 SeldonDeployment: TRITON_SERVER or MLFLOW_SERVER.
+    #[arg(long, value_parser = ["triton", "mlflow"], default_value = "triton")]
+    server: String,
+    /// Namespace of the object (default: the hub's cluster's, else "default").
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The Secret holding the object store's credentials for Seldon.
+    #[arg(long, default_value = "seldon-init-container-secret")]
+    secret: String,
+    /// Apply the object through the hub's Kubernetes API access (shoal serve --kubeconfig).
+    #[arg(long)]
+    apply: bool,
 }
 
 impl ModelsCommand {
@@ -52,6 +86,7 @@ impl ModelsCommand {
                 to,
                 source,
                 endpoint,
+                seldon,
             } => {
                 let (name, version) = match model.split_once(':') {
                     Some((n, v)) => (n.to_string(), Some(v.to_string())),
@@ -60,6 +95,9 @@ impl ModelsCommand {
                 let to = match to {
                     DeployTarget::Embedded => "embedded",
                     DeployTarget::V2 => "v2",
+                    DeployTarget::Seldon => {
+                        return deploy_seldon(client, output, name, version, source, seldon).await;
+                    }
                 };
                 let body = json!({
                     "model": name, "version": version, "source": source,
@@ -130,6 +168,42 @@ impl ModelsCommand {
             }
         }
     }
+}
+
+/// `deploy --to seldon`: the object as YAML (for `kubectl apply -f -`), what was uploaded on
+/// stderr.
+async fn deploy_seldon(
+    client: &Client,
+    output: Output,
+    name: String,
+    version: Option<String>,
+    source: Option<String>,
+    s: SeldonArgs,
+) -> Result<String, CliError> {
+    let body = json!({
+        "model": name, "version": version, "source": source,
+        "storage": s.storage, "protocol": s.protocol, "server": s.server,
+        "namespace": s.namespace, "secret": s.secret, "apply": s.apply,
+    });
+    let d = client
+        .send_json(Method::POST, "/api/v1/models/seldon", &body)
+        .await?;
+    if output == Output::Json {
+        return Ok(pretty(&d));
+    }
+    eprintln!(
+        "uploaded {} files of {} version {} under {}{}",
+        list(&d["uploaded"]).len(),
+        str_of(&d["name"]),
+        str_of(&d["version"]),
+        s.storage.unwrap_or_default(),
+        if d["applied"] == true {
+            "; applied to the cluster"
+        } else {
+            ""
+        }
+    );
+    serde_yaml_ng::to_string(&d["object"]).map_err(|e| CliError::Api(e.to_string()))
 }
 
 fn list(v: &Value) -> &[Value] {

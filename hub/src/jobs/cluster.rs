@@ -122,6 +122,39 @@ impl Cluster {
         self
     }
 
+    /// Creates or updates `object` — any kind; its apiVersion, kind, metadata.name and
+    /// metadata.namespace say where — by server-side apply as field manager `shoal`; the
+    /// object as the API server answers it.
+    pub async fn apply(&self, object: &Value) -> Result<Value, ClusterError> {
+        use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+        let field = |f: &str| {
+            object
+                .pointer(f)
+                .and_then(Value::as_str)
+                .ok_or_else(|| ClusterError::Client(format!("the object has no {f}")))
+        };
+        let (group, version) = field("/apiVersion")?
+            .split_once('/')
+            .ok_or_else(|| ClusterError::Client("apiVersion is not GROUP/VERSION".into()))?;
+        let kind = field("/kind")?;
+        let name = field("/metadata/name")?;
+        let namespace = field("/metadata/namespace").unwrap_or(&self.namespace);
+        let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+        let plural = format!("{}s", kind.to_ascii_lowercase());
+        let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &resource);
+        let applied = api
+            .patch(
+                name,
+                &PatchParams::apply("shoal").force(),
+                &Patch::Apply(object),
+            )
+            .await
+            .map_err(|e| ClusterError::Client(format!("apply {kind} {namespace}/{name}: {e}")))?;
+        serde_json::to_value(applied).map_err(|e| ClusterError::Client(e.to_string()))
+    }
+
     pub fn namespace(&self) -> &str {
         &self.namespace
     }

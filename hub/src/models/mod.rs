@@ -13,6 +13,7 @@
 
 pub mod alerts;
 pub mod scoring;
+pub mod seldon;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,41 @@ pub struct Models {
     pub scoring_model: String,
     /// Per-device scores and the scorer's counters.
     pub scores: scoring::Scores,
+    /// The cluster Seldon objects are applied to (the hub's --kubeconfig), if any.
+    cluster: Option<crate::jobs::cluster::Cluster>,
+}
+
+/// What a Seldon deployment did: the files uploaded, the object, whether it was applied.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SeldonDeployed {
+    pub name: String,
+    pub version: String,
+    /// Object-store keys written under the storage prefix.
+    pub uploaded: Vec<String>,
+    /// The Seldon object (a Model or a SeldonDeployment).
+    #[schema(value_type = Object)]
+    pub object: serde_json::Value,
+    /// Whether it was applied through the Kubernetes API (else only written).
+    pub applied: bool,
+}
+
+/// What `deploy --to seldon` is asked to do.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct SeldonRequest {
+    pub model: String,
+    pub version: Option<String>,
+    pub source: Option<String>,
+    #[serde(flatten)]
+    pub seldon: seldon::SeldonOptions,
+}
+
+/// A model fetched and checked: its version, file, digest and runtime.
+struct Fetched {
+    version: String,
+    source: String,
+    onnx: Vec<u8>,
+    sha256: String,
+    loaded: LoadedModel,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -126,6 +162,7 @@ impl Models {
         data_dir: &Path,
         mlflow: Option<String>,
         scoring_model: String,
+        cluster: Option<crate::jobs::cluster::Cluster>,
     ) -> Result<Self, StoreError> {
         store.create_record_tables(&[DEPLOYMENTS, alerts::ALERTS])?;
         let repo = Arc::new(Repository::default());
@@ -152,6 +189,7 @@ impl Models {
             deployments: RwLock::new(deployments),
             scoring_model,
             scores: scoring::Scores::default(),
+            cluster,
         })
     }
 
@@ -180,12 +218,6 @@ impl Models {
     /// Fetches, checks, keeps and serves (or records) the model `req` names.
     pub async fn deploy(&self, req: DeployRequest, by: &str) -> Result<Deployment, DeployError> {
         let bad = |m: String| Err(DeployError::BadRequest(m));
-        if !valid_name(&req.model) || req.version.as_deref().is_some_and(|v| !valid_name(v)) {
-            return bad(format!(
-                "invalid model {:?}: names and versions are letters, digits, '.', '_' or '-'",
-                req.model
-            ));
-        }
         let endpoint = match (req.to, &req.endpoint) {
             (Target::V2, Some(e)) if e.starts_with("http://") || e.starts_with("https://") => {
                 Some(e.trim_end_matches('/').to_string())
@@ -196,38 +228,15 @@ impl Models {
             }
             (Target::Embedded, None) => None,
         };
-        let source_text = match &req.source {
-            Some(s) => s.clone(),
-            None => format!(
-                "mlflow:/models/{}/{}",
-                req.model,
-                req.version.as_deref().unwrap_or("latest")
-            ),
-        };
-        let source = Source::parse(&source_text).map_err(DeployError::BadRequest)?;
-        let fetched = source
-            .fetch(self.mlflow.as_deref())
-            .await
-            .map_err(DeployError::Fetch)?;
-        let onnx = fetched.onnx;
-        let sha256: String = <sha2::Sha256 as sha2::Digest>::digest(&onnx)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        // Without a registry version, the file's digest names it: scores say exactly which
-        // model produced them.
-        let version = req
-            .version
-            .clone()
-            .or(fetched.version.clone())
-            .unwrap_or_else(|| format!("sha256-{}", &sha256[..12]));
-        let loaded = {
-            let bytes = onnx.clone();
-            tokio::task::spawn_blocking(move || LoadedModel::from_bytes(&bytes))
-                .await
-                .map_err(|e| DeployError::Load(e.to_string()))?
-                .map_err(DeployError::Load)?
-        };
+        let Fetched {
+            version,
+            source: source_text,
+            onnx,
+            sha256,
+            loaded,
+        } = self
+            .fetch(&req.model, req.version.as_deref(), req.source.as_deref())
+            .await?;
         let meta = &loaded.metadata;
         let deployment = Deployment {
             name: req.model.clone(),
@@ -268,6 +277,127 @@ impl Models {
             .insert(deployment.name.clone(), deployment.clone());
         tracing::info!(model = %deployment.name, version = %deployment.version, to = ?deployment.to, "model deployed");
         Ok(deployment)
+    }
+
+    /// Fetches model `name` (at `version`) from `source` (the registry by default) and loads
+    /// it to check it runs.
+    async fn fetch(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<Fetched, DeployError> {
+        if !valid_name(name) || version.is_some_and(|v| !valid_name(v)) {
+            return Err(DeployError::BadRequest(format!(
+                "invalid model {name:?}: names and versions are letters, digits, '.', '_' or '-'"
+            )));
+        }
+        let source_text = match source {
+            Some(s) => s.to_string(),
+            None => format!("mlflow:/models/{name}/{}", version.unwrap_or("latest")),
+        };
+        let parsed = Source::parse(&source_text).map_err(DeployError::BadRequest)?;
+        let fetched = parsed
+            .fetch(self.mlflow.as_deref())
+            .await
+            .map_err(DeployError::Fetch)?;
+        let onnx = fetched.onnx;
+        let sha256: String = <sha2::Sha256 as sha2::Digest>::digest(&onnx)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // Without a registry version, the file's digest names it: scores say exactly which
+        // model produced them.
+        let version = version
+            .map(str::to_string)
+            .or(fetched.version)
+            .unwrap_or_else(|| format!("sha256-{}", &sha256[..12]));
+        let loaded = {
+            let bytes = onnx.clone();
+            tokio::task::spawn_blocking(move || LoadedModel::from_bytes(&bytes))
+                .await
+                .map_err(|e| DeployError::Load(e.to_string()))?
+                .map_err(DeployError::Load)?
+        };
+        Ok(Fetched {
+            version,
+            source: source_text,
+            onnx,
+            sha256,
+            loaded,
+        })
+    }
+
+    /// Uploads the model to the object store in the layouts Seldon's servers load, and writes
+    /// (or applies) the Seldon object serving it. The hub does not serve it itself.
+    pub async fn deploy_seldon(&self, req: SeldonRequest) -> Result<SeldonDeployed, DeployError> {
+        let o = &req.seldon;
+        if !o.storage.starts_with("s3://") {
+            return Err(DeployError::BadRequest(format!(
+                "invalid storage {:?}: Seldon's servers load models from s3://BUCKET/PREFIX",
+                o.storage
+            )));
+        }
+        seldon::object_name(&req.model).map_err(DeployError::BadRequest)?;
+        let cluster = match (o.apply, &self.cluster) {
+            (true, None) => {
+                return Err(DeployError::BadRequest(
+                    "--apply needs a cluster: start the hub with --kubeconfig or --kube-in-cluster"
+                        .into(),
+                ));
+            }
+            (true, Some(c)) => Some(c),
+            (false, _) => None,
+        };
+        let f = self
+            .fetch(&req.model, req.version.as_deref(), req.source.as_deref())
+            .await?;
+        let meta = &f.loaded.metadata;
+        let features: Vec<String> = meta
+            .get("features")
+            .map(|x| x.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        if features.is_empty() {
+            return Err(DeployError::BadRequest(format!(
+                "{} has no Shoal metadata (features): only models trained by shoal-ml can be laid out for Seldon",
+                f.source
+            )));
+        }
+        let target = meta.get("target").cloned().unwrap_or_default();
+        let location = shoal_ml::store::Location::parse(&o.storage)
+            .map_err(|e| DeployError::BadRequest(e.to_string()))?;
+        let mut uploaded = Vec::new();
+        for (key, bytes) in seldon::layout(&req.model, &f.version, &f.onnx, &target, &features) {
+            location
+                .put(&key, bytes.into())
+                .await
+                .map_err(|e| DeployError::Fetch(format!("cannot upload {key}: {e}")))?;
+            uploaded.push(key);
+        }
+        let namespace = o
+            .namespace
+            .clone()
+            .or_else(|| self.cluster.as_ref().map(|c| c.namespace().to_string()))
+            .unwrap_or_else(|| "default".into());
+        let object = seldon::object(&req.model, &f.version, o, &namespace)
+            .map_err(DeployError::BadRequest)?;
+        let applied = match cluster {
+            Some(c) => {
+                c.apply(&object)
+                    .await
+                    .map_err(|e| DeployError::Fetch(e.to_string()))?;
+                true
+            }
+            None => false,
+        };
+        tracing::info!(model = %req.model, version = %f.version, applied, "Seldon deployment written");
+        Ok(SeldonDeployed {
+            name: req.model,
+            version: f.version,
+            uploaded,
+            object,
+            applied,
+        })
     }
 
     /// The model's file, written whole (temporary file, fsync, rename).
