@@ -283,7 +283,8 @@ fn broker_access(
 fn start_ingest(
     config: &HubConfig,
     (grpc, mqtt_listener): (TcpListener, Option<TcpListener>),
-    ingestor: Ingestor,
+    // The model server's gRPC routes ride on the ingest port.
+    (ingestor, inference): (Ingestor, Option<ingest::grpc::AddRoutes>),
     devices: DeviceDoor,
     audit: &Arc<auth::AuditLog>,
     metrics: &Arc<Metrics>,
@@ -320,6 +321,7 @@ fn start_ingest(
         grpc,
         service,
         enrollment,
+        inference,
         tls,
         metrics.clone(),
         shutdown.clone(),
@@ -504,10 +506,14 @@ pub async fn run(
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
+    let (models, alerts, scoring_task) =
+        start_scoring(&config, &store, &fleet, seldon_cluster, &shutdown)?;
+    let inference = api::v2_grpc::server(models.repo.clone(), auth.clone());
+    let inference: ingest::grpc::AddRoutes = Box::new(move |r| r.add_service(inference));
     let (grpc_task, mqtt_tasks) = start_ingest(
         &config,
         (grpc, mqtt_listener),
-        ingestor,
+        (ingestor, Some(inference)),
         devices,
         &auth.audit,
         &metrics,
@@ -524,8 +530,6 @@ pub async fn run(
         run_token,
         shutdown.clone(),
     )?;
-    let (models, alerts, scoring_task) =
-        start_scoring(&config, &store, &fleet, seldon_cluster, &shutdown)?;
     let state = api::AppState {
         models,
         alerts,

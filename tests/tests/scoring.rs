@@ -271,6 +271,41 @@ async fn the_embedded_server_needs_a_token_and_swaps_versions_under_load() {
     assert!((expected - (38.0 + 12.5 + 3.0)).abs() < 1e-9, "{v}");
     let meta = hub.get("/v2/models/shoal-anomaly").await;
     assert_eq!(meta["versions"], json!(["1"]));
+    // Triton's client over the hub's REST /v2 and its gRPC port, with the token; onnxruntime
+    // computes the same; without the token, gRPC says unauthenticated.
+    let readings = json!({ "features": [[50.0, 1.0], [10.0, 0.5]], "observed": [54.0, 41.0] });
+    let reference = shoal_e2e::python_json(
+        "onnx_run.py",
+        &[v1.join("model.onnx").to_str().unwrap()],
+        &readings,
+    );
+    let mut req = readings.clone();
+    req["model"] = json!("shoal-anomaly");
+    req["version"] = json!("");
+    let got = shoal_e2e::python_json(
+        "v2_client.py",
+        &[&hub.http.to_string(), &hub.grpc.to_string(), &hub.token],
+        &req,
+    );
+    for proto in ["http", "grpc", "http_binary"] {
+        for (g, w) in got[proto]["score"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(reference["score"].as_array().unwrap())
+        {
+            assert!(
+                (g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-5,
+                "{proto}: {got}"
+            );
+        }
+    }
+    assert_eq!(got["grpc"]["model_version"], "1");
+    let anonymous = got["anonymous"].as_str().unwrap();
+    assert!(
+        anonymous.contains("UNAUTHENTICATED") || anonymous.contains("Unauthenticated"),
+        "{anonymous}"
+    );
 
     // Eight clients keep inferring while version 2 is deployed: no request fails, and the
     // answers move from version 1 to version 2.

@@ -111,7 +111,7 @@ pub struct Gate {
 }
 
 /// A refusal: status, counted reason, message.
-struct Denied(StatusCode, &'static str, String);
+pub(crate) struct Denied(pub StatusCode, pub &'static str, pub String);
 
 /// The middleware.
 pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Response {
@@ -218,7 +218,7 @@ pub async fn authorize(
     if changes && let Err(d) = same_origin(headers) {
         return Err(refuse(app, entry, None, d));
     }
-    let p = match authenticate(app, headers).await {
+    let p = match authenticate(&app.auth, headers).await {
         Ok(p) => p,
         Err(d) => return Err(refuse(app, entry, None, d)),
     };
@@ -272,7 +272,9 @@ async fn check(
     let principal = match rule {
         Rule::Open => None,
         Rule::Needs(needed) => {
-            let p = authenticate(&g.app, headers).await.map_err(|d| (None, d))?;
+            let p = authenticate(&g.app.auth, headers)
+                .await
+                .map_err(|d| (None, d))?;
             if !p.role.permits(needed) {
                 let message = format!(
                     "{method} {route} needs the {needed} role; {} has {}",
@@ -291,8 +293,11 @@ async fn check(
 
 /// The bearer token's principal (everyone is admin when authentication is off): an API token,
 /// or a JWT from the OpenID Connect issuer.
-async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, Denied> {
-    if !app.auth.enforce {
+pub(crate) async fn authenticate(
+    auth: &super::state::AuthState,
+    headers: &HeaderMap,
+) -> Result<Principal, Denied> {
+    if !auth.enforce {
         return Ok(Principal::anonymous_admin());
     }
     let Some(value) = headers.get(header::AUTHORIZATION) else {
@@ -317,7 +322,7 @@ async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, 
             )
         })?;
     if crate::auth::oidc::Oidc::is_jwt(token) {
-        let Some(oidc) = &app.auth.oidc else {
+        let Some(oidc) = &auth.oidc else {
             return Err(Denied(
                 StatusCode::UNAUTHORIZED,
                 "jwt_not_accepted",
@@ -336,8 +341,7 @@ async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, 
                 Denied(status, e.reason(), e.to_string())
             });
     }
-    app.auth
-        .tokens
+    auth.tokens
         .authenticate(token, crate::now_ms())
         .map_err(|e| Denied(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()))
 }

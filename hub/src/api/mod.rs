@@ -22,6 +22,7 @@ pub mod ops;
 pub mod schemas;
 pub mod state;
 pub mod tokens;
+pub mod v2_grpc;
 
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Request, State};

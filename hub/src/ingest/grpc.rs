@@ -35,10 +35,14 @@ use crate::metrics::{Metrics, StreamReject};
 /// How long a client gets to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Adds services to the port's routes.
+pub type AddRoutes = Box<dyn FnOnce(tonic::service::Routes) -> tonic::service::Routes + Send>;
+
 pub async fn serve(
     listener: TcpListener,
     service: IngestService,
     enrollment: Option<EnrollmentService>,
+    other: Option<AddRoutes>,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -50,6 +54,10 @@ pub async fn serve(
     let mut routes = tonic::service::Routes::new(svc);
     if let Some(e) = enrollment {
         routes = routes.add_service(EnrollmentServer::new(e));
+    }
+    // Services that are not ingest's (the model server), with their own authentication.
+    if let Some(add) = other {
+        routes = add(routes);
     }
     let routes = routes.prepare();
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
