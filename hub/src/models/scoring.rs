@@ -256,7 +256,7 @@ async fn round(
             let from = *cursors
                 .entry(s.record.device_id.clone())
                 .or_insert(s.max_seq.saturating_sub(BACKLOG));
-            (s.max_seq > from).then(|| (s.record.device_id, s.key, from, s.max_seq))
+            (s.max_seq > from).then_some((s.record.device_id, s.key, from, s.max_seq))
         })
         .collect();
     models

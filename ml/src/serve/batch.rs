@@ -132,16 +132,13 @@ fn drain(model: &LoadedModel) {
             };
             let mut rows = first.rows;
             let mut jobs = vec![first];
-            while batchable {
-                match q.jobs.front() {
-                    Some(next)
-                        if rows + next.rows <= MAX_BATCH_ROWS && next.stacks_with(&jobs[0]) =>
-                    {
-                        rows += next.rows;
-                        jobs.push(q.jobs.pop_front().expect("peeked"));
-                    }
-                    _ => break,
-                }
+            while let Some(next) = q.jobs.front()
+                && batchable
+                && rows + next.rows <= MAX_BATCH_ROWS
+                && next.stacks_with(&jobs[0])
+            {
+                rows += next.rows;
+                jobs.push(q.jobs.pop_front().expect("peeked"));
             }
             jobs
         };
@@ -224,7 +221,7 @@ fn split(
             let mine = outputs
                 .iter()
                 .map(|o| {
-                    let per_row = if total == 0 { 0 } else { o.data.len() / total };
+                    let per_row = o.data.len().checked_div(total).unwrap_or(0);
                     let mut shape = o.shape.clone();
                     shape[0] = job.rows as i64;
                     NamedTensor {
