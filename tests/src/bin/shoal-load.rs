@@ -8,6 +8,10 @@
 //! Without `--hub` it starts `shoal serve` (the binary next to itself) on a fresh data folder
 //! and port, so the figures include a real hub process writing a real store.
 //!
+//! With `--score` the started hub gets a model deployed before the load starts and scores
+//! every sample it stores (the closed loop); the report adds the samples scored per second,
+//! the scoring lag when the load stops and how long the scorer takes to catch up.
+//!
 //! With `--tls` the hub runs as deployed (`--device-auth cert`): every simulated device is
 //! enrolled first (a one-time token through the REST API, a key and CSR of its own, the gRPC
 //! `Enroll` call) and streams over TLS with its own client certificate. After the run, every
@@ -71,6 +75,9 @@ struct Args {
     /// Devices enroll and stream over TLS with their own certificates (gRPC, a started hub).
     #[arg(long)]
     tls: bool,
+    /// Deploy a temperature model to the started hub first, so it scores what it stores.
+    #[arg(long)]
+    score: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -613,6 +620,12 @@ async fn main() -> anyhow::Result<()> {
             (g, Some(h), Some(s))
         }
     };
+    if args.score {
+        match (&started, &http) {
+            (Some(s), Some(http)) => deploy_model(http, &s.data_dir).await?,
+            _ => bail!("--score needs a hub this program starts (no --hub)"),
+        }
+    }
     let run_id = now_ms();
     let ids: Vec<String> = (0..args.devices)
         .map(|i| format!("load-{run_id}-{i:05}"))
@@ -674,15 +687,81 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if let Some(http) = http {
-        let text = shoal_e2e::http_get(&format!("{http}/metrics"))
-            .await?
-            .text()
-            .await?;
-        let stored = text
-            .lines()
-            .find_map(|l| l.strip_prefix("shoal_ingest_samples_accepted_total "))
-            .unwrap_or("?");
+        let stored = metric(&http, "shoal_ingest_samples_accepted_total").await?;
         println!("hub stored samples   {stored} (acked {samples})");
+        if args.score {
+            report_scoring(&http, args.duration).await?;
+        }
+    }
+    Ok(())
+}
+
+/// One value of the hub's /metrics (open by default).
+async fn metric(http: &str, series: &str) -> anyhow::Result<f64> {
+    let text = shoal_e2e::http_get(&format!("{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {series} in /metrics"))
+}
+
+/// Deploys a temperature model (from the samples' own columns) as `shoal-anomaly`.
+async fn deploy_model(http: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("bench-model");
+    std::fs::create_dir_all(&dir)?;
+    let model = shoal_ml::train::Model {
+        target: "temperature_celsius".into(),
+        features: shoal_ml::train::DEFAULT_FEATURES.map(String::from).to_vec(),
+        weights: vec![0.2, 2.0, 1.0, 0.001, 0.1, 0.05, 0.01],
+        intercept: 35.0,
+        sigma: 1.5,
+        threshold: 4.0,
+    };
+    std::fs::write(dir.join("model.onnx"), shoal_ml::onnx::export(&model, &[]))?;
+    let admin = shoal_e2e::wait_for_admin_token(data_dir)?;
+    let r = shoal_e2e::authed_client(&admin)
+        .post(format!("{http}/api/v1/models/deployments"))
+        .json(&serde_json::json!({ "model": "shoal-anomaly", "version": "1", "source": dir }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("deploying the model: {}", r.text().await?);
+    }
+    Ok(())
+}
+
+/// Samples scored during the run, the lag when it stopped, and the time to catch up.
+async fn report_scoring(http: &str, duration: Duration) -> anyhow::Result<()> {
+    let scored = metric(http, "shoal_scoring_samples_total").await?;
+    let lag = metric(http, "shoal_scoring_lag_samples").await?;
+    let stopped = Instant::now();
+    let mut caught_up = None;
+    while stopped.elapsed() < Duration::from_secs(120) {
+        if metric(http, "shoal_scoring_lag_samples").await? == 0.0 {
+            caught_up = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = metric(http, "shoal_scoring_samples_total").await?;
+    println!(
+        "scored samples/s     {:.0} during the load ({scored} scored, lag {lag} when it stopped)",
+        scored / duration.as_secs_f64()
+    );
+    match caught_up {
+        Some(t) => println!(
+            "scoring caught up    in {:.1}s after the load ({total} scored in all)",
+            t.as_secs_f64()
+        ),
+        None => println!("scoring caught up    not within 120 s ({total} scored)"),
     }
     Ok(())
 }
