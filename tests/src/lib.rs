@@ -923,6 +923,32 @@ pub async fn ingest(
     Ok(())
 }
 
+/// A kubeconfig for a stub API server at `addr` (plain HTTP, namespace `ml`, bearer token
+/// `stub-token`), written to `dir/kubeconfig`.
+pub fn stub_kubeconfig(dir: &Path, addr: SocketAddr) -> PathBuf {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n  - name: stub\n    cluster:\n      server: http://{addr}\ncontexts:\n  - name: stub\n    context:\n      cluster: stub\n      user: shoal\n      namespace: ml\ncurrent-context: stub\nusers:\n  - name: shoal\n    user:\n      token: stub-token\n"
+        ),
+    )
+    .expect("write the kubeconfig");
+    kubeconfig
+}
+
+/// The benchmarks' model: a temperature from the default features, as `shoal-ml train` makes.
+pub fn bench_model() -> shoal_ml::train::Model {
+    shoal_ml::train::Model {
+        target: "temperature_celsius".into(),
+        features: shoal_ml::train::DEFAULT_FEATURES.map(String::from).to_vec(),
+        weights: vec![0.2, 2.0, 1.0, 0.001, 0.1, 0.05, 0.01],
+        intercept: 35.0,
+        sigma: 1.5,
+        threshold: 4.0,
+    }
+}
+
 /// Starts `shoal serve` (the binary at `shoal`) on 127.0.0.1 ports the kernel picks, for the
 /// benchmark harnesses: the process, its gRPC and HTTP base URLs, and its admin token.
 pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String, String, String)> {
@@ -1264,31 +1290,16 @@ impl Garage {
 
     /// Writes `file` as object `key` with curl's SigV4 signing.
     pub fn curl_put(&self, key: &str, file: &Path) {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--fail",
-                "-H",
-                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-            ])
-            .arg("--aws-sigv4")
-            .arg(format!("aws:amz:{}:s3", Self::REGION))
-            .arg("--user")
-            .arg(format!("{}:{}", self.key_id, self.secret))
-            .arg("-T")
-            .arg(file)
-            .arg(format!("{}/{}/{key}", self.endpoint(), self.bucket))
-            .output()
-            .expect("curl");
-        assert!(
-            out.status.success(),
-            "curl PUT {key}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.curl("PUT", key, &[std::ffi::OsStr::new("-T"), file.as_os_str()]);
     }
 
     /// Reads an object with curl's SigV4 signing: a client Shoal did not write.
     pub fn curl_get(&self, key: &str) -> Vec<u8> {
+        self.curl("GET", key, &[])
+    }
+
+    /// curl on object `key`, signed; its output.
+    fn curl(&self, what: &str, key: &str, extra: &[&std::ffi::OsStr]) -> Vec<u8> {
         let out = Command::new("curl")
             .args([
                 "-sS",
@@ -1300,12 +1311,13 @@ impl Garage {
             .arg(format!("aws:amz:{}:s3", Self::REGION))
             .arg("--user")
             .arg(format!("{}:{}", self.key_id, self.secret))
+            .args(extra)
             .arg(format!("{}/{}/{key}", self.endpoint(), self.bucket))
             .output()
             .expect("curl");
         assert!(
             out.status.success(),
-            "curl GET {key}: {}",
+            "curl {what} {key}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout

@@ -181,14 +181,7 @@ async fn stub_cluster(dir: &std::path::Path) -> (Shared, std::path::PathBuf) {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n  - name: stub\n    cluster:\n      server: http://{addr}\ncontexts:\n  - name: stub\n    context:\n      cluster: stub\n      user: shoal\n      namespace: ml\ncurrent-context: stub\nusers:\n  - name: shoal\n    user:\n      token: stub-token\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = shoal_e2e::stub_kubeconfig(dir, addr);
     (state, kubeconfig)
 }
 

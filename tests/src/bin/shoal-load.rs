@@ -717,14 +717,7 @@ async fn metric(http: &str, series: &str) -> anyhow::Result<f64> {
 async fn deploy_model(http: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
     let dir = data_dir.join("bench-model");
     std::fs::create_dir_all(&dir)?;
-    let model = shoal_ml::train::Model {
-        target: "temperature_celsius".into(),
-        features: shoal_ml::train::DEFAULT_FEATURES.map(String::from).to_vec(),
-        weights: vec![0.2, 2.0, 1.0, 0.001, 0.1, 0.05, 0.01],
-        intercept: 35.0,
-        sigma: 1.5,
-        threshold: 4.0,
-    };
+    let model = shoal_e2e::bench_model();
     std::fs::write(dir.join("model.onnx"), shoal_ml::onnx::export(&model, &[]))?;
     let admin = shoal_e2e::wait_for_admin_token(data_dir)?;
     let r = shoal_e2e::authed_client(&admin)

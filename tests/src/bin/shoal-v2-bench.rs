@@ -61,14 +61,7 @@ impl Drop for Server {
 }
 
 fn model_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    let model = shoal_ml::train::Model {
-        target: "temperature_celsius".into(),
-        features: shoal_ml::train::DEFAULT_FEATURES.map(String::from).to_vec(),
-        weights: vec![0.2, 2.0, 1.0, 0.001, 0.1, 0.05, 0.01],
-        intercept: 35.0,
-        sigma: 1.5,
-        threshold: 4.0,
-    };
+    let model = shoal_e2e::bench_model();
     let out = dir.join("model");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("model.onnx"), shoal_ml::onnx::export(&model, &[]))?;
