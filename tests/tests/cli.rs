@@ -27,7 +27,11 @@ async fn operators_see_devices_and_telemetry() {
         "{table}"
     );
     assert!(
-        lines[1].starts_with("cli-dev") && lines[1].contains("online") && lines[1].ends_with("20"),
+        // SCORE is "-": no model scores this hub's devices (missing, not zero).
+        lines[1].starts_with("cli-dev")
+            && lines[1].contains("online")
+            && lines[1].contains(" 20 ")
+            && lines[1].ends_with('-'),
         "{table}"
     );
 

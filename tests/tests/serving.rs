@@ -147,7 +147,7 @@ async fn v2_clients_get_what_onnxruntime_computes_from_every_version() {
         let bad = got["grpc"]["bad"].as_str().unwrap();
         assert!(bad.contains("\"features\" is missing"), "{bad}");
 
-        // Plain JSON over HTTP.
+        // Plain JSON over HTTP, with curl.
         let path = if version.is_empty() {
             "/v2/models/anomaly/infer".to_string()
         } else {
@@ -157,14 +157,24 @@ async fn v2_clients_get_what_onnxruntime_computes_from_every_version() {
             { "name": "features", "shape": [3, 2], "datatype": "FP64", "data": readings["features"] },
             { "name": "observed", "shape": [3, 1], "datatype": "FP64", "data": readings["observed"] },
         ]});
-        let r = http_client()
-            .post(format!("http://{}{path}", server.http))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
+        let curl = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "-H",
+                "content-type: application/json",
+                "-d",
+            ])
+            .arg(body.to_string())
+            .arg(format!("http://{}{path}", server.http))
+            .output()
+            .expect("curl is installed by the test command");
+        assert!(
+            curl.status.success(),
+            "{}",
+            String::from_utf8_lossy(&curl.stderr)
+        );
+        let v: Value = serde_json::from_slice(&curl.stdout).unwrap();
         assert_eq!(v["id"], "r-1");
         let out = |name: &str| {
             v["outputs"]
