@@ -50,6 +50,12 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/enrollments"),
     ("get", "/api/v1/identities"),
     ("post", "/api/v1/devices/{id}/revoke"),
+    ("get", "/api/v1/models/deployments"),
+    ("post", "/api/v1/models/deployments"),
+    ("delete", "/api/v1/models/deployments/{name}"),
+    ("post", "/api/v1/models/seldon"),
+    ("get", "/api/v1/alerts"),
+    ("post", "/api/v1/alerts/{id}/ack"),
 ];
 
 const JOB: &str = r#"apiVersion: batch/v1
@@ -738,6 +744,69 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     )
     .await;
     (r.base, r.token) = plain;
+
+    // Models and alerts.
+    let model_dir = dir.path().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let model = shoal_ml::train::Model {
+        target: "temperature_celsius".into(),
+        features: vec!["cpu_percent".into(), "load1".into()],
+        weights: vec![0.25, 3.0],
+        intercept: 38.0,
+        sigma: 0.3,
+        threshold: 3.0,
+    };
+    std::fs::write(
+        model_dir.join("model.onnx"),
+        shoal_ml::onnx::export(&model, &[]),
+    )
+    .unwrap();
+    let deploy =
+        json!({ "model": "shoal-anomaly", "version": "1", "source": model_dir }).to_string();
+    r.call(
+        "post",
+        "/api/v1/models/deployments",
+        "/api/v1/models/deployments",
+        Some(("application/json", &deploy)),
+        201,
+    )
+    .await;
+    let listed = r
+        .get(
+            "/api/v1/models/deployments",
+            "/api/v1/models/deployments",
+            200,
+        )
+        .await;
+    assert_eq!(listed["deployments"][0]["version"], "1", "{listed}");
+    let seldon =
+        json!({ "model": "shoal-anomaly", "source": model_dir, "storage": "/tmp/x" }).to_string();
+    r.call(
+        "post",
+        "/api/v1/models/seldon",
+        "/api/v1/models/seldon",
+        Some(("application/json", &seldon)),
+        400,
+    )
+    .await;
+    r.get("/api/v1/alerts", "/api/v1/alerts?all=true", 200)
+        .await;
+    r.call(
+        "post",
+        "/api/v1/alerts/{id}/ack",
+        "/api/v1/alerts/nope/ack",
+        None,
+        404,
+    )
+    .await;
+    r.call(
+        "delete",
+        "/api/v1/models/deployments/{name}",
+        "/api/v1/models/deployments/shoal-anomaly",
+        None,
+        200,
+    )
+    .await;
 
     // The fallback: not an operation, but the documented error form.
     let client = http_client();
