@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::models::ModelsCommand,
     },
+    /// Signing keys for model provenance (local; no hub needed).
+    Keys {
+        #[command(subcommand)]
+        command: cli::models::KeysCommand,
+    },
     /// Alerts on the fleet's anomaly scores.
     Alerts {
         #[command(subcommand)]
@@ -199,6 +204,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Devices { command } => command.run(&client, output).await,
         Command::Models { command } => command.run(&client, output).await,
         Command::Alerts { command } => command.run(&client, output).await,
+        Command::Keys { command } => command.run(output),
         Command::Telemetry(args) => args.run(&client, output).await,
         Command::Tokens { command } => command.run(&client, output).await,
         Command::Login(args) => args.run(&cli.hub).await,

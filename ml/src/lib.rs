@@ -7,6 +7,7 @@
 //!   evaluation, deterministic under a seed);
 //! - [`onnx`]: the trained model as an ONNX graph any runtime serves; [`mlmodel`]: the same
 //!   as an MLflow Model (descriptor with signature, environment files);
+//! - [`provenance`]: where a model came from, as a signed in-toto statement (DSSE, P-256);
 //! - [`serve`]: models loaded into an ONNX runtime (tract) and run on V2 tensors;
 //! - `mlflow` (feature `mlflow`, on by default): an MLflow tracking and Model Registry client
 //!   over its REST API, the only part that needs an HTTP client;
@@ -21,6 +22,7 @@ pub mod dataset;
 pub mod mlflow;
 pub mod mlmodel;
 pub mod onnx;
+pub mod provenance;
 pub mod serve;
 pub mod stats;
 pub mod store;

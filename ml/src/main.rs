@@ -143,6 +143,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Sign the model's provenance (an in-toto statement in a DSSE envelope,
+    /// provenance.dsse.json) with this P-256 key (`shoal keys generate`).
+    #[arg(long, env = "SHOAL_SIGNING_KEY_FILE")]
+    signing_key: Option<PathBuf>,
     /// The target and features in use, and why (set once the dataset is read).
     #[arg(skip)]
     choice: Option<Choice>,
@@ -380,6 +384,11 @@ async fn train(mut args: TrainArgs) -> ExitCode {
     if let Err(code) = trainer_and_client(&args) {
         return code;
     }
+    if let Some(key) = &args.signing_key
+        && let Err(e) = shoal_ml::provenance::SigningKey::load(key)
+    {
+        return fail(64, format!("invalid signing-key: {e}"));
+    }
     let location = match Location::parse(&args.dataset) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
@@ -409,6 +418,7 @@ async fn train(mut args: TrainArgs) -> ExitCode {
     };
 
     let started = std::time::Instant::now();
+    let started_on = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     if let Err(e) = learn(
         &location,
         &manifest,
@@ -435,6 +445,21 @@ async fn train(mut args: TrainArgs) -> ExitCode {
             Ok(x) => x,
             Err(code) => return code,
         };
+    if let Some(key) = &args.signing_key {
+        let build = shoal_ml::provenance::Build {
+            dataset_uri: &args.dataset,
+            dataset_sha256: &digest,
+            arguments: std::env::args().skip(1).collect(),
+            builder: std::env::var("SHOAL_HUB_URL").unwrap_or_else(|_| "shoal-ml".into()),
+            run_id: std::env::var("SHOAL_RUN_ID").ok(),
+            mlflow_run_id: (!run_id.is_empty()).then(|| run_id.to_string()),
+            started: started_on,
+            finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        if let Err(e) = sign_model(key, &args.out, &build) {
+            return fail(EXIT_BAD_INPUT, e);
+        }
+    }
     let summary = json!({
         "out": args.out,
         "rows": report.rows_read,
@@ -759,6 +784,21 @@ fn peak_rss_bytes() -> Option<u64> {
         .parse::<u64>()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Writes `out/provenance.dsse.json`: the statement over the model's files, signed.
+fn sign_model(
+    key: &Path,
+    out: &Path,
+    build: &shoal_ml::provenance::Build<'_>,
+) -> Result<(), String> {
+    use shoal_ml::provenance::{ENVELOPE_FILE, SigningKey, statement};
+    let key = SigningKey::load(key).map_err(|e| e.to_string())?;
+    let statement = statement(out, build).map_err(|e| e.to_string())?;
+    let envelope = key.sign(&statement).map_err(|e| e.to_string())?;
+    let path = out.join(ENVELOPE_FILE);
+    std::fs::write(&path, serde_json::to_vec_pretty(&envelope).expect("json"))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn score(model_dir: &Path, input: &Path) -> ExitCode {

@@ -788,8 +788,25 @@ async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
     export(&hub, &dataset);
 
     // No temperature anywhere: the model predicts load from the other metrics, and says so.
+    // The run signs its provenance with a key `shoal keys generate` made.
+    let keys = dir.path().join("keys");
+    let made = shoal_e2e::run_bin(
+        "shoal",
+        &["keys", "generate", "--out", keys.to_str().unwrap()],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let key = keys.join("signing.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let out = dir.path().join("model");
-    let result = train(&dataset, &out, &[]);
+    let result = train(&dataset, &out, &["--signing-key", key.to_str().unwrap()]);
     assert!(
         result.status.success(),
         "{}",
@@ -821,6 +838,73 @@ async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
     let onnx = std::fs::read(out.join("model.onnx")).unwrap();
     let meta = shoal_ml::onnx::metadata(&onnx);
     assert_eq!(meta["target"], "load1");
+
+    // The provenance verifies; a changed byte in the model, or another signer, does not.
+    let public = keys.join("signing.pub");
+    let verify = |key: &Path| {
+        shoal_e2e::run_bin(
+            "shoal",
+            &[
+                "models",
+                "verify",
+                out.to_str().unwrap(),
+                "--public-key",
+                key.to_str().unwrap(),
+            ],
+        )
+    };
+    let ok = verify(&public);
+    let steps = String::from_utf8_lossy(&ok.stdout).to_string();
+    assert!(
+        ok.status.success(),
+        "{steps}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for step in [
+        "ok      signature",
+        "ok      digest model.onnx",
+        "ok      digest MLmodel",
+    ] {
+        assert!(steps.contains(step), "{steps}");
+    }
+    let envelope: Value =
+        serde_json::from_slice(&std::fs::read(out.join("provenance.dsse.json")).unwrap()).unwrap();
+    use base64::Engine;
+    let statement: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(envelope["payload"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(statement["predicateType"], "https://slsa.dev/provenance/v1");
+    let deps = &statement["predicate"]["buildDefinition"]["resolvedDependencies"];
+    assert_eq!(
+        deps[0]["digest"]["sha256"], metrics["dataset"]["sha256"],
+        "{statement}"
+    );
+    let mut onnx_bytes = onnx.clone();
+    *onnx_bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(out.join("model.onnx"), &onnx_bytes).unwrap();
+    let tampered = verify(&public);
+    assert!(!tampered.status.success());
+    assert!(
+        String::from_utf8_lossy(&tampered.stdout).contains("FAILED  digest model.onnx"),
+        "{}",
+        String::from_utf8_lossy(&tampered.stdout)
+    );
+    std::fs::write(out.join("model.onnx"), &onnx).unwrap();
+    let other = dir.path().join("other");
+    assert!(
+        shoal_e2e::run_bin(
+            "shoal",
+            &["keys", "generate", "--out", other.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    let foreign = verify(&other.join("signing.pub"));
+    assert!(!foreign.status.success());
+    assert!(String::from_utf8_lossy(&foreign.stdout).contains("no signature by key"));
 
     // Asked for a temperature it does not have: refused, naming the column.
     let refused = train(

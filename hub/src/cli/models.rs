@@ -43,6 +43,96 @@ pub enum ModelsCommand {
     List,
     /// Stop serving a model. [role: scientist]
     Undeploy { name: String },
+    /// Check a model folder against its signed provenance, step by step: the envelope, the
+    /// signature (by --public-key), the statement, each file's SHA-256. Exit 1 on any failure.
+    /// Runs locally; no hub needed.
+    ///
+    ///   shoal models verify ./model --public-key signing.pub
+    Verify {
+        /// The model folder (a training run's --out).
+        path: std::path::PathBuf,
+        /// The signer's public key (PEM; `shoal keys generate` writes it).
+        #[arg(long)]
+        public_key: std::path::PathBuf,
+        /// The envelope [default: PATH/provenance.dsse.json].
+        #[arg(long)]
+        envelope: Option<std::path::PathBuf>,
+    },
+}
+
+/// `shoal keys`.
+#[derive(clap::Subcommand)]
+pub enum KeysCommand {
+    /// Make a P-256 signing key for model provenance: DIR/signing.key (PKCS#8, mode 0600) and
+    /// DIR/signing.pub; prints the key id. Give the key to `shoal-ml train --signing-key`
+    /// (or SHOAL_SIGNING_KEY_FILE), the public key to whoever verifies. Runs locally.
+    Generate {
+        /// Where the two files go (created if missing; existing keys are not overwritten).
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+    },
+}
+
+impl KeysCommand {
+    pub fn run(self, output: Output) -> Result<String, CliError> {
+        let KeysCommand::Generate { out } = self;
+        let (key, private, public) = shoal_ml::provenance::SigningKey::generate()
+            .map_err(|e| CliError::Api(e.to_string()))?;
+        let (key_file, pub_file) = (out.join("signing.key"), out.join("signing.pub"));
+        if key_file.exists() {
+            return Err(CliError::Api(format!(
+                "{} exists; not overwriting a key",
+                key_file.display()
+            )));
+        }
+        std::fs::create_dir_all(&out)
+            .and_then(|()| crate::auth::tokens::write_secret(&key_file, &private))
+            .and_then(|()| std::fs::write(&pub_file, public))
+            .map_err(|e| CliError::Api(format!("{}: {e}", out.display())))?;
+        Ok(if output == Output::Json {
+            pretty(&json!({ "key_id": key.key_id(), "key": key_file, "public_key": pub_file }))
+        } else {
+            format!(
+                "key id {}\nprivate key {} (keep it secret)\npublic key  {}\n",
+                key.key_id(),
+                key_file.display(),
+                pub_file.display()
+            )
+        })
+    }
+}
+
+/// `shoal models verify`: each step ok or failed; `Err` when any failed.
+fn verify(
+    path: &std::path::Path,
+    public_key: &std::path::Path,
+    envelope: Option<std::path::PathBuf>,
+    output: Output,
+) -> Result<String, CliError> {
+    use shoal_ml::provenance::{ENVELOPE_FILE, PublicKey, verify};
+    let key = PublicKey::load(public_key).map_err(|e| CliError::Api(e.to_string()))?;
+    let envelope = envelope.unwrap_or_else(|| path.join(ENVELOPE_FILE));
+    let steps = verify(path, &envelope, &key);
+    let text = if output == Output::Json {
+        pretty(&serde_json::to_value(&steps).expect("steps serialise"))
+    } else {
+        steps
+            .iter()
+            .map(|s| match &s.failure {
+                None => format!("ok      {}\n", s.check),
+                Some(why) => format!("FAILED  {}: {why}\n", s.check),
+            })
+            .collect()
+    };
+    if steps.iter().any(|s| s.failure.is_some()) {
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+        return Err(CliError::Api(format!(
+            "{} does not verify against {}",
+            path.display(),
+            public_key.display()
+        )));
+    }
+    Ok(text)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -152,6 +242,11 @@ impl ModelsCommand {
                     &rows,
                 ))
             }
+            ModelsCommand::Verify {
+                path,
+                public_key,
+                envelope,
+            } => verify(&path, &public_key, envelope, output),
             ModelsCommand::Undeploy { name } => {
                 let d = client
                     .send(
