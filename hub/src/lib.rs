@@ -17,6 +17,7 @@
 //!   its single writer thread, the in-memory fleet view, and time-series queries.
 //! - [`models`]: deployed models (the embedded V2 server's repository), scoring the fleet's
 //!   telemetry with them, alerts on the scores.
+//! - [`provenance`]: the hash-chained ledger of signed model statements.
 //! - [`registry`]: device records and online/stale/offline status; [`metrics`]: counters.
 //!
 //! [`run`] takes bound listeners and a shutdown signal from the caller, so tests start a hub
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;
+pub mod provenance;
 pub mod registry;
 pub mod serve;
 pub mod store;

@@ -332,7 +332,16 @@ mod tests {
             let here = format!("{path} {}", cmd.get_name());
             if cmd.get_subcommands().next().is_none() {
                 let about = cmd.get_about().map(|a| a.to_string()).unwrap_or_default();
-                let local = ["serve", "up", "completions", "login", "template", "help"];
+                let local = [
+                    "serve",
+                    "up",
+                    "completions",
+                    "login",
+                    "template",
+                    "verify",
+                    "generate",
+                    "help",
+                ];
                 if !local.contains(&cmd.get_name())
                     && !about.contains("[role: ")
                     && !about.contains("[any role]")

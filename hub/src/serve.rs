@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub devices: DeviceAuthConfig,
     /// Scoring telemetry with the deployed model, and alerts on the scores.
     pub scoring: ScoringConfig,
+    /// Public keys whose signed model statements the provenance ledger takes.
+    pub provenance_keys: Vec<PathBuf>,
 }
 
 /// How the hub scores its fleet (see [`crate::models`]).
@@ -530,7 +532,15 @@ pub async fn run(
         run_token,
         shutdown.clone(),
     )?;
+    let ledger =
+        crate::provenance::Ledger::open(&store, &config.provenance_keys).map_err(|reason| {
+            HubError::Config {
+                field: "provenance-key",
+                reason,
+            }
+        })?;
     let state = api::AppState {
+        ledger: Arc::new(ledger),
         models,
         alerts,
         jobs: scheduler,
@@ -743,6 +753,10 @@ pub struct ServeArgs {
     /// URL alerts are POSTed to as JSON ({"event": "opened"|"resolved", "alert": {…}}).
     #[arg(long, env = "SHOAL_ALERT_WEBHOOK")]
     pub alert_webhook: Option<String>,
+    /// A public key (PEM, `shoal keys generate`) whose signed model statements the
+    /// provenance ledger records; repeatable.
+    #[arg(long = "provenance-key", value_name = "FILE")]
+    pub provenance_keys: Vec<PathBuf>,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     pub mqtt_client_id: String,
@@ -904,8 +918,13 @@ impl ServeArgs {
         if a.alert_threshold.is_some_and(|t| !t.is_finite() || t < 0.0) {
             return Err("invalid alert-threshold: a score is a non-negative number".into());
         }
+        for key in &a.provenance_keys {
+            shoal_ml::provenance::PublicKey::load(key)
+                .map_err(|e| format!("invalid provenance-key: {e}"))?;
+        }
         Ok(HubConfig {
             devices,
+            provenance_keys: a.provenance_keys.clone(),
             scoring: ScoringConfig {
                 model: a.scoring_model.clone(),
                 period: a.scoring_period.max(Duration::from_millis(10)),

@@ -92,6 +92,7 @@ pub async fn up(
         auth: crate::serve::AuthConfig::default(),
         devices: crate::serve::DeviceAuthConfig::default(),
         scoring: crate::serve::ScoringConfig::default(),
+        provenance_keys: Vec::new(),
     };
     hub_config.validate()?;
     let login = log_in(&hub_config.data_dir, endpoints.http)?;

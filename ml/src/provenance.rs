@@ -134,17 +134,20 @@ pub struct PublicKey {
 }
 
 impl PublicKey {
-    /// Reads a PEM public key (SubjectPublicKeyInfo, P-256).
+    /// Reads a PEM public key file (SubjectPublicKeyInfo, P-256).
     pub fn load(path: &Path) -> Result<Self, ProvenanceError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ProvenanceError::Key(format!("{}: {e}", path.display())))?;
-        let der = unpem("PUBLIC KEY", &text)?;
+        Self::from_pem(&text).map_err(|e| ProvenanceError::Key(format!("{}: {e}", path.display())))
+    }
+
+    /// A PEM public key (SubjectPublicKeyInfo, P-256).
+    pub fn from_pem(text: &str) -> Result<Self, ProvenanceError> {
+        let der = unpem("PUBLIC KEY", text)?;
         let point = der
             .strip_prefix(&SPKI_P256_PREFIX[..])
             .filter(|p| p.len() == 65)
-            .ok_or_else(|| {
-                ProvenanceError::Key(format!("{}: not a P-256 public key", path.display()))
-            })?;
+            .ok_or_else(|| ProvenanceError::Key("not a P-256 public key".into()))?;
         Ok(Self {
             key_id: hex(&Sha256::digest(&der)),
             point: point.to_vec(),
@@ -270,34 +273,17 @@ pub fn verify(dir: &Path, envelope: &Path, key: &PublicKey) -> Vec<Step> {
             return steps;
         }
     };
-    let signed = signatures.iter().any(|(keyid, sig)| {
-        (keyid.is_empty() || *keyid == key.key_id)
-            && UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point)
-                .verify(&pae(&payload_type, &payload), sig)
-                .is_ok()
-    });
-    let ids: Vec<&str> = signatures.iter().map(|(k, _)| k.as_str()).collect();
-    let signature = if signed {
-        Ok(())
-    } else if !ids.contains(&key.key_id.as_str()) {
-        Err(format!(
-            "no signature by key {} (signed by {})",
-            key.key_id,
-            ids.join(", ")
-        ))
-    } else {
-        Err("the signature does not match the statement: it was changed after signing".into())
-    };
+    let signature = check_signature(
+        &payload_type,
+        &payload,
+        &signatures,
+        std::slice::from_ref(key),
+    )
+    .map(|_| ());
     if !step("signature", signature) {
         return steps;
     }
-    let statement = serde_json::from_slice::<Value>(&payload)
-        .map_err(|e| format!("the statement is not JSON: {e}"))
-        .and_then(|s| {
-            (s["_type"] == "https://in-toto.io/Statement/v1" && s["subject"].is_array())
-                .then_some(s)
-                .ok_or_else(|| "not an in-toto Statement v1 with subjects".to_string())
-        });
+    let statement = parse_statement(&payload);
     let statement = match statement {
         Ok(s) => {
             step("statement", Ok(()));
@@ -323,6 +309,70 @@ pub fn verify(dir: &Path, envelope: &Path, key: &PublicKey) -> Vec<Step> {
         step(&format!("digest {name}"), r);
     }
     steps
+}
+
+/// The key among `keys` whose signature over the payload holds; else why none does.
+fn check_signature(
+    payload_type: &str,
+    payload: &[u8],
+    signatures: &[(String, Vec<u8>)],
+    keys: &[PublicKey],
+) -> Result<String, String> {
+    let message = pae(payload_type, payload);
+    for key in keys {
+        let holds = signatures.iter().any(|(keyid, sig)| {
+            (keyid.is_empty() || *keyid == key.key_id)
+                && UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &key.point)
+                    .verify(&message, sig)
+                    .is_ok()
+        });
+        if holds {
+            return Ok(key.key_id.clone());
+        }
+    }
+    let ids: Vec<&str> = signatures.iter().map(|(k, _)| k.as_str()).collect();
+    if keys.iter().any(|k| ids.contains(&k.key_id.as_str())) {
+        Err("the signature does not match the statement: it was changed after signing".into())
+    } else {
+        Err(format!(
+            "no signature by key {} (signed by {})",
+            keys.iter()
+                .map(|k| k.key_id.as_str())
+                .collect::<Vec<_>>()
+                .join(" or "),
+            ids.join(", ")
+        ))
+    }
+}
+
+fn parse_statement(payload: &[u8]) -> Result<Value, String> {
+    let s: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("the statement is not JSON: {e}"))?;
+    if s["_type"] == "https://in-toto.io/Statement/v1" && s["subject"].is_array() {
+        Ok(s)
+    } else {
+        Err("not an in-toto Statement v1 with subjects".into())
+    }
+}
+
+/// A statement opened from its envelope: who signed it, what it says, and its digest (the
+/// SHA-256 of the signed payload).
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub key_id: String,
+    pub statement: Value,
+    pub sha256: String,
+}
+
+/// The statement in `envelope` if one of `keys` signed it; else what failed.
+pub fn open(envelope: &Value, keys: &[PublicKey]) -> Result<Opened, String> {
+    let (payload_type, payload, signatures) = envelope_parts(envelope)?;
+    let key_id = check_signature(&payload_type, &payload, &signatures, keys)?;
+    Ok(Opened {
+        key_id,
+        statement: parse_statement(&payload)?,
+        sha256: hex(&Sha256::digest(&payload)),
+    })
 }
 
 /// An envelope's payload type, payload and (keyid, signature) pairs.

@@ -906,6 +906,33 @@ async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
     assert!(!foreign.status.success());
     assert!(String::from_utf8_lossy(&foreign.stdout).contains("no signature by key"));
 
+    // The statement goes into a hub's ledger that trusts the key; twice is still once.
+    let trusting = Hub::start_on(
+        &dir.path().join("hub2"),
+        shoal_e2e::free_port(),
+        shoal_e2e::free_port(),
+        &["--provenance-key", public.to_str().unwrap()],
+    )
+    .await;
+    let envelope_file = out.join("provenance.dsse.json");
+    for _ in 0..2 {
+        let (ok, said, err) = shoal(
+            &trusting,
+            &[
+                "models",
+                "provenance",
+                "--push",
+                envelope_file.to_str().unwrap(),
+            ],
+        );
+        assert!(ok && said.contains("ledger entry 1"), "{said}{err}");
+    }
+    let (ok, listed, _) = shoal(&trusting, &["models", "provenance"]);
+    assert!(
+        ok && listed.contains("chain intact") && listed.contains("model.onnx"),
+        "{listed}"
+    );
+
     // Asked for a temperature it does not have: refused, naming the column.
     let refused = train(
         &dataset,

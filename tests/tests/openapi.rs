@@ -56,6 +56,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/models/seldon"),
     ("get", "/api/v1/alerts"),
     ("post", "/api/v1/alerts/{id}/ack"),
+    ("get", "/api/v1/provenance"),
+    ("post", "/api/v1/provenance"),
 ];
 
 const JOB: &str = r#"apiVersion: batch/v1
@@ -259,7 +261,17 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(&dir.path().join("hub")).await;
+    // A provenance key the hub trusts, and a statement it signed.
+    let (signer, _, public) = shoal_ml::provenance::SigningKey::generate().unwrap();
+    let public_key = dir.path().join("provenance.pub");
+    std::fs::write(&public_key, public).unwrap();
+    let hub = Hub::start_on(
+        &dir.path().join("hub"),
+        shoal_e2e::free_port(),
+        shoal_e2e::free_port(),
+        &["--provenance-key", public_key.to_str().unwrap()],
+    )
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -19,6 +19,7 @@ pub mod extract;
 pub mod jobs;
 pub mod models;
 pub mod ops;
+pub mod provenance;
 pub mod schemas;
 pub mod state;
 pub mod tokens;
@@ -91,6 +92,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .merge(tokens::routes())
         .merge(enrollment::routes())
         .merge(models::routes())
+        .merge(provenance::routes())
 }
 
 /// The OpenAPI 3.1 document of [`router`]'s routes.

@@ -30,6 +30,8 @@ pub struct AppState {
     /// Deployed models, the embedded V2 server's repository, per-device scores.
     pub models: Arc<crate::models::Models>,
     pub alerts: Arc<crate::models::alerts::Alerts>,
+    /// The provenance ledger.
+    pub ledger: Arc<crate::provenance::Ledger>,
 }
 
 /// What the access gate and the token routes use.

@@ -43,6 +43,15 @@ pub enum ModelsCommand {
     List,
     /// Stop serving a model. [role: scientist]
     Undeploy { name: String },
+    /// The hub's provenance ledger (its chain re-checked), or with --push record a signed
+    /// statement in it. [role: viewer; --push: scientist]
+    ///
+    ///   shoal models provenance --push ./model/provenance.dsse.json
+    Provenance {
+        /// A DSSE envelope to record (`shoal-ml train --signing-key` writes one).
+        #[arg(long)]
+        push: Option<std::path::PathBuf>,
+    },
     /// Check a model folder against its signed provenance, step by step: the envelope, the
     /// signature (by --public-key), the statement, each file's SHA-256. Exit 1 on any failure.
     /// Runs locally; no hub needed.
@@ -247,6 +256,58 @@ impl ModelsCommand {
                 public_key,
                 envelope,
             } => verify(&path, &public_key, envelope, output),
+            ModelsCommand::Provenance { push: Some(file) } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| CliError::Api(format!("{}: {e}", file.display())))?;
+                let envelope: Value = serde_json::from_str(&text)
+                    .map_err(|e| CliError::Api(format!("{}: not JSON: {e}", file.display())))?;
+                let e = client
+                    .send_json(Method::POST, "/api/v1/provenance", &envelope)
+                    .await?;
+                Ok(if output == Output::Json {
+                    pretty(&e)
+                } else {
+                    format!(
+                        "ledger entry {} (statement sha256 {}, signed by {})\n",
+                        e["index"],
+                        str_of(&e["statement_sha256"]),
+                        str_of(&e["key_id"])
+                    )
+                })
+            }
+            ModelsCommand::Provenance { push: None } => {
+                let v = client.get("/api/v1/provenance", &[]).await?;
+                if output == Output::Json {
+                    return Ok(pretty(&v));
+                }
+                let rows: Vec<Vec<String>> = list(&v["entries"])
+                    .iter()
+                    .map(|e| {
+                        let files: Vec<String> = list(&e["subjects"])
+                            .iter()
+                            .map(|s| str_of(&s["name"]))
+                            .collect();
+                        vec![
+                            e["index"].to_string(),
+                            time_of(&e["time_ms"]),
+                            str_of(&e["statement_sha256"]).chars().take(12).collect(),
+                            str_of(&e["key_id"]).chars().take(12).collect(),
+                            files.join(","),
+                            str_of(&e["by"]),
+                        ]
+                    })
+                    .collect();
+                let chain = if v["chain"]["intact"] == true {
+                    "chain intact".to_string()
+                } else {
+                    format!("CHAIN BROKEN: {}", str_of(&v["chain"]["reason"]))
+                };
+                Ok(format!(
+                    "{}{chain}; head {}\n",
+                    table(&["#", "RECORDED", "STATEMENT", "KEY", "FILES", "BY"], &rows),
+                    str_of(&v["head"])
+                ))
+            }
             ModelsCommand::Undeploy { name } => {
                 let d = client
                     .send(
