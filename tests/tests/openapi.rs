@@ -803,6 +803,33 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     .await;
     r.get("/api/v1/alerts", "/api/v1/alerts?all=true", 200)
         .await;
+    let statement = json!({ "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{ "name": "model.onnx", "digest": { "sha256": "ab".repeat(32) } }],
+        "predicateType": "https://slsa.dev/provenance/v1", "predicate": {} });
+    let envelope = signer.sign(&statement).unwrap().to_string();
+    for status in [201, 200] {
+        r.call(
+            "post",
+            "/api/v1/provenance",
+            "/api/v1/provenance",
+            Some(("application/json", &envelope)),
+            status,
+        )
+        .await;
+    }
+    let mut forged: Value = serde_json::from_str(&envelope).unwrap();
+    forged["payload"] = json!("e30=");
+    r.call(
+        "post",
+        "/api/v1/provenance",
+        "/api/v1/provenance",
+        Some(("application/json", &forged.to_string())),
+        422,
+    )
+    .await;
+    let ledger = r.get("/api/v1/provenance", "/api/v1/provenance", 200).await;
+    assert_eq!(ledger["entries"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["chain"]["intact"], true);
     r.call(
         "post",
         "/api/v1/alerts/{id}/ack",
