@@ -147,6 +147,9 @@ struct TrainArgs {
     /// provenance.dsse.json) with this P-256 key (`shoal keys generate`).
     #[arg(long, env = "SHOAL_SIGNING_KEY_FILE")]
     signing_key: Option<PathBuf>,
+    /// The model version's provenance tags in MLflow (set once the model is signed).
+    #[arg(skip)]
+    provenance_tags: Vec<(String, String)>,
     /// The target and features in use, and why (set once the dataset is read).
     #[arg(skip)]
     choice: Option<Choice>,
@@ -440,12 +443,12 @@ async fn train(mut args: TrainArgs) -> ExitCode {
         .as_ref()
         .and_then(|t| t.run.as_ref())
         .map_or("", |r| r.run_id.as_str());
-    let (metrics, artifacts) =
+    let (metrics, mut artifacts) =
         match save_model(&args, &manifest, &digest, &model, &report, seconds, run_id) {
             Ok(x) => x,
             Err(code) => return code,
         };
-    if let Some(key) = &args.signing_key {
+    if let Some(key) = args.signing_key.clone() {
         let build = shoal_ml::provenance::Build {
             dataset_uri: &args.dataset,
             dataset_sha256: &digest,
@@ -456,9 +459,17 @@ async fn train(mut args: TrainArgs) -> ExitCode {
             started: started_on,
             finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
-        if let Err(e) = sign_model(key, &args.out, &build) {
-            return fail(EXIT_BAD_INPUT, e);
-        }
+        let (envelope, statement_sha256, key_id) = match sign_model(&key, &args.out, &build) {
+            Ok(x) => x,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        };
+        // MLflow gets the envelope beside the model, and the model version says which
+        // statement and key (the tags are set when it is registered).
+        artifacts.push(("provenance/provenance.dsse.json".into(), envelope));
+        args.provenance_tags = vec![
+            ("shoal.provenance.statement_sha256".into(), statement_sha256),
+            ("shoal.provenance.key_id".into(), key_id),
+        ];
     }
     let summary = json!({
         "out": args.out,
@@ -627,7 +638,8 @@ async fn log_to_mlflow(
     let version = tracker
         .attempt(async |c, run| {
             let source = format!("{}/model", run.artifact_uri);
-            let tags = vec![("shoal.dataset_sha256".to_string(), digest.to_string())];
+            let mut tags = vec![("shoal.dataset_sha256".to_string(), digest.to_string())];
+            tags.extend(args.provenance_tags.iter().cloned());
             c.register(&name, &source, &run.run_id, &tags).await
         })
         .await;
@@ -786,19 +798,24 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Writes `out/provenance.dsse.json`: the statement over the model's files, signed.
+/// Writes `out/provenance.dsse.json`: the statement over the model's files, signed. Returns
+/// the envelope's bytes, the statement's SHA-256 and the key's id.
 fn sign_model(
     key: &Path,
     out: &Path,
     build: &shoal_ml::provenance::Build<'_>,
-) -> Result<(), String> {
+) -> Result<(Vec<u8>, String, String), String> {
+    use sha2::Digest;
     use shoal_ml::provenance::{ENVELOPE_FILE, SigningKey, statement};
     let key = SigningKey::load(key).map_err(|e| e.to_string())?;
     let statement = statement(out, build).map_err(|e| e.to_string())?;
     let envelope = key.sign(&statement).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec_pretty(&envelope).expect("json");
     let path = out.join(ENVELOPE_FILE);
-    std::fs::write(&path, serde_json::to_vec_pretty(&envelope).expect("json"))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let payload = serde_json::to_vec(&statement).expect("json");
+    let sha = shoal_ml::dataset::hex(&sha2::Sha256::digest(&payload));
+    Ok((bytes, sha, key.key_id()))
 }
 
 fn score(model_dir: &Path, input: &Path) -> ExitCode {

@@ -81,8 +81,15 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
 
     let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
     let out = dir.path().join("model");
+    let keys = dir.path().join("keys");
+    let made = shoal_e2e::run_bin(
+        "shoal",
+        &["keys", "generate", "--out", keys.to_str().unwrap()],
+    );
+    assert!(made.status.success());
     let result = train_cmd(&dataset, &out)
         .env("MLFLOW_TRACKING_URI", mlflow.url())
+        .env("SHOAL_SIGNING_KEY_FILE", keys.join("signing.key"))
         .env("SHOAL_JOB", "nightly-train")
         .env("SHOAL_RUN_ID", "nightly-train-29401921")
         .output()
@@ -224,6 +231,43 @@ async fn export_train_check_with_onnxruntime_and_track_in_mlflow() {
         versions.iter().any(|v| v["run_id"] == run_id),
         "{registered}"
     );
+    // The signed provenance went with it: the envelope as an artifact, the statement's
+    // digest and the key as the model version's tags.
+    let provenance = mlflow
+        .get(
+            "artifacts/list",
+            &[("run_id", run_id), ("path", "provenance")],
+        )
+        .await;
+    assert!(
+        provenance
+            .to_string()
+            .contains("provenance/provenance.dsse.json"),
+        "{provenance}"
+    );
+    let version_info = mlflow
+        .get(
+            "model-versions/get",
+            &[
+                ("name", "shoal-anomaly"),
+                ("version", versions[0]["version"].as_str().unwrap()),
+            ],
+        )
+        .await;
+    let tags = &version_info["model_version"]["tags"];
+    assert_eq!(
+        entry(tags, "shoal.provenance.statement_sha256")
+            .as_str()
+            .unwrap()
+            .len(),
+        64,
+        "{version_info}"
+    );
+    assert!(
+        entry(tags, "shoal.provenance.key_id").is_string(),
+        "{version_info}"
+    );
+
     // The registered model serves straight from the registry, through MLflow's artifact
     // proxy, and answers what onnxruntime computes from the local file.
     let version = versions[0]["version"].as_str().unwrap().to_string();
