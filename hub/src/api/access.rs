@@ -132,17 +132,7 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string());
-    let mut entry = AuditEntry {
-        time_ms: crate::now_ms(),
-        actor: "unauthenticated".into(),
-        role: None,
-        action: format!("{method} {route}"),
-        object: request.uri().path().to_string(),
-        from,
-        outcome: Outcome::Allowed,
-        status: 0,
-        reason: None,
-    };
+    let mut entry = audit_entry(&method, &route, request.uri().path(), from);
     let checked = check(&g, &method, &route, request.headers(), changes).await;
     let principal = match checked {
         Ok(p) => p,
@@ -203,38 +193,54 @@ pub async fn authorize(
     needed: Role,
     from: Option<String>,
 ) -> Result<(), Response> {
-    let entry = AuditEntry {
+    let entry = audit_entry(method, path, path, from);
+    let changes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let checked = async {
+        if changes {
+            same_origin(headers).map_err(|d| (None, d))?;
+        }
+        holding(app, method, path, headers, needed).await
+    };
+    match checked.await {
+        Ok(_) => Ok(()),
+        Err((principal, denied)) => Err(refuse(app, entry, principal, denied)),
+    }
+}
+
+/// The audit entry of a request, allowed and unauthenticated until it is checked.
+fn audit_entry(method: &Method, route: &str, object: &str, from: Option<String>) -> AuditEntry {
+    AuditEntry {
         time_ms: crate::now_ms(),
         actor: "unauthenticated".into(),
         role: None,
-        action: format!("{method} {path}"),
-        object: path.to_string(),
+        action: format!("{method} {route}"),
+        object: object.to_string(),
         from,
         outcome: Outcome::Allowed,
         status: 0,
         reason: None,
-    };
-    let changes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if changes && let Err(d) = same_origin(headers) {
-        return Err(refuse(app, entry, None, d));
     }
-    let p = match authenticate(&app.auth, headers).await {
-        Ok(p) => p,
-        Err(d) => return Err(refuse(app, entry, None, d)),
-    };
+}
+
+/// The caller, when its token holds `needed`; else why not (with the caller when known).
+async fn holding(
+    app: &AppState,
+    method: &Method,
+    route: &str,
+    headers: &HeaderMap,
+    needed: Role,
+) -> Result<Principal, (Option<Principal>, Denied)> {
+    let p = authenticate(&app.auth, headers)
+        .await
+        .map_err(|d| (None, d))?;
     if !p.role.permits(needed) {
         let message = format!(
-            "{method} {path} needs the {needed} role; {} has {}",
+            "{method} {route} needs the {needed} role; {} has {}",
             p.name, p.role
         );
-        return Err(refuse(
-            app,
-            entry,
-            Some(p),
-            Denied(StatusCode::FORBIDDEN, "role", message),
-        ));
+        return Err((Some(p), Denied(StatusCode::FORBIDDEN, "role", message)));
     }
-    Ok(())
+    Ok(p)
 }
 
 /// Appends to the audit log; false (and logged) when the log cannot be written.
@@ -271,19 +277,7 @@ async fn check(
     })?;
     let principal = match rule {
         Rule::Open => None,
-        Rule::Needs(needed) => {
-            let p = authenticate(&g.app.auth, headers)
-                .await
-                .map_err(|d| (None, d))?;
-            if !p.role.permits(needed) {
-                let message = format!(
-                    "{method} {route} needs the {needed} role; {} has {}",
-                    p.name, p.role
-                );
-                return Err((Some(p), Denied(StatusCode::FORBIDDEN, "role", message)));
-            }
-            Some(p)
-        }
+        Rule::Needs(needed) => Some(holding(&g.app, method, route, headers, needed).await?),
     };
     if changes {
         body_type(headers).map_err(|d| (principal.clone(), d))?;

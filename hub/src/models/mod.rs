@@ -245,10 +245,7 @@ impl Models {
             to: req.to,
             endpoint,
             sha256,
-            features: meta
-                .get("features")
-                .map(|f| f.split(',').map(str::to_string).collect())
-                .unwrap_or_default(),
+            features: features_of(&loaded),
             target: meta.get("target").cloned(),
             threshold: meta.get("threshold").and_then(|t| t.parse().ok()),
             deployed_ms: crate::now_ms(),
@@ -302,10 +299,7 @@ impl Models {
             .await
             .map_err(DeployError::Fetch)?;
         let onnx = fetched.onnx;
-        let sha256: String = <sha2::Sha256 as sha2::Digest>::digest(&onnx)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = shoal_ml::dataset::hex(&<sha2::Sha256 as sha2::Digest>::digest(&onnx));
         // Without a registry version, the file's digest names it: scores say exactly which
         // model produced them.
         let version = version
@@ -353,10 +347,7 @@ impl Models {
             .fetch(&req.model, req.version.as_deref(), req.source.as_deref())
             .await?;
         let meta = &f.loaded.metadata;
-        let features: Vec<String> = meta
-            .get("features")
-            .map(|x| x.split(',').map(str::to_string).collect())
-            .unwrap_or_default();
+        let features = features_of(&f.loaded);
         if features.is_empty() {
             return Err(DeployError::BadRequest(format!(
                 "{} has no Shoal metadata (features): only models trained by shoal-ml can be laid out for Seldon",
@@ -434,6 +425,15 @@ impl Models {
             .remove(name);
         Ok(d)
     }
+}
+
+/// The telemetry columns a Shoal model reads, from its ONNX metadata (none for another model).
+fn features_of(model: &LoadedModel) -> Vec<String> {
+    model
+        .metadata
+        .get("features")
+        .map(|f| f.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 fn model_file(dir: &Path, name: &str, version: &str) -> PathBuf {

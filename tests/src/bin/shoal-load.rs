@@ -698,18 +698,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// One value of the hub's /metrics (open by default).
 async fn metric(http: &str, series: &str) -> anyhow::Result<f64> {
-    let text = shoal_e2e::http_get(&format!("{http}/metrics"))
-        .await?
-        .text()
-        .await?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+    shoal_e2e::scrape_metric(&format!("{http}/metrics"), series)
+        .await
         .with_context(|| format!("no {series} in /metrics"))
 }
 
