@@ -266,6 +266,74 @@ async fn the_embedded_server_needs_a_token_and_swaps_versions_under_load() {
     assert_eq!(r.status(), 401, "no token, no inference");
     let r = hub.client().post(&infer).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // Every role may infer; changing what is served, or recording provenance, needs a
+    // scientist, acknowledging alerts an operator; anonymous callers get 401.
+    let token = |role: &'static str| {
+        let client = hub.client();
+        let url = format!("{}/api/v1/tokens", hub.http_url());
+        async move {
+            let v: Value = client
+                .post(url)
+                .json(&json!({ "name": format!("{role}-1"), "role": role }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let (viewer, operator, scientist) = (
+        token("viewer").await,
+        token("operator").await,
+        token("scientist").await,
+    );
+    let as_role = |t: &str| shoal_e2e::authed_client(t);
+    let r = as_role(&viewer)
+        .post(&infer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a viewer infers");
+    let url = |p: &str| format!("{}{p}", hub.http_url());
+    let deploy = json!({ "model": "x", "source": "/nonexistent" });
+    for (who, method, path, status) in [
+        ("", "POST", "/api/v1/models/deployments", 401),
+        (viewer.as_str(), "POST", "/api/v1/models/deployments", 403),
+        (operator.as_str(), "POST", "/api/v1/models/deployments", 403),
+        (
+            viewer.as_str(),
+            "DELETE",
+            "/api/v1/models/deployments/shoal-anomaly",
+            403,
+        ),
+        (viewer.as_str(), "POST", "/api/v1/models/seldon", 403),
+        (viewer.as_str(), "POST", "/api/v1/provenance", 403),
+        (viewer.as_str(), "POST", "/api/v1/alerts/a-1/ack", 403),
+        (scientist.as_str(), "POST", "/api/v1/alerts/a-1/ack", 403),
+        ("", "GET", "/api/v1/alerts", 401),
+        ("", "GET", "/v2/models/shoal-anomaly", 401),
+    ] {
+        let client = if who.is_empty() {
+            http_client()
+        } else {
+            as_role(who)
+        };
+        let r = client
+            .request(method.parse().unwrap(), url(path))
+            .json(&deploy)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+    }
+    assert_eq!(
+        hub.get("/api/v1/models/deployments").await["deployments"][0]["version"],
+        "1"
+    );
+    let r = hub.client().post(&infer).json(&body).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     let expected = v["outputs"][0]["data"][0].as_f64().unwrap();
     assert!((expected - (38.0 + 12.5 + 3.0)).abs() < 1e-9, "{v}");

@@ -421,6 +421,38 @@ fn every_operation_states_the_role_it_needs() {
         ),
         (Method::POST, "/api/v1/tokens", Rule::Needs(Role::Admin)),
         (Method::GET, "/api/v1/audit", Rule::Needs(Role::Admin)),
+        (
+            Method::GET,
+            "/api/v1/models/deployments",
+            Rule::Needs(Role::Viewer),
+        ),
+        (
+            Method::POST,
+            "/api/v1/models/deployments",
+            Rule::Needs(Role::Scientist),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/models/deployments/{name}",
+            Rule::Needs(Role::Scientist),
+        ),
+        (
+            Method::POST,
+            "/api/v1/models/seldon",
+            Rule::Needs(Role::Scientist),
+        ),
+        (Method::GET, "/api/v1/alerts", Rule::Needs(Role::Viewer)),
+        (
+            Method::POST,
+            "/api/v1/alerts/{id}/ack",
+            Rule::Needs(Role::Operator),
+        ),
+        (Method::GET, "/api/v1/provenance", Rule::Needs(Role::Viewer)),
+        (
+            Method::POST,
+            "/api/v1/provenance",
+            Rule::Needs(Role::Scientist),
+        ),
     ] {
         assert_eq!(rules.get(&method, route), Some(rule), "{method} {route}");
     }
