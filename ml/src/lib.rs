@@ -21,6 +21,7 @@ pub mod dataset;
 #[cfg(feature = "mlflow")]
 pub mod mlflow;
 pub mod mlmodel;
+pub mod model_signing;
 pub mod onnx;
 pub mod provenance;
 pub mod serve;

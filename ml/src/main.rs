@@ -144,7 +144,9 @@ struct TrainArgs {
     #[arg(long, short)]
     quiet: bool,
     /// Sign the model's provenance (an in-toto statement in a DSSE envelope,
-    /// provenance.dsse.json) with this P-256 key (`shoal keys generate`).
+    /// provenance.dsse.json) with this P-256 key (`shoal keys generate`), and the whole
+    /// folder in the OpenSSF model-signing format (model.sig: `model_signing verify key
+    /// --signature OUT/model.sig --public_key signing.pub OUT` checks it).
     #[arg(long, env = "SHOAL_SIGNING_KEY_FILE")]
     signing_key: Option<PathBuf>,
     /// The model version's provenance tags in MLflow (set once the model is signed).
@@ -813,6 +815,8 @@ fn sign_model(
     let bytes = serde_json::to_vec_pretty(&envelope).expect("json");
     let path = out.join(ENVELOPE_FILE);
     std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The OpenSSF model-signing signature goes last: it covers every file, the envelope too.
+    shoal_ml::model_signing::sign_dir(&key, out).map_err(|e| e.to_string())?;
     let payload = serde_json::to_vec(&statement).expect("json");
     let sha = shoal_ml::dataset::hex(&sha2::Sha256::digest(&payload));
     Ok((bytes, sha, key.key_id()))

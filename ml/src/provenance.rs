@@ -112,17 +112,27 @@ impl SigningKey {
         hex(&Sha256::digest(self.spki()))
     }
 
+    /// The public key as PEM (64-column lines, as OpenSSL writes it).
+    pub fn public_pem(&self) -> String {
+        pem("PUBLIC KEY", &self.spki())
+    }
+
+    /// The DER ECDSA signature over `payload`'s DSSE pre-authentication encoding.
+    pub fn sign_dsse(&self, payload: &[u8]) -> Result<Vec<u8>, ProvenanceError> {
+        self.pair
+            .sign(&SystemRandom::new(), &pae(PAYLOAD_TYPE, payload))
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| ProvenanceError::Key("signing failed".into()))
+    }
+
     /// A DSSE envelope over `statement`.
     pub fn sign(&self, statement: &Value) -> Result<Value, ProvenanceError> {
         let payload = serde_json::to_vec(statement).expect("a statement serialises");
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), &pae(PAYLOAD_TYPE, &payload))
-            .map_err(|_| ProvenanceError::Key("signing failed".into()))?;
+        let sig = self.sign_dsse(&payload)?;
         Ok(json!({
             "payloadType": PAYLOAD_TYPE,
             "payload": B64.encode(&payload),
-            "signatures": [{ "keyid": self.key_id(), "sig": B64.encode(sig.as_ref()) }],
+            "signatures": [{ "keyid": self.key_id(), "sig": B64.encode(sig) }],
         }))
     }
 }
