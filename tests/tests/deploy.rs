@@ -33,13 +33,20 @@ fn validate(file: &Path) -> (bool, String) {
     shoal_e2e::kube_validate(file)
 }
 
-fn render_and_validate(dir: &str) -> String {
+/// Renders `dir` and asserts it passes the schemas.
+fn render_validated(dir: &str) -> String {
     let yaml = render(dir);
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("rendered.yaml");
     std::fs::write(&file, &yaml).unwrap();
     let (ok, report) = validate(&file);
     assert!(ok, "{dir} fails the Kubernetes schemas:\n{report}");
+    yaml
+}
+
+/// Renders the base or an overlay of it, validates it and checks the base's kinds are there.
+fn render_and_validate(dir: &str) -> String {
+    let yaml = render_validated(dir);
     for kind in [
         "Namespace",
         "StatefulSet",
@@ -95,6 +102,82 @@ fn gpu_overlay_uses_the_nvidia_runtime() {
     let yaml = render_and_validate("deploy/kubernetes/overlays/gpu");
     assert!(yaml.contains("runtimeClassName: nvidia"));
     assert!(yaml.contains("NVIDIA_DRIVER_CAPABILITIES") && yaml.contains("value: utility"));
+}
+
+#[test]
+fn chain_renders_and_validates() {
+    let yaml = render_validated("deploy/kubernetes/chain");
+    for kind in [
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    ] {
+        assert!(
+            yaml.contains(&format!("kind: {kind}\n")),
+            "the chain renders a {kind}"
+        );
+    }
+    assert!(
+        !yaml.contains("kind: Namespace\n"),
+        "deleting the chain must not delete the hub's namespace"
+    );
+    assert!(
+        !yaml.contains("kind: Secret\n"),
+        "validator keys are never committed: the operator makes the Secrets"
+    );
+    assert!(yaml.contains("replicas: 4\n"), "four QBFT validators");
+    let images: Vec<&str> = yaml
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("image: "))
+        .collect();
+    assert!(
+        images.contains(&"hyperledger/besu:25.12.0"),
+        "Besu at a pinned release: {images:?}"
+    );
+    for &image in &images {
+        let name = image.rsplit('/').next().unwrap_or(image);
+        let tag = name.split_once(':').map(|(_, tag)| tag);
+        assert!(
+            tag.is_some_and(|tag| tag != "latest"),
+            "{image} is pinned to a version"
+        );
+    }
+    assert!(
+        yaml.contains("--rpc-http-api=ETH,NET,WEB3,QBFT"),
+        "the RPC serves the hub and no admin or debug API"
+    );
+    assert!(
+        yaml.contains("--host-allowlist=") && yaml.contains("besu-rpc.shoal.svc"),
+        "the RPC answers the name the hub calls it by"
+    );
+    assert!(
+        yaml.contains("--node-private-key-file=/keys/$(POD_NAME)")
+            && yaml.contains("secretName: besu-validator-keys"),
+        "each validator signs with its own key from the Secret"
+    );
+    assert!(
+        yaml.contains("genesis.json: |") && yaml.contains("\"qbft\""),
+        "the genesis ConfigMap is a QBFT genesis"
+    );
+    assert!(
+        yaml.contains("besu-0.besu.shoal.svc:30303") && yaml.contains("clusterIP: None"),
+        "the validators find each other by their stable names"
+    );
+    assert!(
+        yaml.contains("name: ethstats\n")
+            && yaml.contains("--ethstats=ws://$(POD_NAME):$(ETHSTATS_SECRET)@ethstats:3000"),
+        "every validator reports to the ethstats dashboard"
+    );
+    assert!(
+        yaml.contains("kind: NetworkPolicy\n")
+            && yaml.contains("app.kubernetes.io/name: shoal-hub")
+            && yaml.contains("port: 8545")
+            && yaml.contains("port: 30303"),
+        "JSON-RPC only from the hub, p2p only between validators"
+    );
 }
 
 #[test]
