@@ -59,6 +59,15 @@ pub struct HubConfig {
     pub scoring: ScoringConfig,
     /// Public keys whose signed model statements the provenance ledger takes.
     pub provenance_keys: Vec<PathBuf>,
+    /// The key the hub's training runs sign their models with (its public key is trusted).
+    pub signing_key: Option<PathBuf>,
+    /// What a model needs in the ledger to be deployed.
+    pub deploy_requires: crate::provenance::Requirement,
+    /// The chain the ledger is anchored on, and the hub's account there.
+    pub chain: Option<(
+        crate::provenance::chain::ChainConfig,
+        alloy::signers::local::PrivateKeySigner,
+    )>,
 }
 
 /// How the hub scores its fleet (see [`crate::models`]).
@@ -508,8 +517,34 @@ pub async fn run(
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
+    let ledger =
+        crate::provenance::Ledger::open(&store, &config.provenance_keys, config.signing_key.as_deref()).map_err(|reason| {
+            HubError::Config {
+                field: "provenance-key",
+                reason,
+            }
+        })?;
+    let ledger = Arc::new(ledger);
+    let (anchorer, anchor_task) = match config.chain.clone() {
+        Some((chain, key)) => {
+            let anchorer = Arc::new(crate::provenance::anchor::Anchorer::new(
+                &store,
+                ledger.clone(),
+                chain,
+                key,
+            )?);
+            let task = tokio::spawn(anchorer.clone().run(shutdown.clone()));
+            (Some(anchorer), Some(task))
+        }
+        None => (None, None),
+    };
+    let policy = crate::provenance::Policy {
+        requires: config.deploy_requires,
+        ledger: ledger.clone(),
+        anchorer: anchorer.clone(),
+    };
     let (models, alerts, scoring_task) =
-        start_scoring(&config, &store, &fleet, seldon_cluster, &shutdown)?;
+        start_scoring(&config, &store, &fleet, seldon_cluster, policy, &shutdown)?;
     let inference = api::v2_grpc::server(models.repo.clone(), auth.clone());
     let inference: ingest::grpc::AddRoutes = Box::new(move |r| r.add_service(inference));
     let (grpc_task, mqtt_tasks) = start_ingest(
@@ -532,15 +567,9 @@ pub async fn run(
         run_token,
         shutdown.clone(),
     )?;
-    let ledger =
-        crate::provenance::Ledger::open(&store, &config.provenance_keys).map_err(|reason| {
-            HubError::Config {
-                field: "provenance-key",
-                reason,
-            }
-        })?;
     let state = api::AppState {
-        ledger: Arc::new(ledger),
+        ledger,
+        anchorer,
         models,
         alerts,
         jobs: scheduler,
@@ -563,6 +592,9 @@ pub async fn run(
     }
     let _ = scheduler_task.await;
     let _ = scoring_task.await;
+    if let Some(t) = anchor_task {
+        let _ = t.await;
+    }
     grpc_res.expect("grpc task")?;
     http_res.expect("http task")?;
     // The service (and with it the last writer handle) is gone: the writer commits what is
@@ -579,6 +611,7 @@ fn start_scoring(
     store: &Store,
     fleet: &Arc<Fleet>,
     cluster: Option<jobs::cluster::Cluster>,
+    policy: crate::provenance::Policy,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<
     (
@@ -594,6 +627,7 @@ fn start_scoring(
         config.mlflow_tracking_uri.clone(),
         config.scoring.model.clone(),
         cluster,
+        Some(policy),
     )?);
     let alerts = Arc::new(crate::models::alerts::Alerts::open(
         store,
@@ -656,6 +690,7 @@ fn start_jobs(
         grace: Duration::from_secs(10),
         cluster,
         run_token,
+        signing_key: config.signing_key.clone(),
     };
     let (scheduler, task) = jobs::scheduler::Scheduler::start(
         job_store.clone(),
@@ -757,6 +792,33 @@ pub struct ServeArgs {
     /// provenance ledger records; repeatable.
     #[arg(long = "provenance-key", value_name = "FILE")]
     pub provenance_keys: Vec<PathBuf>,
+    /// A P-256 signing key (PKCS#8 PEM, `shoal keys generate`) given to the training jobs the
+    /// hub runs (SHOAL_SIGNING_KEY_FILE), so every model they train is signed and recorded in
+    /// the ledger; its public key is trusted like a --provenance-key.
+    #[arg(long, env = "SHOAL_SIGNING_KEY_FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// What a model needs before `shoal models deploy` serves it or sends it to Seldon: a
+    /// statement signed by a trusted key naming its model.onnx in the ledger (signed), and
+    /// that statement anchored on chain (anchored; needs --chain-rpc).
+    #[arg(long, value_enum, default_value = "none")]
+    pub deploy_requires: crate::provenance::Requirement,
+    /// An Ethereum JSON-RPC URL (Besu, geth, anvil): the hub anchors its provenance ledger
+    /// there, through the ShoalProvenance contract. Needs --chain-id and --chain-key-file.
+    #[arg(long, env = "SHOAL_CHAIN_RPC", requires_all = ["chain_id", "chain_key_file"])]
+    pub chain_rpc: Option<String>,
+    /// The chain id --chain-rpc must serve; the hub refuses any other chain.
+    #[arg(long, env = "SHOAL_CHAIN_ID")]
+    pub chain_id: Option<u64>,
+    /// The hub's chain account: a file holding its private key (32 bytes of hex).
+    #[arg(long, env = "SHOAL_CHAIN_KEY_FILE")]
+    pub chain_key_file: Option<PathBuf>,
+    /// The ShoalProvenance contract's address; without it the hub deploys one, once per chain,
+    /// and keeps its address.
+    #[arg(long, env = "SHOAL_CHAIN_CONTRACT")]
+    pub chain_contract: Option<String>,
+    /// Blocks, the anchor's own included, before an anchor counts as anchored.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chain_confirmations: u64,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     pub mqtt_client_id: String,
@@ -880,6 +942,46 @@ impl ServeArgs {
         }))
     }
 
+    /// The chain settings, checked; `None` without --chain-rpc.
+    #[allow(clippy::type_complexity)]
+    fn chain(
+        &self,
+    ) -> Result<
+        Option<(
+            crate::provenance::chain::ChainConfig,
+            alloy::signers::local::PrivateKeySigner,
+        )>,
+        String,
+    > {
+        let (Some(rpc), Some(chain_id), Some(key_file)) =
+            (&self.chain_rpc, self.chain_id, &self.chain_key_file)
+        else {
+            return Ok(None);
+        };
+        if !(rpc.starts_with("http://") || rpc.starts_with("https://")) {
+            return Err(format!("invalid chain-rpc: {rpc:?} is not an http(s) URL"));
+        }
+        let text = std::fs::read_to_string(key_file)
+            .map_err(|e| format!("invalid chain-key-file: {}: {e}", key_file.display()))?;
+        let key = crate::provenance::chain::load_key(&text)
+            .map_err(|e| format!("invalid chain-key-file: {}: {e}", key_file.display()))?;
+        let contract = self
+            .chain_contract
+            .as_deref()
+            .map(|c| c.parse())
+            .transpose()
+            .map_err(|e| format!("invalid chain-contract: {e}"))?;
+        Ok(Some((
+            crate::provenance::chain::ChainConfig {
+                rpc: rpc.clone(),
+                chain_id,
+                contract,
+                confirmations: self.chain_confirmations,
+            },
+            key,
+        )))
+    }
+
     /// The hub's settings from these flags; `Err` names the flag.
     pub fn to_config(&self) -> Result<HubConfig, String> {
         let a = self.clone();
@@ -922,8 +1024,22 @@ impl ServeArgs {
             shoal_ml::provenance::PublicKey::load(key)
                 .map_err(|e| format!("invalid provenance-key: {e}"))?;
         }
+        let chain = self.chain()?;
+        if a.deploy_requires == crate::provenance::Requirement::Anchored && chain.is_none() {
+            return Err(
+                "invalid deploy-requires: anchored needs a chain (--chain-rpc, --chain-id, --chain-key-file)"
+                    .into(),
+            );
+        }
+        if let Some(key) = &a.signing_key {
+            shoal_ml::provenance::SigningKey::load(key)
+                .map_err(|e| format!("invalid signing-key: {e}"))?;
+        }
         Ok(HubConfig {
             devices,
+            chain,
+            signing_key: a.signing_key.clone(),
+            deploy_requires: a.deploy_requires,
             provenance_keys: a.provenance_keys.clone(),
             scoring: ScoringConfig {
                 model: a.scoring_model.clone(),

@@ -93,6 +93,9 @@ pub async fn up(
         devices: crate::serve::DeviceAuthConfig::default(),
         scoring: crate::serve::ScoringConfig::default(),
         provenance_keys: Vec::new(),
+        chain: None,
+        signing_key: None,
+        deploy_requires: crate::provenance::Requirement::None,
     };
     hub_config.validate()?;
     let login = log_in(&hub_config.data_dir, endpoints.http)?;

@@ -37,6 +37,7 @@ impl From<DeployError> for ApiError {
             DeployError::Fetch(_) => StatusCode::BAD_GATEWAY,
             DeployError::Load(_) => StatusCode::UNPROCESSABLE_ENTITY,
             DeployError::NotFound(_) => StatusCode::NOT_FOUND,
+            DeployError::Policy(_) => StatusCode::CONFLICT,
             DeployError::Store(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

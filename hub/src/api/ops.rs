@@ -59,6 +59,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     }
     let mut text = s.metrics.render(&counts);
     text.push_str(&scoring_metrics(&s));
+    text.push_str(&provenance_metrics(&s));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
@@ -133,6 +134,66 @@ fn scoring_metrics(s: &AppState) -> String {
                 score.score
             );
         }
+    }
+    out
+}
+
+/// The ledger's size and, with a chain, what is not anchored yet and how anchoring goes.
+fn provenance_metrics(s: &AppState) -> String {
+    use crate::provenance::anchor::{AnchorState, Anchorer};
+    use std::fmt::Write;
+    let Ok((entries, _)) = s.ledger.entries() else {
+        return String::new();
+    };
+    let mut rows = vec![(
+        "shoal_provenance_entries",
+        "gauge",
+        "Signed model statements in the provenance ledger",
+        entries.len() as u64,
+    )];
+    if let Some(a) = &s.anchorer
+        && let Ok(anchors) = a.anchors()
+    {
+        let waiting = |state: AnchorState| {
+            entries
+                .iter()
+                .filter(|e| Anchorer::state_of(e.index, &anchors).state == state)
+                .count() as u64
+        };
+        let health = a.health();
+        rows.extend([
+            (
+                "shoal_provenance_pending_entries",
+                "gauge",
+                "Ledger entries no anchor covers yet",
+                waiting(AnchorState::Pending),
+            ),
+            (
+                "shoal_provenance_confirming_entries",
+                "gauge",
+                "Ledger entries whose anchor is sent but not confirmed",
+                waiting(AnchorState::Confirming),
+            ),
+            (
+                "shoal_provenance_anchor_transactions_total",
+                "counter",
+                "Anchor transactions sent",
+                health.sent,
+            ),
+            (
+                "shoal_provenance_anchor_errors_total",
+                "counter",
+                "Anchoring rounds that failed (the chain down or refusing; retried)",
+                health.errors,
+            ),
+        ]);
+    }
+    let mut out = String::new();
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     }
     out
 }

@@ -14,6 +14,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::state::AppState;
 use crate::auth::Principal;
+use crate::provenance::anchor::{AnchorHealth, Anchorer, EntryAnchor};
 use crate::provenance::{ChainCheck, Entry, LedgerError};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -32,17 +33,28 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+/// A ledger entry and, when the hub anchors on chain, where it stands there.
+#[derive(Serialize, ToSchema)]
+pub struct LedgerEntry {
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// `None` when the hub has no chain configured (`--chain-rpc`).
+    pub anchor: Option<EntryAnchor>,
+}
+
 /// `GET /api/v1/provenance`.
 #[derive(Serialize, ToSchema)]
 pub struct Ledger {
     /// In append order.
-    pub entries: Vec<Entry>,
+    pub entries: Vec<LedgerEntry>,
     /// The last entry's hash (64 zeros when empty).
     pub head: String,
     /// The whole chain re-checked on this read.
     pub chain: ChainCheck,
     /// Ids of the keys whose statements this hub records.
     pub keys: Vec<String>,
+    /// The chain the hub anchors the ledger on, and how that goes; `None` without one.
+    pub anchoring: Option<AnchorHealth>,
 }
 
 /// The provenance ledger, its chain re-checked.
@@ -54,18 +66,31 @@ pub struct Ledger {
     responses((status = 200, description = "The ledger", body = Ledger)),
 )]
 async fn list(State(s): State<AppState>) -> Result<Json<Ledger>, ApiError> {
-    let ledger = s.ledger.clone();
-    let (entries, chain) = tokio::task::spawn_blocking(move || ledger.entries())
-        .await
-        .expect("read task")?;
+    let (ledger, anchorer) = (s.ledger.clone(), s.anchorer.clone());
+    let (entries, chain, anchors) = tokio::task::spawn_blocking(move || {
+        let (entries, chain) = ledger.entries()?;
+        let anchors = anchorer.as_ref().map(|a| a.anchors()).transpose()?;
+        Ok::<_, crate::store::StoreError>((entries, chain, anchors))
+    })
+    .await
+    .expect("read task")?;
     Ok(Json(Ledger {
         head: entries.last().map_or_else(
             || crate::provenance::GENESIS.to_string(),
             |e| e.hash.clone(),
         ),
-        entries,
+        entries: entries
+            .into_iter()
+            .map(|entry| LedgerEntry {
+                anchor: anchors
+                    .as_deref()
+                    .map(|a| Anchorer::state_of(entry.index, a)),
+                entry,
+            })
+            .collect(),
         chain,
         keys: s.ledger.key_ids(),
+        anchoring: s.anchorer.as_ref().map(|a| a.health()),
     }))
 }
 
@@ -94,6 +119,9 @@ async fn record(
     let (entry, new) = tokio::task::spawn_blocking(move || ledger.append(envelope, &by.name))
         .await
         .expect("append task")?;
+    if let Some(a) = &s.anchorer {
+        a.wake();
+    }
     let status = if new {
         StatusCode::CREATED
     } else {

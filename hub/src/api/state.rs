@@ -32,6 +32,8 @@ pub struct AppState {
     pub alerts: Arc<crate::models::alerts::Alerts>,
     /// The provenance ledger.
     pub ledger: Arc<crate::provenance::Ledger>,
+    /// Anchors the ledger on chain, with `--chain-rpc`.
+    pub anchorer: Option<Arc<crate::provenance::anchor::Anchorer>>,
 }
 
 /// What the access gate and the token routes use.

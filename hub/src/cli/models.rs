@@ -41,6 +41,10 @@ pub enum ModelsCommand {
     },
     /// Deployed models and the one that scores telemetry. [role: viewer]
     List,
+    /// One deployed model: where it runs, its file's digest, and its provenance (the ledger
+    /// entry whose signed statement names its model.onnx, and where that stands on chain:
+    /// pending, confirming or anchored). [role: viewer]
+    Show { name: String },
     /// Stop serving a model. [role: scientist]
     Undeploy { name: String },
     /// The hub's provenance ledger (its chain re-checked), or with --push record a signed
@@ -52,20 +56,45 @@ pub enum ModelsCommand {
         #[arg(long)]
         push: Option<std::path::PathBuf>,
     },
-    /// Check a model folder against its signed provenance, step by step: the envelope, the
-    /// signature (by --public-key), the statement, each file's SHA-256. Exit 1 on any failure.
-    /// Runs locally; no hub needed.
+    /// Check a model against its signed provenance, step by step: the envelope, the
+    /// signature (by --public-key), the statement, each file's SHA-256; with --ledger the
+    /// hub's ledger (re-walked here) has the statement; with --chain-rpc an anchor covering it
+    /// is on that chain, its block canonical, with enough confirmations. Prints each step ok
+    /// or FAILED with the reason; exit 1 on any failure. Without --ledger or --chain-rpc it
+    /// runs locally. [role: viewer, for --ledger and --chain-rpc]
     ///
     ///   shoal models verify ./model --public-key signing.pub
+    ///   shoal models verify shoal-anomaly:3 --public-key signing.pub --ledger
+    ///   shoal models verify ./model --public-key signing.pub \
+    ///       --chain-rpc http://besu-rpc.shoal.svc:8545 --chain-id 20261130 --confirmations 2
     Verify {
-        /// The model folder (a training run's --out).
-        path: std::path::PathBuf,
+        /// A model folder (a training run's --out), or NAME[:VERSION] of a model in MLflow's
+        /// registry (downloaded from --mlflow-tracking-uri with its run's envelope).
+        model: String,
         /// The signer's public key (PEM; `shoal keys generate` writes it).
         #[arg(long)]
         public_key: std::path::PathBuf,
-        /// The envelope [default: PATH/provenance.dsse.json].
+        /// The envelope [default: the folder's provenance.dsse.json].
         #[arg(long)]
         envelope: Option<std::path::PathBuf>,
+        /// Also check the hub's provenance ledger.
+        #[arg(long)]
+        ledger: bool,
+        /// Also check the anchor on this chain (an Ethereum JSON-RPC URL); implies --ledger.
+        #[arg(long, requires = "chain_id")]
+        chain_rpc: Option<String>,
+        /// The chain id --chain-rpc must serve.
+        #[arg(long)]
+        chain_id: Option<u64>,
+        /// The ShoalProvenance contract [default: the one the hub anchors with].
+        #[arg(long)]
+        contract: Option<String>,
+        /// Blocks, the anchor's own included, the anchor needs.
+        #[arg(long, default_value_t = 1)]
+        confirmations: u64,
+        /// MLflow, for NAME[:VERSION].
+        #[arg(long, env = "MLFLOW_TRACKING_URI")]
+        mlflow_tracking_uri: Option<String>,
     },
 }
 
@@ -111,17 +140,74 @@ impl KeysCommand {
     }
 }
 
-/// `shoal models verify`: each step ok or failed; `Err` when any failed.
-fn verify(
-    path: &std::path::Path,
-    public_key: &std::path::Path,
+/// What `shoal models verify` checks.
+struct VerifyArgs {
+    model: String,
+    public_key: std::path::PathBuf,
     envelope: Option<std::path::PathBuf>,
-    output: Output,
-) -> Result<String, CliError> {
+    ledger: bool,
+    chain_rpc: Option<String>,
+    chain_id: Option<u64>,
+    contract: Option<String>,
+    confirmations: u64,
+    mlflow_tracking_uri: Option<String>,
+}
+
+/// `shoal models verify`: each step ok or failed; `Err` when any failed.
+async fn verify(client: &Client, a: VerifyArgs, output: Output) -> Result<String, CliError> {
+    use crate::provenance::verify::{ChainCheckArgs, fetch_registered, ledger_and_chain};
     use shoal_ml::provenance::{ENVELOPE_FILE, PublicKey, verify};
-    let key = PublicKey::load(public_key).map_err(|e| CliError::Api(e.to_string()))?;
-    let envelope = envelope.unwrap_or_else(|| path.join(ENVELOPE_FILE));
-    let steps = verify(path, &envelope, &key);
+    let key = PublicKey::load(&a.public_key).map_err(|e| CliError::Api(e.to_string()))?;
+    let contract = a
+        .contract
+        .as_deref()
+        .map(str::parse::<alloy::primitives::Address>)
+        .transpose()
+        .map_err(|e| CliError::Api(format!("--contract: {e}")))?;
+    // A folder, or a registered model downloaded into a temporary one.
+    let downloaded;
+    let path = if std::path::Path::new(&a.model).is_dir() {
+        std::path::PathBuf::from(&a.model)
+    } else {
+        let (name, version) = a.model.split_once(':').unwrap_or((&a.model, "latest"));
+        let uri = a.mlflow_tracking_uri.as_deref().ok_or_else(|| {
+            CliError::Api(format!(
+                "{} is not a folder; as a registered model it needs --mlflow-tracking-uri",
+                a.model
+            ))
+        })?;
+        downloaded = tempfile::tempdir().map_err(|e| CliError::Api(e.to_string()))?;
+        fetch_registered(uri, name, version, downloaded.path())
+            .await
+            .map_err(CliError::Api)?;
+        downloaded.path().to_path_buf()
+    };
+    let envelope = a.envelope.unwrap_or_else(|| path.join(ENVELOPE_FILE));
+    let mut steps = verify(&path, &envelope, &key);
+    if (a.ledger || a.chain_rpc.is_some()) && steps.iter().all(|s| s.failure.is_none()) {
+        let statement_sha256 = std::fs::read(&envelope)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|e| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(e["payload"].as_str()?)
+                    .ok()
+            })
+            .map(|payload| shoal_ml::dataset::hex(&<sha2::Sha256 as sha2::Digest>::digest(payload)))
+            .unwrap_or_default();
+        let ledger = client.get("/api/v1/provenance", &[]).await?;
+        let chain = match (&a.chain_rpc, a.chain_id) {
+            (Some(rpc), Some(chain_id)) => Some(ChainCheckArgs {
+                rpc,
+                chain_id,
+                contract,
+                confirmations: a.confirmations,
+            }),
+            _ => None,
+        };
+        steps.extend(ledger_and_chain(&ledger, &statement_sha256, chain).await);
+    }
     let text = if output == Output::Json {
         pretty(&serde_json::to_value(&steps).expect("steps serialise"))
     } else {
@@ -137,8 +223,8 @@ fn verify(
         let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
         return Err(CliError::Api(format!(
             "{} does not verify against {}",
-            path.display(),
-            public_key.display()
+            a.model,
+            a.public_key.display()
         )));
     }
     Ok(text)
@@ -252,10 +338,29 @@ impl ModelsCommand {
                 ))
             }
             ModelsCommand::Verify {
-                path,
+                model,
                 public_key,
                 envelope,
-            } => verify(&path, &public_key, envelope, output),
+                ledger,
+                chain_rpc,
+                chain_id,
+                contract,
+                confirmations,
+                mlflow_tracking_uri,
+            } => {
+                let args = VerifyArgs {
+                    model,
+                    public_key,
+                    envelope,
+                    ledger,
+                    chain_rpc,
+                    chain_id,
+                    contract,
+                    confirmations,
+                    mlflow_tracking_uri,
+                };
+                verify(client, args, output).await
+            }
             ModelsCommand::Provenance { push: Some(file) } => {
                 let text = std::fs::read_to_string(&file)
                     .map_err(|e| CliError::Api(format!("{}: {e}", file.display())))?;
@@ -294,18 +399,63 @@ impl ModelsCommand {
                             str_of(&e["key_id"]).chars().take(12).collect(),
                             files.join(","),
                             str_of(&e["by"]),
+                            on_chain(&e["anchor"]),
                         ]
                     })
                     .collect();
+                let anchoring = anchoring_line(&v["anchoring"]);
                 let chain = if v["chain"]["intact"] == true {
                     "chain intact".to_string()
                 } else {
                     format!("CHAIN BROKEN: {}", str_of(&v["chain"]["reason"]))
                 };
                 Ok(format!(
-                    "{}{chain}; head {}\n",
-                    table(&["#", "RECORDED", "STATEMENT", "KEY", "FILES", "BY"], &rows),
+                    "{}{chain}; head {}\n{anchoring}",
+                    table(
+                        &["#", "RECORDED", "STATEMENT", "KEY", "FILES", "BY", "ON CHAIN"],
+                        &rows
+                    ),
                     str_of(&v["head"])
+                ))
+            }
+            ModelsCommand::Show { name } => {
+                let v = client.get("/api/v1/models/deployments", &[]).await?;
+                let d = list(&v["deployments"])
+                    .into_iter()
+                    .find(|d| d["name"].as_str() == Some(name.as_str()))
+                    .ok_or_else(|| {
+                        CliError::Api(format!("no deployment of {name:?} (shoal models list)"))
+                    })?;
+                let ledger = client.get("/api/v1/provenance", &[]).await?;
+                let sha = str_of(&d["sha256"]);
+                let entry = list(&ledger["entries"]).into_iter().find(|e| {
+                    list(&e["subjects"])
+                        .iter()
+                        .any(|s| s["name"] == "model.onnx" && str_of(&s["sha256"]) == sha)
+                });
+                if output == Output::Json {
+                    return Ok(pretty(&json!({ "deployment": d, "provenance": entry })));
+                }
+                let provenance = match &entry {
+                    Some(e) => format!(
+                        "ledger entry {} (statement {}, signed by {}); on chain: {}",
+                        e["index"],
+                        str_of(&e["statement_sha256"]),
+                        str_of(&e["key_id"]),
+                        on_chain(&e["anchor"])
+                    ),
+                    None => "none: no signed statement in the hub's ledger names this model.onnx"
+                        .into(),
+                };
+                Ok(format!(
+                    "model       {}\nversion     {}\nto          {}\nsource      {}\nsha256      {sha}\ndeployed    {} by {}\nprovenance  {provenance}\n{}",
+                    str_of(&d["name"]),
+                    str_of(&d["version"]),
+                    str_of(&d["to"]),
+                    str_of(&d["source"]),
+                    time_of(&d["deployed_ms"]),
+                    str_of(&d["deployed_by"]),
+                    anchoring_line(&ledger["anchoring"])
                 ))
             }
             ModelsCommand::Undeploy { name } => {
@@ -323,6 +473,42 @@ impl ModelsCommand {
                 })
             }
         }
+    }
+}
+
+/// Where a ledger entry stands on chain, in a word or two.
+fn on_chain(anchor: &Value) -> String {
+    match anchor["state"].as_str() {
+        Some("anchored") => format!("anchored, block {}", anchor["anchor"]["block_number"]),
+        Some("confirming") => match anchor["anchor"]["block_number"].as_u64() {
+            Some(b) => format!(
+                "confirming, block {b} ({} so far)",
+                anchor["anchor"]["confirmations"]
+            ),
+            None => "sent, not mined yet".into(),
+        },
+        Some(other) => other.to_string(),
+        None => "-".into(),
+    }
+}
+
+/// The hub's chain and how anchoring goes; "" without a chain.
+fn anchoring_line(a: &Value) -> String {
+    if a.is_null() {
+        return String::new();
+    }
+    let contract = a["contract"].as_str().unwrap_or("not deployed yet");
+    match a["last_error"].as_str() {
+        None => format!(
+            "anchored on chain {} at {} (contract {contract}, {} confirmations)\n",
+            a["chain_id"],
+            str_of(&a["rpc"]),
+            a["confirmations"]
+        ),
+        Some(e) => format!(
+            "anchoring on chain {} is failing ({} failed rounds, retrying): {e}\n",
+            a["chain_id"], a["errors"]
+        ),
     }
 }
 

@@ -54,6 +54,9 @@ pub struct SchedulerConfig {
     /// export`, the training template) may call the hub's API. Not given to Kubernetes Jobs,
     /// whose spec anyone with read access to the namespace can see.
     pub run_token: Option<String>,
+    /// Given to runs on the hub as SHOAL_SIGNING_KEY_FILE, so that the models they train
+    /// are signed (`shoal-ml train --signing-key`).
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -697,6 +700,12 @@ fn run_spec(
     env.extend(run_env(def, run_id, config));
     if let Some(token) = &config.run_token {
         env.push(("SHOAL_TOKEN".into(), token.clone()));
+    }
+    if let Some(key) = &config.signing_key {
+        env.push((
+            "SHOAL_SIGNING_KEY_FILE".into(),
+            key.to_string_lossy().into_owned(),
+        ));
     }
     // What the run leaves for the hub to keep (a trained model, a report): listed and served
     // by /api/v1/runs/RUN/artifacts, kept as long as the run's history entry.

@@ -67,7 +67,8 @@ spec:
                   set -e;
                   data="${SHOAL_DATASET_URI:?start the hub with --dataset-uri}/train/$SHOAL_RUN_ID";
                   shoal datasets export --since 24h --to "$data";
-                  shoal-ml train --quiet --dataset "$data"
+                  shoal-ml train --quiet --dataset "$data";
+                  if [ -n "${SHOAL_SIGNING_KEY_FILE:-}" ]; then shoal models provenance --push "$SHOAL_ARTIFACTS_DIR/provenance.dsse.json"; fi
 "#;
 
 /// The manifest of template `name`.

@@ -97,6 +97,9 @@ pub enum DeployError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Io(String),
+    /// The hub's provenance policy (`--deploy-requires`) refuses the model.
+    #[error("{0}")]
+    Policy(String),
 }
 
 /// The deployed models and the embedded server's repository.
@@ -112,6 +115,8 @@ pub struct Models {
     pub scores: scoring::Scores,
     /// The cluster Seldon objects are applied to (the hub's --kubeconfig), if any.
     cluster: Option<crate::jobs::cluster::Cluster>,
+    /// What a model needs in the provenance ledger to be deployed.
+    policy: Option<crate::provenance::Policy>,
 }
 
 /// What a Seldon deployment did: the files uploaded, the object, whether it was applied.
@@ -163,6 +168,7 @@ impl Models {
         mlflow: Option<String>,
         scoring_model: String,
         cluster: Option<crate::jobs::cluster::Cluster>,
+        policy: Option<crate::provenance::Policy>,
     ) -> Result<Self, StoreError> {
         store.create_record_tables(&[DEPLOYMENTS, alerts::ALERTS])?;
         let repo = Arc::new(Repository::default());
@@ -190,6 +196,7 @@ impl Models {
             scoring_model,
             scores: scoring::Scores::default(),
             cluster,
+            policy,
         })
     }
 
@@ -300,6 +307,13 @@ impl Models {
             .map_err(DeployError::Fetch)?;
         let onnx = fetched.onnx;
         let sha256 = shoal_ml::dataset::hex(&<sha2::Sha256 as sha2::Digest>::digest(&onnx));
+        if let Some(policy) = self.policy.clone() {
+            let digest = sha256.clone();
+            tokio::task::spawn_blocking(move || policy.admits(&digest))
+                .await
+                .map_err(|e| DeployError::Io(e.to_string()))?
+                .map_err(DeployError::Policy)?;
+        }
         // Without a registry version, the file's digest names it: scores say exactly which
         // model produced them.
         let version = version

@@ -21,6 +21,7 @@ impl Fixture {
         let now = self.now.clone();
         let clock: Clock = Arc::new(move || *now.lock().unwrap());
         let config = SchedulerConfig {
+            signing_key: None,
             runs_dir: self.dir.path().join("runs"),
             hub_url: "http://127.0.0.1:8080".into(),
             run_token: None,

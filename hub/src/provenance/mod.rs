@@ -5,6 +5,10 @@
 //! entry it already has). Reading the ledger re-checks the whole chain, so an entry edited or
 //! removed in the store shows as a break at its index.
 
+pub mod anchor;
+pub mod chain;
+pub mod verify;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -70,6 +74,71 @@ impl Entry {
     }
 }
 
+/// What a model needs in the ledger before the hub deploys it (`--deploy-requires`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Requirement {
+    /// Any model is deployed.
+    #[default]
+    None,
+    /// A statement signed by a trusted key names the model's file.
+    Signed,
+    /// That statement is also anchored on chain and confirmed (needs --chain-rpc).
+    Anchored,
+}
+
+/// The hub's deployment policy over the ledger.
+#[derive(Clone)]
+pub struct Policy {
+    pub requires: Requirement,
+    pub ledger: std::sync::Arc<Ledger>,
+    pub anchorer: Option<std::sync::Arc<anchor::Anchorer>>,
+}
+
+impl Policy {
+    /// `Ok` when the model whose `model.onnx` has digest `onnx_sha256` may be deployed; else
+    /// why not.
+    pub fn admits(&self, onnx_sha256: &str) -> Result<(), String> {
+        if self.requires == Requirement::None {
+            return Ok(());
+        }
+        let (entries, chain) = self.ledger.entries().map_err(|e| e.to_string())?;
+        if !chain.intact {
+            return Err(format!(
+                "the provenance ledger is broken at entry {} ({}): no model is deployed until it is repaired",
+                chain.broken_at.unwrap_or_default(),
+                chain.reason.unwrap_or_default()
+            ));
+        }
+        let Some(entry) = entries.iter().find(|e| {
+            e.subjects
+                .iter()
+                .any(|s| s.name == "model.onnx" && s.sha256 == onnx_sha256)
+        }) else {
+            return Err(format!(
+                "no signed statement in the provenance ledger names this model.onnx (sha256 {onnx_sha256}); \
+                 this hub deploys signed models only (--deploy-requires): record its statement with \
+                 `shoal models provenance --push MODEL/provenance.dsse.json`"
+            ));
+        };
+        if self.requires == Requirement::Anchored {
+            let Some(anchorer) = &self.anchorer else {
+                return Err("--deploy-requires anchored, but the hub has no chain (--chain-rpc)".into());
+            };
+            let anchors = anchorer.anchors().map_err(|e| e.to_string())?;
+            let state = anchor::Anchorer::state_of(entry.index, &anchors).state;
+            if state != anchor::AnchorState::Anchored {
+                return Err(format!(
+                    "the model's statement (ledger entry {}) is {} on chain, not anchored yet; \
+                     this hub deploys anchored models only (--deploy-requires anchored)",
+                    entry.index,
+                    serde_json::to_value(&state).expect("state").as_str().unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether the chain holds; where it breaks when not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ChainCheck {
@@ -97,15 +166,28 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// The ledger in `store`, trusting the public keys in `key_files`.
-    pub fn open(store: &Store, key_files: &[PathBuf]) -> Result<Self, String> {
+    /// The ledger in `store`, trusting the public keys in `key_files` and the public half of
+    /// `signing_key` (the key the hub's own training runs sign with).
+    pub fn open(
+        store: &Store,
+        key_files: &[PathBuf],
+        signing_key: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
         store
             .create_record_tables(&[LEDGER])
             .map_err(|e| e.to_string())?;
-        let keys = key_files
+        let mut keys = key_files
             .iter()
             .map(|f| PublicKey::load(f).map_err(|e| format!("invalid provenance-key: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(file) = signing_key {
+            let key = shoal_ml::provenance::SigningKey::load(file)
+                .map_err(|e| format!("invalid signing-key: {e}"))?;
+            keys.push(
+                PublicKey::from_pem(&key.public_pem())
+                    .map_err(|e| format!("invalid signing-key: {e}"))?,
+            );
+        }
         Ok(Self {
             store: store.clone(),
             keys,
@@ -231,7 +313,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (key, _, public) = SigningKey::generate().unwrap();
         std::fs::write(dir.path().join("k.pub"), public).unwrap();
-        let ledger = Ledger::open(&store, &[dir.path().join("k.pub")]).unwrap();
+        let ledger = Ledger::open(&store, &[dir.path().join("k.pub")], None).unwrap();
         let statement = |n: &str| {
             serde_json::json!({ "_type": "https://in-toto.io/Statement/v1",
                 "subject": [{ "name": "model.onnx", "digest": { "sha256": n.repeat(64) } }] })
