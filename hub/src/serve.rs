@@ -517,13 +517,15 @@ pub async fn run(
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
-    let ledger =
-        crate::provenance::Ledger::open(&store, &config.provenance_keys, config.signing_key.as_deref()).map_err(|reason| {
-            HubError::Config {
-                field: "provenance-key",
-                reason,
-            }
-        })?;
+    let ledger = crate::provenance::Ledger::open(
+        &store,
+        &config.provenance_keys,
+        config.signing_key.as_deref(),
+    )
+    .map_err(|reason| HubError::Config {
+        field: "provenance-key",
+        reason,
+    })?;
     let ledger = Arc::new(ledger);
     let (anchorer, anchor_task) = match config.chain.clone() {
         Some((chain, key)) => {

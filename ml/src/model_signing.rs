@@ -28,7 +28,6 @@ const GIT_PATHS: [&str; 4] = [".git", ".gitattributes", ".github", ".gitignore"]
 /// Every file the verifier hashes, as (path relative to `dir` in components, path).
 fn files(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>, ProvenanceError> {
     fn walk(
-        root: &Path,
         at: &Path,
         rel: &[String],
         out: &mut Vec<(Vec<String>, PathBuf)>,
@@ -50,7 +49,7 @@ fn files(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>, ProvenanceError> {
                     path.display()
                 )));
             } else if kind.is_dir() {
-                walk(root, &path, &parts, out)?;
+                walk(&path, &parts, out)?;
             } else if kind.is_file() {
                 out.push((parts, path));
             }
@@ -58,7 +57,7 @@ fn files(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>, ProvenanceError> {
         Ok(())
     }
     let mut out = Vec::new();
-    walk(dir, dir, &[], &mut out)?;
+    walk(dir, &[], &mut out)?;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
@@ -133,12 +132,23 @@ mod tests {
     fn lists_every_file_but_the_signature_and_git_files_sorted_by_path_components() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for f in ["b", "a-b/c", "a/b", ".gitignore", "model.sig", "sub/.gitignore"] {
+        for f in [
+            "b",
+            "a-b/c",
+            "a/b",
+            ".gitignore",
+            "model.sig",
+            "sub/.gitignore",
+        ] {
             let p = d.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, f).unwrap();
         }
-        let names: Vec<String> = files(d).unwrap().into_iter().map(|f| f.0.join("/")).collect();
+        let names: Vec<String> = files(d)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.0.join("/"))
+            .collect();
         assert_eq!(names, ["a/b", "a-b/c", "b", "sub/.gitignore"]);
 
         let (key, _, _) = SigningKey::generate().unwrap();

@@ -209,10 +209,17 @@ pub struct Build<'a> {
 
 /// The in-toto Statement v1 with a SLSA Provenance v1 predicate for the model in `dir`.
 pub fn statement(dir: &Path, b: &Build<'_>) -> Result<Value, ProvenanceError> {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| std::fs::read(p).ok())
-        .map(|bytes| hex(&Sha256::digest(bytes)));
+    // The running binary's digest, read once per process (a trainer signs one model; a
+    // process that signs many hashes itself once).
+    static EXE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let exe = EXE
+        .get_or_init(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|bytes| hex(&Sha256::digest(bytes)))
+        })
+        .clone();
     let mut dependencies = vec![json!({
         "uri": b.dataset_uri, "digest": { "sha256": b.dataset_sha256 }, "name": "dataset",
     })];

@@ -952,6 +952,15 @@ pub fn bench_model() -> shoal_ml::train::Model {
 /// Starts `shoal serve` (the binary at `shoal`) on 127.0.0.1 ports the kernel picks, for the
 /// benchmark harnesses: the process, its gRPC and HTTP base URLs, and its admin token.
 pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String, String, String)> {
+    spawn_hub_with(shoal, data_dir, &[])
+}
+
+/// [`spawn_hub`] with `extra` flags.
+pub fn spawn_hub_with(
+    shoal: &Path,
+    data_dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Child, String, String, String)> {
     use anyhow::Context;
     use std::io::BufRead;
     let mut hub = Command::new(shoal)
@@ -966,6 +975,7 @@ pub fn spawn_hub(shoal: &Path, data_dir: &Path) -> anyhow::Result<(Child, String
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1327,5 +1337,96 @@ impl Garage {
 impl Drop for Garage {
     fn drop(&mut self) {
         self.proc.kill_group();
+    }
+}
+
+/// anvil's first funded account (its test mnemonic's), the hub's chain key in tests.
+pub const ANVIL_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+/// A local Ethereum chain: anvil (npm `@foundry-rs/anvil`; `tests/run` installs it) on a fixed
+/// port, a block a second, its state kept in a file so that it can stop and start again with
+/// the chain it had.
+pub struct Anvil {
+    pub proc: Proc,
+    pub port: u16,
+    pub chain_id: u64,
+    state: PathBuf,
+}
+
+impl Anvil {
+    /// Starts anvil serving `chain_id`. Fails (never skips) when it is not installed.
+    pub async fn start(dir: &Path, chain_id: u64) -> Self {
+        std::fs::create_dir_all(dir).expect("anvil dir");
+        let (port, state) = (free_port(), dir.join("state.json"));
+        let a = Self {
+            proc: Self::spawn(port, chain_id, &state),
+            port,
+            chain_id,
+            state,
+        };
+        a.wait_ready().await;
+        a
+    }
+
+    /// The anvil binary. npm's `anvil` is a Node wrapper around the binary in the platform's
+    /// package beside it (`@foundry-rs/anvil-linux-amd64/bin/anvil`); that binary is run
+    /// directly, so that stopping it stops the chain and not only the wrapper.
+    fn binary() -> PathBuf {
+        let found = which("anvil").unwrap_or_else(|| {
+            panic!("anvil is not installed: run tests/run (it installs npm @foundry-rs/anvil)")
+        });
+        let real = std::fs::canonicalize(&found).unwrap_or_else(|_| found.clone());
+        real.ancestors()
+            .find(|d| d.file_name().is_some_and(|n| n == "@foundry-rs"))
+            .and_then(|scope| std::fs::read_dir(scope).ok())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("anvil-"))
+            .map(|e| e.path().join("bin").join("anvil"))
+            .find(|p| p.is_file())
+            .unwrap_or(found)
+    }
+
+    fn spawn(port: u16, chain_id: u64, state: &Path) -> Proc {
+        let mut cmd = Command::new(Self::binary());
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--chain-id", &chain_id.to_string(), "--block-time", "1"])
+            .arg("--state")
+            .arg(state)
+            .arg("--silent")
+            .stdout(Stdio::null());
+        Proc::spawn(&format!("anvil:{port}"), cmd)
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url();
+        wait_until("anvil to answer", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                http_client()
+                    .post(&url)
+                    .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGTERM: it writes its state).
+    pub async fn stop(&mut self) {
+        self.proc.terminate().await;
+    }
+
+    /// Starts it again on the same port, from the state it wrote.
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(self.port, self.chain_id, &self.state);
+        self.wait_ready().await;
     }
 }

@@ -653,6 +653,13 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
         std::env::var("PATH").unwrap_or_default()
     );
     let datasets = dir.path().join("datasets");
+    // The hub's runs sign what they train, and their statements go into its ledger.
+    let keys = dir.path().join("keys");
+    let made = shoal_e2e::run_bin(
+        "shoal",
+        &["keys", "generate", "--out", keys.to_str().unwrap()],
+    );
+    assert!(made.status.success());
     let hub = Hub::start_with_env(
         &dir.path().join("hub"),
         shoal_e2e::free_port(),
@@ -662,6 +669,8 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
             &mlflow.url(),
             "--dataset-uri",
             datasets.to_str().unwrap(),
+            "--signing-key",
+            keys.join("signing.key").to_str().unwrap(),
         ],
         &[("PATH", path)],
     )
@@ -787,6 +796,40 @@ async fn the_built_in_training_job_runs_on_schedule_and_is_tracked() {
         || async { hub.get("/api/v1/devices/pi-a").await["anomaly"]["version"] == version },
     )
     .await;
+
+    // The run's model is signed and in the ledger; the registered version verifies against
+    // it, downloaded from MLflow with its run's envelope.
+    let ledger = hub.get("/api/v1/provenance").await;
+    assert_eq!(
+        ledger["entries"].as_array().unwrap().len(),
+        1,
+        "{ledger}\n{log}"
+    );
+    let (ok, shown, err) = shoal(&hub, &["models", "show", "shoal-anomaly"]);
+    assert!(
+        ok && shown.contains("provenance  ledger entry 1"),
+        "{shown}{err}"
+    );
+    let model = format!("shoal-anomaly:{}", version.as_str().unwrap());
+    let (ok, steps, err) = shoal(
+        &hub,
+        &[
+            "models",
+            "verify",
+            &model,
+            "--public-key",
+            keys.join("signing.pub").to_str().unwrap(),
+            "--ledger",
+            "--mlflow-tracking-uri",
+            &mlflow.url(),
+        ],
+    );
+    assert!(ok, "{steps}{err}");
+    assert!(
+        steps.contains("ok      digest model.onnx")
+            && steps.contains("ok      ledger entry 1 records the statement"),
+        "{steps}"
+    );
 }
 
 /// A virtual machine's sample: no thermal sensor; load follows CPU and the process count.
@@ -926,9 +969,38 @@ async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
         deps[0]["digest"]["sha256"], metrics["dataset"]["sha256"],
         "{statement}"
     );
+    // OpenSSF's model_signing, a verifier no one here wrote, checks the folder's model.sig.
+    let model_signing = |key: &Path| {
+        let exe = shoal_e2e::which("model_signing").expect(
+            "model_signing is not installed: run tests/run (it installs model-signing from PyPI)",
+        );
+        let out = std::process::Command::new(exe)
+            .args(["verify", "key", "--signature"])
+            .arg(out.join("model.sig"))
+            .arg("--public_key")
+            .arg(key)
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (signed, said) = model_signing(&public);
+    assert!(signed, "model_signing verify key: {said}");
     let mut onnx_bytes = onnx.clone();
     *onnx_bytes.last_mut().unwrap() ^= 1;
     std::fs::write(out.join("model.onnx"), &onnx_bytes).unwrap();
+    let (signed, said) = model_signing(&public);
+    assert!(
+        !signed && said.contains("Hash mismatch for") && said.contains("model.onnx"),
+        "{said}"
+    );
     let tampered = verify(&public);
     assert!(!tampered.status.success());
     assert!(
@@ -948,6 +1020,8 @@ async fn a_fleet_without_thermal_sensors_gets_a_model_of_what_it_reports() {
     );
     let foreign = verify(&other.join("signing.pub"));
     assert!(!foreign.status.success());
+    let (signed, said) = model_signing(&other.join("signing.pub"));
+    assert!(!signed && said.contains("Key mismatch"), "{said}");
     assert!(String::from_utf8_lossy(&foreign.stdout).contains("no signature by key"));
 
     // The statement goes into a hub's ledger that trusts the key; twice is still once.

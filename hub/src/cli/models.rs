@@ -412,7 +412,15 @@ impl ModelsCommand {
                 Ok(format!(
                     "{}{chain}; head {}\n{anchoring}",
                     table(
-                        &["#", "RECORDED", "STATEMENT", "KEY", "FILES", "BY", "ON CHAIN"],
+                        &[
+                            "#",
+                            "RECORDED",
+                            "STATEMENT",
+                            "KEY",
+                            "FILES",
+                            "BY",
+                            "ON CHAIN"
+                        ],
                         &rows
                     ),
                     str_of(&v["head"])
@@ -421,14 +429,14 @@ impl ModelsCommand {
             ModelsCommand::Show { name } => {
                 let v = client.get("/api/v1/models/deployments", &[]).await?;
                 let d = list(&v["deployments"])
-                    .into_iter()
+                    .iter()
                     .find(|d| d["name"].as_str() == Some(name.as_str()))
                     .ok_or_else(|| {
                         CliError::Api(format!("no deployment of {name:?} (shoal models list)"))
                     })?;
                 let ledger = client.get("/api/v1/provenance", &[]).await?;
                 let sha = str_of(&d["sha256"]);
-                let entry = list(&ledger["entries"]).into_iter().find(|e| {
+                let entry = list(&ledger["entries"]).iter().find(|e| {
                     list(&e["subjects"])
                         .iter()
                         .any(|s| s["name"] == "model.onnx" && str_of(&s["sha256"]) == sha)
@@ -444,8 +452,9 @@ impl ModelsCommand {
                         str_of(&e["key_id"]),
                         on_chain(&e["anchor"])
                     ),
-                    None => "none: no signed statement in the hub's ledger names this model.onnx"
-                        .into(),
+                    None => {
+                        "none: no signed statement in the hub's ledger names this model.onnx".into()
+                    }
                 };
                 Ok(format!(
                     "model       {}\nversion     {}\nto          {}\nsource      {}\nsha256      {sha}\ndeployed    {} by {}\nprovenance  {provenance}\n{}",

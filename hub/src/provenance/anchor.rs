@@ -159,7 +159,7 @@ impl Anchorer {
                 anchor: Some(a.clone()),
             };
         }
-        match covering.last() {
+        match anchors.iter().find(|a| a.index >= index) {
             Some(a) => EntryAnchor {
                 state: AnchorState::Confirming,
                 anchor: Some(a.clone()),
@@ -292,7 +292,11 @@ impl Anchorer {
         for a in anchors.iter_mut().filter(|a| !a.anchored) {
             self.advance(chain, contract, a).await?;
         }
-        let ours = || anchors.iter().filter(|a| a.chain_id == self.config.chain_id);
+        let ours = || {
+            anchors
+                .iter()
+                .filter(|a| a.chain_id == self.config.chain_id)
+        };
         // One transaction at a time: what is recorded while it waits to be mined goes into
         // the next, together (the store writer's group commit, on chain).
         if ours().any(|a| a.block_number.is_none()) {
@@ -306,7 +310,12 @@ impl Anchorer {
     }
 
     /// Anchors `entry` (and so every entry before it), unless the chain already has it.
-    async fn send(&self, chain: &Chain, contract: Address, entry: &Entry) -> Result<(), ChainError> {
+    async fn send(
+        &self,
+        chain: &Chain,
+        contract: Address,
+        entry: &Entry,
+    ) -> Result<(), ChainError> {
         let digest = b256(&entry.statement_sha256)?;
         let head = b256(&entry.hash)?;
         let mut anchor = Anchor {

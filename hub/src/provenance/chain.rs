@@ -286,8 +286,9 @@ impl Chain {
                 "the chain answered an Anchored event without its block".into(),
             ));
         };
-        let decoded = Anchored::decode_log(&log.inner)
-            .map_err(|e| ChainError::Contract(format!("an Anchored event that does not decode: {e}")))?;
+        let decoded = Anchored::decode_log(&log.inner).map_err(|e| {
+            ChainError::Contract(format!("an Anchored event that does not decode: {e}"))
+        })?;
         Ok(Some(AnchorEvent {
             ledger_head: decoded.ledgerHead,
             uri: decoded.data.uri.clone(),

@@ -122,7 +122,9 @@ impl Policy {
         };
         if self.requires == Requirement::Anchored {
             let Some(anchorer) = &self.anchorer else {
-                return Err("--deploy-requires anchored, but the hub has no chain (--chain-rpc)".into());
+                return Err(
+                    "--deploy-requires anchored, but the hub has no chain (--chain-rpc)".into(),
+                );
             };
             let anchors = anchorer.anchors().map_err(|e| e.to_string())?;
             let state = anchor::Anchorer::state_of(entry.index, &anchors).state;
@@ -131,7 +133,10 @@ impl Policy {
                     "the model's statement (ledger entry {}) is {} on chain, not anchored yet; \
                      this hub deploys anchored models only (--deploy-requires anchored)",
                     entry.index,
-                    serde_json::to_value(&state).expect("state").as_str().unwrap_or_default()
+                    serde_json::to_value(&state)
+                        .expect("state")
+                        .as_str()
+                        .unwrap_or_default()
                 ));
             }
         }

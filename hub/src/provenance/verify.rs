@@ -46,7 +46,10 @@ pub async fn ledger_and_chain(
     let entries: Vec<Entry> = match serde_json::from_value(ledger["entries"].clone()) {
         Ok(e) => e,
         Err(e) => {
-            steps.push(failed("ledger", format!("the hub's answer is not a ledger: {e}")));
+            steps.push(failed(
+                "ledger",
+                format!("the hub's answer is not a ledger: {e}"),
+            ));
             return steps;
         }
     };
@@ -88,7 +91,10 @@ pub async fn ledger_and_chain(
         let state = position["state"].as_str().unwrap_or("not anchored");
         steps.push(failed(
             "anchor",
-            format!("no anchor covers ledger entry {} yet ({state})", entry.index),
+            format!(
+                "no anchor covers ledger entry {} yet ({state})",
+                entry.index
+            ),
         ));
         return steps;
     };
@@ -191,10 +197,7 @@ pub async fn ledger_and_chain(
             } else {
                 steps.push(failed(
                     "confirmations",
-                    format!(
-                        "{confirmations} of the {} required",
-                        args.confirmations
-                    ),
+                    format!("{confirmations} of the {} required", args.confirmations),
                 ));
             }
         }
