@@ -151,6 +151,11 @@ impl PublicKey {
         Self::from_pem(&text).map_err(|e| ProvenanceError::Key(format!("{}: {e}", path.display())))
     }
 
+    /// The key as PEM (SubjectPublicKeyInfo), as `shoal keys generate` writes it.
+    pub fn to_pem(&self) -> String {
+        pem("PUBLIC KEY", &[&SPKI_P256_PREFIX[..], &self.point].concat())
+    }
+
     /// A PEM public key (SubjectPublicKeyInfo, P-256).
     pub fn from_pem(text: &str) -> Result<Self, ProvenanceError> {
         let der = unpem("PUBLIC KEY", text)?;
@@ -236,7 +241,12 @@ pub fn statement(dir: &Path, b: &Build<'_>) -> Result<Value, ProvenanceError> {
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": { "dataset": b.dataset_uri, "arguments": b.arguments },
+                "externalParameters": {
+                    "dataset": b.dataset_uri,
+                    "arguments": b.arguments,
+                    // A hub's job: its name (the CronJob manifest is the hub's, under that name).
+                    "job": std::env::var("SHOAL_JOB").ok(),
+                },
                 "internalParameters": {},
                 "resolvedDependencies": dependencies,
             },

@@ -194,6 +194,11 @@ async fn the_ledger_is_anchored_in_batches_through_a_chain_outage_and_verifies_s
         "{anchor}"
     );
     assert_eq!(ledger["anchoring"]["chain_id"], 31337);
+    assert_eq!(
+        ledger["public_keys"][0]["pem"],
+        std::fs::read_to_string(&public).unwrap(),
+        "the hub lists the keys it trusts for verifiers"
+    );
     let (ok, out, err) = deploy(&first);
     assert!(ok, "{out}{err}");
     let (ok, shown, err) = shoal_cli(&hub, &["models", "show", "anchored-model"]);

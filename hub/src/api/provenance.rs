@@ -53,6 +53,8 @@ pub struct Ledger {
     pub chain: ChainCheck,
     /// Ids of the keys whose statements this hub records.
     pub keys: Vec<String>,
+    /// Those keys, for verifiers.
+    pub public_keys: Vec<crate::provenance::TrustedKey>,
     /// The chain the hub anchors the ledger on, and how that goes; `None` without one.
     pub anchoring: Option<AnchorHealth>,
 }
@@ -90,6 +92,7 @@ async fn list(State(s): State<AppState>) -> Result<Json<Ledger>, ApiError> {
             .collect(),
         chain,
         keys: s.ledger.key_ids(),
+        public_keys: s.ledger.public_keys(),
         anchoring: s.anchorer.as_ref().map(|a| a.health()),
     }))
 }

@@ -67,35 +67,7 @@ pub enum ModelsCommand {
     ///   shoal models verify shoal-anomaly:3 --public-key signing.pub --ledger
     ///   shoal models verify ./model --public-key signing.pub \
     ///       --chain-rpc http://besu-rpc.shoal.svc:8545 --chain-id 20261130 --confirmations 2
-    Verify {
-        /// A model folder (a training run's --out), or NAME[:VERSION] of a model in MLflow's
-        /// registry (downloaded from --mlflow-tracking-uri with its run's envelope).
-        model: String,
-        /// The signer's public key (PEM; `shoal keys generate` writes it).
-        #[arg(long)]
-        public_key: std::path::PathBuf,
-        /// The envelope [default: the folder's provenance.dsse.json].
-        #[arg(long)]
-        envelope: Option<std::path::PathBuf>,
-        /// Also check the hub's provenance ledger.
-        #[arg(long)]
-        ledger: bool,
-        /// Also check the anchor on this chain (an Ethereum JSON-RPC URL); implies --ledger.
-        #[arg(long, requires = "chain_id")]
-        chain_rpc: Option<String>,
-        /// The chain id --chain-rpc must serve.
-        #[arg(long)]
-        chain_id: Option<u64>,
-        /// The ShoalProvenance contract [default: the one the hub anchors with].
-        #[arg(long)]
-        contract: Option<String>,
-        /// Blocks, the anchor's own included, the anchor needs.
-        #[arg(long, default_value_t = 1)]
-        confirmations: u64,
-        /// MLflow, for NAME[:VERSION].
-        #[arg(long, env = "MLFLOW_TRACKING_URI")]
-        mlflow_tracking_uri: Option<String>,
-    },
+    Verify(VerifyArgs),
 }
 
 /// `shoal keys`.
@@ -140,16 +112,35 @@ impl KeysCommand {
     }
 }
 
-/// What `shoal models verify` checks.
-struct VerifyArgs {
+// What `shoal models verify` checks (the command's help is on `ModelsCommand::Verify`).
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// A model folder (a training run's --out), or NAME[:VERSION] of a model in MLflow's
+    /// registry (downloaded from --mlflow-tracking-uri with its run's envelope).
     model: String,
+    /// The signer's public key (PEM; `shoal keys generate` writes it).
+    #[arg(long)]
     public_key: std::path::PathBuf,
+    /// The envelope [default: the folder's provenance.dsse.json].
+    #[arg(long)]
     envelope: Option<std::path::PathBuf>,
+    /// Also check the hub's provenance ledger.
+    #[arg(long)]
     ledger: bool,
+    /// Also check the anchor on this chain (an Ethereum JSON-RPC URL); implies --ledger.
+    #[arg(long, requires = "chain_id")]
     chain_rpc: Option<String>,
+    /// The chain id --chain-rpc must serve.
+    #[arg(long)]
     chain_id: Option<u64>,
+    /// The ShoalProvenance contract [default: the one the hub anchors with].
+    #[arg(long)]
     contract: Option<String>,
+    /// Blocks, the anchor's own included, the anchor needs.
+    #[arg(long, default_value_t = 1)]
     confirmations: u64,
+    /// MLflow, for NAME[:VERSION].
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
     mlflow_tracking_uri: Option<String>,
 }
 
@@ -337,30 +328,7 @@ impl ModelsCommand {
                     &rows,
                 ))
             }
-            ModelsCommand::Verify {
-                model,
-                public_key,
-                envelope,
-                ledger,
-                chain_rpc,
-                chain_id,
-                contract,
-                confirmations,
-                mlflow_tracking_uri,
-            } => {
-                let args = VerifyArgs {
-                    model,
-                    public_key,
-                    envelope,
-                    ledger,
-                    chain_rpc,
-                    chain_id,
-                    contract,
-                    confirmations,
-                    mlflow_tracking_uri,
-                };
-                verify(client, args, output).await
-            }
+            ModelsCommand::Verify(args) => verify(client, args, output).await,
             ModelsCommand::Provenance { push: Some(file) } => {
                 let text = std::fs::read_to_string(&file)
                     .map_err(|e| CliError::Api(format!("{}: {e}", file.display())))?;

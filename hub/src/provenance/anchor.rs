@@ -430,3 +430,43 @@ impl Anchorer {
 fn store_error(e: StoreError) -> ChainError {
     ChainError::Contract(format!("the hub's store: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anchor(index: u64, anchored: bool) -> Anchor {
+        Anchor {
+            index,
+            statement_sha256: String::new(),
+            ledger_head: String::new(),
+            chain_id: 1,
+            contract: String::new(),
+            tx_hash: format!("0x{index}"),
+            block_number: anchored.then_some(index),
+            block_hash: None,
+            gas_used: None,
+            confirmations: 0,
+            anchored,
+            submitted_ms: 0,
+            anchored_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_anchor_covers_its_entry_and_every_one_before_it() {
+        // Entries 1–3 anchored by the anchor of 3; 4–5 sent with the anchor of 5; 6 pending.
+        let anchors = [anchor(3, true), anchor(5, false)];
+        let state = |i| Anchorer::state_of(i, &anchors);
+        for i in 1..=3 {
+            assert_eq!(state(i).state, AnchorState::Anchored);
+            assert_eq!(state(i).anchor.unwrap().index, 3);
+        }
+        for i in 4..=5 {
+            assert_eq!(state(i).state, AnchorState::Confirming);
+            assert_eq!(state(i).anchor.unwrap().index, 5);
+        }
+        assert_eq!(state(6).state, AnchorState::Pending);
+        assert_eq!(state(6).anchor, None);
+    }
+}

@@ -31,6 +31,14 @@ pub struct Subject {
     pub sha256: String,
 }
 
+/// A public key the ledger trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct TrustedKey {
+    pub key_id: String,
+    /// SubjectPublicKeyInfo PEM: what `shoal models verify --public-key` reads.
+    pub pem: String,
+}
+
 /// A ledger entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Entry {
@@ -166,8 +174,17 @@ pub enum LedgerError {
 pub struct Ledger {
     store: Store,
     keys: Vec<PublicKey>,
-    /// Appends one at a time: each needs the head before it.
-    append: Mutex<()>,
+    /// The head and which statements are recorded (read once at open); appends hold it, one
+    /// at a time: each needs the head before it.
+    head: Mutex<Head>,
+}
+
+/// The newest entry's index and hash, and each recorded statement's index.
+#[derive(Default)]
+struct Head {
+    index: u64,
+    hash: String,
+    statements: std::collections::HashMap<String, u64>,
 }
 
 impl Ledger {
@@ -193,16 +210,38 @@ impl Ledger {
                     .map_err(|e| format!("invalid signing-key: {e}"))?,
             );
         }
+        let entries: Vec<Entry> = store.records(LEDGER).map_err(|e| e.to_string())?;
+        let head = Head {
+            index: entries.last().map_or(0, |e| e.index),
+            hash: entries
+                .last()
+                .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
+            statements: entries
+                .iter()
+                .map(|e| (e.statement_sha256.clone(), e.index))
+                .collect(),
+        };
         Ok(Self {
             store: store.clone(),
             keys,
-            append: Mutex::new(()),
+            head: Mutex::new(head),
         })
     }
 
     /// The trusted keys' ids.
     pub fn key_ids(&self) -> Vec<String> {
         self.keys.iter().map(|k| k.key_id.clone()).collect()
+    }
+
+    /// The trusted public keys, as PEM, by id.
+    pub fn public_keys(&self) -> Vec<TrustedKey> {
+        self.keys
+            .iter()
+            .map(|k| TrustedKey {
+                key_id: k.key_id.clone(),
+                pem: k.to_pem(),
+            })
+            .collect()
     }
 
     /// Records `envelope` if a trusted key signed it: (the entry, whether it is new).
@@ -234,21 +273,22 @@ impl Ledger {
                 Ok(Subject { name, sha256 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let _one = self.append.lock().expect("ledger lock");
-        let entries: Vec<Entry> = self.store.records(LEDGER)?;
-        if let Some(e) = entries.iter().find(|e| e.statement_sha256 == opened.sha256) {
-            return Ok((e.clone(), false));
+        let mut head = self.head.lock().expect("ledger lock");
+        if let Some(&index) = head.statements.get(&opened.sha256)
+            && let Some(e) = self
+                .store
+                .record::<Entry>(LEDGER, &format!("{index:020}"))?
+        {
+            return Ok((e, false));
         }
         let mut entry = Entry {
-            index: entries.last().map_or(1, |e| e.index + 1),
+            index: head.index + 1,
             time_ms: crate::now_ms(),
             statement_sha256: opened.sha256,
             key_id: opened.key_id,
             subjects,
             by: by.to_string(),
-            previous: entries
-                .last()
-                .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
+            previous: head.hash.clone(),
             hash: String::new(),
             envelope,
         };
@@ -258,6 +298,10 @@ impl Ledger {
             &format!("{:020}", entry.index),
             &entry,
         )])?;
+        head.index = entry.index;
+        head.hash = entry.hash.clone();
+        head.statements
+            .insert(entry.statement_sha256.clone(), entry.index);
         Ok((entry, true))
     }
 

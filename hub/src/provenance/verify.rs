@@ -164,7 +164,7 @@ pub async fn ledger_and_chain(
         return steps;
     }
     steps.push(ok(format!(
-        "anchor event: ledger entry {index} (covering entry {}) with its ledger head, transaction {}",
+        "anchor event: the ledger head at entry {index} (covering entry {}) is on chain, transaction {}",
         entry.index, event.tx_hash
     )));
     match chain.block_hash(event.block_number).await {

@@ -8,7 +8,7 @@
 //!    statement (batched, against the gas of one anchor per statement).
 //! 3. Verifying a `--model-mb` MB model: `shoal models verify` against OpenSSF's
 //!    `model_signing verify key` (PyPI `model-signing`) on the same folder, same run, and
-//!    `sha256sum` of the model file as the floor.
+//!    `sha256sum` of the model file for scale.
 //!
 //!   cargo build --release -p shoal-hub -p shoal-e2e --bin shoal --bin shoal-provenance-bench
 //!   target/release/shoal-provenance-bench --appends 200 --statements 500 --model-mb 100
@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     );
     std::fs::write(&key_file, private)?;
     std::fs::write(&pub_file, public)?;
-    let http = reqwest::Client::new();
+    let http = shoal_e2e::http_client();
 
     // 1. Sign and record, one model at a time.
     let (hub, _, url, token) = shoal_e2e::spawn_hub_with(
@@ -233,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
         args.statements as f64 / anchored.as_secs_f64()
     );
     println!(
-        "{} transactions; gas {} per transaction, {:.0} per statement (one transaction per statement: {})",
+        "{} transactions; gas {} per transaction, {:.0} per statement (a transaction per statement would cost {} each)",
         txs.len(),
         gas / txs.len().max(1) as u64,
         gas as f64 / args.statements as f64,
@@ -294,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
         "model_signing verify key      {peer:>7.3} s  ({:.1}x shoal's time)",
         peer / shoal_verify
     );
-    println!("sha256sum of the model file   {floor:>7.3} s");
+    println!("sha256sum of the model file   {floor:>7.3} s  (coreutils, for scale)");
     Ok(())
 }
 
