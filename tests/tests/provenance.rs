@@ -461,11 +461,11 @@ async fn a_wrong_chain_or_an_endpoint_that_is_not_json_rpc_anchors_nothing_and_s
     };
     // anchor(bytes32,bytes32,string) and anchorOf(bytes32), selectors as solc computes them.
     let again = format!(
-        "0x85094452{digest}{}{:064x}{:064x}{}",
+        "0x85094452{digest}{}{:064x}{:064x}{:0<64}",
         "ab".repeat(32),
         0x60,
         1,
-        format!("{:0<64}", "78")
+        "78"
     );
     let sent = rpc(
         "eth_sendTransaction",
