@@ -938,6 +938,19 @@ pub fn stub_kubeconfig(dir: &Path, addr: SocketAddr) -> PathBuf {
 }
 
 /// The benchmarks' model: a temperature from the default features, as `shoal-ml train` makes.
+/// What `pi_sample` does: temperature = 38 + 0.25·cpu + 3·load1 (+ noise within ±0.5); the
+/// intercept is given, so that versions of the model differ.
+pub fn pi_model(intercept: f64) -> shoal_ml::train::Model {
+    shoal_ml::train::Model {
+        target: "temperature_celsius".into(),
+        features: vec!["cpu_percent".into(), "load1".into()],
+        weights: vec![0.25, 3.0],
+        intercept,
+        sigma: 0.3,
+        threshold: 3.0,
+    }
+}
+
 pub fn bench_model() -> shoal_ml::train::Model {
     shoal_ml::train::Model {
         target: "temperature_celsius".into(),

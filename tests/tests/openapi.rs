@@ -760,14 +760,7 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     // Models and alerts.
     let model_dir = dir.path().join("model");
     std::fs::create_dir_all(&model_dir).unwrap();
-    let model = shoal_ml::train::Model {
-        target: "temperature_celsius".into(),
-        features: vec!["cpu_percent".into(), "load1".into()],
-        weights: vec![0.25, 3.0],
-        intercept: 38.0,
-        sigma: 0.3,
-        threshold: 3.0,
-    };
+    let model = shoal_e2e::pi_model(38.0);
     std::fs::write(
         model_dir.join("model.onnx"),
         shoal_ml::onnx::export(&model, &[]),

@@ -12,17 +12,7 @@ use serde_json::{Value, json};
 use shoal_e2e::{Hub, Proc, bin, free_port, http_client, ingest, pi_sample, shoal_cli, wait_until};
 use shoal_ml::train::Model;
 
-/// What `pi_sample` does: temperature = 38 + 0.25·cpu + 3·load1 (+ noise within ±0.5).
-fn pi_model(intercept: f64) -> Model {
-    Model {
-        target: "temperature_celsius".into(),
-        features: vec!["cpu_percent".into(), "load1".into()],
-        weights: vec![0.25, 3.0],
-        intercept,
-        sigma: 0.3,
-        threshold: 3.0,
-    }
-}
+use shoal_e2e::pi_model;
 
 fn write_model(dir: &Path, m: &Model) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();

@@ -16,18 +16,6 @@ use shoal_e2e::{
     Garage, Hub, Proc, free_port, http_get, ingest, pi_sample, python_json, shoal_cli, wait_until,
     which,
 };
-use shoal_ml::train::Model;
-
-fn pi_model() -> Model {
-    Model {
-        target: "temperature_celsius".into(),
-        features: vec!["cpu_percent".into(), "load1".into()],
-        weights: vec![0.25, 3.0],
-        intercept: 38.0,
-        sigma: 0.3,
-        threshold: 3.0,
-    }
-}
 
 fn schemas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/seldon")
@@ -156,7 +144,7 @@ async fn seldon_deployments_are_uploaded_validated_applied_and_served_by_mlserve
     let (seen, kubeconfig) = stub_cluster(dir.path()).await;
     let model_dir = dir.path().join("model");
     std::fs::create_dir_all(&model_dir).unwrap();
-    let onnx = shoal_ml::onnx::export(&pi_model(), &[]);
+    let onnx = shoal_ml::onnx::export(&shoal_e2e::pi_model(38.0), &[]);
     std::fs::write(model_dir.join("model.onnx"), &onnx).unwrap();
     let hub = Hub::start_with_env(
         &dir.path().join("hub"),
