@@ -140,39 +140,32 @@ fn scoring_metrics(s: &AppState) -> String {
 
 /// The ledger's size and, with a chain, what is not anchored yet and how anchoring goes.
 fn provenance_metrics(s: &AppState) -> String {
-    use crate::provenance::anchor::{AnchorState, Anchorer};
+    use crate::provenance::anchor::Anchorer;
     use std::fmt::Write;
-    let Ok((entries, _)) = s.ledger.entries() else {
-        return String::new();
-    };
+    let entries = s.ledger.len();
     let mut rows = vec![(
         "shoal_provenance_entries",
         "gauge",
         "Signed model statements in the provenance ledger",
-        entries.len() as u64,
+        entries,
     )];
     if let Some(a) = &s.anchorer
         && let Ok(anchors) = a.anchors()
     {
-        let waiting = |state: AnchorState| {
-            entries
-                .iter()
-                .filter(|e| Anchorer::state_of(e.index, &anchors).state == state)
-                .count() as u64
-        };
+        let (pending, confirming) = Anchorer::counts(entries, &anchors);
         let health = a.health();
         rows.extend([
             (
                 "shoal_provenance_pending_entries",
                 "gauge",
                 "Ledger entries no anchor covers yet",
-                waiting(AnchorState::Pending),
+                pending,
             ),
             (
                 "shoal_provenance_confirming_entries",
                 "gauge",
                 "Ledger entries whose anchor is sent but not confirmed",
-                waiting(AnchorState::Confirming),
+                confirming,
             ),
             (
                 "shoal_provenance_anchor_transactions_total",

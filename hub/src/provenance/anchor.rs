@@ -171,6 +171,25 @@ impl Anchorer {
         }
     }
 
+    /// How many of the first `entries` entries are pending and how many confirming, from the
+    /// anchors alone (an anchor covers its entry and every one before it).
+    pub fn counts(entries: u64, anchors: &[Anchor]) -> (u64, u64) {
+        let anchored = anchors
+            .iter()
+            .filter(|a| a.anchored)
+            .map(|a| a.index)
+            .max()
+            .unwrap_or(0)
+            .min(entries);
+        let covered = anchors
+            .iter()
+            .map(|a| a.index)
+            .max()
+            .unwrap_or(0)
+            .clamp(anchored, entries);
+        (entries - covered, covered - anchored)
+    }
+
     /// Rounds until `shutdown`: every second, at once after an append, further apart after
     /// failures.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -280,14 +299,6 @@ impl Anchorer {
 
     async fn round(&self, chain: &Chain) -> Result<(), ChainError> {
         let contract = self.contract(chain).await?;
-        let (entries, check) = self.ledger.entries().map_err(store_error)?;
-        if !check.intact {
-            return Err(ChainError::Contract(format!(
-                "the ledger's chain is broken at entry {}: {}; nothing is anchored until it is repaired",
-                check.broken_at.unwrap_or_default(),
-                check.reason.unwrap_or_default()
-            )));
-        }
         let mut anchors = self.anchors().map_err(store_error)?;
         for a in anchors.iter_mut().filter(|a| !a.anchored) {
             self.advance(chain, contract, a).await?;
@@ -303,6 +314,18 @@ impl Anchorer {
             return Ok(());
         }
         let covered = ours().map(|a| a.index).max().unwrap_or(0);
+        if self.ledger.len() <= covered {
+            return Ok(());
+        }
+        // Something to anchor: the ledger is read, and re-walked, once per transaction.
+        let (entries, check) = self.ledger.entries().map_err(store_error)?;
+        if !check.intact {
+            return Err(ChainError::Contract(format!(
+                "the ledger's chain is broken at entry {}: {}; nothing is anchored until it is repaired",
+                check.broken_at.unwrap_or_default(),
+                check.reason.unwrap_or_default()
+            )));
+        }
         if let Some(newest) = entries.last().filter(|e| e.index > covered) {
             self.send(chain, contract, newest).await?;
         }
@@ -468,5 +491,8 @@ mod tests {
         }
         assert_eq!(state(6).state, AnchorState::Pending);
         assert_eq!(state(6).anchor, None);
+        // The counts /metrics shows agree with the states.
+        assert_eq!(Anchorer::counts(6, &anchors), (1, 2));
+        assert_eq!(Anchorer::counts(6, &[]), (6, 0));
     }
 }

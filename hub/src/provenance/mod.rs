@@ -228,6 +228,15 @@ impl Ledger {
         })
     }
 
+    /// How many entries the ledger holds (the newest entry's index), without reading them.
+    pub fn len(&self) -> u64 {
+        self.head.lock().expect("ledger lock").index
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The trusted keys' ids.
     pub fn key_ids(&self) -> Vec<String> {
         self.keys.iter().map(|k| k.key_id.clone()).collect()
