@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shoal/v1/telemetry.proto",
         "proto/shoal/v1/ingest.proto",
         "proto/shoal/v1/enroll.proto",
+        "proto/shoal/v1/platform.proto",
         "proto/inference/predict_v2.proto",
     ];
     for f in files {

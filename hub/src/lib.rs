@@ -32,6 +32,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;
+pub mod platform;
 pub mod provenance;
 pub mod registry;
 pub mod serve;

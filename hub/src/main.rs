@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::models::ModelsCommand,
     },
+    /// Where the hub forwards what it stores: Kafka, Elasticsearch (shoal serve --sink).
+    Sinks {
+        #[command(subcommand)]
+        command: cli::sinks::SinksCommand,
+    },
     /// Signing keys for model provenance (local; no hub needed).
     Keys {
         #[command(subcommand)]
@@ -204,6 +209,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Devices { command } => command.run(&client, output).await,
         Command::Models { command } => command.run(&client, output).await,
         Command::Alerts { command } => command.run(&client, output).await,
+        Command::Sinks { command } => command.run(&client, output).await,
         Command::Keys { command } => command.run(output),
         Command::Telemetry(args) => args.run(&client, output).await,
         Command::Tokens { command } => command.run(&client, output).await,

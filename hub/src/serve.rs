@@ -64,6 +64,10 @@ pub struct HubConfig {
     /// What a model needs in the ledger to be deployed.
     pub deploy_requires: crate::provenance::Requirement,
     /// The chain the ledger is anchored on, and the hub's account there.
+    /// Where stored telemetry is forwarded (`--sink`).
+    pub sinks: Vec<crate::platform::SinkSpec>,
+    /// The Kafka topic this hub also ingests from, as a member of a consumer group.
+    pub ingest_from: Option<crate::platform::consume::IngestFrom>,
     pub chain: Option<(
         crate::provenance::chain::ChainConfig,
         alloy::signers::local::PrivateKeySigner,
@@ -319,11 +323,12 @@ fn start_ingest(
             shutdown.clone(),
         )));
     }
-    let mut service = IngestService::new(ingestor);
+    let mut service = IngestService::new(ingestor.clone());
     let (enrollment, tls) = match devices {
         Some((authority, tls)) => {
             service = service.with_devices(authority.clone(), audit.clone());
-            let enroll = EnrollmentService::new(authority, audit.clone(), metrics.clone());
+            let enroll = EnrollmentService::new(authority, audit.clone(), metrics.clone())
+                .with_events(ingestor);
             (Some(enroll), Some(tls))
         }
         None => (None, None),
@@ -505,7 +510,32 @@ pub async fn run(
     let (auth, run_token) = open_auth(&config, &store)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
     let metrics = Arc::new(Metrics::default());
-    let (writer, writer_thread) = Writer::start(store.clone(), fleet.clone(), metrics.clone());
+    let (writer, writer_thread) = Writer::start_with(
+        store.clone(),
+        fleet.clone(),
+        metrics.clone(),
+        !config.sinks.is_empty(),
+    )?;
+    let built =
+        crate::platform::build(&config.sinks, &store, &config.data_dir).map_err(|reason| {
+            HubError::Config {
+                field: "sink",
+                reason,
+            }
+        })?;
+    let (sinks, sink_tasks) = if built.is_empty() {
+        (Arc::new(crate::platform::Sinks::default()), Vec::new())
+    } else {
+        crate::platform::start(
+            built,
+            &store,
+            &writer,
+            fleet.clone(),
+            config.thresholds,
+            &config.data_dir,
+            &shutdown,
+        )?
+    };
     tracing::info!(
         data_dir = %config.data_dir.display(),
         grpc = %grpc.local_addr()?,
@@ -515,6 +545,16 @@ pub async fn run(
     );
 
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
+    let consumer_stats = Arc::new(crate::platform::consume::ConsumerStats::default());
+    let consumer_task = config.ingest_from.clone().map(|from| {
+        tokio::spawn(crate::platform::consume::run(
+            from,
+            ingestor.clone(),
+            fleet.clone(),
+            consumer_stats.clone(),
+            shutdown.clone(),
+        ))
+    });
     let devices = open_devices(&config, &store)?;
     let authority = devices.as_ref().map(|(a, _)| a.clone());
     let ledger = crate::provenance::Ledger::open(
@@ -570,6 +610,8 @@ pub async fn run(
         shutdown.clone(),
     )?;
     let state = api::AppState {
+        sinks,
+        consumer: config.ingest_from.as_ref().map(|_| consumer_stats),
         ledger,
         anchorer,
         models,
@@ -595,6 +637,12 @@ pub async fn run(
     let _ = scheduler_task.await;
     let _ = scoring_task.await;
     if let Some(t) = anchor_task {
+        let _ = t.await;
+    }
+    if let Some(t) = consumer_task {
+        let _ = t.await;
+    }
+    for t in sink_tasks {
         let _ = t.await;
     }
     grpc_res.expect("grpc task")?;
@@ -821,6 +869,24 @@ pub struct ServeArgs {
     /// Blocks, the anchor's own included, before an anchor counts as anchored.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     pub chain_confirmations: u64,
+    /// Forward every stored sample and device event to Kafka or Elasticsearch: repeatable.
+    /// kafka://HOST:PORT[,HOST:PORT]/TOPIC[?format=json] (default topic shoal.telemetry.v1;
+    /// the topic must exist), elasticsearch+http(s)://[USER:PASSWORD@]HOST:PORT[?prefix=sensor]
+    /// (monthly indices PREFIX-YYYY-MM). Options: name=NAME, batch=N, timeout=30s. Each sink
+    /// reads the store through its own durable cursor: one that is down catches up later, and
+    /// ingest never waits for it. See docs/data-platform.md.
+    #[arg(
+        long = "sink",
+        value_name = "URL",
+        env = "SHOAL_SINKS",
+        value_delimiter = ' '
+    )]
+    pub sinks: Vec<String>,
+    /// Also ingest from a Kafka topic that hubs' Kafka sinks write, as one member of a consumer
+    /// group: kafka://HOST:PORT/TOPIC[?group=shoal-hubs]. Hubs in one group split the
+    /// partitions; offsets are committed only after the store has committed.
+    #[arg(long, env = "SHOAL_INGEST_FROM", value_name = "URL")]
+    pub ingest_from: Option<String>,
     /// Client id of the hub's persistent session on the broker.
     #[arg(long, default_value = "shoal-hub")]
     pub mqtt_client_id: String,
@@ -1027,6 +1093,26 @@ impl ServeArgs {
                 .map_err(|e| format!("invalid provenance-key: {e}"))?;
         }
         let chain = self.chain()?;
+        let sinks =
+            crate::platform::parse_sinks(&a.sinks).map_err(|e| format!("invalid sink: {e}"))?;
+        let ingest_from = a
+            .ingest_from
+            .as_deref()
+            .map(crate::platform::consume::IngestFrom::parse)
+            .transpose()
+            .map_err(|e| format!("invalid ingest-from: {e}"))?;
+        if let Some(from) = &ingest_from
+            && let Some(s) = sinks.iter().find(|s| {
+                s.kind == crate::platform::SinkKind::Kafka
+                    && s.endpoint == from.brokers
+                    && s.target == from.topic
+            })
+        {
+            return Err(format!(
+                "invalid ingest-from: the sink {:?} writes the topic this hub reads ({}); every sample would come back to it",
+                s.name, from.topic
+            ));
+        }
         if a.deploy_requires == crate::provenance::Requirement::Anchored && chain.is_none() {
             return Err(
                 "invalid deploy-requires: anchored needs a chain (--chain-rpc, --chain-id, --chain-key-file)"
@@ -1038,6 +1124,8 @@ impl ServeArgs {
                 .map_err(|e| format!("invalid signing-key: {e}"))?;
         }
         Ok(HubConfig {
+            sinks,
+            ingest_from,
             devices,
             chain,
             signing_key: a.signing_key.clone(),

@@ -77,6 +77,8 @@ pub async fn up(
         mqtt: Some(mqtt.local_addr()?),
     };
     let hub_config = HubConfig {
+        sinks: Vec::new(),
+        ingest_from: None,
         data_dir: opts.data_dir.join("hub"),
         thresholds: StatusThresholds::default(),
         limits: IngestLimits::default(),

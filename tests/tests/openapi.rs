@@ -57,6 +57,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/alerts"),
     ("post", "/api/v1/alerts/{id}/ack"),
     ("get", "/api/v1/provenance"),
+    ("get", "/api/v1/sinks"),
     ("post", "/api/v1/provenance"),
 ];
 

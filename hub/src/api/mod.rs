@@ -21,6 +21,7 @@ pub mod models;
 pub mod ops;
 pub mod provenance;
 pub mod schemas;
+pub mod sinks;
 pub mod state;
 pub mod tokens;
 pub mod v2_grpc;
@@ -93,6 +94,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .merge(enrollment::routes())
         .merge(models::routes())
         .merge(provenance::routes())
+        .merge(sinks::routes())
 }
 
 /// The OpenAPI 3.1 document of [`router`]'s routes.

@@ -60,6 +60,15 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut text = s.metrics.render(&counts);
     text.push_str(&scoring_metrics(&s));
     text.push_str(&provenance_metrics(&s));
+    let sinks = s.sinks.clone();
+    if !sinks.is_empty()
+        && let Ok(t) = tokio::task::spawn_blocking(move || sinks.render_metrics()).await
+    {
+        text.push_str(&t);
+    }
+    if let Some(c) = &s.consumer {
+        text.push_str(&c.render());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

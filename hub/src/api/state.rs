@@ -34,6 +34,10 @@ pub struct AppState {
     pub ledger: Arc<crate::provenance::Ledger>,
     /// Anchors the ledger on chain, with `--chain-rpc`.
     pub anchorer: Option<Arc<crate::provenance::anchor::Anchorer>>,
+    /// Where stored telemetry is forwarded (`--sink`).
+    pub sinks: Arc<crate::platform::Sinks>,
+    /// Consumer mode's counters, with `--ingest-from`.
+    pub consumer: Option<Arc<crate::platform::consume::ConsumerStats>>,
 }
 
 /// What the access gate and the token routes use.

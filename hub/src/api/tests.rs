@@ -448,6 +448,7 @@ fn every_operation_states_the_role_it_needs() {
             Rule::Needs(Role::Operator),
         ),
         (Method::GET, "/api/v1/provenance", Rule::Needs(Role::Viewer)),
+        (Method::GET, "/api/v1/sinks", Rule::Needs(Role::Viewer)),
         (
             Method::POST,
             "/api/v1/provenance",

@@ -13,6 +13,7 @@ pub mod format;
 pub mod jobs;
 pub mod models;
 pub mod runs;
+pub mod sinks;
 pub mod telemetry;
 
 pub use client::{CliError, Client, Output};

@@ -20,6 +20,8 @@ pub struct EnrollmentService {
     devices: Arc<DeviceAuthority>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
+    /// Where enrollments are recorded as device events for the sinks.
+    events: Option<crate::ingest::Ingestor>,
 }
 
 impl EnrollmentService {
@@ -28,7 +30,14 @@ impl EnrollmentService {
             devices,
             audit,
             metrics,
+            events: None,
         }
+    }
+
+    /// Records every enrollment as a device event through `ingestor`.
+    pub fn with_events(mut self, ingestor: crate::ingest::Ingestor) -> Self {
+        self.events = Some(ingestor);
+        self
     }
 
     /// Audits the outcome; a refusal is counted and turned into its gRPC status.
@@ -129,6 +138,20 @@ impl Enrollment for EnrollmentService {
                 .expect("enrollment task")
                 .map(|(issued, info)| (issued, info.device_id, info.labels))
         };
+        if let (Ok((issued, device_id, _)), Some(events)) = (&result, &self.events) {
+            let event = shoal_proto::v1::DeviceEvent {
+                device_id: device_id.clone(),
+                timestamp_ms: crate::now_ms(),
+                event: Some(shoal_proto::v1::device_event::Event::Enrolled(
+                    shoal_proto::v1::Enrolled {
+                        not_after_unix: issued.not_after_s,
+                    },
+                )),
+            };
+            if let Err(e) = events.events(vec![event]).await {
+                tracing::warn!(device_id = %device_id, error = %e, "could not record the enrollment for the sinks");
+            }
+        }
         self.answer("Enroll", actor, from, result)
     }
 

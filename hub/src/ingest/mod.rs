@@ -103,6 +103,14 @@ impl Ingestor {
         })
     }
 
+    /// Records device events for the sinks (nothing without sinks); resolves once committed.
+    pub async fn events(
+        &self,
+        events: Vec<shoal_proto::v1::DeviceEvent>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.writer.events(events).await
+    }
+
     /// Validates and stores one batch of a device that said hello; the ack is sent only after
     /// the store has committed.
     pub async fn batch(

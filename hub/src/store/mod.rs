@@ -12,12 +12,14 @@
 //! - `device_keys`: device id → small integer key
 //! - `devices`: device key → registry record (JSON)
 //! - `samples`: (device key, seq) → encoded `shoal.v1.Sample`
+//! - `outbox`, `sink_cursors`: what the sinks forward, in commit order ([`outbox`])
 //! - record tables ([`RecordTable`]): string key → JSON, for other modules' records (jobs,
 //!   runs), reached only through typed methods.
 //!
 //! This module is the only one that opens tables or transactions; [`writer`] (the ingest
 //! writer thread) and [`series`] (time ranges, downsampling) belong to it.
 
+pub mod outbox;
 pub mod records;
 pub mod series;
 pub mod writer;

@@ -8,15 +8,20 @@
 //!
 //! Dedup is on `(device, seq)`: a seq above the device's highest stored one is new without a
 //! lookup; anything at or below it is looked up, inside the same transaction.
+//!
+//! With sinks configured the writer also appends to the [outbox](super::outbox), in the same
+//! transaction: one entry per newly stored sample and one per device event (a hello, or events
+//! other modules record through [`Writer::events`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use redb::ReadableTable;
-use shoal_proto::v1::DeviceHello;
-use tokio::sync::{mpsc, oneshot};
+use shoal_proto::v1::{DeviceEvent, DeviceHello, device_event};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use super::outbox::{self, Append, OUTBOX};
 use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
@@ -115,26 +120,69 @@ enum Op {
         now_ms: i64,
         reply: oneshot::Sender<Result<BatchOutcome, StoreError>>,
     },
+    Events {
+        events: Vec<DeviceEvent>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// Handle to the writer thread; cheap to clone. The thread ends when every handle is dropped.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    committed: watch::Receiver<u64>,
 }
 
 impl Writer {
+    /// Starts the writer without an outbox (no sinks).
     pub fn start(
         store: Store,
         fleet: Arc<Fleet>,
         metrics: Arc<Metrics>,
     ) -> (Self, std::thread::JoinHandle<()>) {
+        Self::start_with(store, fleet, metrics, false).expect("no outbox to open")
+    }
+
+    /// Starts the writer; with `outbox` it also appends every stored sample and device event to
+    /// the outbox the sinks read.
+    pub fn start_with(
+        store: Store,
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+        outbox: bool,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
+        let next = if outbox {
+            store.create_outbox()?;
+            let txn = store.db().begin_write()?;
+            let next = outbox::next_offset(&txn)?;
+            txn.abort()?;
+            Some(next)
+        } else {
+            None
+        };
+        let (committed_tx, committed) = watch::channel(next.map_or(0, |n| n - 1));
         let (tx, rx) = mpsc::channel(4096);
         let handle = std::thread::Builder::new()
             .name("shoal-store-writer".into())
-            .spawn(move || write_loop(store, fleet, metrics, rx))
+            .spawn(move || write_loop(store, fleet, metrics, rx, next, committed_tx))
             .expect("spawn writer thread");
-        (Self { tx }, handle)
+        Ok((Self { tx, committed }, handle))
+    }
+
+    /// The last outbox offset committed (0 when none), changing with every commit that adds to
+    /// the outbox.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Records device events in the outbox (nothing without sinks); resolves once committed.
+    pub async fn events(&self, events: Vec<DeviceEvent>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Events { events, reply })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// Registers or updates a device; returns the highest seq stored for it.
@@ -176,7 +224,14 @@ fn closed() -> StoreError {
     StoreError::Db("the store writer has stopped".into())
 }
 
-fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Op>) {
+fn write_loop(
+    store: Store,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Op>,
+    mut next_offset: Option<u64>,
+    committed: watch::Sender<u64>,
+) {
     let mut next_key = fleet.all().iter().map(|d| d.key).max().unwrap_or(0) + 1;
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
@@ -188,9 +243,15 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
         }
         let started = Instant::now();
         let key_before = next_key;
-        match apply(&store, &fleet, &ops, &mut next_key) {
+        let offset_before = next_offset;
+        match apply(&store, &fleet, &ops, &mut next_key, &mut next_offset) {
             Ok(applied) => {
                 metrics.observe_commit(started.elapsed(), ops.len());
+                if let Some(next) = next_offset
+                    && Some(next) != offset_before
+                {
+                    committed.send_replace(next - 1);
+                }
                 // Publish to readers only what is committed.
                 {
                     let mut devices = fleet.devices.write().expect("fleet lock");
@@ -206,6 +267,9 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
                         (Op::Batch { reply, .. }, OpResult::Batch(outcome)) => {
                             let _ = reply.send(Ok(outcome));
                         }
+                        (Op::Events { reply, .. }, OpResult::Events) => {
+                            let _ = reply.send(Ok(()));
+                        }
                         (Op::Batch { reply, .. }, OpResult::UnknownDevice(id)) => {
                             let _ = reply.send(Err(StoreError::Db(format!(
                                 "device {id} sent a batch before its hello"
@@ -217,6 +281,7 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
             }
             Err(e) => {
                 next_key = key_before;
+                next_offset = offset_before;
                 tracing::error!(error = %e, ops = ops.len(), "store commit failed; nothing of it is acknowledged");
                 metrics.commit_failures.inc();
                 for op in ops {
@@ -225,6 +290,9 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
                             let _ = reply.send(Err(StoreError::Db(e.to_string())));
                         }
                         Op::Batch { reply, .. } => {
+                            let _ = reply.send(Err(StoreError::Db(e.to_string())));
+                        }
+                        Op::Events { reply, .. } => {
                             let _ = reply.send(Err(StoreError::Db(e.to_string())));
                         }
                     }
@@ -237,6 +305,7 @@ fn write_loop(store: Store, fleet: Arc<Fleet>, metrics: Arc<Metrics>, mut rx: mp
 enum OpResult {
     Hello(u64),
     Batch(BatchOutcome),
+    Events,
     UnknownDevice(String),
 }
 
@@ -250,8 +319,18 @@ fn apply(
     fleet: &Fleet,
     ops: &[Op],
     next_key: &mut u32,
+    next_offset: &mut Option<u64>,
 ) -> Result<Applied, StoreError> {
     let txn = store.db().begin_write()?;
+    let committed_ms = ops
+        .iter()
+        .map(|op| match op {
+            Op::Hello { now_ms, .. } | Op::Batch { now_ms, .. } => *now_ms,
+            Op::Events { .. } => 0,
+        })
+        .max()
+        .unwrap_or(0)
+        .max(super::series::now_ms());
     // Devices touched by this group, as they will be after the commit.
     let mut touched: HashMap<String, DeviceState> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
@@ -259,6 +338,17 @@ fn apply(
         let mut keys = txn.open_table(DEVICE_KEYS)?;
         let mut devices = txn.open_table(DEVICES)?;
         let mut samples = txn.open_table(SAMPLES)?;
+        let mut log = match next_offset {
+            Some(_) => Some(txn.open_table(OUTBOX)?),
+            None => None,
+        };
+        let mut append = |entry: Append<'_>| -> Result<(), StoreError> {
+            if let (Some(log), Some(next)) = (log.as_mut(), next_offset.as_mut()) {
+                log.insert(*next, outbox::encode(&entry, committed_ms).as_slice())?;
+                *next += 1;
+            }
+            Ok(())
+        };
         for op in ops {
             match op {
                 Op::Hello { hello, now_ms, .. } => {
@@ -282,6 +372,11 @@ fn apply(
                     state.record.apply_hello(hello, *now_ms);
                     let json = serde_json::to_vec(&state.record).expect("record serialises");
                     devices.insert(state.key, json.as_slice())?;
+                    append(Append::Event(&DeviceEvent {
+                        device_id: hello.device_id.clone(),
+                        timestamp_ms: *now_ms,
+                        event: Some(device_event::Event::Hello((**hello).clone())),
+                    }))?;
                     results.push(OpResult::Hello(state.max_seq));
                     touched.insert(hello.device_id.clone(), state);
                 }
@@ -303,6 +398,10 @@ fn apply(
                             row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
                         if new {
                             samples.insert((state.key, row.seq), row.bytes.as_slice())?;
+                            append(Append::Sample {
+                                key: state.key,
+                                seq: row.seq,
+                            })?;
                             state.max_seq = state.max_seq.max(row.seq);
                             outcome.accepted += 1;
                             outcome.points += u64::from(row.points);
@@ -315,6 +414,12 @@ fn apply(
                     devices.insert(state.key, json.as_slice())?;
                     results.push(OpResult::Batch(outcome));
                     touched.insert(device_id.clone(), state);
+                }
+                Op::Events { events, .. } => {
+                    for e in events {
+                        append(Append::Event(e))?;
+                    }
+                    results.push(OpResult::Events);
                 }
             }
         }
@@ -438,6 +543,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(o.duplicates, 1, "dedup holds across a restart");
+    }
+
+    #[tokio::test]
+    async fn the_outbox_lists_what_was_stored_in_commit_order_and_survives_trimming() {
+        use crate::store::outbox::Item;
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Store::open(dir.path()).unwrap();
+            let fleet = Arc::new(Fleet::from_loaded(&store).unwrap());
+            let (writer, thread) =
+                Writer::start_with(store.clone(), fleet, Arc::new(Metrics::default()), true)
+                    .unwrap();
+            (store, writer, thread)
+        };
+        let (store, writer, thread) = open();
+        writer.hello(hello("a"), 1).await.unwrap();
+        writer
+            .write(
+                "a".into(),
+                (1..=3).map(|s| row(s, s as i64, 1.0)).collect(),
+                2,
+            )
+            .await
+            .unwrap();
+        // Duplicates add nothing; an event goes in between.
+        writer
+            .write(
+                "a".into(),
+                (2..=4).map(|s| row(s, s as i64, 1.0)).collect(),
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(*writer.committed().borrow(), 5);
+        let entries = store.outbox_after(0, 100).unwrap();
+        let seqs: Vec<String> = entries
+            .iter()
+            .map(|e| match &e.item {
+                Item::Sample {
+                    sample, device_id, ..
+                } => format!("{device_id}:{}", sample.seq),
+                Item::Event(ev) => format!("event:{}", ev.device_id),
+            })
+            .collect();
+        assert_eq!(seqs, ["event:a", "a:1", "a:2", "a:3", "a:4"]);
+        assert_eq!(
+            entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(store.outbox_after(3, 1).unwrap()[0].offset, 4);
+        store.set_sink_cursor("k", 5).unwrap();
+        assert_eq!(store.sink_cursor("k").unwrap(), Some(5));
+        assert_eq!(store.trim_outbox(5, 100).unwrap(), 5);
+        drop((writer, store));
+        thread.join().unwrap();
+        // Offsets are never reused, even after the outbox was trimmed empty.
+        let (store, writer, _thread) = open();
+        assert_eq!(*writer.committed().borrow(), 5);
+        writer
+            .write("a".into(), vec![row(9, 9, 1.0)], 4)
+            .await
+            .unwrap();
+        let entries = store.outbox_after(5, 10).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].offset, 6);
+        assert_eq!(store.outbox_bounds().unwrap().first, Some(6));
     }
 
     #[tokio::test]
