@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use shoal_hub::cli::{self, Client, Output};
 use shoal_hub::serve::ServeArgs;
 use shoal_hub::up::UpOptions;
@@ -152,7 +152,22 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut command = Cli::command().args_override_self(true);
+    let serve = command
+        .find_subcommand("serve")
+        .expect("serve is a command")
+        .clone();
+    let args = match shoal_hub::serve::expand_config(std::env::args_os().collect(), &serve) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let cli = match command.try_get_matches_from_mut(args) {
+        Ok(m) => Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit()),
+        Err(e) => e.exit(),
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(dispatch(cli))
 }

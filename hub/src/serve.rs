@@ -752,9 +752,98 @@ fn start_jobs(
     Ok((scheduler, job_store, task))
 }
 
+/// `shoal serve --config FILE`: the file's settings become flags placed before the command
+/// line's, so a flag given on the command line wins (a repeatable one, like `sink`, adds to the
+/// file's). The file is TOML whose keys are the flags' long names: `data-dir = "/var/lib/shoal"`,
+/// `sink = ["kafka://…", "elasticsearch+http://…"]`, `no-auth = true`.
+pub fn expand_config(
+    args: Vec<std::ffi::OsString>,
+    serve: &clap::Command,
+) -> Result<Vec<std::ffi::OsString>, String> {
+    // The command is the first argument that is neither a flag nor a global flag's value.
+    let mut at = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if ["--hub", "--output", "-o"].contains(&a.as_ref()) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            at = (a == "serve").then_some(i);
+            break;
+        }
+    }
+    let Some(at) = at else {
+        return Ok(args);
+    };
+    let mut path = None;
+    let mut rest = Vec::new();
+    let mut it = args[at + 1..].iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            path = Some(it.next().ok_or("--config needs a FILE")?.clone());
+        } else if let Some(p) = s.strip_prefix("--config=") {
+            path = Some(p.into());
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let path = match path.or_else(|| std::env::var_os("SHOAL_CONFIG")) {
+        Some(p) => PathBuf::from(p),
+        None => return Ok(args),
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("invalid config: {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("invalid config: {}: {e}", path.display()))?;
+    let known: Vec<String> = serve
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut out: Vec<std::ffi::OsString> = args[..=at].to_vec();
+    for (key, value) in &table {
+        if key == "config" || !known.contains(key) {
+            return Err(format!(
+                "invalid config: {}: unknown setting {key:?} (settings are `shoal serve` flags without the dashes, e.g. data-dir, sink)",
+                path.display()
+            ));
+        }
+        let scalar = |v: &toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(format!(
+                    "invalid config: {}: {key} must be a string or a number",
+                    path.display()
+                )),
+            }
+        };
+        match value {
+            toml::Value::Boolean(true) => out.push(format!("--{key}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for v in items {
+                    out.push(format!("--{key}={}", scalar(v)?).into());
+                }
+            }
+            v => out.push(format!("--{key}={}", scalar(v)?).into()),
+        }
+    }
+    out.extend(rest);
+    Ok(out)
+}
+
 /// `shoal serve`'s flags (and their environment variables).
 #[derive(clap::Args, Clone)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file first (keys: these flags' long names, e.g.
+    /// `data-dir = "/var/lib/shoal"`, `sink = ["kafka://…"]`); flags on the command line win.
+    #[arg(long, env = "SHOAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where the store lives (one redb file inside).
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
     pub data_dir: PathBuf,
@@ -872,7 +961,8 @@ pub struct ServeArgs {
     /// Forward every stored sample and device event to Kafka or Elasticsearch: repeatable.
     /// kafka://HOST:PORT[,HOST:PORT]/TOPIC[?format=json] (default topic shoal.telemetry.v1;
     /// the topic must exist), elasticsearch+http(s)://[USER:PASSWORD@]HOST:PORT[?prefix=sensor]
-    /// (monthly indices PREFIX-YYYY-MM). Options: name=NAME, batch=N, timeout=30s. Each sink
+    /// (monthly indices PREFIX-YYYY-MM). Options: name=NAME, batch=1000, timeout=30s,
+    /// max_backoff=30s. Each sink
     /// reads the store through its own durable cursor: one that is down catches up later, and
     /// ingest never waits for it. See docs/data-platform.md.
     #[arg(

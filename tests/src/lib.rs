@@ -1443,3 +1443,387 @@ impl Anvil {
         self.wait_ready().await;
     }
 }
+
+/// A Kafka broker: nisshi (crates.io, tansu's successor; `tests/run` installs it) on a fixed
+/// port, its log kept in SQLite in `dir` so that it can be killed and started again with the
+/// topics it had.
+pub struct Kafka {
+    pub proc: Proc,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Kafka {
+    /// Starts a broker. Fails (never skips) when nisshi is not installed.
+    pub async fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("broker dir");
+        let port = free_port();
+        let t = Self {
+            proc: Self::spawn(dir, port),
+            port,
+            dir: dir.to_path_buf(),
+        };
+        t.wait_ready().await;
+        t
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Proc {
+        let bin = which("nisshi").unwrap_or_else(|| {
+            panic!("nisshi is not installed: run tests/run (it builds nisshi 0.8.1 into its cache)")
+        });
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut cmd = Command::new(bin);
+        // The SQLite path is relative to the working directory.
+        cmd.current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://kafka.db"])
+            .stdout(Stdio::null());
+        if std::env::var_os("SHOAL_E2E_QUIET").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        Proc::spawn(&format!("nisshi:{port}"), cmd)
+    }
+
+    async fn wait_ready(&self) {
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until(
+            "the Kafka broker to listen",
+            Duration::from_secs(20),
+            || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
+            },
+        )
+        .await;
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the broker stops mid-stream.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts it again on the same port with the same log.
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(&self.dir, self.port);
+        self.wait_ready().await;
+    }
+
+    /// Creates `topic` with `partitions`, through kafka-python (an independent client).
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        python_json(
+            "kafka_client.py",
+            &[],
+            &serde_json::json!({"op": "create", "brokers": self.brokers(), "topic": topic, "partitions": partitions}),
+        );
+    }
+
+    /// Every message of `topic`, read back by kafka-python (see tests/python/kafka_client.py).
+    pub fn read(&self, topic: &str) -> Vec<Value> {
+        let out = python_json(
+            "kafka_client.py",
+            &[],
+            &serde_json::json!({"op": "read", "brokers": self.brokers(), "topic": topic, "idle_ms": 4000}),
+        );
+        out["messages"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// The OpenSearch REST API: osmem-server (PyPI, an in-memory server; `tests/run` installs it),
+/// on a free port. Not a cluster: see docs/data-platform.md for what was checked against it.
+pub struct Osmem {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Osmem {
+    /// Starts one. Fails (never skips) when osmem-server is not installed.
+    pub async fn start() -> Self {
+        let python = which("python3").expect("python3 is not installed");
+        let out = Command::new(python)
+            .args([
+                "-c",
+                "import os, osmem_server; print(os.path.join(os.path.dirname(osmem_server.__file__), 'bin', 'osmem-server'))",
+            ])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "osmem-server is not installed: run tests/run (it installs it from PyPI)"
+        );
+        let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let port = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.args(["-addr", &format!("127.0.0.1:{port}"), "-no-stdin-watch"])
+            .stdout(Stdio::null());
+        let s = Self {
+            proc: Proc::spawn(&format!("osmem-server:{port}"), cmd),
+            port,
+        };
+        let url = s.url();
+        wait_until("osmem-server to answer", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { http_get(&url).await.is_ok() }
+        })
+        .await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every document of the indices matching `pattern`, their count and mappings, and one of
+    /// `sample_of`'s documents whole, read back by opensearch-py (see tests/python/opensearch_client.py).
+    pub fn dump(&self, pattern: &str, sample_of: &str) -> Value {
+        python_json(
+            "opensearch_client.py",
+            &[],
+            &serde_json::json!({"op": "dump", "url": self.url(), "index": pattern, "sample_of": sample_of}),
+        )
+    }
+
+    /// Creates an index with `mappings` through opensearch-py.
+    pub fn create_index(&self, index: &str, mappings: Value) {
+        python_json(
+            "opensearch_client.py",
+            &[],
+            &serde_json::json!({"op": "create_index", "url": self.url(), "index": index, "mappings": mappings}),
+        );
+    }
+}
+
+/// What [`FaultProxy`] does to the next request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// 429 with `Retry-After: SECONDS`, nothing forwarded.
+    TooMany(u64),
+    /// 503, nothing forwarded.
+    Unavailable,
+    /// 413 (the request is larger than the server takes), nothing forwarded.
+    TooLarge,
+    /// 200 with a body that is not JSON, nothing forwarded.
+    Garbage,
+    /// Forwarded (the server acts on it), then the answer is cut off halfway and the
+    /// connection closed.
+    CloseMidResponse,
+    /// Forwarded after a pause.
+    Slow(Duration),
+}
+
+/// Faults waiting for requests, each for paths starting with its prefix.
+type FaultQueue = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(String, Fault)>>>;
+
+/// An HTTP/1.1 proxy between the hub and a server that injects faults: a queue of faults for
+/// the next requests, and a switch that refuses every connection (the server "down").
+pub struct FaultProxy {
+    pub port: u16,
+    faults: FaultQueue,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests seen, faults included.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: String) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let faults = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let down = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (f, d, r) = (faults.clone(), down.clone(), requests.clone());
+        tokio::spawn(async move {
+            let http = http_client();
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(conn);
+                    continue;
+                }
+                let (f, d, r, http, upstream) = (
+                    f.clone(),
+                    d.clone(),
+                    r.clone(),
+                    http.clone(),
+                    upstream.clone(),
+                );
+                tokio::spawn(async move {
+                    let _ = proxy_conn(conn, &upstream, &http, &f, &d, &r).await;
+                });
+            }
+        });
+        Self {
+            port,
+            faults,
+            down,
+            requests,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Queues faults for the next requests whose path starts with `path`, in order.
+    pub fn inject(&self, path: &str, faults: &[Fault]) {
+        self.faults
+            .lock()
+            .expect("faults")
+            .extend(faults.iter().map(|f| (path.to_string(), f.clone())));
+    }
+
+    /// Faults not yet used.
+    pub fn pending(&self) -> usize {
+        self.faults.lock().expect("faults").len()
+    }
+
+    /// Refuses (closes) every connection while `down`, open ones included.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+async fn proxy_conn(
+    mut conn: tokio::net::TcpStream,
+    upstream: &str,
+    http: &reqwest::Client,
+    faults: &std::sync::Mutex<std::collections::VecDeque<(String, Fault)>>,
+    down: &std::sync::atomic::AtomicBool,
+    requests: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    loop {
+        // One request: the head, then Content-Length bytes of body.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 65536];
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = buf[head_end..head_end + len].to_vec();
+        buf.drain(..head_end + len);
+        if down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        requests.fetch_add(1, Ordering::SeqCst);
+        let mut first = head.lines().next().unwrap_or("").split(' ');
+        let (method, path) = (first.next().unwrap_or("GET"), first.next().unwrap_or("/"));
+        let content_type = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        });
+        let fault = {
+            let mut q = faults.lock().expect("faults");
+            q.iter()
+                .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+                .and_then(|i| q.remove(i))
+                .map(|(_, f)| f)
+        };
+        let reply = |status: &str, extra: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+                body.len()
+            )
+        };
+        let forward = || async {
+            let mut req = http.request(
+                method.parse().unwrap_or(reqwest::Method::GET),
+                format!("http://{upstream}{path}"),
+            );
+            if let Some(ct) = &content_type {
+                req = req.header("content-type", ct);
+            }
+            let resp = req.body(body.clone()).send().await.ok()?;
+            let status = resp.status();
+            let text = resp.text().await.ok()?;
+            Some(reply(
+                &format!(
+                    "{} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                ),
+                "",
+                &text,
+            ))
+        };
+        let out = match fault {
+            Some(Fault::TooMany(s)) => reply(
+                "429 Too Many Requests",
+                &format!("retry-after: {s}\r\n"),
+                r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected"},"status":429}"#,
+            ),
+            Some(Fault::Unavailable) => reply(
+                "503 Service Unavailable",
+                "",
+                r#"{"error":"unavailable","status":503}"#,
+            ),
+            Some(Fault::TooLarge) => reply(
+                "413 Payload Too Large",
+                "",
+                r#"{"error":"request too large","status":413}"#,
+            ),
+            Some(Fault::Garbage) => {
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 21\r\n\r\n<html>oops</html>\r\n\r\n"
+                    .to_string()
+            }
+            Some(Fault::CloseMidResponse) => {
+                let Some(full) = forward().await else {
+                    return Ok(());
+                };
+                conn.write_all(&full.as_bytes()[..full.len() / 2]).await?;
+                return Ok(());
+            }
+            Some(Fault::Slow(d)) => {
+                tokio::time::sleep(d).await;
+                match forward().await {
+                    Some(o) => o,
+                    None => return Ok(()),
+                }
+            }
+            None => match forward().await {
+                Some(o) => o,
+                None => return Ok(()),
+            },
+        };
+        conn.write_all(out.as_bytes()).await?;
+    }
+}

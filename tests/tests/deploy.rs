@@ -192,3 +192,96 @@ fn the_validator_catches_a_broken_manifest() {
         "a misspelt field must fail strict validation:\n{report}"
     );
 }
+
+#[test]
+fn data_platform_renders_and_validates() {
+    let yaml = render_validated("deploy/kubernetes/platform");
+    for name in [
+        "name: kafka\n",
+        "name: elasticsearch\n",
+        "name: kibana\n",
+        "name: minio\n",
+        "name: kafka-topics\n",
+        "name: kibana-setup\n",
+    ] {
+        assert!(yaml.contains(name), "the platform renders {name}");
+    }
+    assert!(
+        !yaml.contains("kind: Secret\n") && !yaml.contains("kind: Namespace\n"),
+        "no credentials committed, and the hub's namespace is not the platform's to delete"
+    );
+    assert!(yaml.contains("--partitions=12") && yaml.contains("min.insync.replicas=2"));
+    assert!(
+        yaml.contains("KAFKA_PROCESS_ROLES") && yaml.contains("broker,controller"),
+        "KRaft"
+    );
+    let images: Vec<&str> = yaml
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("image: "))
+        .collect();
+    for &image in &images {
+        let tag = image.rsplit_once(':').map(|(_, t)| t);
+        assert!(
+            tag.is_some_and(|t| t != "latest" && !t.contains('/')),
+            "{image} is pinned to a version"
+        );
+    }
+    // The Kibana saved objects: a sensor-* data view on @timestamp, and a dashboard whose
+    // panels all resolve to objects in the same file.
+    let ndjson = std::fs::read_to_string(
+        repo().join("deploy/kubernetes/platform/kibana/shoal-fleet.ndjson"),
+    )
+    .unwrap();
+    let objects: Vec<serde_json::Value> = ndjson
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = objects.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    let view = objects
+        .iter()
+        .find(|o| o["type"] == "index-pattern")
+        .unwrap();
+    assert_eq!(view["attributes"]["title"], "sensor-*");
+    assert_eq!(view["attributes"]["timeFieldName"], "@timestamp");
+    let dashboard = objects.iter().find(|o| o["type"] == "dashboard").unwrap();
+    let panels: Vec<serde_json::Value> =
+        serde_json::from_str(dashboard["attributes"]["panelsJSON"].as_str().unwrap()).unwrap();
+    assert!(panels.len() >= 4);
+    for o in &objects {
+        for r in o["references"].as_array().unwrap() {
+            assert!(ids.contains(&r["id"].as_str().unwrap()), "{r} resolves");
+        }
+    }
+    // Every field the visualizations use is one the sink's index template maps.
+    let fields = serde_json::Value::Array(objects.clone()).to_string();
+    for field in [
+        "cpu_percent",
+        "memory_used_bytes",
+        "pi_soc_temperature_celsius",
+        "device_id",
+    ] {
+        assert!(fields.contains(field), "{field}");
+    }
+}
+
+#[test]
+fn scale_out_overlay_wires_the_hubs_to_the_platform() {
+    let yaml = render_and_validate("deploy/kubernetes/overlays/scale-out");
+    assert!(yaml.contains("--sink=kafka://kafka-0.kafka-headless.shoal.svc:9092"));
+    assert!(yaml.contains("--ingest-from=kafka://") && yaml.contains("group=shoal-hubs"));
+    assert!(
+        yaml.contains("--sink=elasticsearch+http://elastic:$(ELASTIC_PASSWORD)@elasticsearch:9200")
+    );
+    assert!(yaml.contains("name: shoal-hub-consumer\n"));
+    // The flags the manifests give parse as `shoal serve` flags.
+    for line in yaml.lines() {
+        let line = line.trim();
+        if let Some(url) = line.strip_prefix("- --sink=") {
+            let url = url.replace("$(ELASTIC_PASSWORD)", "secret");
+            shoal_hub::platform::SinkSpec::parse(&url).unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let Some(url) = line.strip_prefix("- --ingest-from=") {
+            shoal_hub::platform::consume::IngestFrom::parse(url).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

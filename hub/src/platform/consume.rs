@@ -128,7 +128,8 @@ impl ConsumerStats {
 enum Decoded {
     Sample(Sample),
     Hello(DeviceHello),
-    OtherEvent,
+    /// Status changes and enrollments, recorded again by this hub (for its own sinks).
+    OtherEvent(DeviceEvent),
 }
 
 fn decode<M: Message>(m: &M) -> Result<(String, Decoded), String> {
@@ -163,7 +164,7 @@ fn decode<M: Message>(m: &M) -> Result<(String, Decoded), String> {
             }
             match e.event {
                 Some(device_event::Event::Hello(h)) => Decoded::Hello(h),
-                _ => Decoded::OtherEvent,
+                _ => Decoded::OtherEvent(e),
             }
         }
         Some(b"sample") | None => {
@@ -225,15 +226,14 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
     failures: &mut u32,
 ) -> Result<(), String> {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer<super::kafka::Quiet> = ClientConfig::new()
         .set("bootstrap.servers", &from.brokers)
         .set("group.id", &from.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("log_level", "3")
-        .create()
+        .create_with_context(super::kafka::Quiet::default())
         .map_err(|e| e.to_string())?;
     {
         let (brokers, topic) = (from.brokers.clone(), from.topic.clone());
@@ -242,6 +242,18 @@ async fn consume(
             .expect("metadata task")
             .map_err(|e| e.message)?;
     }
+    // Closing a consumer leaves the group, which waits for the coordinator: off the async
+    // workers, whichever way this function ends.
+    struct Leave(Option<StreamConsumer<super::kafka::Quiet>>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.take() {
+                tokio::task::block_in_place(|| drop(c));
+            }
+        }
+    }
+    let guard = Leave(Some(consumer));
+    let consumer = guard.0.as_ref().expect("set");
     consumer
         .subscribe(&[from.topic.as_str()])
         .map_err(|e| e.to_string())?;
@@ -273,8 +285,8 @@ async fn consume(
             tpl.add_partition_offset(&topic, p, Offset::Offset(o))
                 .map_err(|e| e.to_string())?;
         }
-        consumer
-            .commit(&tpl, CommitMode::Sync)
+        // A synchronous commit waits for the group coordinator: off the async workers.
+        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
             .map_err(|e| format!("committing offsets after storing: {e}"))?;
         stats.commits.fetch_add(1, Relaxed);
         *failures = 0;
@@ -291,6 +303,7 @@ async fn store_round(
 ) -> Result<(), String> {
     let mut order: Vec<String> = Vec::new();
     let mut per_device: HashMap<String, (Option<DeviceHello>, Vec<Sample>)> = HashMap::new();
+    let mut events = Vec::new();
     for m in round {
         match decode(m) {
             Ok((device, decoded)) => {
@@ -301,7 +314,7 @@ async fn store_round(
                 match decoded {
                     Decoded::Sample(s) => slot.1.push(s),
                     Decoded::Hello(h) => slot.0 = Some(h),
-                    Decoded::OtherEvent => {}
+                    Decoded::OtherEvent(e) => events.push(e),
                 }
             }
             Err(reason) => {
@@ -338,6 +351,12 @@ async fn store_round(
             .await
             .map_err(|e| format!("storing {device}'s samples: {e}"))?;
         stats.messages.fetch_add(n, Relaxed);
+    }
+    if !events.is_empty() {
+        ingestor
+            .events(events)
+            .await
+            .map_err(|e| format!("recording device events: {e}"))?;
     }
     Ok(())
 }

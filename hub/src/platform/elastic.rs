@@ -6,14 +6,14 @@
 //!   family (per-core, per-disk, per-sensor series as `family.LABEL` fields).
 //! - Each document's `_id` is `DEVICE-SEQ` and each action is `create`: a batch sent again
 //!   creates nothing twice (409 counts as already there).
-//! - Per item: 429 and 5xx are retried (that item only), a refused document (mapping errors and
-//!   other 4xx) goes to the dead-letter file `DATA_DIR/sinks/NAME.dead-letter.jsonl` and is
-//!   counted, never retried forever.
+//! - Per item: a document the server refuses as wrong (400: a mapping or parse error) goes to
+//!   the dead-letter file `DATA_DIR/sinks/NAME.dead-letter.jsonl` and is counted, never retried
+//!   forever; anything else (429, 5xx, a blocked or missing index) is retried, that item only.
+//!   A request the server finds too large (413) is split.
 //!
 //! Only the documented request and response shapes of `_bulk` and `_index_template` are used
 //! (Elasticsearch 8/9 and OpenSearch 2 agree on them).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub struct ElasticSink {
     http: reqwest::Client,
     credentials: Option<(String, String)>,
     dead_letter: PathBuf,
+    /// Ids written to the dead-letter file since the last batch that got through, so a batch
+    /// tried again does not write them twice.
+    dead_lettered: std::collections::HashSet<String>,
 }
 
 impl ElasticSink {
@@ -49,6 +52,7 @@ impl ElasticSink {
             http,
             credentials: spec.credentials.clone(),
             dead_letter: super::dead_letter_path(data_dir, &spec.name),
+            dead_lettered: std::collections::HashSet::new(),
         })
     }
 
@@ -58,32 +62,6 @@ impl ElasticSink {
             Some((u, p)) => r.basic_auth(u, Some(p)),
             None => r,
         }
-    }
-
-    /// Appends refused documents to the dead-letter file, synced before the batch counts.
-    fn dead_letter(&self, rows: &[Value]) -> Result<(), SinkError> {
-        let io = |e: std::io::Error| {
-            SinkError::new(format!(
-                "cannot write the dead-letter file {}: {e}",
-                self.dead_letter.display()
-            ))
-        };
-        if let Some(dir) = self.dead_letter.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.dead_letter)
-            .map_err(io)?;
-        let mut buf = Vec::new();
-        for r in rows {
-            serde_json::to_writer(&mut buf, r).expect("JSON");
-            buf.push(b'\n');
-        }
-        f.write_all(&buf).map_err(io)?;
-        f.sync_data().map_err(io)?;
-        Ok(())
     }
 }
 
@@ -231,7 +209,7 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 impl Sink for ElasticSink {
-    fn prepare(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn prepare(&mut self, _resume_ms: Option<i64>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             let url = &self.base;
             let r = self
@@ -297,97 +275,98 @@ impl Sink for ElasticSink {
                     Item::Event(_) => out.skipped += 1,
                 }
             }
+            // Documents per request: halved whenever the server finds a request too large.
+            let mut chunk = todo.len().max(1);
             let mut attempt = 0;
             while !todo.is_empty() {
                 attempt += 1;
-                let mut body = Vec::with_capacity(todo.len() * 512);
-                for (index, id, doc) in &todo {
-                    serde_json::to_writer(
-                        &mut body,
-                        &json!({"create": {"_index": index, "_id": id}}),
-                    )
-                    .expect("JSON");
-                    body.push(b'\n');
-                    serde_json::to_writer(&mut body, doc).expect("JSON");
-                    body.push(b'\n');
-                }
-                let url = &self.base;
-                let sent = self
-                    .request(reqwest::Method::POST, "_bulk")
-                    .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await;
-                let r = sent.map_err(|e| SinkError::new(format!("{url}/_bulk: {e}")))?;
-                let status = r.status();
-                let ra = retry_after(r.headers());
-                let text = r
-                    .text()
-                    .await
-                    .map_err(|e| SinkError::new(format!("{url}/_bulk: reading the answer: {e}")))?;
-                if !status.is_success() {
-                    let mut e = answer_error(&format!("{url}/_bulk"), status, &text);
-                    e.retry_after = ra;
-                    return Err(e);
-                }
-                let v: Value = serde_json::from_str(&text).map_err(|_| {
-                    answer_error(&format!("{url}/_bulk: not a bulk response"), status, &text)
-                })?;
-                let items = v
-                    .get("items")
-                    .and_then(Value::as_array)
-                    .filter(|i| i.len() == todo.len())
-                    .ok_or_else(|| {
-                        answer_error(
-                            &format!(
-                                "{url}/_bulk: the answer does not list one item per document ({} sent)",
-                                todo.len()
-                            ),
-                            status,
-                            &text,
-                        )
-                    })?;
                 let mut again = Vec::new();
                 let mut dead = Vec::new();
                 let mut last_retry_reason = String::new();
-                for (item, doc) in items.iter().zip(todo.drain(..)) {
-                    let result = item.get("create").or_else(|| item.get("index"));
-                    let code = result
-                        .and_then(|r| r.get("status"))
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0);
-                    match code {
-                        200 | 201 => out.sent += 1,
-                        409 => out.already += 1,
-                        429 | 500..=599 | 0 => {
-                            last_retry_reason = result
-                                .and_then(|r| r.get("error"))
-                                .map_or_else(|| format!("status {code}"), |e| e.to_string());
-                            again.push(doc);
+                let mut rest = std::mem::take(&mut todo);
+                while !rest.is_empty() {
+                    let tail = rest.split_off(chunk.min(rest.len()));
+                    let part = std::mem::replace(&mut rest, tail);
+                    match self.bulk(&part).await? {
+                        Bulk::TooLarge if part.len() > 1 => {
+                            chunk = (part.len() / 2).max(1);
+                            // Back in front, to be sent in smaller requests.
+                            let mut back = part;
+                            back.append(&mut rest);
+                            rest = back;
                         }
-                        _ => dead.push(json!({
-                            "sink": self.name,
-                            "index": doc.0,
-                            "id": doc.1,
-                            "status": code,
-                            "error": result.and_then(|r| r.get("error")).cloned(),
-                            "document": doc.2,
-                        })),
+                        Bulk::TooLarge => {
+                            let (index, id, doc) = part.into_iter().next().expect("one");
+                            if !self.dead_lettered.contains(&id) {
+                                dead.push(json!({
+                                    "sink": self.name, "index": index, "id": id, "status": 413,
+                                    "error": "larger than the server takes in one request",
+                                    "document": doc,
+                                }));
+                            }
+                        }
+                        Bulk::Items(items) => {
+                            for (item, doc) in items.iter().zip(part) {
+                                let result = item.get("create").or_else(|| item.get("index"));
+                                let code = result
+                                    .and_then(|r| r.get("status"))
+                                    .and_then(Value::as_u64)
+                                    .unwrap_or(0);
+                                match code {
+                                    200 | 201 => out.sent += 1,
+                                    409 => out.already += 1,
+                                    // The document itself is wrong (a mapping or parse error):
+                                    // no retry can fix it.
+                                    400 => {
+                                        if !self.dead_lettered.contains(&doc.1) {
+                                            dead.push(json!({
+                                                "sink": self.name,
+                                                "index": doc.0,
+                                                "id": doc.1,
+                                                "status": code,
+                                                "error": result.and_then(|r| r.get("error")).cloned(),
+                                                "document": doc.2,
+                                            }));
+                                        }
+                                    }
+                                    // Back-pressure, a blocked or missing index, a server error:
+                                    // this document again, by itself.
+                                    _ => {
+                                        last_retry_reason =
+                                            result.and_then(|r| r.get("error")).map_or_else(
+                                                || format!("status {code}"),
+                                                |e| e.to_string(),
+                                            );
+                                        again.push(doc);
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
                 if !dead.is_empty() {
-                    self.dead_letter(&dead)?;
                     out.dead += dead.len() as u64;
+                    let ids: Vec<String> = dead
+                        .iter()
+                        .filter_map(|d| d["id"].as_str().map(str::to_string))
+                        .collect();
+                    let (path, n) = (self.dead_letter.clone(), dead.len());
+                    tokio::task::spawn_blocking(move || super::append_dead_letters(&path, &dead))
+                        .await
+                        .expect("dead-letter write")?;
+                    // Written: a retry of this batch must not write them again.
+                    self.dead_lettered.extend(ids);
                     tracing::warn!(
                         sink = %self.name,
-                        documents = dead.len(),
+                        documents = n,
                         file = %self.dead_letter.display(),
                         "documents refused for good; written to the dead-letter file"
                     );
                 }
                 if !again.is_empty() && attempt >= ITEM_ATTEMPTS {
                     return Err(SinkError::new(format!(
-                        "{url}/_bulk: {} documents still refused after {attempt} attempts: {last_retry_reason}",
+                        "{}/_bulk: {} documents still refused after {attempt} attempts: {last_retry_reason}",
+                        self.base,
                         again.len()
                     )));
                 }
@@ -396,8 +375,69 @@ impl Sink for ElasticSink {
                 }
                 todo = again;
             }
+            // A batch that got through: its dead letters will not come back.
+            self.dead_lettered.clear();
             Ok(out)
         })
+    }
+}
+
+/// What one `_bulk` request came to.
+enum Bulk {
+    /// One result per document, in order.
+    Items(Vec<Value>),
+    /// 413: the request was larger than the server takes.
+    TooLarge,
+}
+
+impl ElasticSink {
+    /// Sends one `_bulk` request of `create` actions; anything but a bulk answer with one item
+    /// per document is an error (the whole batch is tried again later).
+    async fn bulk(&self, docs: &[(String, String, Value)]) -> Result<Bulk, SinkError> {
+        let mut body = Vec::with_capacity(docs.len() * 512);
+        for (index, id, doc) in docs {
+            serde_json::to_writer(&mut body, &json!({"create": {"_index": index, "_id": id}}))
+                .expect("JSON");
+            body.push(b'\n');
+            serde_json::to_writer(&mut body, doc).expect("JSON");
+            body.push(b'\n');
+        }
+        let url = &self.base;
+        let r = self
+            .request(reqwest::Method::POST, "_bulk")
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::new(format!("{url}/_bulk: {e}")))?;
+        let status = r.status();
+        if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
+            return Ok(Bulk::TooLarge);
+        }
+        let ra = retry_after(r.headers());
+        let text = r
+            .text()
+            .await
+            .map_err(|e| SinkError::new(format!("{url}/_bulk: reading the answer: {e}")))?;
+        if !status.is_success() {
+            let mut e = answer_error(&format!("{url}/_bulk"), status, &text);
+            e.retry_after = ra;
+            return Err(e);
+        }
+        let v: Value = serde_json::from_str(&text).map_err(|_| {
+            answer_error(&format!("{url}/_bulk: not a bulk response"), status, &text)
+        })?;
+        match v.get("items").and_then(Value::as_array) {
+            Some(items) if items.len() == docs.len() => Ok(Bulk::Items(items.clone())),
+            _ => Err(answer_error(
+                &format!(
+                    "{url}/_bulk: the answer does not list one item per document ({} sent)",
+                    docs.len()
+                ),
+                status,
+                &text,
+            )),
+        }
     }
 }
 

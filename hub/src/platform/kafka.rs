@@ -6,10 +6,15 @@
 //! - The producer is idempotent with `acks=all`: librdkafka's retries after a lost connection
 //!   neither duplicate nor reorder within a partition.
 //! - Each message carries headers: `shoal.kind` (`sample`/`event`), `shoal.hub` (this hub's
-//!   id), `shoal.offset` (its outbox offset) and `content-type`. After a failure, and at start,
-//!   [`KafkaSink::prepare`] reads back the end of every partition to find the last offset this
-//!   hub delivered there, and [`KafkaSink::deliver`] skips what is already in: a retry or a
-//!   restart does not write a message twice.
+//!   id), `shoal.offset` (its outbox offset) and `content-type`; its timestamp is when the hub
+//!   committed it. After a failure, and at start, [`KafkaSink::prepare`] reads every partition
+//!   back from the first message at or after the oldest undelivered entry's commit time (less
+//!   a minute) to find the last offset this hub delivered there, and [`KafkaSink::deliver`]
+//!   skips what is already in: a retry or a restart does not write a message twice. With
+//!   `enable.gapless.guarantee`, what is in a partition is always a prefix of what was sent
+//!   to it.
+//! - A message Kafka refuses for good (too large for the topic) goes to the dead-letter file
+//!   `DATA_DIR/sinks/NAME.dead-letter.jsonl` and is counted; it never blocks the others.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,21 +35,87 @@ pub const CONTENT_TYPE_SAMPLE: &str = "application/x-protobuf; messageType=shoal
 pub const CONTENT_TYPE_EVENT: &str = "application/x-protobuf; messageType=shoal.v1.DeviceEvent";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
+/// librdkafka's logs and errors through the hub's log, each kind at most once a minute (a broker
+/// that is down makes librdkafka report every failed reconnect), and consumer-group rebalances.
+pub struct Quiet {
+    limiter: crate::metrics::LogLimiter,
+}
+
+impl Default for Quiet {
+    fn default() -> Self {
+        Self {
+            limiter: crate::metrics::LogLimiter::new(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            // Settings the hub chose on purpose (enable.gapless.guarantee is "experimental").
+            _ if fac == "CONFWARN" => {
+                tracing::debug!(target: "shoal_hub::platform::kafka", "kafka client: {message}")
+            }
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                if self.limiter.allow(&format!("log:{fac}")) {
+                    tracing::warn!(target: "shoal_hub::platform::kafka", facility = fac, "kafka client: {message}");
+                }
+            }
+            _ => {
+                tracing::debug!(target: "shoal_hub::platform::kafka", facility = fac, "kafka client: {message}")
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if self.limiter.allow(&format!("error:{error}")) {
+            tracing::warn!(target: "shoal_hub::platform::kafka", "kafka client: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        use rdkafka::consumer::Rebalance;
+        let list = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %list(tpl), "consumer mode: partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = %list(tpl), "consumer mode: partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer mode: rebalance failed"),
+        }
+    }
+}
+
 pub struct KafkaSink {
+    name: String,
+    dead_letter: std::path::PathBuf,
     brokers: String,
     topic: String,
     format: Format,
     hub: String,
     timeout: Duration,
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<Quiet>>,
     partitions: i32,
     /// Per partition, the last outbox offset found there at the last [`Sink::prepare`].
     delivered: HashMap<i32, u64>,
 }
 
 impl KafkaSink {
-    pub fn new(spec: &SinkSpec, hub: &str) -> Result<Self, String> {
+    pub fn new(spec: &SinkSpec, hub: &str, data_dir: &std::path::Path) -> Result<Self, String> {
         Ok(Self {
+            name: spec.name.clone(),
+            dead_letter: super::dead_letter_path(data_dir, &spec.name),
             brokers: spec.endpoint.clone(),
             topic: spec.target.clone(),
             format: spec.format,
@@ -56,19 +127,22 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self) -> Result<FutureProducer, SinkError> {
+    fn producer(&self) -> Result<FutureProducer<Quiet>, SinkError> {
         ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
+            // As large as the hub's own largest accepted message; the topic's own limit
+            // (max.message.bytes) still applies, and what it refuses is dead-lettered.
+            .set("message.max.bytes", "16777216")
             .set("linger.ms", "5")
             .set(
                 "message.timeout.ms",
                 self.timeout.as_millis().max(1_000).to_string(),
             )
             .set("socket.timeout.ms", "10000")
-            .set("log_level", "3")
-            .create()
+            .create_with_context(Quiet::default())
             .map_err(|e| SinkError::new(format!("kafka://{}: {e}", self.brokers)))
     }
 }
@@ -155,6 +229,29 @@ pub fn encode(entry: &Entry, format: Format) -> (Vec<u8>, &'static str) {
     }
 }
 
+/// Errors no retry can fix: the message is too large for the producer or the topic.
+fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord)
+    )
+}
+
+fn dead_letter(entry: &Entry, e: &rdkafka::error::KafkaError) -> serde_json::Value {
+    let seq = match &entry.item {
+        Item::Sample { sample, .. } => Some(sample.seq),
+        Item::Event(_) => None,
+    };
+    json!({
+        "offset": entry.offset,
+        "device_id": entry.device_id(),
+        "kind": kind_of(entry),
+        "seq": seq,
+        "error": e.to_string(),
+    })
+}
+
 fn kind_of(entry: &Entry) -> &'static str {
     match entry.item {
         Item::Sample { .. } => "sample",
@@ -163,22 +260,40 @@ fn kind_of(entry: &Entry) -> &'static str {
 }
 
 impl Sink for KafkaSink {
-    fn prepare(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn prepare(&mut self, resume_ms: Option<i64>) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            // A fresh producer: whatever the old one still had in flight is gone with it.
-            self.producer = None;
+            // A fresh producer: the old one's queue and in-flight requests are purged with it
+            // (librdkafka waits up to 500 ms for that), so nothing it held lands after the
+            // read-back below, unless a request already on the wire is applied late.
+            if let Some(old) = self.producer.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            }
             let producer = self.producer()?;
             let (brokers, topic, hub) =
                 (self.brokers.clone(), self.topic.clone(), self.hub.clone());
             let (partitions, delivered) = tokio::task::spawn_blocking(move || {
                 let partitions = partitions_of(&brokers, &topic)?;
-                let delivered = find_delivered(&brokers, &topic, partitions, &hub)?;
+                let delivered = match resume_ms {
+                    Some(ms) => find_delivered(&brokers, &topic, partitions, &hub, ms)?,
+                    None => HashMap::new(),
+                };
                 Ok::<_, SinkError>((partitions, delivered))
             })
             .await
             .expect("kafka metadata")?;
+            if self.partitions != 0 && self.partitions != partitions {
+                tracing::warn!(
+                    sink = %self.name,
+                    from = self.partitions,
+                    to = partitions,
+                    "the topic's partition count changed: devices move to other partitions; entries in flight may be sent twice"
+                );
+            }
+            // With another partition count devices sit elsewhere: what was read back says
+            // nothing about them (sending again may duplicate; skipping could lose).
+            let changed = self.partitions != 0 && self.partitions != partitions;
             self.partitions = partitions;
-            self.delivered = delivered;
+            self.delivered = if changed { HashMap::new() } else { delivered };
             self.producer = Some(producer);
             Ok(())
         })
@@ -195,6 +310,8 @@ impl Sink for KafkaSink {
                 .ok_or_else(|| SinkError::new("the Kafka producer is not ready"))?;
             let mut out = Delivered::default();
             let mut pending = Vec::with_capacity(batch.len());
+            let mut dead = Vec::new();
+            let mut failed = None;
             for entry in batch {
                 let key = entry.device_id().as_bytes();
                 let partition = partition_for(key, self.partitions);
@@ -235,7 +352,7 @@ impl Sink for KafkaSink {
                 loop {
                     match producer.send_result(record) {
                         Ok(f) => {
-                            pending.push(f);
+                            pending.push((entry, f));
                             break;
                         }
                         Err((
@@ -247,19 +364,27 @@ impl Sink for KafkaSink {
                             record = r;
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        Err((e, _)) if refused_for_good(&e) => {
+                            dead.push(dead_letter(entry, &e));
+                            break;
+                        }
                         Err((e, _)) => {
-                            return Err(SinkError::new(format!(
-                                "kafka://{}/{}: {e}",
-                                self.brokers, self.topic
-                            )));
+                            failed = Some(e.to_string());
+                            break;
                         }
                     }
                 }
+                if failed.is_some() {
+                    break;
+                }
             }
-            let mut first_error = None;
-            for f in pending {
+            // Every send is waited for, even after a failure: nothing of this batch may land
+            // after the read-back that the next attempt starts with.
+            let mut first_error = failed;
+            for (entry, f) in pending {
                 match f.await {
                     Ok(Ok(_)) => out.sent += 1,
+                    Ok(Err((e, _))) if refused_for_good(&e) => dead.push(dead_letter(entry, &e)),
                     Ok(Err((e, _))) => {
                         first_error.get_or_insert_with(|| e.to_string());
                     }
@@ -267,6 +392,15 @@ impl Sink for KafkaSink {
                         first_error.get_or_insert_with(|| "the producer was dropped".into());
                     }
                 }
+            }
+            if !dead.is_empty() {
+                out.dead = dead.len() as u64;
+                let path = self.dead_letter.clone();
+                let n = dead.len();
+                tokio::task::spawn_blocking(move || super::append_dead_letters(&path, &dead))
+                    .await
+                    .expect("dead-letter write")?;
+                tracing::warn!(sink = %self.name, messages = n, file = %self.dead_letter.display(), "messages refused for good; written to the dead-letter file");
             }
             match first_error {
                 None => Ok(out),
@@ -279,14 +413,13 @@ impl Sink for KafkaSink {
     }
 }
 
-fn consumer(brokers: &str) -> Result<BaseConsumer, SinkError> {
+fn consumer(brokers: &str) -> Result<BaseConsumer<Quiet>, SinkError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "shoal-sink-readback")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("log_level", "3")
-        .create()
+        .create_with_context(Quiet::default())
         .map_err(|e| SinkError::new(format!("kafka://{brokers}: {e}")))
 }
 
@@ -311,62 +444,73 @@ pub(crate) fn partitions_of(brokers: &str, topic: &str) -> Result<i32, SinkError
     }
 }
 
-/// Per partition, the highest outbox offset of a message this hub wrote there, read back from
-/// the partition's end (further back in growing steps while other hubs' messages follow ours).
+/// Per partition, the highest outbox offset of a message this hub wrote there since
+/// `resume_ms` (less a minute, for clocks and batching), read back from the first message at or
+/// after that time (or, when the broker cannot look up offsets by time, the last 10,000).
 fn find_delivered(
     brokers: &str,
     topic: &str,
     partitions: i32,
     hub: &str,
+    resume_ms: i64,
 ) -> Result<HashMap<i32, u64>, SinkError> {
     let c = consumer(brokers)?;
-    let mut out = HashMap::new();
     let err = |e: rdkafka::error::KafkaError| {
         SinkError::new(format!("kafka://{brokers}/{topic}: reading back: {e}"))
     };
+    let mut by_time = TopicPartitionList::new();
+    for p in 0..partitions {
+        by_time
+            .add_partition_offset(topic, p, Offset::Offset(resume_ms - 60_000))
+            .map_err(err)?;
+    }
+    let starts = c
+        .offsets_for_times(by_time, Duration::from_secs(10))
+        .map_err(|e| tracing::debug!(error = %e, "offsets by time unavailable; reading back the last 10,000 messages"))
+        .ok();
+    let mut out = HashMap::new();
     for p in 0..partitions {
         let (low, high) = c
             .fetch_watermarks(topic, p, Duration::from_secs(10))
             .map_err(err)?;
-        let mut end = high;
-        let mut window = 1_000i64;
-        while end > low {
-            let start = (end - window).max(low);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(topic, p, Offset::Offset(start))
-                .map_err(err)?;
-            c.assign(&tpl).map_err(err)?;
-            let mut found = None;
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                if std::time::Instant::now() > deadline {
-                    return Err(SinkError::new(format!(
-                        "kafka://{brokers}/{topic}: reading back partition {p} timed out"
-                    )));
-                }
-                match c.poll(Duration::from_millis(500)) {
-                    Some(Ok(m)) => {
-                        if m.offset() >= end {
-                            break;
-                        }
-                        if let Some(o) = ours(&m, hub) {
-                            found = Some(found.map_or(o, |f: u64| f.max(o)));
-                        }
-                        if m.offset() + 1 >= end {
-                            break;
-                        }
+        let start = match starts
+            .as_ref()
+            .and_then(|t| t.find_partition(topic, p))
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o.max(low),
+            // No message at or after that time.
+            Some(Offset::End) => high,
+            _ => (high - 10_000).max(low),
+        };
+        if start >= high {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))
+            .map_err(err)?;
+        c.assign(&tpl).map_err(err)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(SinkError::new(format!(
+                    "kafka://{brokers}/{topic}: reading back partition {p} timed out"
+                )));
+            }
+            match c.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    if let Some(o) = ours(&m, hub) {
+                        let slot = out.entry(p).or_insert(o);
+                        *slot = (*slot).max(o);
                     }
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => return Err(err(e)),
-                    None => {}
+                    if m.offset() + 1 >= high {
+                        break;
+                    }
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(err(e)),
+                None => {}
             }
-            if let Some(o) = found {
-                out.insert(p, o);
-                break;
-            }
-            end = start;
-            window = window.saturating_mul(8);
         }
     }
     Ok(out)

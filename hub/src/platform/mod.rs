@@ -80,8 +80,9 @@ pub struct Delivered {
 pub trait Sink: Send {
     /// Connects and checks the far end (the topic exists; the index template is installed), and
     /// finds out what of the outbox it already has. Called before the first batch and again
-    /// after every failed one.
-    fn prepare(&mut self) -> BoxFuture<'_, Result<(), SinkError>>;
+    /// after every failed one; `resume_ms` is when the first entry not yet delivered was
+    /// committed (`None` when there is none), so nothing older needs looking at.
+    fn prepare(&mut self, resume_ms: Option<i64>) -> BoxFuture<'_, Result<(), SinkError>>;
     /// Delivers `batch` (in offset order); `Ok` once every entry is downstream or dead-lettered.
     fn deliver<'a>(&'a mut self, batch: &'a [Entry])
     -> BoxFuture<'a, Result<Delivered, SinkError>>;
@@ -120,6 +121,8 @@ pub struct SinkSpec {
     /// Elasticsearch basic auth.
     pub credentials: Option<(String, String)>,
     pub timeout: Duration,
+    /// Longest pause between retries.
+    pub max_backoff: Duration,
 }
 
 impl SinkSpec {
@@ -179,6 +182,7 @@ impl SinkSpec {
             batch: DEFAULT_BATCH,
             credentials,
             timeout: Duration::from_secs(30),
+            max_backoff: MAX_BACKOFF,
         };
         if kind == SinkKind::Kafka && spec.credentials.is_some() {
             return Err(format!(
@@ -212,6 +216,14 @@ impl SinkSpec {
                 (_, "timeout") => {
                     spec.timeout = humantime::parse_duration(v)
                         .map_err(|e| format!("{url:?}: timeout: {e}"))?;
+                }
+                (_, "max_backoff") => {
+                    spec.max_backoff = humantime::parse_duration(v)
+                        .ok()
+                        .filter(|d| *d >= Duration::from_millis(100))
+                        .ok_or_else(|| {
+                            format!("{url:?}: max_backoff must be a duration of at least 100ms")
+                        })?;
                 }
                 (SinkKind::Kafka, "format") => {
                     spec.format = match v {
@@ -320,6 +332,8 @@ pub struct SinkStatus {
 pub struct SinkState {
     pub spec: SinkSpec,
     cursor: AtomicU64,
+    /// The cursor as last saved in the store (what a restart resumes from).
+    saved: AtomicU64,
     state: Mutex<&'static str>,
     delivered: AtomicU64,
     already: AtomicU64,
@@ -334,6 +348,7 @@ impl SinkState {
         Self {
             spec,
             cursor: AtomicU64::new(cursor),
+            saved: AtomicU64::new(cursor),
             state: Mutex::new("starting"),
             delivered: AtomicU64::new(0),
             already: AtomicU64::new(0),
@@ -485,6 +500,36 @@ pub fn dead_letter_path(data_dir: &std::path::Path, name: &str) -> std::path::Pa
         .join(format!("{name}.dead-letter.jsonl"))
 }
 
+/// Appends rows to a dead-letter file (one JSON line each), synced before the batch counts.
+pub fn append_dead_letters(
+    path: &std::path::Path,
+    rows: &[serde_json::Value],
+) -> Result<(), SinkError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| {
+        SinkError::new(format!(
+            "cannot write the dead-letter file {}: {e}",
+            path.display()
+        ))
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    let mut buf = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut buf, r).expect("JSON");
+        buf.push(b'\n');
+    }
+    f.write_all(&buf).map_err(io)?;
+    f.sync_data().map_err(io)?;
+    Ok(())
+}
+
 const HUB: RecordTable = RecordTable::new("hub_identity");
 
 /// This hub's stable id (made once, kept in the store): the Kafka sink marks its messages with
@@ -512,7 +557,7 @@ pub fn build(
     let mut out: Vec<Built> = Vec::new();
     for spec in specs {
         let sink: Box<dyn Sink> = match spec.kind {
-            SinkKind::Kafka => Box::new(kafka::KafkaSink::new(spec, &hub)?),
+            SinkKind::Kafka => Box::new(kafka::KafkaSink::new(spec, &hub, data_dir)?),
             SinkKind::Elasticsearch => Box::new(elastic::ElasticSink::new(spec, data_dir)?),
         };
         out.push((spec.clone(), sink));
@@ -575,8 +620,13 @@ pub fn start(
 /// The pause before retry `n` (1, 2, …): doubling from 200 ms up to [`MAX_BACKOFF`], with
 /// ±50 % jitter so hubs that failed together do not retry together.
 pub fn backoff(n: u32) -> Duration {
+    backoff_up_to(n, MAX_BACKOFF)
+}
+
+/// [`backoff`] with another cap.
+pub fn backoff_up_to(n: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200).saturating_mul(1u32 << n.saturating_sub(1).min(10));
-    let base = base.min(MAX_BACKOFF);
+    let base = base.min(max);
     base.mul_f64(0.5 + fastrand::f64())
 }
 
@@ -599,22 +649,35 @@ async fn run_sink(
 ) {
     let name = state.spec.name.clone();
     let batch_max = state.spec.batch;
+    let max_backoff = state.spec.max_backoff;
     let mut prepared = false;
     let mut failures = 0u32;
-    let mut saved = state.cursor();
     let mut last_save = std::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
         if !prepared {
-            match sink.prepare().await {
+            let resume = {
+                let (store, cursor) = (store.clone(), state.cursor());
+                tokio::task::spawn_blocking(move || store.outbox_oldest_after(cursor))
+                    .await
+                    .expect("outbox read")
+                    .unwrap_or(None)
+            };
+            match sink.prepare(resume).await {
                 Ok(()) => prepared = true,
                 Err(e) => {
                     failures += 1;
                     state.failed(&e);
                     tracing::warn!(sink = %name, error = %e, "sink not ready; retrying");
-                    if !pause(e.retry_after.unwrap_or(backoff(failures)), &mut shutdown).await {
+                    if !pause(
+                        e.retry_after
+                            .unwrap_or(backoff_up_to(failures, max_backoff)),
+                        &mut shutdown,
+                    )
+                    .await
+                    {
                         break;
                     }
                     continue;
@@ -622,6 +685,7 @@ async fn run_sink(
             }
         }
         let cursor = state.cursor();
+        let committed_before = *committed.borrow_and_update();
         let read = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.outbox_after(cursor, batch_max))
@@ -633,16 +697,21 @@ async fn run_sink(
             Err(e) => {
                 failures += 1;
                 state.failed(&SinkError::new(format!("reading the outbox: {e}")));
-                if !pause(backoff(failures), &mut shutdown).await {
+                if !pause(backoff_up_to(failures, max_backoff), &mut shutdown).await {
                     break;
                 }
                 continue;
             }
         };
         if batch.is_empty() {
+            // Everything committed up to `committed_before` is visible to that read: entries
+            // it did not find were trimmed, so delivered.
+            if committed_before > cursor {
+                state.cursor.store(committed_before, Relaxed);
+            }
             state.set_state("caught-up");
-            committed.mark_unchanged();
-            if *committed.borrow() > cursor {
+            save_cursor(&store, &state).await;
+            if *committed.borrow() > state.cursor() {
                 continue;
             }
             tokio::select! {
@@ -666,7 +735,7 @@ async fn run_sink(
                 // entries again, which the sinks recognise (Kafka: the hub's marks on its
                 // messages; Elasticsearch: create by id).
                 if last_save.elapsed() >= Duration::from_millis(100) {
-                    save_cursor(&store, &state, &mut saved).await;
+                    save_cursor(&store, &state).await;
                     last_save = std::time::Instant::now();
                 }
             }
@@ -675,18 +744,24 @@ async fn run_sink(
                 prepared = false;
                 state.failed(&e);
                 tracing::warn!(sink = %name, error = %e, "sink delivery failed; retrying from offset {}", cursor + 1);
-                if !pause(e.retry_after.unwrap_or(backoff(failures)), &mut shutdown).await {
+                if !pause(
+                    e.retry_after
+                        .unwrap_or(backoff_up_to(failures, max_backoff)),
+                    &mut shutdown,
+                )
+                .await
+                {
                     break;
                 }
             }
         }
     }
-    save_cursor(&store, &state, &mut saved).await;
+    save_cursor(&store, &state).await;
 }
 
-async fn save_cursor(store: &Store, state: &Arc<SinkState>, saved: &mut u64) {
+async fn save_cursor(store: &Store, state: &Arc<SinkState>) {
     let cursor = state.cursor();
-    if cursor == *saved {
+    if cursor == state.saved.load(Relaxed) {
         return;
     }
     let (store, name) = (store.clone(), state.spec.name.clone());
@@ -694,7 +769,7 @@ async fn save_cursor(store: &Store, state: &Arc<SinkState>, saved: &mut u64) {
         .await
         .expect("cursor write");
     match result {
-        Ok(()) => *saved = cursor,
+        Ok(()) => state.saved.store(cursor, Relaxed),
         Err(e) => {
             tracing::warn!(sink = %state.spec.name, error = %e, "could not save the sink's cursor; will try again")
         }
@@ -707,7 +782,8 @@ async fn trim_outbox(sinks: Arc<Sinks>, store: Store, mut shutdown: watch::Recei
         if !pause(Duration::from_secs(2), &mut shutdown).await {
             break;
         }
-        let Some(min) = sinks.sinks.iter().map(|s| s.cursor()).min() else {
+        // Up to the saved cursors: a restart resumes from those, and must find what follows.
+        let Some(min) = sinks.sinks.iter().map(|s| s.saved.load(Relaxed)).min() else {
             break;
         };
         loop {
@@ -851,6 +927,132 @@ mod tests {
         }
         let err = parse_sinks(&["kafka://h:1".into(), "kafka://h:2".into()]).unwrap_err();
         assert!(err.contains("?name="), "{err}");
+    }
+
+    /// A sink that fails its first deliveries, then records what it gets.
+    struct Recording {
+        got: Arc<Mutex<Vec<u64>>>,
+        fail: u32,
+        prepares: Arc<AtomicU64>,
+    }
+
+    impl Sink for Recording {
+        fn prepare(&mut self, _: Option<i64>) -> BoxFuture<'_, Result<(), SinkError>> {
+            self.prepares.fetch_add(1, Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        fn deliver<'a>(
+            &'a mut self,
+            batch: &'a [Entry],
+        ) -> BoxFuture<'a, Result<Delivered, SinkError>> {
+            Box::pin(async move {
+                if self.fail > 0 {
+                    self.fail -= 1;
+                    return Err(SinkError::new("down"));
+                }
+                self.got
+                    .lock()
+                    .unwrap()
+                    .extend(batch.iter().map(|e| e.offset));
+                Ok(Delivered {
+                    sent: batch.len() as u64,
+                    ..Default::default()
+                })
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_gets_every_entry_once_in_order_through_failures_and_a_restart() {
+        use crate::metrics::Metrics;
+        use crate::store::writer::Row;
+        let dir = tempfile::tempdir().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let prepares = Arc::new(AtomicU64::new(0));
+        let spec = SinkSpec {
+            batch: 7,
+            max_backoff: Duration::from_millis(100),
+            ..SinkSpec::parse("kafka://h:1?name=rec").unwrap()
+        };
+        let row = |seq: u64| Row {
+            seq,
+            points: 1,
+            bytes: prost::Message::encode_to_vec(&shoal_proto::v1::Sample {
+                seq,
+                timestamp_ms: 1,
+                ..Default::default()
+            }),
+        };
+        for round in 0..2u64 {
+            let store = Store::open(dir.path()).unwrap();
+            let fleet = Arc::new(Fleet::from_loaded(&store).unwrap());
+            let (writer, thread) = Writer::start_with(
+                store.clone(),
+                fleet.clone(),
+                Arc::new(Metrics::default()),
+                true,
+            )
+            .unwrap();
+            let (stop_tx, stop) = watch::channel(false);
+            let sink = Recording {
+                got: got.clone(),
+                fail: 2,
+                prepares: prepares.clone(),
+            };
+            let (sinks, tasks) = start(
+                vec![(spec.clone(), Box::new(sink))],
+                &store,
+                &writer,
+                fleet,
+                StatusThresholds::default(),
+                dir.path(),
+                &stop,
+            )
+            .unwrap();
+            writer
+                .hello(
+                    shoal_proto::v1::DeviceHello {
+                        device_id: "d".into(),
+                        ..Default::default()
+                    },
+                    1,
+                )
+                .await
+                .unwrap();
+            let first = round * 100 + 1;
+            for chunk in (first..first + 100).collect::<Vec<_>>().chunks(9) {
+                writer
+                    .write("d".into(), chunk.iter().map(|&s| row(s)).collect(), 2)
+                    .await
+                    .unwrap();
+            }
+            let committed = *writer.committed().borrow();
+            assert_eq!(committed, (round + 1) * 101);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while sinks.sinks[0].cursor() < committed {
+                assert!(std::time::Instant::now() < deadline, "the sink caught up");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The outbox is trimmed behind the sink, and a caught-up sink does not spin.
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            let status = sinks.status().unwrap();
+            assert_eq!(status[0].lag_entries, 0);
+            assert_eq!(status[0].state, "caught-up");
+            assert!(status[0].errors_total >= 2);
+            assert_eq!(store.outbox_bounds().unwrap().first, None, "trimmed");
+            stop_tx.send(true).unwrap();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            drop((writer, sinks, store));
+            thread.join().unwrap();
+        }
+        let got = got.lock().unwrap().clone();
+        assert_eq!(got, (1..=202).collect::<Vec<_>>(), "each once, in order");
+        assert!(
+            prepares.load(Relaxed) >= 6,
+            "prepared again after each failure"
+        );
     }
 
     #[test]

@@ -78,6 +78,15 @@ struct Args {
     /// Deploy a temperature model to the started hub first, so it scores what it stores.
     #[arg(long)]
     score: bool,
+    /// Another flag for the started hub, e.g. --hub-arg=--sink=kafka://127.0.0.1:9092
+    /// (repeatable). With sinks, their lag is sampled every 100 ms during the run and, after
+    /// it, the time until they have caught up is measured.
+    #[arg(long = "hub-arg", value_name = "ARG", allow_hyphen_values = true)]
+    hub_args: Vec<String>,
+    /// A shell command run when the load stops, before waiting for the sinks (e.g. starting a
+    /// Kafka broker that was down during the run, to measure catching up).
+    #[arg(long, value_name = "COMMAND")]
+    then: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -542,7 +551,8 @@ fn start_hub(args: &Args) -> anyhow::Result<(String, String, StartedHub)> {
         if args.tls { "cert" } else { "none" },
         "--data-dir",
     ])
-    .arg(&dir);
+    .arg(&dir)
+    .args(&args.hub_args);
     let mut broker = None;
     let mut broker_url = None;
     if args.transport == Transport::Mqtt {
@@ -668,6 +678,17 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     start.wait().await;
     let began = Instant::now();
+    let sink_watch = match (&started, &http) {
+        (Some(s), Some(http)) if args.hub_args.iter().any(|a| a.starts_with("--sink")) => {
+            let token = shoal_e2e::wait_for_admin_token(&s.data_dir)?;
+            Some((
+                http.clone(),
+                token.clone(),
+                tokio::spawn(watch_sinks(http.clone(), token, stop.clone())),
+            ))
+        }
+        _ => None,
+    };
     tokio::time::sleep(args.duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut samples = 0u64;
@@ -678,6 +699,34 @@ async fn main() -> anyhow::Result<()> {
         lat.extend(r.latencies_us);
     }
     report(&args, samples, began.elapsed().as_secs_f64(), &mut lat);
+    if let Some(cmd) = &args.then {
+        let status = Command::new("sh").arg("-c").arg(cmd).status()?;
+        if !status.success() {
+            bail!("--then {cmd:?} failed: {status}");
+        }
+    }
+    if let Some((http, token, watch)) = sink_watch {
+        let mut lags = watch.await?;
+        lags.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            lags.get(((lags.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        println!(
+            "sink lag             p50 {:.3} s, p99 {:.3} s, max {:.3} s ({} readings)",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            lags.len()
+        );
+        let (backlog, took) = wait_sinks(&http, &token).await?;
+        println!(
+            "sink catch-up        {backlog} entries behind at the end, caught up in {:.2} s = {:.0} entries/s",
+            took.as_secs_f64(),
+            backlog as f64 / took.as_secs_f64().max(1e-9)
+        );
+    }
     if args.transport == Transport::Grpc {
         let took = reconnect_storm(&hub, &ids, &tls).await?;
         println!(
@@ -694,6 +743,55 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sinks' status (every sink), with the admin token.
+async fn sinks_status(http: &str, token: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let v: serde_json::Value = shoal_e2e::authed_client(token)
+        .get(format!("{http}/api/v1/sinks"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["sinks"].as_array().cloned().unwrap_or_default())
+}
+
+/// Samples the largest sink lag (seconds) every 100 ms until `stop`.
+async fn watch_sinks(http: String, token: String, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(sinks) = sinks_status(&http, &token).await {
+            let lag = sinks
+                .iter()
+                .filter_map(|s| s["lag_seconds"].as_f64())
+                .fold(0.0, f64::max);
+            out.push(lag);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out
+}
+
+/// Waits until every sink has delivered everything; returns the backlog at the start and how
+/// long it took.
+async fn wait_sinks(http: &str, token: &str) -> anyhow::Result<(u64, Duration)> {
+    let began = Instant::now();
+    let backlog = sinks_status(http, token)
+        .await?
+        .iter()
+        .filter_map(|s| s["lag_entries"].as_u64())
+        .max()
+        .unwrap_or(0);
+    loop {
+        let sinks = sinks_status(http, token).await?;
+        if sinks.iter().all(|s| s["lag_entries"] == 0) {
+            return Ok((backlog, began.elapsed()));
+        }
+        if began.elapsed() > Duration::from_secs(1800) {
+            bail!("the sinks did not catch up within 30 minutes: {sinks:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One value of the hub's /metrics (open by default).
