@@ -12,7 +12,7 @@ use super::state::AppState;
 use crate::platform::SinkStatus;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::default().routes(routes!(list))
+    OpenApiRouter::default().routes(routes!(list_sinks))
 }
 
 /// `GET /api/v1/sinks`.
@@ -30,7 +30,7 @@ pub struct SinkList {
     security(("token" = ["viewer"])),
     responses((status = 200, description = "Every configured sink", body = SinkList)),
 )]
-async fn list(State(s): State<AppState>) -> Result<Json<SinkList>, ApiError> {
+async fn list_sinks(State(s): State<AppState>) -> Result<Json<SinkList>, ApiError> {
     let sinks = s.sinks.clone();
     let sinks = tokio::task::spawn_blocking(move || sinks.status())
         .await
