@@ -270,7 +270,13 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
         &dir.path().join("hub"),
         shoal_e2e::free_port(),
         shoal_e2e::free_port(),
-        &["--provenance-key", public_key.to_str().unwrap()],
+        &[
+            "--provenance-key",
+            public_key.to_str().unwrap(),
+            // A sink whose broker is not there: its status has every field, the error too.
+            "--sink",
+            "kafka://127.0.0.1:1/fleet?name=lake&max_backoff=1s",
+        ],
     )
     .await;
     let now = std::time::SystemTime::now()
@@ -824,6 +830,14 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     let ledger = r.get("/api/v1/provenance", "/api/v1/provenance", 200).await;
     assert_eq!(ledger["entries"].as_array().unwrap().len(), 1, "{ledger}");
     assert_eq!(ledger["chain"]["intact"], true);
+    wait_until(
+        "the sink's first error",
+        Duration::from_secs(30),
+        || async { hub.get("/api/v1/sinks").await["sinks"][0]["last_error"].is_string() },
+    )
+    .await;
+    r.call("get", "/api/v1/sinks", "/api/v1/sinks", None, 200)
+        .await;
     r.call(
         "post",
         "/api/v1/alerts/{id}/ack",
