@@ -961,7 +961,7 @@ pub struct ServeArgs {
     /// Forward every stored sample and device event to Kafka or Elasticsearch: repeatable.
     /// kafka://HOST:PORT[,HOST:PORT]/TOPIC[?format=json] (default topic shoal.telemetry.v1;
     /// the topic must exist), elasticsearch+http(s)://[USER:PASSWORD@]HOST:PORT[?prefix=sensor]
-    /// (monthly indices PREFIX-YYYY-MM). Options: name=NAME, batch=1000, timeout=30s,
+    /// (monthly indices PREFIX-YYYY-MM). Options: name=NAME, batch=5000, timeout=30s,
     /// max_backoff=30s. Each sink
     /// reads the store through its own durable cursor: one that is down catches up later, and
     /// ingest never waits for it. See docs/data-platform.md.

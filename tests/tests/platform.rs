@@ -41,6 +41,23 @@ async fn wait_delivered(hub: &Hub, devices: &[String], n: u64, timeout: Duration
     .await;
 }
 
+/// One agent per device (a sample every 25 ms, `n` of them, label site=north).
+fn agents(hub: &Hub, dir: &std::path::Path, devices: &[String], n: u64) -> Vec<Proc> {
+    devices
+        .iter()
+        .map(|d| {
+            agent_with(
+                &hub.grpc_url(),
+                d,
+                &dir.join(format!("spool-{d}")),
+                "25ms",
+                Some(n),
+                &["--label", "site=north"],
+            )
+        })
+        .collect()
+}
+
 fn hub_flags(extra: &[String]) -> Vec<&str> {
     let mut flags = vec!["--no-auth"];
     flags.extend(extra.iter().map(String::as_str));
@@ -77,19 +94,7 @@ async fn kafka_sink_delivers_every_sample_once_in_order_through_broker_and_hub_c
     let data = dir.path().join("hub");
     let mut hub = Hub::start_on(&data, grpc, http, &hub_flags(&extra)).await;
     let devices: Vec<String> = (1..=3).map(|i| format!("dev-{i}")).collect();
-    let _agents: Vec<Proc> = devices
-        .iter()
-        .map(|d| {
-            agent_with(
-                &hub.grpc_url(),
-                d,
-                &dir.path().join(format!("spool-{d}")),
-                "25ms",
-                Some(N),
-                &["--label", "site=north"],
-            )
-        })
-        .collect();
+    let _agents = agents(&hub, dir.path(), &devices, N);
 
     // The topics do not exist yet: the sinks say so, and keep everything for later.
     wait_until(
@@ -269,19 +274,7 @@ async fn elasticsearch_sink_indexes_every_sample_once_through_faults() {
     )
     .await;
     let mut devices: Vec<String> = (1..=2).map(|i| format!("pi-{i}")).collect();
-    let _agents: Vec<Proc> = devices
-        .iter()
-        .map(|d| {
-            agent_with(
-                &hub.grpc_url(),
-                d,
-                &dir.path().join(format!("spool-{d}")),
-                "25ms",
-                Some(N),
-                &["--label", "site=north"],
-            )
-        })
-        .collect();
+    let _agents = agents(&hub, dir.path(), &devices, N);
     ingest(&hub.grpc_url(), "old-1", 10, move |seq| {
         pi_sample(seq, old_start, 60_000, 0.0)
     })
@@ -449,18 +442,7 @@ async fn hubs_in_a_consumer_group_split_the_topic_and_take_over_from_a_dead_one(
     let devices: Vec<String> = (1..=6).map(|i| format!("dev-{i}")).collect();
     // 10 s of samples: the devices are still sending when a member dies.
     let n = 400;
-    let _agents: Vec<Proc> = devices
-        .iter()
-        .map(|d| {
-            agent(
-                &edge.grpc_url(),
-                d,
-                &dir.path().join(format!("spool-{d}")),
-                "25ms",
-                Some(n),
-            )
-        })
-        .collect();
+    let _agents = agents(&edge, dir.path(), &devices, n);
     // Both members get a share of the devices.
     let count = |h: &Hub| {
         let url = format!("{}/api/v1/devices", h.http_url());

@@ -33,7 +33,7 @@ pub const DEFAULT_TOPIC: &str = "shoal.telemetry.v1";
 /// The Elasticsearch index prefix when the URL names none: indices are `PREFIX-YYYY-MM`.
 pub const DEFAULT_INDEX_PREFIX: &str = "sensor";
 /// Most outbox entries a sink takes in one batch, unless its URL says `batch=N`.
-pub const DEFAULT_BATCH: usize = 1_000;
+pub const DEFAULT_BATCH: usize = 5_000;
 /// Longest pause between retries of a failing sink.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 

@@ -660,6 +660,25 @@ async fn main() -> anyhow::Result<()> {
         args.batch,
         humantime::format_duration(args.duration)
     );
+    // Sinks first read back what their engine has (Kafka) or install a template
+    // (Elasticsearch): the load starts once they are ready, so the lag measured is the
+    // steady state's.
+    if let (Some(s), Some(http)) = (&started, &http)
+        && args.hub_args.iter().any(|a| a.starts_with("--sink"))
+    {
+        let token = shoal_e2e::wait_for_admin_token(&s.data_dir)?;
+        let began = Instant::now();
+        while sinks_status(http, &token)
+            .await?
+            .iter()
+            .any(|s| s["state"] == "starting" || s["state"] == "retrying")
+        {
+            if began.elapsed() > Duration::from_secs(60) {
+                bail!("the hub's sinks were not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let start = Arc::new(Barrier::new(args.devices + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..args.devices)
