@@ -26,6 +26,30 @@ async fn sink(hub: &Hub, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no sink {name}"))
 }
 
+/// Waits until sink `name`'s last error says `needle`.
+async fn wait_sink_error(hub: &Hub, name: &str, needle: &str) {
+    wait_until(
+        &format!("{name}'s error: {needle}"),
+        Duration::from_secs(30),
+        || async {
+            sink(hub, name).await["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(needle))
+        },
+    )
+    .await;
+}
+
+/// The hub's `/metrics` text.
+async fn metrics_text(hub: &Hub) -> String {
+    http_get(&format!("{}/metrics", hub.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until every agent's samples are stored and every sink has delivered them.
 async fn wait_delivered(hub: &Hub, devices: &[String], n: u64, timeout: Duration) {
     for d in devices {
@@ -97,16 +121,7 @@ async fn kafka_sink_delivers_every_sample_once_in_order_through_broker_and_hub_c
     let _agents = agents(&hub, dir.path(), &devices, N);
 
     // The topics do not exist yet: the sinks say so, and keep everything for later.
-    wait_until(
-        "the sink to report the missing topic",
-        Duration::from_secs(30),
-        || async {
-            sink(&hub, "kafka").await["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("\"shoal.telemetry.v1\" does not exist"))
-        },
-    )
-    .await;
+    wait_sink_error(&hub, "kafka", "\"shoal.telemetry.v1\" does not exist").await;
     let (ok, text, _) = shoal_cli(&hub, &["sinks", "status"]);
     assert!(
         ok && text.contains("does not exist") && text.contains("retrying"),
@@ -212,12 +227,7 @@ async fn kafka_sink_delivers_every_sample_once_in_order_through_broker_and_hub_c
         .expect("a hello event");
     assert_eq!(hello["json"]["hello"]["labels"]["site"], "north");
 
-    let metrics = http_get(&format!("{}/metrics", hub.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&hub).await;
     assert!(
         metrics.contains("shoal_sink_lag_entries{sink=\"kafka\",kind=\"kafka\"} 0"),
         "{metrics}"
@@ -284,16 +294,7 @@ async fn elasticsearch_sink_indexes_every_sample_once_through_faults() {
         proxy.pending() == 0
     })
     .await;
-    wait_until(
-        "the dead-letter file's error",
-        Duration::from_secs(30),
-        || async {
-            sink(&hub, "elasticsearch").await["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("cannot write the dead-letter file"))
-        },
-    )
-    .await;
+    wait_sink_error(&hub, "elasticsearch", "cannot write the dead-letter file").await;
     assert!(
         sink(&hub, "elasticsearch").await["lag_entries"]
             .as_u64()
@@ -497,12 +498,7 @@ async fn hubs_in_a_consumer_group_split_the_topic_and_take_over_from_a_dead_one(
     let ids: BTreeSet<&str> = docs.iter().map(|d| d["_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), docs.len());
     assert_eq!(ids.len() as u64, devices.len() as u64 * n, "nothing lost");
-    let metrics = http_get(&format!("{}/metrics", b.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&b).await;
     assert!(
         metrics.contains("shoal_kafka_ingest_commits_total"),
         "{metrics}"
@@ -577,12 +573,7 @@ async fn sinks_come_from_flags_or_a_config_file_and_bad_ones_are_refused() {
     })
     .await
     .unwrap();
-    wait_until("the lake sink's error", Duration::from_secs(30), || async {
-        sink(&hub, "lake").await["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("127.0.0.1:1"))
-    })
-    .await;
+    wait_sink_error(&hub, "lake", "127.0.0.1:1").await;
     let lake = sink(&hub, "lake").await;
     assert_eq!(lake["state"], "retrying");
     assert_eq!(

@@ -13,7 +13,7 @@ pub mod kafka;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -818,7 +818,8 @@ async fn record_status_changes(
             (d.record.device_id, s)
         })
         .collect();
-    let retry = AtomicBool::new(false);
+    // Whether the last failure was logged (one warning per run of failures).
+    let mut warned = false;
     loop {
         if !pause(Duration::from_secs(1), &mut shutdown).await {
             break;
@@ -851,10 +852,10 @@ async fn record_status_changes(
         match writer.events(events).await {
             Ok(()) => {
                 known = next;
-                retry.store(false, Relaxed);
+                warned = false;
             }
             Err(e) => {
-                if !retry.swap(true, Relaxed) {
+                if !std::mem::replace(&mut warned, true) {
                     tracing::warn!(error = %e, "could not record device status changes; will try again");
                 }
             }
