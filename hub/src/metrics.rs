@@ -116,6 +116,10 @@ pub struct Metrics {
     pub commits: Counter,
     pub commit_ops: Counter,
     pub commit_failures: Counter,
+    /// Commits refused before they were tried: `[store full, store failed]`.
+    pub store_refusals: [Counter; 2],
+    /// Times the store was closed and reopened after a failed commit.
+    pub store_reopens: Counter,
     commit_micros_sum: Counter,
     commit_buckets: [Counter; COMMIT_BUCKETS.len()],
     pub grpc_connections: Counter,
@@ -241,6 +245,11 @@ impl Metrics {
             self.commit_failures.get(),
         );
         counter(
+            "shoal_store_reopens_total",
+            "Times the store was closed and reopened after a failed commit.",
+            self.store_reopens.get(),
+        );
+        counter(
             "shoal_store_commit_ops_total",
             "Hellos and batches applied by store commits.",
             self.commit_ops.get(),
@@ -261,6 +270,17 @@ impl Metrics {
             self.mqtt_slow_disconnects.get(),
         );
 
+        let _ = writeln!(
+            out,
+            "# HELP shoal_store_refused_commits_total Store commits refused before they were tried (nothing acknowledged), by reason.\n# TYPE shoal_store_refused_commits_total counter"
+        );
+        for (reason, c) in ["full", "failed"].iter().zip(&self.store_refusals) {
+            let _ = writeln!(
+                out,
+                "shoal_store_refused_commits_total{{reason=\"{reason}\"}} {}",
+                c.get()
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP shoal_ingest_samples_rejected_total Samples refused for good, by reason."

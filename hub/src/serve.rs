@@ -29,6 +29,8 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     pub data_dir: PathBuf,
+    /// How the store guards its disk.
+    pub store: crate::store::StorePolicy,
     pub thresholds: StatusThresholds,
     pub limits: IngestLimits,
     /// Also ingest from this external MQTT broker.
@@ -507,6 +509,9 @@ pub async fn run(
     let cluster = connect_cluster(&config).await?;
     let seldon_cluster = cluster.clone();
     let store = Store::open(&config.data_dir)?;
+    store
+        .health()
+        .set_min_free_bytes(config.store.min_free_bytes);
     let (auth, run_token) = open_auth(&config, &store)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
     let metrics = Arc::new(Metrics::default());
@@ -544,6 +549,11 @@ pub async fn run(
         "hub serving"
     );
 
+    let health_task = tokio::spawn(crate::store::writer::watch_health(
+        writer.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let consumer_stats = Arc::new(crate::platform::consume::ConsumerStats::default());
     let consumer_task = config.ingest_from.clone().map(|from| {
@@ -636,6 +646,7 @@ pub async fn run(
     }
     let _ = scheduler_task.await;
     let _ = scoring_task.await;
+    let _ = health_task.await;
     if let Some(t) = anchor_task {
         let _ = t.await;
     }
@@ -847,6 +858,11 @@ pub struct ServeArgs {
     /// Where the store lives (one redb file inside).
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = "./shoal-data/hub")]
     pub data_dir: PathBuf,
+    /// Stop taking telemetry while the data directory's filesystem has less free space than this
+    /// (e.g. 256MB, 2GB; 0 turns it off): agents are told "store full", keep spooling and come
+    /// back within a second of space being freed. /readyz reports it.
+    #[arg(long, env = "SHOAL_MIN_FREE_SPACE", value_name = "SIZE", value_parser = shoal_proto::size::parse, default_value = crate::store::DEFAULT_MIN_FREE)]
+    pub min_free_space: u64,
     /// Address for agents (gRPC).
     #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: String,
@@ -1237,6 +1253,9 @@ impl ServeArgs {
                 oidc: self.oidc()?,
             },
             data_dir: a.data_dir,
+            store: crate::store::StorePolicy {
+                min_free_bytes: a.min_free_space,
+            },
             thresholds: StatusThresholds {
                 stale_after: a.stale_after,
                 offline_after: a.offline_after,

@@ -80,6 +80,7 @@ pub async fn up(
         sinks: Vec::new(),
         ingest_from: None,
         data_dir: opts.data_dir.join("hub"),
+        store: crate::store::StorePolicy::default(),
         thresholds: StatusThresholds::default(),
         limits: IngestLimits::default(),
         mqtt_broker: None,

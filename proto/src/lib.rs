@@ -9,12 +9,14 @@
 //! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the
 //!   contract (the REST API, CLI and datasets use them).
 //! - [`device_id`]: what a valid device id is.
+//! - [`size`]: sizes as operators write them (`512MB`, `1GiB`).
 //! - [`mqtt`]: MQTT topic names and broker URLs; with feature `mqtt-client`, the client
 //!   settings agent and hub share.
 
 pub mod device_id;
 pub mod metrics;
 pub mod mqtt;
+pub mod size;
 
 /// Generated from `proto/shoal/v1`.
 #[allow(clippy::all, clippy::pedantic)]

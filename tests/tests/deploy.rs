@@ -83,6 +83,33 @@ fn base_renders_and_validates() {
             && yaml.contains("resources:\n  - jobs/status"),
         "the hub runs Kubernetes jobs with its own, namespaced permissions"
     );
+    probes_tell_liveness_from_readiness(&yaml);
+}
+
+/// Readiness is `/readyz` (ready only while the store takes writes), liveness `/healthz` (a
+/// full disk is no reason to restart the hub), for every hub.
+fn probes_tell_liveness_from_readiness(yaml: &str) {
+    let probes: Vec<(&str, &str)> = yaml
+        .split("Probe:")
+        .zip(yaml.split("Probe:").skip(1))
+        .map(|(before, after)| {
+            let kind = before.rsplit(char::is_whitespace).next().unwrap_or("");
+            let path = after
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("path: "))
+                .unwrap_or("");
+            (kind, path)
+        })
+        .filter(|(_, path)| path.ends_with("z"))
+        .collect();
+    assert!(!probes.is_empty(), "the hub has probes");
+    for (kind, path) in probes {
+        match kind {
+            "readiness" => assert_eq!(path, "/readyz"),
+            "liveness" => assert_eq!(path, "/healthz"),
+            other => panic!("unexpected probe {other:?} on {path}"),
+        }
+    }
 }
 
 #[test]
@@ -267,6 +294,7 @@ fn data_platform_renders_and_validates() {
 #[test]
 fn scale_out_overlay_wires_the_hubs_to_the_platform() {
     let yaml = render_and_validate("deploy/kubernetes/overlays/scale-out");
+    probes_tell_liveness_from_readiness(&yaml);
     assert!(yaml.contains("--sink=kafka://kafka-0.kafka-headless.shoal.svc:9092"));
     assert!(yaml.contains("--ingest-from=kafka://") && yaml.contains("group=shoal-hubs"));
     assert!(

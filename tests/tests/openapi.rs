@@ -21,6 +21,7 @@ use shoal_proto::v1::{
 /// hub must be added here, and documented: the test fails otherwise.
 const ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
+    ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/api/v1/devices"),
@@ -334,6 +335,7 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
 
     // (b) Real answers: ops.
     r.get("/healthz", "/healthz", 200).await;
+    r.get("/readyz", "/readyz", 200).await;
     r.call("get", "/metrics", "/metrics", None, 200).await;
 
     // Devices.

@@ -73,7 +73,27 @@ pub enum TransportError {
     },
 }
 
+/// The gRPC trailer in which a server says how long to wait before retrying.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
 impl TransportError {
+    /// How long the hub asked to wait before trying again (a full store, one reopening): the
+    /// agent comes back then rather than after its growing backoff, so it resumes promptly once
+    /// the hub can write.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let TransportError::Status(status) = self else {
+            return None;
+        };
+        let ms: u64 = status
+            .metadata()
+            .get(RETRY_PUSHBACK)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(Duration::from_millis(ms.clamp(50, 60_000)))
+    }
+
     /// The kind counted in `shoal_agent_errors_total`.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -161,7 +181,11 @@ impl Sender {
                 Err(e) => {
                     self.stats.record_error(e.kind(), &e);
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff.next_delay();
+                    let delay = match e.retry_after() {
+                        // Spread the fleet over [t, 1.5 t].
+                        Some(t) => t + t.mul_f64(fastrand::f64() / 2.0),
+                        None => backoff.next_delay(),
+                    };
                     tracing::warn!(hub = %self.hub, error = %e, retry_in = ?delay, "hub stream failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -271,6 +295,23 @@ mod tests {
         );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_hubs_pushback_sets_the_retry() {
+        let mut status = tonic::Status::unavailable("store full");
+        status
+            .metadata_mut()
+            .insert(RETRY_PUSHBACK, "1000".parse().unwrap());
+        assert_eq!(
+            TransportError::Status(status).retry_after(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            TransportError::Status(tonic::Status::unavailable("x")).retry_after(),
+            None
+        );
+        assert_eq!(TransportError::Closed.retry_after(), None);
     }
 
     #[test]

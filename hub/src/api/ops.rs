@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -10,12 +10,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::access::MetricsAuth;
+use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::store::series;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::default()
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
         .routes(routes!(metrics))
 }
 
@@ -26,7 +28,8 @@ pub struct Health {
     status: &'static str,
 }
 
-/// Liveness: answers while the hub serves.
+/// Liveness: answers while the hub serves. A full disk or a failed commit does not make the hub
+/// dead (it recovers by itself once it can write); that is what `/readyz` reports.
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -36,6 +39,32 @@ pub struct Health {
 )]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// Always `ready` (a hub that is not ready answers 503 with the reason).
+    #[schema(example = "ready")]
+    status: &'static str,
+}
+
+/// Readiness: ready only while the store takes writes (free space above `--min-free-space`,
+/// and no failed commit it has not recovered from). A hub that is not ready still serves reads.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    security(()),
+    responses(
+        (status = 200, description = "The store takes writes", body = Readiness),
+        (status = 503, description = "The store refuses writes for now (a full disk, a failed commit); the error says which", body = ErrorBody),
+    ),
+)]
+pub async fn readyz(State(s): State<AppState>) -> Result<Json<Readiness>, ApiError> {
+    match s.store.health().state().reason() {
+        None => Ok(Json(Readiness { status: "ready" })),
+        Some(why) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)),
+    }
 }
 
 /// Prometheus metrics: ingest counters, HTTP requests by route and status, devices by status.
@@ -58,6 +87,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         counts[s.thresholds.status(d.record.last_seen_ms, now) as usize].1 += 1;
     }
     let mut text = s.metrics.render(&counts);
+    text.push_str(&store_metrics(&s));
     text.push_str(&scoring_metrics(&s));
     text.push_str(&provenance_metrics(&s));
     let sinks = s.sinks.clone();
@@ -144,6 +174,30 @@ fn scoring_metrics(s: &AppState) -> String {
             );
         }
     }
+    out
+}
+
+/// Whether the store takes writes, and the free space it watches.
+fn store_metrics(s: &AppState) -> String {
+    use std::fmt::Write;
+    let health = s.store.health();
+    let mut out = String::new();
+    let writable = u8::from(health.state().is_writable());
+    let _ = writeln!(
+        out,
+        "# HELP shoal_store_writable 1 while the store takes writes, 0 while it refuses them (full disk, failed commit)\n# TYPE shoal_store_writable gauge\nshoal_store_writable {writable}"
+    );
+    if let Ok(free) = crate::store::health::free_bytes(s.store.dir()) {
+        let _ = writeln!(
+            out,
+            "# HELP shoal_store_free_bytes Bytes free on the data directory's filesystem\n# TYPE shoal_store_free_bytes gauge\nshoal_store_free_bytes {free}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP shoal_store_min_free_bytes The low-disk watermark (--min-free-space)\n# TYPE shoal_store_min_free_bytes gauge\nshoal_store_min_free_bytes {}",
+        health.min_free_bytes()
+    );
     out
 }
 

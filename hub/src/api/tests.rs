@@ -396,6 +396,7 @@ fn every_operation_states_the_role_it_needs() {
     let rules = super::rules(MetricsAuth::Open);
     for (method, route, rule) in [
         (Method::GET, "/healthz", Rule::Open),
+        (Method::GET, "/readyz", Rule::Open),
         (Method::GET, "/metrics", Rule::Open),
         (Method::GET, "/api/v1/devices", Rule::Needs(Role::Viewer)),
         (Method::POST, "/api/v1/jobs", Rule::Needs(Role::Scientist)),

@@ -337,9 +337,9 @@ async fn first_hello(
 /// Registers the hello's device; the welcome says how far the hub has its samples.
 async fn open(ingestor: &Ingestor, hello: DeviceHello) -> Result<(String, Welcome), Status> {
     let device_id = hello.device_id.clone();
-    let welcome = ingestor.hello(hello).await.map_err(|e| match e {
+    let welcome = ingestor.hello(hello).await.map_err(|e| match &e {
         HelloError::InvalidId { .. } => Status::invalid_argument(e.to_string()),
-        HelloError::Store(_) => Status::unavailable(e.to_string()),
+        HelloError::Store(se) => store_status(e.to_string(), se),
     })?;
     Ok((device_id, welcome))
 }
@@ -392,9 +392,7 @@ async fn ingest_batches(
             Ok(ack) => ack,
             Err(e) => {
                 let _ = tx
-                    .send(Err(Status::unavailable(format!(
-                        "hub store unavailable: {e}"
-                    ))))
+                    .send(Err(store_status(format!("hub store unavailable: {e}"), &e)))
                     .await;
                 break;
             }
@@ -410,4 +408,17 @@ async fn ingest_batches(
         }
     }
     tracing::debug!(device_id = %device_id, "device stream ended");
+}
+
+/// UNAVAILABLE for a store that cannot take the data now; with a refusal that passes by itself
+/// (a full disk, a reopen), the `grpc-retry-pushback-ms` trailer tells the agent when to come
+/// back.
+fn store_status(message: String, e: &crate::store::StoreError) -> Status {
+    let mut status = Status::unavailable(message);
+    if let Some(after) = e.retry_after()
+        && let Ok(v) = after.as_millis().to_string().parse()
+    {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
 }

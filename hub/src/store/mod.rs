@@ -19,6 +19,7 @@
 //! This module is the only one that opens tables or transactions; [`writer`] (the ingest
 //! writer thread) and [`series`] (time ranges, downsampling) belong to it.
 
+pub mod health;
 pub mod outbox;
 pub mod records;
 pub mod series;
@@ -27,7 +28,8 @@ pub mod writer;
 pub use records::{RecordTable, RecordWrite};
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -47,6 +49,17 @@ pub enum StoreError {
     Db(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// Writes are refused for now (the disk under the watermark, or the store reopening after
+    /// a failed commit); nothing was written.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StoreError {
+    /// When the caller should try again, for refusals that pass by themselves.
+    pub fn retry_after(&self) -> Option<Duration> {
+        matches!(self, StoreError::Refused(_)).then_some(health::RETRY_AFTER)
+    }
 }
 
 macro_rules! db_err {
@@ -66,6 +79,26 @@ db_err!(
     redb::CommitError
 );
 
+/// How the store guards its disk (`--min-free-space`).
+#[derive(Debug, Clone)]
+pub struct StorePolicy {
+    /// Writes are refused while the data directory's filesystem has less free space than
+    /// this; 0 turns the watermark off.
+    pub min_free_bytes: u64,
+}
+
+/// The default low-disk watermark: room for the store to finish what it is doing and for an
+/// operator to act, small enough for an SD card.
+pub const DEFAULT_MIN_FREE: &str = "256MB";
+
+impl Default for StorePolicy {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: shoal_proto::size::parse(DEFAULT_MIN_FREE).expect("a size"),
+        }
+    }
+}
+
 /// A loaded device: its key, record and highest stored seq.
 #[derive(Debug, Clone)]
 pub struct LoadedDevice {
@@ -76,7 +109,15 @@ pub struct LoadedDevice {
 
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    path: PathBuf,
+    /// `None` only while the database is being reopened.
+    db: RwLock<Option<Arc<Database>>>,
+    health: health::Health,
 }
 
 impl Store {
@@ -96,17 +137,67 @@ impl Store {
         txn.open_table(DEVICES)?;
         txn.open_table(SAMPLES)?;
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: data_dir.to_path_buf(),
+                path,
+                db: RwLock::new(Some(Arc::new(db))),
+                health: health::Health::default(),
+            }),
+        })
     }
 
     /// The database, for the storage layer's own modules only.
-    pub(crate) fn db(&self) -> &Database {
-        &self.db
+    pub(crate) fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.inner
+            .db
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or_else(|| StoreError::Refused("the store is being reopened".into()))
+    }
+
+    /// The directory holding the store.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Whether writes go through now, and the low-disk watermark.
+    pub fn health(&self) -> &health::Health {
+        &self.inner.health
+    }
+
+    /// Closes and reopens the database file, which is what redb needs after a failed commit.
+    /// Called by the writer thread only, between transactions. Readers see
+    /// [`StoreError::Refused`] for the moment it takes.
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
+        let old = self.inner.db.write().expect("store lock").take();
+        drop(old);
+        // A reader may still hold the old handle for the length of its transaction; its file
+        // lock goes with it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match Database::create(&self.inner.path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    return Err(StoreError::Open {
+                        path: self.inner.path.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        };
+        *self.inner.db.write().expect("store lock") = Some(Arc::new(db));
+        tracing::warn!(path = %self.inner.path.display(), "reopened the store");
+        Ok(())
     }
 
     /// Every known device, with the highest seq stored for it.
     pub fn load_devices(&self) -> Result<Vec<LoadedDevice>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let devices = txn.open_table(DEVICES)?;
         let samples = txn.open_table(SAMPLES)?;
         let mut out = Vec::new();
@@ -136,7 +227,7 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Sample>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let mut out = Vec::new();
         for row in samples
@@ -151,7 +242,7 @@ impl Store {
 
     /// The newest sample of device `key`.
     pub fn latest(&self, key: u32) -> Result<Option<Sample>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let last = samples
             .range((key, 0)..=(key, u64::MAX))?
@@ -163,7 +254,7 @@ impl Store {
     /// How many samples device `key` has in `[from_ms, to_ms)`, from two binary searches (exact
     /// when its seqs have no gaps; an estimate for progress otherwise).
     pub fn count_time_range(&self, key: u32, from_ms: i64, to_ms: i64) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let lo = first_seq_at_or_after(&samples, key, from_ms)?;
         let hi = first_seq_at_or_after(&samples, key, to_ms)?;
@@ -180,7 +271,7 @@ impl Store {
         to_ms: i64,
         mut f: impl FnMut(&Sample),
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
         let lo = first_seq_at_or_after(&samples, key, from_ms)?;
         for row in samples.range((key, lo)..=(key, u64::MAX))? {

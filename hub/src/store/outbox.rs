@@ -96,7 +96,7 @@ fn corrupt(offset: u64) -> StoreError {
 impl Store {
     /// Creates the outbox tables if they do not exist yet.
     pub(crate) fn create_outbox(&self) -> Result<(), StoreError> {
-        let txn = self.db().begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.open_table(OUTBOX)?;
         txn.open_table(SINK_CURSORS)?;
         txn.commit()?;
@@ -106,7 +106,7 @@ impl Store {
     /// The outbox's extent. The last offset ever written survives trimming: the writer keeps it
     /// in the `sink_cursors` table under an empty name.
     pub fn outbox_bounds(&self) -> Result<OutboxBounds, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let cursors = txn.open_table(SINK_CURSORS)?;
         let first = outbox.first()?.map(|(k, _)| k.value());
@@ -121,7 +121,7 @@ impl Store {
     /// Up to `limit` entries after `cursor`, in offset order, with their samples read from the
     /// same snapshot.
     pub fn outbox_after(&self, cursor: u64, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let samples = txn.open_table(SAMPLES)?;
         let devices = txn.open_table(DEVICES)?;
@@ -179,7 +179,7 @@ impl Store {
 
     /// The commit time of the first entry after `cursor`, if there is one.
     pub fn outbox_oldest_after(&self, cursor: u64) -> Result<Option<i64>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let first = outbox
             .range(cursor.saturating_add(1)..)?
@@ -194,7 +194,7 @@ impl Store {
 
     /// The last offset sink `name` delivered, if it ever delivered one.
     pub fn sink_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let cursors = txn.open_table(SINK_CURSORS)?;
         Ok(cursors.get(name)?.map(|v| v.value()))
     }
@@ -202,7 +202,7 @@ impl Store {
     /// Records durably that sink `name` delivered everything up to `offset`.
     pub fn set_sink_cursor(&self, name: &str, offset: u64) -> Result<(), StoreError> {
         debug_assert!(!name.is_empty());
-        let txn = self.db().begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.open_table(SINK_CURSORS)?.insert(name, offset)?;
         txn.commit()?;
         Ok(())
@@ -210,7 +210,7 @@ impl Store {
 
     /// Deletes up to `max` entries at or below `up_to`; returns how many it deleted.
     pub fn trim_outbox(&self, up_to: u64, max: usize) -> Result<usize, StoreError> {
-        let txn = self.db().begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let n;
         {
             let mut outbox = txn.open_table(OUTBOX)?;

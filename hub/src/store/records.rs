@@ -45,7 +45,7 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 impl Store {
     /// Creates `tables` if they do not exist yet.
     pub fn create_record_tables(&self, tables: &[RecordTable]) -> Result<(), StoreError> {
-        let txn = self.db().begin_write()?;
+        let txn = self.db()?.begin_write()?;
         for t in tables {
             txn.open_table(t.def())?;
         }
@@ -55,7 +55,7 @@ impl Store {
 
     /// Applies `writes` in one transaction: all of them or (on error) none.
     pub fn write_records(&self, writes: &[RecordWrite<'_>]) -> Result<(), StoreError> {
-        let txn = self.db().begin_write()?;
+        let txn = self.db()?.begin_write()?;
         for w in writes {
             match w {
                 RecordWrite::Put(t, key, value) => {
@@ -76,14 +76,14 @@ impl Store {
         table: RecordTable,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(table.def())?;
         t.get(key)?.map(|v| parse(v.value())).transpose()
     }
 
     /// Every record of `table`, in key order.
     pub fn records<T: DeserializeOwned>(&self, table: RecordTable) -> Result<Vec<T>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(table.def())?;
         let mut out = Vec::new();
         for row in t.iter()? {

@@ -21,6 +21,7 @@ use redb::ReadableTable;
 use shoal_proto::v1::{DeviceEvent, DeviceHello, device_event};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
 use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
 use crate::metrics::Metrics;
@@ -124,6 +125,32 @@ enum Op {
         events: Vec<DeviceEvent>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Re-checks whether the store takes writes (free space, a reopen after a failed commit)
+    /// with an empty commit, so that readiness recovers without waiting for traffic.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Op {
+    fn refuse(self, e: &StoreError) {
+        let err = || match e {
+            StoreError::Refused(m) => StoreError::Refused(m.clone()),
+            StoreError::Db(m) => StoreError::Db(m.clone()),
+            other => StoreError::Db(other.to_string()),
+        };
+        match self {
+            Op::Hello { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+            Op::Batch { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+            Op::Events { reply, .. } | Op::Probe { reply } => {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
 }
 
 /// Handle to the writer thread; cheap to clone. The thread ends when every handle is dropped.
@@ -153,7 +180,7 @@ impl Writer {
     ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
         let next = if outbox {
             store.create_outbox()?;
-            let txn = store.db().begin_write()?;
+            let txn = store.db()?.begin_write()?;
             let next = outbox::next_offset(&txn)?;
             txn.abort()?;
             Some(next)
@@ -180,6 +207,17 @@ impl Writer {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Events { events, reply })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Checks whether the store takes writes now (reopening it after a failed commit once
+    /// writing works again), with an empty commit; the outcome is in [`Store::health`].
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Probe { reply })
             .await
             .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
@@ -220,6 +258,25 @@ impl Writer {
     }
 }
 
+/// Probes the store every second while it refuses writes, or while the disk is under the
+/// watermark, so that readiness recovers (and the state shows the disk filling) without
+/// waiting for the next batch.
+pub async fn watch_health(writer: Writer, store: Store, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(health::RETRY_AFTER);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let min_free = store.health().min_free_bytes();
+        let low = min_free > 0 && health::free_bytes(store.dir()).is_ok_and(|free| free < min_free);
+        if low || !store.health().state().is_writable() {
+            let _ = writer.probe().await;
+        }
+    }
+}
+
 fn closed() -> StoreError {
     StoreError::Db("the store writer has stopped".into())
 }
@@ -233,6 +290,7 @@ fn write_loop(
     committed: watch::Sender<u64>,
 ) {
     let mut next_key = fleet.all().iter().map(|d| d.key).max().unwrap_or(0) + 1;
+    let mut gate = Gate::default();
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_GROUP {
@@ -241,12 +299,21 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        if let Err(e) = gate.check(&store, &metrics) {
+            for op in ops {
+                op.refuse(&e);
+            }
+            continue;
+        }
         let started = Instant::now();
         let key_before = next_key;
         let offset_before = next_offset;
         match apply(&store, &fleet, &ops, &mut next_key, &mut next_offset) {
             Ok(applied) => {
                 metrics.observe_commit(started.elapsed(), ops.len());
+                if !store.health().state().is_writable() {
+                    store.health().set(WriteState::Writable);
+                }
                 if let Some(next) = next_offset
                     && Some(next) != offset_before
                 {
@@ -267,7 +334,7 @@ fn write_loop(
                         (Op::Batch { reply, .. }, OpResult::Batch(outcome)) => {
                             let _ = reply.send(Ok(outcome));
                         }
-                        (Op::Events { reply, .. }, OpResult::Events) => {
+                        (Op::Events { reply, .. } | Op::Probe { reply }, OpResult::Done) => {
                             let _ = reply.send(Ok(()));
                         }
                         (Op::Batch { reply, .. }, OpResult::UnknownDevice(id)) => {
@@ -284,18 +351,13 @@ fn write_loop(
                 next_offset = offset_before;
                 tracing::error!(error = %e, ops = ops.len(), "store commit failed; nothing of it is acknowledged");
                 metrics.commit_failures.inc();
+                // redb refuses every later transaction of this handle after an I/O error:
+                // the gate reopens the store before the next commit.
+                store.health().set(WriteState::Failed {
+                    error: e.to_string(),
+                });
                 for op in ops {
-                    match op {
-                        Op::Hello { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Db(e.to_string())));
-                        }
-                        Op::Batch { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Db(e.to_string())));
-                        }
-                        Op::Events { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Db(e.to_string())));
-                        }
-                    }
+                    op.refuse(&e);
                 }
             }
         }
@@ -305,8 +367,75 @@ fn write_loop(
 enum OpResult {
     Hello(u64),
     Batch(BatchOutcome),
-    Events,
+    /// Events recorded, or a probe's empty commit done.
+    Done,
     UnknownDevice(String),
+}
+
+/// Decides, before each commit, whether the store may be written: free space above the
+/// watermark, and a store that is not latched by a failed commit (reopened here, at most once
+/// a second, when it is).
+#[derive(Default)]
+struct Gate {
+    last_reopen: Option<Instant>,
+    statvfs_warned: bool,
+}
+
+impl Gate {
+    fn check(&mut self, store: &Store, metrics: &Metrics) -> Result<(), StoreError> {
+        let health = store.health();
+        let min_free = health.min_free_bytes();
+        if min_free > 0 {
+            match health::free_bytes(store.dir()) {
+                Ok(free) if free < min_free => {
+                    health.set(WriteState::Full {
+                        free_bytes: free,
+                        min_free_bytes: min_free,
+                    });
+                    metrics.store_refusals[0].inc();
+                    return Err(StoreError::Refused(
+                        health.state().reason().unwrap_or_default(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if !self.statvfs_warned => {
+                    self.statvfs_warned = true;
+                    tracing::warn!(error = %e, "cannot read the data directory's free space; the low-disk watermark is not enforced");
+                }
+                Err(_) => {}
+            }
+        }
+        match health.state() {
+            WriteState::Writable => return Ok(()),
+            WriteState::Full { .. } => {}
+            WriteState::Failed { error } => {
+                if self
+                    .last_reopen
+                    .is_some_and(|t| t.elapsed() < health::RETRY_AFTER)
+                {
+                    metrics.store_refusals[1].inc();
+                    return Err(StoreError::Refused(format!(
+                        "the store's last commit failed ({error}); it is reopened as soon as writing works again"
+                    )));
+                }
+                self.last_reopen = Some(Instant::now());
+                metrics.store_reopens.inc();
+                if let Err(e) = store.reopen() {
+                    health.set(WriteState::Failed {
+                        error: e.to_string(),
+                    });
+                    metrics.store_refusals[1].inc();
+                    return Err(StoreError::Refused(format!(
+                        "the store cannot be reopened yet: {e}"
+                    )));
+                }
+                // Writable again once a commit on the new handle succeeds.
+                return Ok(());
+            }
+        }
+        health.set(WriteState::Writable);
+        Ok(())
+    }
 }
 
 struct Applied {
@@ -321,12 +450,12 @@ fn apply(
     next_key: &mut u32,
     next_offset: &mut Option<u64>,
 ) -> Result<Applied, StoreError> {
-    let txn = store.db().begin_write()?;
+    let txn = store.db()?.begin_write()?;
     let committed_ms = ops
         .iter()
         .map(|op| match op {
             Op::Hello { now_ms, .. } | Op::Batch { now_ms, .. } => *now_ms,
-            Op::Events { .. } => 0,
+            Op::Events { .. } | Op::Probe { .. } => 0,
         })
         .max()
         .unwrap_or(0)
@@ -419,8 +548,9 @@ fn apply(
                     for e in events {
                         append(Append::Event(e))?;
                     }
-                    results.push(OpResult::Events);
+                    results.push(OpResult::Done);
                 }
+                Op::Probe { .. } => results.push(OpResult::Done),
             }
         }
     }
