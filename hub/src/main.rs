@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::sinks::SinksCommand,
     },
+    /// The hub's telemetry store: size, oldest sample, growth, retention, free disk.
+    Store {
+        #[command(subcommand)]
+        command: cli::store::StoreCommand,
+    },
     /// Signing keys for model provenance (local; no hub needed).
     Keys {
         #[command(subcommand)]
@@ -225,6 +230,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Models { command } => command.run(&client, output).await,
         Command::Alerts { command } => command.run(&client, output).await,
         Command::Sinks { command } => command.run(&client, output).await,
+        Command::Store { command } => command.run(&client, output).await,
         Command::Keys { command } => command.run(output),
         Command::Telemetry(args) => args.run(&client, output).await,
         Command::Tokens { command } => command.run(&client, output).await,

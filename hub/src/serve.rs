@@ -203,6 +203,23 @@ impl HubConfig {
                 });
             }
         }
+        if self
+            .store
+            .retention
+            .max_age
+            .is_some_and(|a| a < Duration::from_secs(60))
+        {
+            return Err(HubError::Config {
+                field: "retention",
+                reason: "must be at least 1m (samples younger than that are still arriving)".into(),
+            });
+        }
+        if self.store.retention.max_size.is_some_and(|s| s < 1_000_000) {
+            return Err(HubError::Config {
+                field: "retention-size",
+                reason: "must be at least 1MB".into(),
+            });
+        }
         if self.limits.max_message_bytes < 64 * 1024 {
             return Err(HubError::Config {
                 field: "max-message-size",
@@ -554,6 +571,11 @@ pub async fn run(
         store.clone(),
         shutdown.clone(),
     ));
+    let retention_task = tokio::spawn(crate::store::retention::run(
+        store.clone(),
+        config.store.retention.clone(),
+        shutdown.clone(),
+    ));
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let consumer_stats = Arc::new(crate::platform::consume::ConsumerStats::default());
     let consumer_task = config.ingest_from.clone().map(|from| {
@@ -647,6 +669,7 @@ pub async fn run(
     let _ = scheduler_task.await;
     let _ = scoring_task.await;
     let _ = health_task.await;
+    let _ = retention_task.await;
     if let Some(t) = anchor_task {
         let _ = t.await;
     }
@@ -863,6 +886,15 @@ pub struct ServeArgs {
     /// back within a second of space being freed. /readyz reports it.
     #[arg(long, env = "SHOAL_MIN_FREE_SPACE", value_name = "SIZE", value_parser = shoal_proto::size::parse, default_value = crate::store::DEFAULT_MIN_FREE)]
     pub min_free_space: u64,
+    /// Delete samples older than this (by their own timestamp), e.g. 30d or 12h; each device's
+    /// newest sample, what the sinks have not forwarded and what a dataset export is reading
+    /// are kept. Default: keep everything.
+    #[arg(long, env = "SHOAL_RETENTION", value_name = "AGE", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Keep the store file under this size (e.g. 50GB) by deleting the oldest samples first;
+    /// freed space is reused, so the file stops growing rather than shrinking.
+    #[arg(long, env = "SHOAL_RETENTION_SIZE", value_name = "SIZE", value_parser = shoal_proto::size::parse)]
+    pub retention_size: Option<u64>,
     /// Address for agents (gRPC).
     #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: String,
@@ -1255,6 +1287,10 @@ impl ServeArgs {
             data_dir: a.data_dir,
             store: crate::store::StorePolicy {
                 min_free_bytes: a.min_free_space,
+                retention: crate::store::retention::RetentionPolicy {
+                    max_age: a.retention,
+                    max_size: a.retention_size,
+                },
             },
             thresholds: StatusThresholds {
                 stale_after: a.stale_after,

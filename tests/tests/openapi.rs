@@ -59,6 +59,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/alerts/{id}/ack"),
     ("get", "/api/v1/provenance"),
     ("get", "/api/v1/sinks"),
+    ("get", "/api/v1/store"),
     ("post", "/api/v1/provenance"),
 ];
 
@@ -840,6 +841,8 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
     .await;
     r.call("get", "/api/v1/sinks", "/api/v1/sinks", None, 200)
         .await;
+    let store = r.get("/api/v1/store", "/api/v1/store", 200).await;
+    assert_eq!(store["write_state"]["state"], "writable", "{store}");
     r.call(
         "post",
         "/api/v1/alerts/{id}/ack",

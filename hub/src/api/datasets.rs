@@ -255,6 +255,15 @@ fn read_rows(
     to: i64,
     rows_tx: mpsc::Sender<Msg>,
 ) -> Result<(), String> {
+    // Retention leaves the window alone until every row is read.
+    let _hold = store.hold(
+        format!(
+            "a dataset export of {} device(s) from {}",
+            devices.len(),
+            crate::store::series::rfc3339_ms(from)
+        ),
+        from,
+    );
     let total: u64 = devices
         .iter()
         .map(|d| store.count_time_range(d.key, from, to).unwrap_or(0))

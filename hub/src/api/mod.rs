@@ -23,6 +23,7 @@ pub mod provenance;
 pub mod schemas;
 pub mod sinks;
 pub mod state;
+pub mod store;
 pub mod tokens;
 pub mod v2_grpc;
 
@@ -95,6 +96,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .merge(models::routes())
         .merge(provenance::routes())
         .merge(sinks::routes())
+        .merge(store::routes())
 }
 
 /// The OpenAPI 3.1 document of [`router`]'s routes.

@@ -450,6 +450,7 @@ fn every_operation_states_the_role_it_needs() {
         ),
         (Method::GET, "/api/v1/provenance", Rule::Needs(Role::Viewer)),
         (Method::GET, "/api/v1/sinks", Rule::Needs(Role::Viewer)),
+        (Method::GET, "/api/v1/store", Rule::Needs(Role::Viewer)),
         (
             Method::POST,
             "/api/v1/provenance",

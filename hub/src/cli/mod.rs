@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod models;
 pub mod runs;
 pub mod sinks;
+pub mod store;
 pub mod telemetry;
 
 pub use client::{CliError, Client, Output};

@@ -22,6 +22,7 @@
 pub mod health;
 pub mod outbox;
 pub mod records;
+pub mod retention;
 pub mod series;
 pub mod writer;
 
@@ -85,6 +86,8 @@ pub struct StorePolicy {
     /// Writes are refused while the data directory's filesystem has less free space than
     /// this; 0 turns the watermark off.
     pub min_free_bytes: u64,
+    /// How long, and how many bytes of, samples are kept.
+    pub retention: retention::RetentionPolicy,
 }
 
 /// The default low-disk watermark: room for the store to finish what it is doing and for an
@@ -95,6 +98,7 @@ impl Default for StorePolicy {
     fn default() -> Self {
         Self {
             min_free_bytes: shoal_proto::size::parse(DEFAULT_MIN_FREE).expect("a size"),
+            retention: Default::default(),
         }
     }
 }
@@ -118,6 +122,9 @@ struct Inner {
     /// `None` only while the database is being reopened.
     db: RwLock<Option<Arc<Database>>>,
     health: health::Health,
+    holds: retention::Holds,
+    retention: std::sync::Mutex<retention::RetentionStatus>,
+    policy: RwLock<retention::RetentionPolicy>,
 }
 
 impl Store {
@@ -137,12 +144,16 @@ impl Store {
         txn.open_table(DEVICES)?;
         txn.open_table(SAMPLES)?;
         txn.commit()?;
+        retention::ensure_meta(&db)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: data_dir.to_path_buf(),
                 path,
                 db: RwLock::new(Some(Arc::new(db))),
                 health: health::Health::default(),
+                holds: Default::default(),
+                retention: Default::default(),
+                policy: Default::default(),
             }),
         })
     }
@@ -295,7 +306,7 @@ fn decode(bytes: &[u8]) -> Result<Sample, StoreError> {
 /// The smallest seq of device `key` whose sample is at or after `ts_ms` (one past the last seq
 /// when none is), by binary search over seq.
 fn first_seq_at_or_after(
-    samples: &redb::ReadOnlyTable<(u32, u64), &[u8]>,
+    samples: &impl ReadableTable<(u32, u64), &'static [u8]>,
     key: u32,
     ts_ms: i64,
 ) -> Result<u64, StoreError> {

@@ -52,6 +52,16 @@ pub(crate) fn encode(entry: &Append<'_>, committed_ms: i64) -> Vec<u8> {
     out
 }
 
+/// The `(device key, seq)` an encoded entry names, when it names a sample.
+pub(crate) fn sample_ref(entry: &[u8]) -> Option<(u32, u64)> {
+    if entry.first() != Some(&TAG_SAMPLE) || entry.len() != 21 {
+        return None;
+    }
+    let key = u32::from_le_bytes(entry[9..13].try_into().ok()?);
+    let seq = u64::from_le_bytes(entry[13..21].try_into().ok()?);
+    Some((key, seq))
+}
+
 /// What an entry carries, resolved for delivery.
 #[derive(Debug, Clone)]
 pub enum Item {

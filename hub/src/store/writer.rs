@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
+use super::retention;
 use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
@@ -467,6 +468,7 @@ fn apply(
         let mut keys = txn.open_table(DEVICE_KEYS)?;
         let mut devices = txn.open_table(DEVICES)?;
         let mut samples = txn.open_table(SAMPLES)?;
+        let (mut added_bytes, mut added) = (0u64, 0u64);
         let mut log = match next_offset {
             Some(_) => Some(txn.open_table(OUTBOX)?),
             None => None,
@@ -527,6 +529,8 @@ fn apply(
                             row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
                         if new {
                             samples.insert((state.key, row.seq), row.bytes.as_slice())?;
+                            added_bytes += retention::row_bytes(row.bytes.len());
+                            added += 1;
                             append(Append::Sample {
                                 key: state.key,
                                 seq: row.seq,
@@ -552,6 +556,13 @@ fn apply(
                 }
                 Op::Probe { .. } => results.push(OpResult::Done),
             }
+        }
+        if added > 0 {
+            let mut meta = txn.open_table(retention::META)?;
+            let b = meta.get(retention::SAMPLE_BYTES)?.map_or(0, |v| v.value());
+            let c = meta.get(retention::SAMPLE_COUNT)?.map_or(0, |v| v.value());
+            meta.insert(retention::SAMPLE_BYTES, b + added_bytes)?;
+            meta.insert(retention::SAMPLE_COUNT, c + added)?;
         }
     }
     txn.commit()?;
