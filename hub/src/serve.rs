@@ -576,6 +576,7 @@ pub async fn run(
         config.store.retention.clone(),
         shutdown.clone(),
     ));
+    let rollup_task = tokio::spawn(crate::store::rollup::run(store.clone(), shutdown.clone()));
     let ingestor = Ingestor::new(writer, metrics.clone(), config.limits);
     let consumer_stats = Arc::new(crate::platform::consume::ConsumerStats::default());
     let consumer_task = config.ingest_from.clone().map(|from| {
@@ -670,6 +671,7 @@ pub async fn run(
     let _ = scoring_task.await;
     let _ = health_task.await;
     let _ = retention_task.await;
+    let _ = rollup_task.await;
     if let Some(t) = anchor_task {
         let _ = t.await;
     }
@@ -895,6 +897,13 @@ pub struct ServeArgs {
     /// freed space is reused, so the file stops growing rather than shrinking.
     #[arg(long, env = "SHOAL_RETENTION_SIZE", value_name = "SIZE", value_parser = shoal_proto::size::parse)]
     pub retention_size: Option<u64>,
+    /// Keep minute rollups (what charts of a day or so read) this long; `0` keeps them forever.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration, default_value = crate::store::retention::DEFAULT_ROLLUPS_1M)]
+    pub retention_1m: Duration,
+    /// Keep hour rollups (what charts of weeks and months read) this long; `0` keeps them
+    /// forever.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration, default_value = crate::store::retention::DEFAULT_ROLLUPS_1H)]
+    pub retention_1h: Duration,
     /// Address for agents (gRPC).
     #[arg(long, env = "SHOAL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: String,
@@ -1290,6 +1299,8 @@ impl ServeArgs {
                 retention: crate::store::retention::RetentionPolicy {
                     max_age: a.retention,
                     max_size: a.retention_size,
+                    rollups_1m: Some(a.retention_1m).filter(|d| !d.is_zero()),
+                    rollups_1h: Some(a.retention_1h).filter(|d| !d.is_zero()),
                 },
             },
             thresholds: StatusThresholds {

@@ -44,30 +44,45 @@ async fn retention_deletes_what_is_old_and_a_crash_mid_pass_loses_nothing_kept()
         assert!(status["retention"]["max_age_seconds"].is_null());
     }
 
-    // Keep one hour. Kill the hub while its first passes run, several times.
+    // Keep one hour. Kill the hub again and again in its first pass (its work goes on from
+    // where the last one stopped), counting what the store holds after each kill, until a kill has
+    // landed while samples were being deleted.
     let keep = Duration::from_secs(3600);
-    let mut delays = [0u64, 40, 80, 160].into_iter();
-    let mut hub;
+    let total = DEVICES * PER_DEVICE + 3;
+    let about_kept = DEVICES * (keep.as_millis() as u64 / STEP_MS as u64);
     let mut seen = Vec::new();
-    loop {
-        hub = Hub::start_on(&data, free_port(), free_port(), &["--retention", "1h"]).await;
-        let Some(ms) = delays.next() else { break };
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        seen.push(hub.get("/api/v1/store").await["samples"].as_u64().unwrap());
-        hub.proc.kill9();
+    for i in 0..40u64 {
+        let mut cmd = std::process::Command::new(bin("shoal"));
+        cmd.args(["serve", "--device-auth", "none", "--retention", "1h"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::process::Stdio::null());
+        let mut proc = Proc::spawn("shoal serve", cmd);
+        // Longer each time, until one run outlasts the start and a transaction of the pass.
+        tokio::time::sleep(Duration::from_millis(300 + 100 * i)).await;
+        proc.kill9();
+        let store = shoal_hub::store::Store::open(&data).expect("the store opens after a kill");
+        let n = store.sample_totals().unwrap().1;
+        seen.push(n);
+        if n < total && n > about_kept + 5_000 {
+            break;
+        }
     }
+    let hub = Hub::start_on(&data, free_port(), free_port(), &["--retention", "1h"]).await;
     wait_until("retention to finish", Duration::from_secs(60), || async {
-        let s = hub.get("/api/v1/store").await;
-        s["retention_status"]["last_pass_ms"].is_i64()
-            && s["samples"].as_u64() < Some(DEVICES * PER_DEVICE)
+        hub.get("/api/v1/store").await["retention_status"]["last_pass_ms"].is_i64()
     })
     .await;
-
     let done = hub.get("/api/v1/store").await["samples"].as_u64().unwrap();
     assert!(
-        seen.iter()
-            .any(|n| *n > done + 1_000 && *n < DEVICES * PER_DEVICE + 3),
-        "a kill landed in the middle of a pass: {seen:?}, {done} at the end"
+        seen.iter().any(|n| *n > done + 1_000 && *n < total),
+        "a kill landed while a pass was deleting: {seen:?}, {done} at the end"
     );
 
     // What must stay, by the samples' own timestamps (the cut moves on with the clock, so the

@@ -215,6 +215,11 @@ struct SeriesView {
     /// End of the window, epoch milliseconds.
     to: i64,
     step_ms: u64,
+    /// What the buckets were read from: `1h` or `1m` rollups (when `step` and `from` are whole
+    /// hours or minutes; samples after the rollups' frontier are read as they are), or `raw`
+    /// samples.
+    #[schema(example = "1h")]
+    resolution: &'static str,
     /// One per bucket that holds samples, in time order.
     #[schema(value_type = Vec<schemas::Bucket>)]
     points: Vec<Bucket>,
@@ -261,18 +266,13 @@ async fn series_handler(
         }
         None => series::default_step(from, to),
     };
-    let mut down = Downsampler::new(from, to, step).map_err(bad_request)?;
+    let down = Downsampler::new(from, to, step).map_err(bad_request)?;
     let d = device(&s, &id)?;
     let store = s.store.clone();
     let key = d.key;
     let metric_name = metric.clone();
-    let points = tokio::task::spawn_blocking(move || -> Result<Vec<Bucket>, StoreError> {
-        store.scan_time_range(key, from, to, |sample| {
-            if let Some(v) = shoal_proto::metrics::value_of(sample, &metric_name) {
-                down.push(sample.timestamp_ms, v);
-            }
-        })?;
-        Ok(down.finish())
+    let (points, source) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        store.series(key, &metric_name, down, from, to)
     })
     .await
     .expect("read task")?;
@@ -282,6 +282,7 @@ async fn series_handler(
         from,
         to,
         step_ms: step.as_millis() as u64,
+        resolution: source.name(),
         points,
     }))
 }

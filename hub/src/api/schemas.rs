@@ -186,6 +186,8 @@ pub struct Bucket {
     min: f64,
     max: f64,
     avg: f64,
+    /// The value of the bucket's latest sample.
+    last: f64,
 }
 
 /// What became of a run.

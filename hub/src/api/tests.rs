@@ -278,6 +278,7 @@ fn the_device_schemas_match_what_devices_serialise_to() {
             min: 1.0,
             max: 2.0,
             avg: 1.5,
+            last: 2.0,
         },
         "Bucket",
     );

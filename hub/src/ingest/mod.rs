@@ -206,6 +206,7 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
                 let points = shoal_proto::metrics::point_count(&s) as u32;
                 out.rows.push(Row {
                     seq,
+                    timestamp_ms: s.timestamp_ms,
                     points,
                     bytes: s.encode_to_vec(),
                 });

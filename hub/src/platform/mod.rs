@@ -977,6 +977,7 @@ mod tests {
         };
         let row = |seq: u64| Row {
             seq,
+            timestamp_ms: 1,
             points: 1,
             bytes: prost::Message::encode_to_vec(&shoal_proto::v1::Sample {
                 seq,

@@ -23,6 +23,7 @@ pub mod health;
 pub mod outbox;
 pub mod records;
 pub mod retention;
+pub mod rollup;
 pub mod series;
 pub mod writer;
 
@@ -98,7 +99,11 @@ impl Default for StorePolicy {
     fn default() -> Self {
         Self {
             min_free_bytes: shoal_proto::size::parse(DEFAULT_MIN_FREE).expect("a size"),
-            retention: Default::default(),
+            retention: retention::RetentionPolicy {
+                rollups_1m: humantime::parse_duration(retention::DEFAULT_ROLLUPS_1M).ok(),
+                rollups_1h: humantime::parse_duration(retention::DEFAULT_ROLLUPS_1H).ok(),
+                ..Default::default()
+            },
         }
     }
 }
@@ -125,6 +130,7 @@ struct Inner {
     holds: retention::Holds,
     retention: std::sync::Mutex<retention::RetentionStatus>,
     policy: RwLock<retention::RetentionPolicy>,
+    rollups: rollup::State,
 }
 
 impl Store {
@@ -145,6 +151,7 @@ impl Store {
         txn.open_table(SAMPLES)?;
         txn.commit()?;
         retention::ensure_meta(&db)?;
+        let rollups = rollup::open(&db)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: data_dir.to_path_buf(),
@@ -154,6 +161,7 @@ impl Store {
                 holds: Default::default(),
                 retention: Default::default(),
                 policy: Default::default(),
+                rollups,
             }),
         })
     }

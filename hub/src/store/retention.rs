@@ -29,6 +29,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::outbox::OUTBOX;
+use super::rollup::{self, Level, ROLLUP_FRONTIER, ROLLUP_LATE};
 use super::{DEVICES, SAMPLES, Store, StoreError, first_seq_at_or_after};
 
 /// How often retention looks at the store.
@@ -83,11 +84,23 @@ pub struct RetentionPolicy {
     pub max_age: Option<Duration>,
     /// The store file is kept under this many bytes.
     pub max_size: Option<u64>,
+    /// Minute rollups older than this are deleted.
+    pub rollups_1m: Option<Duration>,
+    /// Hour rollups older than this are deleted.
+    pub rollups_1h: Option<Duration>,
 }
+
+/// How long minute rollups are kept by default.
+pub const DEFAULT_ROLLUPS_1M: &str = "30d";
+/// How long hour rollups are kept by default.
+pub const DEFAULT_ROLLUPS_1H: &str = "730d";
 
 impl RetentionPolicy {
     pub fn is_off(&self) -> bool {
-        self.max_age.is_none() && self.max_size.is_none()
+        self.max_age.is_none()
+            && self.max_size.is_none()
+            && self.rollups_1m.is_none()
+            && self.rollups_1h.is_none()
     }
 }
 
@@ -321,6 +334,8 @@ impl Retention {
     /// One pass: deletes what the policy allows, a step at a time.
     pub fn pass(&mut self, store: &Store, now_ms: i64) -> Result<u64, StoreError> {
         let started = Instant::now();
+        // Samples go only once they are in the rollups: roll up to now first.
+        rollup::roll(store, now_ms)?;
         let mut held = Vec::new();
         let mut deleted = 0u64;
         let hold_from = store.inner.holds.earliest();
@@ -331,6 +346,15 @@ impl Retention {
             let (n, why) = self.delete_before(store, cut, hold_from, &mut pending)?;
             deleted += n;
             held.extend(why);
+        }
+        for (level, keep) in [
+            (Level::Minute, self.policy.rollups_1m),
+            (Level::Hour, self.policy.rollups_1h),
+        ] {
+            if let Some(keep) = keep {
+                let cut = now_ms - keep.as_millis() as i64;
+                while rollup::trim(store, level, cut, STEP)? == STEP as u64 {}
+            }
         }
         if let Some(max) = self.policy.max_size {
             let capacity = reachable_size(store.file_bytes(), max);
@@ -471,6 +495,23 @@ impl Retention {
             };
             let by_time = first_seq_at_or_after(&samples, key, cut_ms)?;
             let mut end = by_time.min(newest);
+            // Samples not yet in the rollups stay until they are.
+            let frontier = txn
+                .open_table(ROLLUP_FRONTIER)?
+                .get(key)?
+                .map(|v| v.value());
+            end = match frontier {
+                Some(f) => end.min(first_seq_at_or_after(&samples, key, f)?),
+                None => 0,
+            };
+            if let Some((k, _)) = txn
+                .open_table(ROLLUP_LATE)?
+                .range((key, 0)..(key, end))?
+                .next()
+                .transpose()?
+            {
+                end = k.value().1;
+            }
             held_by_sinks = pending.min_seq.get(&key).is_some_and(|&s| s < end);
             if let Some(&s) = pending.min_seq.get(&key) {
                 end = end.min(s);
@@ -584,6 +625,7 @@ mod tests {
         };
         Row {
             seq,
+            timestamp_ms: ts,
             points: 3,
             bytes: s.encode_to_vec(),
         }
@@ -657,6 +699,7 @@ mod tests {
         let mut r = Retention::new(RetentionPolicy {
             max_age: Some(Duration::from_secs(60 * 60)),
             max_size: None,
+            ..Default::default()
         });
         let deleted = r.pass(&store, now).unwrap();
         assert_eq!(seqs(&store, "busy"), (9_940..=10_000).collect::<Vec<_>>());
@@ -679,6 +722,7 @@ mod tests {
         let policy = RetentionPolicy {
             max_age: Some(Duration::from_secs(10 * 60)),
             max_size: None,
+            ..Default::default()
         };
         let mut r = Retention::new(policy);
         // Nothing is forwarded yet: the outbox names every sample.
@@ -731,12 +775,14 @@ mod tests {
             .collect();
         writer.write("d".into(), rows, now).await.unwrap();
         store.trim_outbox(u64::MAX, 1_000).unwrap();
+        rollup::roll(&store, now).unwrap();
         // The pass has read the outbox (empty) when the late sample commits.
         let mut pending = Pending::scan(&store).unwrap();
         writer
             .write("d".into(), vec![row(5, at(5))], now)
             .await
             .unwrap();
+        assert_eq!(rollup::roll(&store, now).unwrap().late, 1);
         let mut r = Retention::new(RetentionPolicy::default());
         let key = Fleet::from_loaded(&store).unwrap().get("d").unwrap().key;
         let (n, held) = r.step(&store, key, now - 10 * MIN, &mut pending).unwrap();
@@ -771,6 +817,7 @@ mod tests {
         let mut r = Retention::new(RetentionPolicy {
             max_age: None,
             max_size: Some(limit),
+            ..Default::default()
         });
         let big = |seq: u64, ts: i64| {
             let s = Sample {
@@ -784,6 +831,7 @@ mod tests {
             };
             Row {
                 seq,
+                timestamp_ms: ts,
                 points: 65,
                 bytes: s.encode_to_vec(),
             }
@@ -805,7 +853,7 @@ mod tests {
                 .map(|i| big(batch * 1_000 + i, ((batch * 1_000 + i) * 1_000) as i64))
                 .collect();
             writer.write("d".into(), rows, 0).await.unwrap();
-            r.pass(&store, 0).unwrap();
+            r.pass(&store, 100_000_000).unwrap();
             largest = largest.max(store.file_bytes());
         }
         let kept = seqs(&store, "d");

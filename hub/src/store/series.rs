@@ -3,7 +3,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use shoal_ml::stats::Summary;
 
 /// Most buckets one series request may ask for.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -34,13 +33,82 @@ pub struct Bucket {
     pub min: f64,
     pub max: f64,
     pub avg: f64,
+    /// The value of the bucket's latest sample.
+    pub last: f64,
+}
+
+/// A summary of values that merges: what a bucket and a stored rollup hold. Values that are
+/// not finite are not counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agg {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub last: f64,
+    /// `(timestamp ms, seq)` of the sample `last` came from: the latest wins.
+    pub last_at: (i64, u64),
+}
+
+impl Default for Agg {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sum: 0.0,
+            last: f64::NAN,
+            last_at: (i64::MIN, 0),
+        }
+    }
+}
+
+impl Agg {
+    pub fn push(&mut self, t_ms: i64, seq: u64, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        self.merge(&Agg {
+            count: 1,
+            min: v,
+            max: v,
+            sum: v,
+            last: v,
+            last_at: (t_ms, seq),
+        });
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        if o.count == 0 {
+            return;
+        }
+        self.count += o.count;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        if o.last_at >= self.last_at {
+            self.last = o.last;
+            self.last_at = o.last_at;
+        }
+    }
+
+    fn bucket(&self, t: i64) -> Bucket {
+        Bucket {
+            t,
+            count: self.count,
+            min: self.min,
+            max: self.max,
+            avg: self.sum / self.count as f64,
+            last: self.last,
+        }
+    }
 }
 
 /// Buckets values by time.
 pub struct Downsampler {
     from_ms: i64,
     step_ms: i64,
-    buckets: Vec<Summary>,
+    buckets: Vec<Agg>,
 }
 
 impl Downsampler {
@@ -61,19 +129,33 @@ impl Downsampler {
         Ok(Self {
             from_ms,
             step_ms,
-            buckets: vec![Summary::new(); n as usize],
+            buckets: vec![Agg::default(); n as usize],
         })
     }
 
-    pub fn push(&mut self, t_ms: i64, v: f64) {
+    pub fn step_ms(&self) -> i64 {
+        self.step_ms
+    }
+
+    fn slot(&mut self, t_ms: i64) -> Option<&mut Agg> {
         if t_ms < self.from_ms {
-            return;
+            return None;
         }
-        if let Some(b) = self
-            .buckets
+        self.buckets
             .get_mut(((t_ms - self.from_ms) / self.step_ms) as usize)
-        {
-            b.push(v);
+    }
+
+    pub fn push(&mut self, t_ms: i64, seq: u64, v: f64) {
+        if let Some(b) = self.slot(t_ms) {
+            b.push(t_ms, seq, v);
+        }
+    }
+
+    /// Adds a summary whose samples lie in `[t_ms, t_ms + its resolution)`: a rollup. It counts
+    /// in the bucket its start falls in.
+    pub fn merge(&mut self, t_ms: i64, agg: &Agg) {
+        if let Some(b) = self.slot(t_ms) {
+            b.merge(agg);
         }
     }
 
@@ -82,14 +164,8 @@ impl Downsampler {
         self.buckets
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.count() > 0)
-            .map(|(i, s)| Bucket {
-                t: self.from_ms + i as i64 * self.step_ms,
-                count: s.count(),
-                min: s.min().unwrap_or(f64::NAN),
-                max: s.max().unwrap_or(f64::NAN),
-                avg: s.mean().unwrap_or(f64::NAN),
-            })
+            .filter(|(_, s)| s.count > 0)
+            .map(|(i, s)| s.bucket(self.from_ms + i as i64 * self.step_ms))
             .collect()
     }
 }
@@ -157,7 +233,7 @@ mod tests {
             (10_000, 99.0),
             (-1, 7.0),
         ] {
-            d.push(t, v);
+            d.push(t, 0, v);
         }
         let b = d.finish();
         assert_eq!(b.len(), 2);

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
-use super::retention;
 use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
+use super::{retention, rollup};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
 
@@ -98,6 +98,8 @@ impl Fleet {
 #[derive(Debug)]
 pub struct Row {
     pub seq: u64,
+    /// The sample's own timestamp (epoch ms).
+    pub timestamp_ms: i64,
     pub points: u32,
     pub bytes: Vec<u8>,
 }
@@ -469,6 +471,7 @@ fn apply(
         let mut devices = txn.open_table(DEVICES)?;
         let mut samples = txn.open_table(SAMPLES)?;
         let (mut added_bytes, mut added) = (0u64, 0u64);
+        let mut late = txn.open_table(rollup::ROLLUP_LATE)?;
         let mut log = match next_offset {
             Some(_) => Some(txn.open_table(OUTBOX)?),
             None => None,
@@ -524,11 +527,16 @@ fn apply(
                         continue;
                     };
                     let mut outcome = BatchOutcome::default();
+                    // Samples behind the rollups' frontier are merged by the next pass.
+                    let frontier = store.rollup_frontier(state.key);
                     for row in rows {
                         let new =
                             row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
                         if new {
                             samples.insert((state.key, row.seq), row.bytes.as_slice())?;
+                            if frontier.is_some_and(|f| row.timestamp_ms < f) {
+                                late.insert((state.key, row.seq), ())?;
+                            }
                             added_bytes += retention::row_bytes(row.bytes.len());
                             added += 1;
                             append(Append::Sample {
@@ -591,6 +599,7 @@ mod tests {
         };
         Row {
             seq,
+            timestamp_ms: ts,
             points: 1,
             bytes: s.encode_to_vec(),
         }

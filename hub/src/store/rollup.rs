@@ -1,0 +1,835 @@
+//! Rollups: per device and metric, the count, min, max, sum and last value of every minute and
+//! every hour, so that a chart of a week reads 168 hourly rows instead of 60,000 samples.
+//!
+//! **Built as samples commit, exactly once each.** Each device has a *frontier*: every sample
+//! timestamped before it is in the rollups. A pass every few seconds rolls the samples between
+//! the frontier and the last settled minute (now − 30 s, floored) into minute and hour rows and
+//! moves the frontier on, in the same transaction. A sample that commits later with a timestamp
+//! behind the frontier (a gap filled after a reconnect, a spool drained after an outage) is
+//! marked by the writer in `rollup_late`, in the sample's own transaction, and the next pass
+//! merges it into its minute and hour. Dedup happens before either, so a resent sample never
+//! counts twice. The frontier in memory moves inside the pass's write transaction, so the writer
+//! (which can only run before or after it) never misses marking a late sample.
+//!
+//! **Rows merge.** A row holds, per metric, `count, min, max, sum, last` (and the last value's
+//! timestamp and seq, so that the latest sample wins whatever order merges come in). Minute
+//! rows, hour rows and late samples all combine by the same [`Agg::merge`].
+//!
+//! Tables:
+//! - `rollups`: (device key, level, bucket start ms) → the row's metrics
+//! - `rollup_frontier`: device key → frontier (ms)
+//! - `rollup_late`: (device key, seq) of samples to merge
+//! - `metric_ids`: metric name → the small id rows use
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::series::{Agg, Bucket, Downsampler};
+use super::{DEVICES, SAMPLES, Store, StoreError, decode, first_seq_at_or_after};
+
+pub(crate) const ROLLUPS: TableDefinition<(u32, u8, i64), &[u8]> = TableDefinition::new("rollups");
+pub(crate) const ROLLUP_LATE: TableDefinition<(u32, u64), ()> = TableDefinition::new("rollup_late");
+pub(crate) const ROLLUP_FRONTIER: TableDefinition<u32, i64> =
+    TableDefinition::new("rollup_frontier");
+const METRIC_IDS: TableDefinition<&str, u32> = TableDefinition::new("metric_ids");
+
+/// A minute is rolled up this long after it ends; samples later than that are merged one by one.
+pub const SETTLE_MS: i64 = 30_000;
+/// How often the pass runs.
+pub const PERIOD: Duration = Duration::from_secs(5);
+/// Samples rolled per write transaction: a few milliseconds of the writer's time.
+const SAMPLES_PER_TXN: usize = 5_000;
+
+/// A rollup resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Level {
+    Minute = 1,
+    Hour = 2,
+}
+
+impl Level {
+    pub const ALL: [Level; 2] = [Level::Minute, Level::Hour];
+
+    pub fn ms(self) -> i64 {
+        match self {
+            Level::Minute => 60_000,
+            Level::Hour => 3_600_000,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Minute => "1m",
+            Level::Hour => "1h",
+        }
+    }
+
+    fn floor(self, t: i64) -> i64 {
+        t.div_euclid(self.ms()) * self.ms()
+    }
+}
+
+/// The frontiers and metric ids, in memory; the tables are the truth.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    frontier: RwLock<HashMap<u32, i64>>,
+    ids: RwLock<HashMap<String, u32>>,
+}
+
+/// Creates the tables and loads the state.
+pub(crate) fn open(db: &redb::Database) -> Result<State, StoreError> {
+    let txn = db.begin_write()?;
+    let state = State::default();
+    {
+        txn.open_table(ROLLUPS)?;
+        txn.open_table(ROLLUP_LATE)?;
+        let frontier = txn.open_table(ROLLUP_FRONTIER)?;
+        let ids = txn.open_table(METRIC_IDS)?;
+        let mut f = state.frontier.write().expect("rollup lock");
+        for row in frontier.iter()? {
+            let (k, v) = row?;
+            f.insert(k.value(), v.value());
+        }
+        let mut m = state.ids.write().expect("rollup lock");
+        for row in ids.iter()? {
+            let (k, v) = row?;
+            m.insert(k.value().to_string(), v.value());
+        }
+    }
+    txn.commit()?;
+    Ok(state)
+}
+
+impl Store {
+    /// Every sample of device `key` timestamped before this is in the rollups.
+    pub(crate) fn rollup_frontier(&self, key: u32) -> Option<i64> {
+        self.inner
+            .rollups
+            .frontier
+            .read()
+            .expect("rollup lock")
+            .get(&key)
+            .copied()
+    }
+}
+
+/// One row: metric id → summary. Encoded as fixed 56-byte records.
+type Row = BTreeMap<u32, Agg>;
+
+const RECORD: usize = 56;
+
+fn encode_row(row: &Row) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() * RECORD);
+    for (id, a) in row {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&(a.count.min(u64::from(u32::MAX)) as u32).to_le_bytes());
+        for v in [a.min, a.max, a.sum, a.last] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&a.last_at.0.to_le_bytes());
+        out.extend_from_slice(&a.last_at.1.to_le_bytes());
+    }
+    out
+}
+
+fn decode_row(bytes: &[u8]) -> Result<Row, StoreError> {
+    if !bytes.len().is_multiple_of(RECORD) {
+        return Err(StoreError::Corrupt("a rollup row has a torn record".into()));
+    }
+    Ok(bytes.chunks_exact(RECORD).map(record).collect())
+}
+
+/// The summary of metric `id` in an encoded row, without decoding the rest.
+fn find(bytes: &[u8], id: u32) -> Option<Agg> {
+    bytes
+        .chunks_exact(RECORD)
+        .find(|r| r[..4] == id.to_le_bytes())
+        .map(|r| record(r).1)
+}
+
+fn record(r: &[u8]) -> (u32, Agg) {
+    let u32_at = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes"));
+    let f64_at = |i: usize| f64::from_le_bytes(r[i..i + 8].try_into().expect("8 bytes"));
+    let i64_at = |i: usize| i64::from_le_bytes(r[i..i + 8].try_into().expect("8 bytes"));
+    (
+        u32_at(0),
+        Agg {
+            count: u64::from(u32_at(4)),
+            min: f64_at(8),
+            max: f64_at(16),
+            sum: f64_at(24),
+            last: f64_at(32),
+            last_at: (i64_at(40), i64_at(48) as u64),
+        },
+    )
+}
+
+/// Rows being built in one pass's transaction.
+#[derive(Default)]
+struct Pending {
+    rows: HashMap<(u32, Level, i64), Row>,
+    samples: usize,
+}
+
+impl Pending {
+    fn add(&mut self, ids: &mut Ids<'_>, key: u32, seq: u64, sample: &shoal_proto::v1::Sample) {
+        self.samples += 1;
+        let t = sample.timestamp_ms;
+        let mut points: Vec<(u32, f64)> = Vec::with_capacity(40);
+        shoal_proto::metrics::for_each_point(sample, |name, v| points.push((ids.id(name), v)));
+        for level in Level::ALL {
+            let row = self.rows.entry((key, level, level.floor(t))).or_default();
+            for (id, v) in &points {
+                row.entry(*id).or_default().push(t, seq, *v);
+            }
+        }
+    }
+
+    /// Merges the rows into the table.
+    fn write(self, rollups: &mut redb::Table<(u32, u8, i64), &[u8]>) -> Result<(), StoreError> {
+        for ((key, level, t), row) in self.rows {
+            let k = (key, level as u8, t);
+            let mut merged = match rollups.get(k)? {
+                Some(v) => decode_row(v.value())?,
+                None => Row::new(),
+            };
+            for (id, a) in row {
+                merged.entry(id).or_default().merge(&a);
+            }
+            rollups.insert(k, encode_row(&merged).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Metric ids, assigned as new names appear, in the pass's transaction.
+struct Ids<'a> {
+    known: std::sync::RwLockWriteGuard<'a, HashMap<String, u32>>,
+    new: Vec<(String, u32)>,
+}
+
+impl Ids<'_> {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.known.get(name) {
+            return *id;
+        }
+        let id = self.known.len() as u32 + 1;
+        self.known.insert(name.to_string(), id);
+        self.new.push((name.to_string(), id));
+        id
+    }
+}
+
+/// What a pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rolled {
+    /// Samples rolled past the frontier.
+    pub samples: u64,
+    /// Late samples merged.
+    pub late: u64,
+}
+
+/// One pass: merges the late samples, then rolls every device up to the last settled minute.
+pub fn roll(store: &Store, now_ms: i64) -> Result<Rolled, StoreError> {
+    let mut done = Rolled::default();
+    loop {
+        let n = merge_late(store)?;
+        done.late += n;
+        if n < SAMPLES_PER_TXN as u64 {
+            break;
+        }
+    }
+    let settled = Level::Minute.floor(now_ms - SETTLE_MS);
+    let keys: Vec<u32> = {
+        let txn = store.db()?.begin_read()?;
+        let devices = txn.open_table(DEVICES)?;
+        devices
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?
+    };
+    let mut at = 0;
+    while at < keys.len() {
+        let (n, next) = roll_devices(store, &keys[at..], settled)?;
+        done.samples += n;
+        if next == 0 && n == 0 {
+            break;
+        }
+        at += next;
+    }
+    Ok(done)
+}
+
+/// Merges up to [`SAMPLES_PER_TXN`] late samples in one transaction.
+fn merge_late(store: &Store) -> Result<u64, StoreError> {
+    let db = store.db()?;
+    let txn = db.begin_write()?;
+    let state = &store.inner.rollups;
+    let mut ids = Ids {
+        known: state.ids.write().expect("rollup lock"),
+        new: Vec::new(),
+    };
+    let n;
+    {
+        let mut late = txn.open_table(ROLLUP_LATE)?;
+        let marks: Vec<(u32, u64)> = late
+            .iter()?
+            .take(SAMPLES_PER_TXN)
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        n = marks.len() as u64;
+        if n == 0 {
+            drop(late);
+            drop(ids);
+            txn.abort()?;
+            return Ok(0);
+        }
+        let samples = txn.open_table(SAMPLES)?;
+        let mut pending = Pending::default();
+        for (key, seq) in &marks {
+            // Gone already when retention took it first; nothing to merge then.
+            if let Some(v) = samples.get((*key, *seq))? {
+                pending.add(&mut ids, *key, *seq, &decode(v.value())?);
+            }
+            late.remove((*key, *seq))?;
+        }
+        pending.write(&mut txn.open_table(ROLLUPS)?)?;
+        save_ids(&txn, &ids.new)?;
+    }
+    let new = std::mem::take(&mut ids.new);
+    drop(ids);
+    if let Err(e) = txn.commit() {
+        forget_ids(store, &new);
+        return Err(e.into());
+    }
+    Ok(n)
+}
+
+/// Rolls devices from the front of `keys` up to `settled` in one transaction, stopping after
+/// about [`SAMPLES_PER_TXN`] samples; returns the samples rolled and how many devices it did.
+fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize), StoreError> {
+    let db = store.db()?;
+    let txn = db.begin_write()?;
+    let state = &store.inner.rollups;
+    let mut ids = Ids {
+        known: state.ids.write().expect("rollup lock"),
+        new: Vec::new(),
+    };
+    let mut pending = Pending::default();
+    let mut moved: Vec<(u32, Option<i64>, i64)> = Vec::new();
+    let mut devices = 0;
+    let mut last_minute = i64::MIN;
+    let rolled;
+    {
+        let samples = txn.open_table(SAMPLES)?;
+        let mut frontiers = txn.open_table(ROLLUP_FRONTIER)?;
+        for key in keys {
+            if pending.samples >= SAMPLES_PER_TXN {
+                break;
+            }
+            devices += 1;
+            let old = frontiers.get(*key)?.map(|v| v.value());
+            let from_seq = match old {
+                Some(f) if f >= settled => continue,
+                Some(f) => first_seq_at_or_after(&samples, *key, f)?,
+                None => 0,
+            };
+            // Up to the settled minute, or (with a long backlog) to a minute boundary after
+            // about a transaction's worth: the frontier only ever passes whole minutes, and
+            // only samples before it are in the rows.
+            let mut added = false;
+            let mut cut_short = false;
+            let mut to = settled;
+            for row in samples.range((*key, from_seq)..=(*key, u64::MAX))? {
+                let (k, v) = row?;
+                let sample = decode(v.value())?;
+                let t = sample.timestamp_ms;
+                if t >= settled {
+                    break;
+                }
+                let minute = Level::Minute.floor(t);
+                if added && pending.samples >= SAMPLES_PER_TXN && minute > last_minute {
+                    to = minute;
+                    cut_short = true;
+                    break;
+                }
+                pending.add(&mut ids, *key, k.value().1, &sample);
+                added = true;
+                last_minute = minute;
+            }
+            if added {
+                frontiers.insert(*key, to)?;
+                moved.push((*key, old, to));
+            }
+            if cut_short {
+                // The next transaction goes on with this device.
+                devices -= 1;
+                break;
+            }
+        }
+        rolled = pending.samples as u64;
+        pending.write(&mut txn.open_table(ROLLUPS)?)?;
+        save_ids(&txn, &ids.new)?;
+    }
+    let new = std::mem::take(&mut ids.new);
+    drop(ids);
+    // The writer marks late samples against the frontier in memory: it moves before the commit
+    // (the writer cannot run until this transaction ends) and back if the commit fails.
+    {
+        let mut f = state.frontier.write().expect("rollup lock");
+        for (key, _, to) in &moved {
+            f.insert(*key, *to);
+        }
+    }
+    if let Err(e) = txn.commit() {
+        let mut f = state.frontier.write().expect("rollup lock");
+        for (key, old, _) in &moved {
+            match old {
+                Some(o) => f.insert(*key, *o),
+                None => f.remove(key),
+            };
+        }
+        drop(f);
+        forget_ids(store, &new);
+        return Err(e.into());
+    }
+    Ok((rolled, devices))
+}
+
+fn save_ids(txn: &redb::WriteTransaction, new: &[(String, u32)]) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(METRIC_IDS)?;
+    for (name, id) in new {
+        table.insert(name.as_str(), *id)?;
+    }
+    Ok(())
+}
+
+/// Ids handed out in a transaction that did not commit.
+fn forget_ids(store: &Store, new: &[(String, u32)]) {
+    let mut known = store.inner.rollups.ids.write().expect("rollup lock");
+    for (name, _) in new {
+        known.remove(name);
+    }
+}
+
+/// Deletes rows older than `cut_ms` of `level`, up to `max`; returns how many.
+pub(crate) fn trim(
+    store: &Store,
+    level: Level,
+    cut_ms: i64,
+    max: usize,
+) -> Result<u64, StoreError> {
+    let txn = store.db()?.begin_write()?;
+    let mut n = 0u64;
+    {
+        let keys: Vec<u32> = {
+            let devices = txn.open_table(DEVICES)?;
+            devices
+                .iter()?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?
+        };
+        let mut rollups = txn.open_table(ROLLUPS)?;
+        for key in keys {
+            let doomed: Vec<i64> = rollups
+                .range((key, level as u8, i64::MIN)..(key, level as u8, cut_ms))?
+                .take(max - n as usize)
+                .map(|r| r.map(|(k, _)| k.value().2))
+                .collect::<Result<_, _>>()?;
+            for t in &doomed {
+                rollups.remove((key, level as u8, *t))?;
+            }
+            n += doomed.len() as u64;
+            if n as usize >= max {
+                break;
+            }
+        }
+    }
+    if n == 0 {
+        txn.abort()?;
+    } else {
+        txn.commit()?;
+    }
+    Ok(n)
+}
+
+/// Runs a pass every [`PERIOD`] until shutdown.
+pub async fn run(store: Store, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let s = store.clone();
+        let result = tokio::task::spawn_blocking(move || roll(&s, super::series::now_ms()))
+            .await
+            .expect("rollup task");
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "rollup pass failed; will try again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PERIOD) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Where a series came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Raw,
+    Rollup(Level),
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Raw => "raw",
+            Source::Rollup(l) => l.name(),
+        }
+    }
+}
+
+impl Store {
+    /// One metric of device `key` in buckets of `step` over `[from_ms, to_ms)`. With a step and
+    /// a start that are whole multiples of a rollup level, the buckets come from the coarsest
+    /// such level up to the frontier, and from samples only after it (and for a part-bucket at
+    /// the end): the same figures as from the samples, read from one row per bucket.
+    pub fn series(
+        &self,
+        key: u32,
+        metric: &str,
+        mut down: Downsampler,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<(Vec<Bucket>, Source), StoreError> {
+        let step = down.step_ms();
+        let level = [Level::Hour, Level::Minute]
+            .into_iter()
+            .find(|l| step % l.ms() == 0 && from_ms.rem_euclid(l.ms()) == 0);
+        let txn = self.db()?.begin_read()?;
+        let samples = txn.open_table(SAMPLES)?;
+        let mut raw_from = from_ms;
+        let mut source = Source::Raw;
+        if let Some(level) = level {
+            let frontier = txn
+                .open_table(ROLLUP_FRONTIER)?
+                .get(key)?
+                .map(|v| v.value());
+            let id = txn.open_table(METRIC_IDS)?.get(metric)?.map(|v| v.value());
+            if let (Some(frontier), Some(id)) = (frontier, id) {
+                let end = level.floor(frontier.min(to_ms));
+                if end > from_ms {
+                    let rollups = txn.open_table(ROLLUPS)?;
+                    for row in
+                        rollups.range((key, level as u8, from_ms)..(key, level as u8, end))?
+                    {
+                        let (k, v) = row?;
+                        if let Some(agg) = find(v.value(), id) {
+                            down.merge(k.value().2, &agg);
+                        }
+                    }
+                    raw_from = end;
+                    source = Source::Rollup(level);
+                }
+            }
+        }
+        let lo = first_seq_at_or_after(&samples, key, raw_from)?;
+        for row in samples.range((key, lo)..=(key, u64::MAX))? {
+            let (k, v) = row?;
+            let s = decode(v.value())?;
+            if s.timestamp_ms >= to_ms {
+                break;
+            }
+            if s.timestamp_ms >= raw_from
+                && let Some(v) = shoal_proto::metrics::value_of(&s, metric)
+            {
+                down.push(s.timestamp_ms, k.value().1, v);
+            }
+        }
+        Ok((down.finish(), source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prost::Message;
+    use shoal_proto::v1::{Cpu, DeviceHello, Disk, Memory, Sample};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::writer::{Fleet, Row, Writer};
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn sample(seq: u64, ts: i64) -> Sample {
+        let x = (seq * 7919 % 1000) as f64 / 10.0;
+        Sample {
+            seq,
+            timestamp_ms: ts,
+            cpu: Some(Cpu {
+                total_percent: x,
+                core_percent: vec![x / 2.0, 100.0 - x],
+            }),
+            memory: Some(Memory {
+                total_bytes: 8 << 30,
+                used_bytes: (1 << 30) + seq * 4096,
+                ..Default::default()
+            }),
+            disks: vec![Disk {
+                mount_point: "/".into(),
+                total_bytes: 64 << 30,
+                used_bytes: (10 << 30) + seq,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn rows(samples: impl IntoIterator<Item = (u64, i64)>) -> Vec<Row> {
+        samples
+            .into_iter()
+            .map(|(seq, ts)| Row {
+                seq,
+                timestamp_ms: ts,
+                points: 1,
+                bytes: sample(seq, ts).encode_to_vec(),
+            })
+            .collect()
+    }
+
+    async fn open(
+        dir: &std::path::Path,
+    ) -> (Store, Writer, Arc<Fleet>, std::thread::JoinHandle<()>) {
+        let store = Store::open(dir).unwrap();
+        let fleet = Arc::new(Fleet::from_loaded(&store).unwrap());
+        let (writer, t) = Writer::start(store.clone(), fleet.clone(), Arc::new(Metrics::default()));
+        (store, writer, fleet, t)
+    }
+
+    /// Every row, by brute force from the stored samples, against the table.
+    fn check_against_samples(store: &Store, key: u32) -> usize {
+        let mut expect: HashMap<(u8, i64, String), Agg> = HashMap::new();
+        let frontier = store.rollup_frontier(key).unwrap();
+        for s in store.samples_after(key, 0, usize::MAX).unwrap() {
+            if s.timestamp_ms >= frontier {
+                continue;
+            }
+            shoal_proto::metrics::for_each_point(&s, |name, v| {
+                for level in Level::ALL {
+                    expect
+                        .entry((level as u8, level.floor(s.timestamp_ms), name.to_string()))
+                        .or_default()
+                        .push(s.timestamp_ms, s.seq, v);
+                }
+            });
+        }
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let names: HashMap<u32, String> = txn
+            .open_table(METRIC_IDS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (v.value(), k.value().to_string())
+            })
+            .collect();
+        let mut got: HashMap<(u8, i64, String), Agg> = HashMap::new();
+        for r in txn
+            .open_table(ROLLUPS)
+            .unwrap()
+            .range((key, 0, i64::MIN)..=(key, u8::MAX, i64::MAX))
+            .unwrap()
+        {
+            let (k, v) = r.unwrap();
+            let (_, level, t) = k.value();
+            for (id, agg) in decode_row(v.value()).unwrap() {
+                got.insert((level, t, names[&id].clone()), agg);
+            }
+        }
+        assert_eq!(
+            got.len(),
+            expect.len(),
+            "one summary per level, bucket and metric"
+        );
+        for (k, e) in &expect {
+            let g = got.get(k).unwrap_or_else(|| panic!("no rollup for {k:?}"));
+            assert_eq!(
+                (g.count, g.min, g.max, g.last, g.last_at),
+                (e.count, e.min, e.max, e.last, e.last_at),
+                "{k:?}"
+            );
+            assert!(
+                (g.sum - e.sum).abs() <= 1e-9 * e.sum.abs().max(1.0),
+                "{k:?}"
+            );
+        }
+        expect.len()
+    }
+
+    #[tokio::test]
+    async fn rollups_match_a_brute_force_summary_with_resent_late_and_missing_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, fleet, thread) = open(dir.path()).await;
+        for d in ["a", "b"] {
+            writer
+                .hello(
+                    DeviceHello {
+                        device_id: d.into(),
+                        ..Default::default()
+                    },
+                    NOW,
+                )
+                .await
+                .unwrap();
+        }
+        // "a": every 10 s for three hours up to now, seqs 300..=400 held back (an outage).
+        let start = NOW - 3 * 3_600_000;
+        let at = |seq: u64| start + seq as i64 * 10_000;
+        let n = 3 * 360;
+        writer
+            .write(
+                "a".into(),
+                rows(
+                    (1..=n)
+                        .filter(|s| !(300..=400).contains(s))
+                        .map(|s| (s, at(s))),
+                ),
+                NOW,
+            )
+            .await
+            .unwrap();
+        // "b": irregular, with samples on the minute and hour boundaries.
+        let b: Vec<(u64, i64)> = [
+            0, 59_999, 60_000, 3_599_999, 3_600_000, 3_600_001, 7_000_000,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, off)| (i as u64 + 1, start + off))
+        .collect();
+        writer
+            .write("b".into(), rows(b.clone()), NOW)
+            .await
+            .unwrap();
+        let first = roll(&store, NOW).unwrap();
+        // The settled minute is NOW - 1 min: "a" up to seq 1,073, all of "b".
+        assert_eq!(first.samples, (1_073 - 101) + 7);
+        let ka = fleet.get("a").unwrap().key;
+        let kb = fleet.get("b").unwrap().key;
+        check_against_samples(&store, ka);
+        check_against_samples(&store, kb);
+
+        // Resent samples are duplicates: nothing changes.
+        writer
+            .write("a".into(), rows((1..=50).map(|s| (s, at(s)))), NOW)
+            .await
+            .unwrap();
+        // The outage's samples arrive late, behind the frontier, with one resent twice.
+        writer
+            .write("a".into(), rows((300..=400).map(|s| (s, at(s)))), NOW)
+            .await
+            .unwrap();
+        writer
+            .write("a".into(), rows([(350, at(350))]), NOW)
+            .await
+            .unwrap();
+        let second = roll(&store, NOW + 60_000).unwrap();
+        assert_eq!(second.late, 101, "each late sample merged once");
+        let summaries = check_against_samples(&store, ka);
+        assert!(summaries > 180 * 5, "{summaries}");
+        check_against_samples(&store, kb);
+
+        // Restarted, the state is the tables': a new pass changes nothing.
+        drop((writer, store));
+        thread.join().unwrap();
+        let (store, _writer, _, _) = open(dir.path()).await;
+        assert_eq!(roll(&store, NOW + 60_000).unwrap(), Rolled::default());
+        check_against_samples(&store, ka);
+    }
+
+    #[tokio::test]
+    async fn series_from_rollups_equal_series_from_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, fleet, _thread) = open(dir.path()).await;
+        writer
+            .hello(
+                DeviceHello {
+                    device_id: "a".into(),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+        let start = NOW - 5 * 3_600_000;
+        writer
+            .write(
+                "a".into(),
+                rows((1..=5 * 360).map(|s| (s, start + s as i64 * 10_000 - 3))),
+                NOW,
+            )
+            .await
+            .unwrap();
+        roll(&store, NOW - 40 * 60_000).unwrap();
+        let key = fleet.get("a").unwrap().key;
+        let from = Level::Hour.floor(start);
+        for (step, level) in [
+            (3_600_000, Source::Rollup(Level::Hour)),
+            (2 * 3_600_000, Source::Rollup(Level::Hour)),
+            (300_000, Source::Rollup(Level::Minute)),
+            (90_000, Source::Raw),
+        ] {
+            for metric in [
+                "cpu_percent",
+                "disk_used_bytes{mount=\"/\"}",
+                "memory_used_bytes",
+            ] {
+                let step_d = Duration::from_millis(step as u64);
+                let (got, source) = store
+                    .series(
+                        key,
+                        metric,
+                        Downsampler::new(from, NOW, step_d).unwrap(),
+                        from,
+                        NOW,
+                    )
+                    .unwrap();
+                assert_eq!(source, level, "step {step}");
+                let mut raw = Downsampler::new(from, NOW, step_d).unwrap();
+                store
+                    .scan_time_range(key, from, NOW, |s| {
+                        if let Some(v) = shoal_proto::metrics::value_of(s, metric) {
+                            raw.push(s.timestamp_ms, s.seq, v);
+                        }
+                    })
+                    .unwrap();
+                let want = raw.finish();
+                assert_eq!(got.len(), want.len(), "{metric} step {step}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(
+                        (g.t, g.count, g.min, g.max, g.last),
+                        (w.t, w.count, w.min, w.max, w.last),
+                        "{metric} step {step}"
+                    );
+                    assert!((g.avg - w.avg).abs() <= 1e-9 * w.avg.abs().max(1.0));
+                }
+            }
+        }
+        // A start that is not on a whole minute reads the samples.
+        let (_, source) = store
+            .series(
+                key,
+                "cpu_percent",
+                Downsampler::new(from + 1, NOW, Duration::from_secs(3600)).unwrap(),
+                from + 1,
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(source, Source::Raw);
+    }
+}
