@@ -46,22 +46,32 @@ pub async fn run(
         return;
     }
     let mut retention = Retention::new(policy);
+    let mut last: Option<std::time::Instant> = None;
     loop {
-        let s = store.clone();
-        let (r, result) = tokio::task::spawn_blocking(move || {
-            let result = retention.pass(&s, super::series::now_ms());
-            (retention, result)
-        })
-        .await
-        .expect("retention task");
-        retention = r;
-        match result {
-            Ok(n) if n > 0 => tracing::info!(deleted = n, "retention deleted old samples"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "retention pass failed; will try again"),
+        // Every PERIOD, and every second while the disk is under the watermark: a pass may
+        // free what the policy allows before the store takes writes again.
+        let full = matches!(
+            store.health().state(),
+            super::health::WriteState::Full { .. }
+        );
+        if last.is_none_or(|t| t.elapsed() >= PERIOD || full) {
+            last = Some(std::time::Instant::now());
+            let s = store.clone();
+            let (r, result) = tokio::task::spawn_blocking(move || {
+                let result = retention.pass(&s, super::series::now_ms());
+                (retention, result)
+            })
+            .await
+            .expect("retention task");
+            retention = r;
+            match result {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "retention deleted old samples"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention pass failed; will try again"),
+            }
         }
         tokio::select! {
-            _ = tokio::time::sleep(PERIOD) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }

@@ -41,7 +41,7 @@ pub const SETTLE_MS: i64 = 30_000;
 /// How often the pass runs.
 pub const PERIOD: Duration = Duration::from_secs(5);
 /// Samples rolled per write transaction: a few milliseconds of the writer's time.
-const SAMPLES_PER_TXN: usize = 5_000;
+const SAMPLES_PER_TXN: usize = 20_000;
 
 /// A rollup resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +77,7 @@ impl Level {
 pub(crate) struct State {
     frontier: RwLock<HashMap<u32, i64>>,
     ids: RwLock<HashMap<String, u32>>,
+    pass: std::sync::Mutex<()>,
 }
 
 /// Creates the tables and loads the state.
@@ -234,6 +235,8 @@ pub struct Rolled {
 
 /// One pass: merges the late samples, then rolls every device up to the last settled minute.
 pub fn roll(store: &Store, now_ms: i64) -> Result<Rolled, StoreError> {
+    // One pass at a time (the rollup task and retention both roll).
+    let _one = store.inner.rollups.pass.lock().expect("rollup pass lock");
     let mut done = Rolled::default();
     loop {
         let n = merge_late(store)?;
@@ -260,10 +263,20 @@ pub fn roll(store: &Store, now_ms: i64) -> Result<Rolled, StoreError> {
         }
         at += next;
     }
+    // Marks the frontier has just passed.
+    loop {
+        let n = merge_late(store)?;
+        done.late += n;
+        if n < SAMPLES_PER_TXN as u64 {
+            break;
+        }
+    }
     Ok(done)
 }
 
-/// Merges up to [`SAMPLES_PER_TXN`] late samples in one transaction.
+/// Merges up to [`SAMPLES_PER_TXN`] late samples in one transaction: those behind their device's
+/// stored frontier (a mark ahead of it waits until the frontier passes; the frontier pass skips
+/// marked samples, so each is counted once, here).
 fn merge_late(store: &Store) -> Result<u64, StoreError> {
     let db = store.db()?;
     let txn = db.begin_write()?;
@@ -272,35 +285,44 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
         known: state.ids.write().expect("rollup lock"),
         new: Vec::new(),
     };
-    let n;
+    let mut n = 0;
     {
         let mut late = txn.open_table(ROLLUP_LATE)?;
+        let frontiers = txn.open_table(ROLLUP_FRONTIER)?;
         let marks: Vec<(u32, u64)> = late
             .iter()?
-            .take(SAMPLES_PER_TXN)
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()?;
-        n = marks.len() as u64;
-        if n == 0 {
-            drop(late);
-            drop(ids);
-            txn.abort()?;
-            return Ok(0);
-        }
         let samples = txn.open_table(SAMPLES)?;
         let mut pending = Pending::default();
         for (key, seq) in &marks {
-            // Gone already when retention took it first; nothing to merge then.
-            if let Some(v) = samples.get((*key, *seq))? {
-                pending.add(&mut ids, *key, *seq, &decode(v.value())?);
+            if pending.samples >= SAMPLES_PER_TXN {
+                break;
+            }
+            let frontier = frontiers.get(*key)?.map(|v| v.value());
+            match samples.get((*key, *seq))? {
+                Some(v) => {
+                    let sample = decode(v.value())?;
+                    if frontier.is_none_or(|f| sample.timestamp_ms >= f) {
+                        continue;
+                    }
+                    pending.add(&mut ids, *key, *seq, &sample);
+                }
+                // Gone already when retention took it first; nothing to merge then.
+                None => {}
             }
             late.remove((*key, *seq))?;
+            n += 1;
         }
         pending.write(&mut txn.open_table(ROLLUPS)?)?;
         save_ids(&txn, &ids.new)?;
     }
     let new = std::mem::take(&mut ids.new);
     drop(ids);
+    if n == 0 {
+        txn.abort()?;
+        return Ok(0);
+    }
     if let Err(e) = txn.commit() {
         forget_ids(store, &new);
         return Err(e.into());
@@ -308,41 +330,73 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
     Ok(n)
 }
 
-/// Rolls devices from the front of `keys` up to `settled` in one transaction, stopping after
-/// about [`SAMPLES_PER_TXN`] samples; returns the samples rolled and how many devices it did.
+/// Devices one round of the frontier pass takes.
+const DEVICES_PER_ROUND: usize = 1_000;
+
+/// Rolls devices from the front of `keys` up to `settled`, stopping after about
+/// [`SAMPLES_PER_TXN`] samples; returns the samples rolled and how many devices it finished.
+///
+/// The summing runs on a read snapshot, beside the writer; only merging the rows and moving the
+/// frontiers takes a write transaction. To miss nothing committed after the snapshot, the
+/// frontiers in memory move to `settled` first (so the writer marks anything behind them as
+/// late) and an empty write transaction lets every writer transaction that read the old ones
+/// finish before the snapshot is taken. Samples marked late are skipped here and merged by
+/// [`merge_late`] once the stored frontier has passed them.
 fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize), StoreError> {
     let db = store.db()?;
-    let txn = db.begin_write()?;
     let state = &store.inner.rollups;
-    let mut ids = Ids {
-        known: state.ids.write().expect("rollup lock"),
-        new: Vec::new(),
+    let chunk = &keys[..keys.len().min(DEVICES_PER_ROUND)];
+    let stored: Vec<Option<i64>> = {
+        let txn = db.begin_read()?;
+        let frontiers = txn.open_table(ROLLUP_FRONTIER)?;
+        chunk
+            .iter()
+            .map(|k| Ok(frontiers.get(*k)?.map(|v| v.value())))
+            .collect::<Result<_, StoreError>>()?
     };
-    let mut pending = Pending::default();
-    let mut moved: Vec<(u32, Option<i64>, i64)> = Vec::new();
-    let mut devices = 0;
-    let mut last_minute = i64::MIN;
-    let rolled;
+    if stored.iter().all(|f| f.is_some_and(|f| f >= settled)) {
+        return Ok((0, chunk.len()));
+    }
     {
-        let samples = txn.open_table(SAMPLES)?;
-        let mut frontiers = txn.open_table(ROLLUP_FRONTIER)?;
-        for key in keys {
+        let mut f = state.frontier.write().expect("rollup lock");
+        for (key, old) in chunk.iter().zip(&stored) {
+            if old.is_none_or(|o| o < settled) {
+                f.insert(*key, settled);
+            }
+        }
+    }
+    let result = (|| {
+        db.begin_write()?.commit()?;
+        let snapshot = db.begin_read()?;
+        let samples = snapshot.open_table(SAMPLES)?;
+        let late = snapshot.open_table(ROLLUP_LATE)?;
+        let mut ids = Ids {
+            known: state.ids.write().expect("rollup lock"),
+            new: Vec::new(),
+        };
+        let mut pending = Pending::default();
+        let mut moved: HashMap<u32, i64> = HashMap::new();
+        let mut devices = 0;
+        for (key, old) in chunk.iter().zip(&stored) {
             if pending.samples >= SAMPLES_PER_TXN {
                 break;
             }
             devices += 1;
-            let old = frontiers.get(*key)?.map(|v| v.value());
             let from_seq = match old {
-                Some(f) if f >= settled => continue,
-                Some(f) => first_seq_at_or_after(&samples, *key, f)?,
+                Some(f) if *f >= settled => continue,
+                Some(f) => first_seq_at_or_after(&samples, *key, *f)?,
                 None => 0,
             };
+            let marked: std::collections::HashSet<u64> = late
+                .range((*key, 0)..=(*key, u64::MAX))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
             // Up to the settled minute, or (with a long backlog) to a minute boundary after
-            // about a transaction's worth: the frontier only ever passes whole minutes, and
-            // only samples before it are in the rows.
+            // about a transaction's worth: the frontier only ever passes whole minutes.
             let mut added = false;
             let mut cut_short = false;
             let mut to = settled;
+            let mut last_minute = i64::MIN;
             for row in samples.range((*key, from_seq)..=(*key, u64::MAX))? {
                 let (k, v) = row?;
                 let sample = decode(v.value())?;
@@ -356,46 +410,52 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                     cut_short = true;
                     break;
                 }
-                pending.add(&mut ids, *key, k.value().1, &sample);
                 added = true;
                 last_minute = minute;
+                if !marked.contains(&k.value().1) {
+                    pending.add(&mut ids, *key, k.value().1, &sample);
+                }
             }
             if added {
-                frontiers.insert(*key, to)?;
-                moved.push((*key, old, to));
+                moved.insert(*key, to);
             }
             if cut_short {
-                // The next transaction goes on with this device.
+                // The next round goes on with this device.
                 devices -= 1;
                 break;
             }
         }
-        rolled = pending.samples as u64;
-        pending.write(&mut txn.open_table(ROLLUPS)?)?;
-        save_ids(&txn, &ids.new)?;
-    }
-    let new = std::mem::take(&mut ids.new);
-    drop(ids);
-    // The writer marks late samples against the frontier in memory: it moves before the commit
-    // (the writer cannot run until this transaction ends) and back if the commit fails.
-    {
-        let mut f = state.frontier.write().expect("rollup lock");
-        for (key, _, to) in &moved {
-            f.insert(*key, *to);
+        drop((samples, late, snapshot));
+        let rolled = pending.samples as u64;
+        let txn = db.begin_write()?;
+        {
+            pending.write(&mut txn.open_table(ROLLUPS)?)?;
+            let mut frontiers = txn.open_table(ROLLUP_FRONTIER)?;
+            for (key, to) in &moved {
+                frontiers.insert(*key, *to)?;
+            }
+            save_ids(&txn, &ids.new)?;
         }
-    }
-    if let Err(e) = txn.commit() {
-        let mut f = state.frontier.write().expect("rollup lock");
-        for (key, old, _) in &moved {
-            match old {
-                Some(o) => f.insert(*key, *o),
-                None => f.remove(key),
-            };
+        let new = std::mem::take(&mut ids.new);
+        drop(ids);
+        if let Err(e) = txn.commit() {
+            forget_ids(store, &new);
+            return Err(StoreError::from(e));
         }
-        drop(f);
-        forget_ids(store, &new);
-        return Err(e.into());
+        Ok((rolled, devices, moved))
+    })();
+    // The frontiers in memory go back to what is stored.
+    let mut f = state.frontier.write().expect("rollup lock");
+    let moved = result.as_ref().map(|r| &r.2);
+    for (key, old) in chunk.iter().zip(&stored) {
+        match (moved.ok().and_then(|m| m.get(key)), old) {
+            (Some(to), _) => f.insert(*key, *to),
+            (None, Some(o)) => f.insert(*key, *o),
+            (None, None) => f.remove(key),
+        };
     }
+    drop(f);
+    let (rolled, devices, _) = result?;
     Ok((rolled, devices))
 }
 
@@ -831,5 +891,49 @@ mod tests {
             )
             .unwrap();
         assert_eq!(source, Source::Raw);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_running_beside_the_writer_count_every_sample_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, fleet, _thread) = open(dir.path()).await;
+        writer
+            .hello(
+                DeviceHello {
+                    device_id: "c".into(),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+        let start = NOW - 3_600_000;
+        let at = |seq: u64| start + seq as i64 * 1_000;
+        // Odd seqs first, in order; even seqs later, as gap fills, while passes run.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let roller = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut passes = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    roll(&store, NOW).unwrap();
+                    passes += 1;
+                }
+                passes
+            })
+        };
+        for chunk in (1..=3_000u64).collect::<Vec<_>>().chunks(50) {
+            let odd = chunk.iter().filter(|s| *s % 2 == 1).map(|s| (*s, at(*s)));
+            writer.write("c".into(), rows(odd), NOW).await.unwrap();
+        }
+        for chunk in (1..=3_000u64).collect::<Vec<_>>().chunks(50) {
+            let even = chunk.iter().filter(|s| *s % 2 == 0).map(|s| (*s, at(*s)));
+            writer.write("c".into(), rows(even), NOW).await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(roller.join().unwrap() > 1);
+        roll(&store, NOW).unwrap();
+        let key = fleet.get("c").unwrap().key;
+        check_against_samples(&store, key);
     }
 }
