@@ -317,43 +317,55 @@ async fn bytes_per_point(devices: u64, hours: i64) {
     );
 }
 
-/// 2. The writer at full speed with retention and rollups running beside it, or not.
+/// 2. The writer at full speed with rollups, or rollups and retention, running beside it, or
+/// neither.
 async fn ingest_pairs(pairs: usize) {
     println!(
-        "== 2. ingest: 100 devices, batches of 10, 10 s per run; retention (1h, which rolls up first) every second vs off"
+        "== 2. ingest: 100 devices, batches of 10, 10 s per run; beside it every second: nothing, a rollup pass, or a retention pass (1h; it rolls up first)"
     );
-    let mut on = Vec::new();
     let mut off = Vec::new();
+    let mut rolled = Vec::new();
+    let mut both = Vec::new();
     for pair in 0..pairs {
-        for with in [false, true] {
-            let rate = ingest_run(with).await;
-            println!(
-                "pair {pair} {}: {rate:.0} samples/s",
-                if with { "retention+rollups" } else { "off" }
-            );
-            if with { &mut on } else { &mut off }.push(rate);
+        for mode in [Mode::Off, Mode::Rollups, Mode::Retention] {
+            let rate = ingest_run(mode).await;
+            println!("round {pair} {mode:?}: {rate:.0} samples/s");
+            match mode {
+                Mode::Off => off.push(rate),
+                Mode::Rollups => rolled.push(rate),
+                Mode::Retention => both.push(rate),
+            }
         }
     }
-    let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
-    println!(
-        "median on/off: {:.3} (pairs: {})",
-        median(ratios.clone()),
-        ratios
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    for (name, runs) in [("rollups", &rolled), ("rollups+retention", &both)] {
+        let ratios: Vec<f64> = runs.iter().zip(&off).map(|(a, b)| a / b).collect();
+        println!(
+            "median {name}/off: {:.3} (rounds: {})",
+            median(ratios.clone()),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 }
 
-async fn ingest_run(with_retention: bool) -> f64 {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    Rollups,
+    Retention,
+}
+
+async fn ingest_run(mode: Mode) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _fleet, writer, thread) = open(dir.path());
     // Timestamps from two hours ago: everything is old enough to roll up, half old enough to go.
     let start = now_ms() - 2 * 3_600_000;
     let stop = Arc::new(AtomicBool::new(false));
     let stored = Arc::new(AtomicU64::new(0));
-    let background = with_retention.then(|| {
+    let background = (mode != Mode::Off).then(|| {
         let store = store.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -362,7 +374,11 @@ async fn ingest_run(with_retention: bool) -> f64 {
                 ..Default::default()
             });
             while !stop.load(Ordering::Relaxed) {
-                r.pass(&store, now_ms()).expect("retention pass");
+                if mode == Mode::Retention {
+                    r.pass(&store, now_ms()).expect("retention pass");
+                } else {
+                    rollup::roll(&store, now_ms()).expect("rollup pass");
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         })

@@ -300,16 +300,13 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
                 break;
             }
             let frontier = frontiers.get(*key)?.map(|v| v.value());
-            match samples.get((*key, *seq))? {
-                Some(v) => {
-                    let sample = decode(v.value())?;
-                    if frontier.is_none_or(|f| sample.timestamp_ms >= f) {
-                        continue;
-                    }
-                    pending.add(&mut ids, *key, *seq, &sample);
+            // Gone already when retention took it first: nothing to merge then.
+            if let Some(v) = samples.get((*key, *seq))? {
+                let sample = decode(v.value())?;
+                if frontier.is_none_or(|f| sample.timestamp_ms >= f) {
+                    continue;
                 }
-                // Gone already when retention took it first; nothing to merge then.
-                None => {}
+                pending.add(&mut ids, *key, *seq, &sample);
             }
             late.remove((*key, *seq))?;
             n += 1;
