@@ -12,7 +12,10 @@
 //! values that move as real ones do: random walks at the collectors' precision, counters that
 //! only rise, totals that stay put.
 //!
-//! Usage: `cargo bench -p shoal-hub --bench store -- [DEVICES] [HOURS] [PAIRS]` (default 10 24 3)
+//! Usage: `cargo bench -p shoal-hub --bench store -- [DEVICES] [HOURS] [ROUNDS]` (default 10 24 3)
+
+// A harness that prints its figures.
+#![allow(clippy::print_stdout)]
 
 use std::io::Write;
 use std::sync::Arc;
@@ -216,7 +219,7 @@ fn du(path: &std::path::Path) -> u64 {
     total
 }
 
-/// 1. Bytes per point against a Prometheus block of the same samples.
+/// Figure 1: bytes per point against a Prometheus block of the same samples.
 async fn bytes_per_point(devices: u64, hours: i64) {
     println!("== 1. bytes per metric point: {devices} devices x {hours} h at 10 s");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -317,8 +320,8 @@ async fn bytes_per_point(devices: u64, hours: i64) {
     );
 }
 
-/// 2. The writer at full speed with rollups, or rollups and retention, running beside it, or
-/// neither.
+/// Figure 2: the writer at full speed with rollups, or rollups and retention, running beside
+/// it, or neither.
 async fn ingest_pairs(pairs: usize) {
     println!(
         "== 2. ingest: 100 devices, batches of 10, 10 s per run; beside it every second: nothing, a rollup pass, or a retention pass (1h; it rolls up first)"
@@ -425,7 +428,7 @@ async fn ingest_run(mode: Mode) -> f64 {
     rate
 }
 
-/// 3. Seven days of one device, every sample vs the hour rollups.
+/// Figure 3: seven days of one device, every sample vs the hour rollups.
 async fn series_queries() {
     println!("== 3. series: 7 days of one device at 10 s (60,480 samples)");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -475,7 +478,7 @@ async fn series_queries() {
     thread.join().expect("writer");
 }
 
-/// 4. The latest sample of each of 10,000 devices (what the fleet page shows).
+/// Figure 4: the latest sample of each of 10,000 devices (what the fleet page shows).
 async fn fleet_latest() {
     println!("== 4. latest values of 10,000 devices");
     let dir = tempfile::tempdir().expect("tempdir");
