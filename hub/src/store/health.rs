@@ -79,12 +79,6 @@ impl Health {
         self.state.read().expect("health lock").0.clone()
     }
 
-    /// The state and how long it has held.
-    pub fn state_for(&self) -> (WriteState, Duration) {
-        let s = self.state.read().expect("health lock");
-        (s.0.clone(), s.1.elapsed())
-    }
-
     /// Sets the state; logs when it changes.
     pub fn set(&self, new: WriteState) {
         let mut s = self.state.write().expect("health lock");
@@ -116,12 +110,6 @@ impl Health {
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Total bytes of the filesystem holding `dir`.
-pub fn filesystem_bytes(dir: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_blocks.saturating_mul(st.f_frsize))
 }
 
 /// `1.5 GB`, `12.0 MB`, `512 B` (decimal units, as `--min-free-space` and disks are sold).

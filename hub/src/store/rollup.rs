@@ -238,13 +238,7 @@ pub fn roll(store: &Store, now_ms: i64) -> Result<Rolled, StoreError> {
     // One pass at a time (the rollup task and retention both roll).
     let _one = store.inner.rollups.pass.lock().expect("rollup pass lock");
     let mut done = Rolled::default();
-    loop {
-        let n = merge_late(store)?;
-        done.late += n;
-        if n < SAMPLES_PER_TXN as u64 {
-            break;
-        }
-    }
+    done.late += merge_all_late(store)?;
     let settled = Level::Minute.floor(now_ms - SETTLE_MS);
     let keys: Vec<u32> = {
         let txn = store.db()?.begin_read()?;
@@ -264,14 +258,20 @@ pub fn roll(store: &Store, now_ms: i64) -> Result<Rolled, StoreError> {
         at += next;
     }
     // Marks the frontier has just passed.
+    done.late += merge_all_late(store)?;
+    Ok(done)
+}
+
+/// [`merge_late`] until a transaction finds less than its fill; returns how many it merged.
+fn merge_all_late(store: &Store) -> Result<u64, StoreError> {
+    let mut merged = 0;
     loop {
         let n = merge_late(store)?;
-        done.late += n;
+        merged += n;
         if n < SAMPLES_PER_TXN as u64 {
-            break;
+            return Ok(merged);
         }
     }
-    Ok(done)
 }
 
 /// Merges up to [`SAMPLES_PER_TXN`] late samples in one transaction: those behind their device's
