@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use shoal_hub::metrics::Metrics;
 use shoal_hub::store::Store;
 use shoal_hub::store::retention::{Retention, RetentionPolicy};
@@ -170,12 +169,7 @@ impl Device {
 }
 
 fn row(s: &Sample) -> Row {
-    Row {
-        seq: s.seq,
-        timestamp_ms: s.timestamp_ms,
-        points: shoal_proto::metrics::point_count(s) as u32,
-        bytes: s.encode_to_vec(),
-    }
+    Row::new(s.clone())
 }
 
 fn now_ms() -> i64 {

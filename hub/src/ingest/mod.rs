@@ -10,7 +10,6 @@ pub mod mqtt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use shoal_proto::v1::{Ack, DeviceHello, Rejection, Sample, Welcome};
 
 use crate::metrics::{LogLimiter, Metrics, SampleReject, StreamReject};
@@ -162,7 +161,7 @@ pub struct Checked {
 }
 
 /// Checks each sample: seq above 0 and rising within the batch, a timestamp that is set and not
-/// too far ahead of `now_ms`. Good samples become rows (re-encoded), bad ones rejections.
+/// too far ahead of `now_ms`. Good samples become rows (split for storing), bad ones rejections.
 pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Checked {
     let mut out = Checked::default();
     let limit = now_ms.saturating_add(max_skew.as_millis() as i64);
@@ -202,15 +201,7 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
         prev = prev.max(seq);
         match problem {
             Some((why, reason)) => out.rejected.push((seq, why, reason)),
-            None => {
-                let points = shoal_proto::metrics::point_count(&s) as u32;
-                out.rows.push(Row {
-                    seq,
-                    timestamp_ms: s.timestamp_ms,
-                    points,
-                    bytes: s.encode_to_vec(),
-                });
-            }
+            None => out.rows.push(Row::new(s)),
         }
     }
     out

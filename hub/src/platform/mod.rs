@@ -975,15 +975,12 @@ mod tests {
             max_backoff: Duration::from_millis(100),
             ..SinkSpec::parse("kafka://h:1?name=rec").unwrap()
         };
-        let row = |seq: u64| Row {
-            seq,
-            timestamp_ms: 1,
-            points: 1,
-            bytes: prost::Message::encode_to_vec(&shoal_proto::v1::Sample {
+        let row = |seq: u64| {
+            Row::new(shoal_proto::v1::Sample {
                 seq,
                 timestamp_ms: 1,
                 ..Default::default()
-            }),
+            })
         };
         for round in 0..2u64 {
             let store = Store::open(dir.path()).unwrap();

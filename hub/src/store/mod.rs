@@ -11,7 +11,9 @@
 //! Tables:
 //! - `device_keys`: device id → small integer key
 //! - `devices`: device key → registry record (JSON)
-//! - `samples`: (device key, seq) → encoded `shoal.v1.Sample`
+//! - `samples`: (device key, seq) → the sample, compact ([`codec`]): its shape's id and its
+//!   numbers
+//! - `sample_shapes`: shape id → a shape samples share (sections, names, counts)
 //! - `outbox`, `sink_cursors`: what the sinks forward, in commit order ([`outbox`])
 //! - record tables ([`RecordTable`]): string key → JSON, for other modules' records (jobs,
 //!   runs), reached only through typed methods.
@@ -19,6 +21,7 @@
 //! This module is the only one that opens tables or transactions; [`writer`] (the ingest
 //! writer thread) and [`series`] (time ranges, downsampling) belong to it.
 
+pub mod codec;
 pub mod health;
 pub mod outbox;
 pub mod records;
@@ -33,7 +36,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shoal_proto::v1::Sample;
 
@@ -42,6 +44,7 @@ use crate::registry::DeviceRecord;
 pub(crate) const DEVICE_KEYS: TableDefinition<&str, u32> = TableDefinition::new("device_keys");
 pub(crate) const DEVICES: TableDefinition<u32, &[u8]> = TableDefinition::new("devices");
 pub(crate) const SAMPLES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("samples");
+pub(crate) const SHAPES: TableDefinition<u32, &[u8]> = TableDefinition::new("sample_shapes");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -131,6 +134,7 @@ struct Inner {
     retention: std::sync::Mutex<retention::RetentionStatus>,
     policy: RwLock<retention::RetentionPolicy>,
     rollups: rollup::State,
+    shapes: codec::Shapes,
 }
 
 impl Store {
@@ -149,9 +153,19 @@ impl Store {
         txn.open_table(DEVICE_KEYS)?;
         txn.open_table(DEVICES)?;
         txn.open_table(SAMPLES)?;
+        txn.open_table(SHAPES)?;
         txn.commit()?;
         retention::ensure_meta(&db)?;
         let rollups = rollup::open(&db)?;
+        let shapes = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SHAPES)?;
+            let rows = table
+                .iter()?
+                .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<Result<Vec<_>, _>>()?;
+            codec::Shapes::load(rows)?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: data_dir.to_path_buf(),
@@ -162,6 +176,7 @@ impl Store {
                 retention: Default::default(),
                 policy: Default::default(),
                 rollups,
+                shapes,
             }),
         })
     }
@@ -254,7 +269,7 @@ impl Store {
             .take(limit)
         {
             let (_, v) = row?;
-            out.push(decode(v.value())?);
+            out.push(self.decode(v.value())?);
         }
         Ok(out)
     }
@@ -267,7 +282,7 @@ impl Store {
             .range((key, 0)..=(key, u64::MAX))?
             .next_back()
             .transpose()?;
-        last.map(|(_, v)| decode(v.value())).transpose()
+        last.map(|(_, v)| self.decode(v.value())).transpose()
     }
 
     /// How many samples device `key` has in `[from_ms, to_ms)`, from two binary searches (exact
@@ -275,8 +290,8 @@ impl Store {
     pub fn count_time_range(&self, key: u32, from_ms: i64, to_ms: i64) -> Result<u64, StoreError> {
         let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
-        let lo = first_seq_at_or_after(&samples, key, from_ms)?;
-        let hi = first_seq_at_or_after(&samples, key, to_ms)?;
+        let lo = self.first_seq_at_or_after(&samples, key, from_ms)?;
+        let hi = self.first_seq_at_or_after(&samples, key, to_ms)?;
         Ok(hi.saturating_sub(lo))
     }
 
@@ -292,10 +307,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.db()?.begin_read()?;
         let samples = txn.open_table(SAMPLES)?;
-        let lo = first_seq_at_or_after(&samples, key, from_ms)?;
+        let lo = self.first_seq_at_or_after(&samples, key, from_ms)?;
         for row in samples.range((key, lo)..=(key, u64::MAX))? {
             let (_, v) = row?;
-            let s = decode(v.value())?;
+            let s = self.decode(v.value())?;
             if s.timestamp_ms >= to_ms {
                 break;
             }
@@ -307,42 +322,51 @@ impl Store {
     }
 }
 
-fn decode(bytes: &[u8]) -> Result<Sample, StoreError> {
-    Sample::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-/// The smallest seq of device `key` whose sample is at or after `ts_ms` (one past the last seq
-/// when none is), by binary search over seq.
-fn first_seq_at_or_after(
-    samples: &impl ReadableTable<(u32, u64), &'static [u8]>,
-    key: u32,
-    ts_ms: i64,
-) -> Result<u64, StoreError> {
-    let first_from = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
-        match samples
-            .range((key, seq)..=(key, u64::MAX))?
-            .next()
-            .transpose()?
-        {
-            Some((k, v)) => Ok(Some((k.value().1, decode(v.value())?.timestamp_ms))),
-            None => Ok(None),
-        }
-    };
-    let Some((mut lo, _)) = first_from(0)? else {
-        return Ok(0);
-    };
-    let mut hi = samples
-        .range((key, 0)..=(key, u64::MAX))?
-        .next_back()
-        .transpose()?
-        .map_or(lo, |(k, _)| k.value().1)
-        + 1;
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match first_from(mid)? {
-            Some((s, ts)) if ts < ts_ms => lo = s + 1,
-            _ => hi = mid,
-        }
+impl Store {
+    /// The sample stored as `value`.
+    pub(crate) fn decode(&self, value: &[u8]) -> Result<Sample, StoreError> {
+        self.inner.shapes.decode(value)
     }
-    Ok(lo)
+
+    /// The timestamp of the sample stored as `value`.
+    pub(crate) fn timestamp_of(&self, value: &[u8]) -> Result<i64, StoreError> {
+        self.inner.shapes.timestamp(value)
+    }
+
+    /// The smallest seq of device `key` whose sample is at or after `ts_ms` (one past the last
+    /// seq when none is), by binary search over seq.
+    pub(crate) fn first_seq_at_or_after(
+        &self,
+        samples: &impl ReadableTable<(u32, u64), &'static [u8]>,
+        key: u32,
+        ts_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let first_from = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
+            match samples
+                .range((key, seq)..=(key, u64::MAX))?
+                .next()
+                .transpose()?
+            {
+                Some((k, v)) => Ok(Some((k.value().1, self.timestamp_of(v.value())?))),
+                None => Ok(None),
+            }
+        };
+        let Some((mut lo, _)) = first_from(0)? else {
+            return Ok(0);
+        };
+        let mut hi = samples
+            .range((key, 0)..=(key, u64::MAX))?
+            .next_back()
+            .transpose()?
+            .map_or(lo, |(k, _)| k.value().1)
+            + 1;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match first_from(mid)? {
+                Some((s, ts)) if ts < ts_ms => lo = s + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
 }

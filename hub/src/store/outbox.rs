@@ -156,8 +156,7 @@ impl Store {
                             "outbox entry {offset} names a sample that is not stored"
                         )));
                     };
-                    let sample = Sample::decode(stored.value())
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let sample = self.decode(stored.value())?;
                     if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(key) {
                         let record: DeviceRecord = match devices.get(key)? {
                             Some(v) => serde_json::from_slice(v.value())

@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 
 use super::outbox::OUTBOX;
 use super::rollup::{self, Level, ROLLUP_FRONTIER, ROLLUP_LATE};
-use super::{DEVICES, SAMPLES, Store, StoreError, first_seq_at_or_after};
+use super::{DEVICES, SAMPLES, Store, StoreError};
 
 /// How often retention looks at the store.
 pub const PERIOD: Duration = Duration::from_secs(10);
@@ -206,7 +206,7 @@ impl Store {
             let mut range = samples.range((key, 0)..=(key, u64::MAX))?;
             let first = range.next().transpose()?;
             let last = range.next_back().transpose()?;
-            let ts = |v: &[u8]| super::decode(v).map(|s| s.timestamp_ms);
+            let ts = |v: &[u8]| self.timestamp_of(v);
             if let Some((_, v)) = first {
                 let lo = ts(v.value())?;
                 let hi = match last {
@@ -458,7 +458,7 @@ impl Retention {
                     .next()
                     .transpose()?;
                 if let Some((_, v)) = first
-                    && super::decode(v.value())?.timestamp_ms < cut
+                    && store.timestamp_of(v.value())? < cut
                 {
                     keys.push(key);
                 }
@@ -503,7 +503,7 @@ impl Retention {
             else {
                 return Ok((0, false));
             };
-            let by_time = first_seq_at_or_after(&samples, key, cut_ms)?;
+            let by_time = store.first_seq_at_or_after(&samples, key, cut_ms)?;
             let mut end = by_time.min(newest);
             // Samples not yet in the rollups stay until they are.
             let frontier = txn
@@ -511,7 +511,7 @@ impl Retention {
                 .get(key)?
                 .map(|v| v.value());
             end = match frontier {
-                Some(f) => end.min(first_seq_at_or_after(&samples, key, f)?),
+                Some(f) => end.min(store.first_seq_at_or_after(&samples, key, f)?),
                 None => 0,
             };
             if let Some((k, _)) = txn
@@ -614,7 +614,6 @@ const OUTBOX_NAME: &str = "outbox";
 mod tests {
     use std::sync::Arc;
 
-    use prost::Message;
     use shoal_proto::v1::{Cpu, DeviceHello, Sample};
 
     use super::*;
@@ -633,12 +632,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        Row {
-            seq,
-            timestamp_ms: ts,
-            points: 3,
-            bytes: s.encode_to_vec(),
-        }
+        Row::new(s)
     }
 
     async fn open(dir: &std::path::Path, outbox: bool) -> (Store, Writer) {
@@ -839,12 +833,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            Row {
-                seq,
-                timestamp_ms: ts,
-                points: 65,
-                bytes: s.encode_to_vec(),
-            }
+            Row::new(s)
         };
         writer
             .hello(

@@ -28,7 +28,7 @@ use std::time::Duration;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::series::{Agg, Bucket, Downsampler};
-use super::{DEVICES, SAMPLES, Store, StoreError, decode, first_seq_at_or_after};
+use super::{DEVICES, SAMPLES, Store, StoreError};
 
 pub(crate) const ROLLUPS: TableDefinition<(u32, u8, i64), &[u8]> = TableDefinition::new("rollups");
 pub(crate) const ROLLUP_LATE: TableDefinition<(u32, u64), ()> = TableDefinition::new("rollup_late");
@@ -176,14 +176,11 @@ struct Pending {
 }
 
 impl Pending {
-    fn add(&mut self, ids: &mut Ids<'_>, key: u32, seq: u64, sample: &shoal_proto::v1::Sample) {
+    fn add(&mut self, key: u32, seq: u64, t: i64, points: &[(u32, f64)]) {
         self.samples += 1;
-        let t = sample.timestamp_ms;
-        let mut points: Vec<(u32, f64)> = Vec::with_capacity(40);
-        shoal_proto::metrics::for_each_point(sample, |name, v| points.push((ids.id(name), v)));
         for level in Level::ALL {
             let row = self.rows.entry((key, level, level.floor(t))).or_default();
-            for (id, v) in &points {
+            for (id, v) in points {
                 row.entry(*id).or_default().push(t, seq, *v);
             }
         }
@@ -203,6 +200,47 @@ impl Pending {
             rollups.insert(k, encode_row(&merged).as_slice())?;
         }
         Ok(())
+    }
+}
+
+/// Reads stored samples' points as `(metric id, value)`: straight from the numbers of a
+/// compact sample whose shape maps its points ([`super::codec::Shape::points`]), else from the whole
+/// sample. Lives for one transaction, like the ids it hands out.
+#[derive(Default)]
+struct PointReader {
+    by_shape: HashMap<u32, Option<Vec<(usize, u32)>>>,
+    numbers: Vec<f64>,
+    points: Vec<(u32, f64)>,
+}
+
+impl PointReader {
+    fn read(
+        &mut self,
+        store: &Store,
+        ids: &mut Ids<'_>,
+        value: &[u8],
+    ) -> Result<&[(u32, f64)], StoreError> {
+        self.points.clear();
+        if let Some((shape, numbers)) = store.inner.shapes.parts(value)? {
+            let mapped = self.by_shape.entry(shape.id).or_insert_with(|| {
+                shape.points().map(|m| {
+                    m.points
+                        .iter()
+                        .map(|(i, name)| (*i, ids.id(name)))
+                        .collect()
+                })
+            });
+            if let (Some(mapped), Some(map)) = (mapped, shape.points()) {
+                map.numbers(numbers, &mut self.numbers)?;
+                self.points
+                    .extend(mapped.iter().map(|(i, id)| (*id, self.numbers[*i])));
+                return Ok(&self.points);
+            }
+        }
+        let sample = store.decode(value)?;
+        let points = &mut self.points;
+        shoal_proto::metrics::for_each_point(&sample, |name, v| points.push((ids.id(name), v)));
+        Ok(&self.points)
     }
 }
 
@@ -295,6 +333,7 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
             .collect::<Result<_, _>>()?;
         let samples = txn.open_table(SAMPLES)?;
         let mut pending = Pending::default();
+        let mut reader = PointReader::default();
         for (key, seq) in &marks {
             if pending.samples >= SAMPLES_PER_TXN {
                 break;
@@ -302,11 +341,12 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
             let frontier = frontiers.get(*key)?.map(|v| v.value());
             // Gone already when retention took it first: nothing to merge then.
             if let Some(v) = samples.get((*key, *seq))? {
-                let sample = decode(v.value())?;
-                if frontier.is_none_or(|f| sample.timestamp_ms >= f) {
+                let t = store.timestamp_of(v.value())?;
+                if frontier.is_none_or(|f| t >= f) {
                     continue;
                 }
-                pending.add(&mut ids, *key, *seq, &sample);
+                let points = reader.read(store, &mut ids, v.value())?;
+                pending.add(*key, *seq, t, points);
             }
             late.remove((*key, *seq))?;
             n += 1;
@@ -372,6 +412,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
             new: Vec::new(),
         };
         let mut pending = Pending::default();
+        let mut reader = PointReader::default();
         let mut moved: HashMap<u32, i64> = HashMap::new();
         let mut devices = 0;
         for (key, old) in chunk.iter().zip(&stored) {
@@ -381,7 +422,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
             devices += 1;
             let from_seq = match old {
                 Some(f) if *f >= settled => continue,
-                Some(f) => first_seq_at_or_after(&samples, *key, *f)?,
+                Some(f) => store.first_seq_at_or_after(&samples, *key, *f)?,
                 None => 0,
             };
             let marked: std::collections::HashSet<u64> = late
@@ -396,8 +437,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
             let mut last_minute = i64::MIN;
             for row in samples.range((*key, from_seq)..=(*key, u64::MAX))? {
                 let (k, v) = row?;
-                let sample = decode(v.value())?;
-                let t = sample.timestamp_ms;
+                let t = store.timestamp_of(v.value())?;
                 if t >= settled {
                     break;
                 }
@@ -410,7 +450,8 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                 added = true;
                 last_minute = minute;
                 if !marked.contains(&k.value().1) {
-                    pending.add(&mut ids, *key, k.value().1, &sample);
+                    let points = reader.read(store, &mut ids, v.value())?;
+                    pending.add(*key, k.value().1, t, points);
                 }
             }
             if added {
@@ -593,10 +634,10 @@ impl Store {
                 }
             }
         }
-        let lo = first_seq_at_or_after(&samples, key, raw_from)?;
+        let lo = self.first_seq_at_or_after(&samples, key, raw_from)?;
         for row in samples.range((key, lo)..=(key, u64::MAX))? {
             let (k, v) = row?;
-            let s = decode(v.value())?;
+            let s = self.decode(v.value())?;
             if s.timestamp_ms >= to_ms {
                 break;
             }
@@ -614,7 +655,6 @@ impl Store {
 mod tests {
     use std::sync::Arc;
 
-    use prost::Message;
     use shoal_proto::v1::{Cpu, DeviceHello, Disk, Memory, Sample};
 
     use super::*;
@@ -650,12 +690,7 @@ mod tests {
     fn rows(samples: impl IntoIterator<Item = (u64, i64)>) -> Vec<Row> {
         samples
             .into_iter()
-            .map(|(seq, ts)| Row {
-                seq,
-                timestamp_ms: ts,
-                points: 1,
-                bytes: sample(seq, ts).encode_to_vec(),
-            })
+            .map(|(seq, ts)| Row::new(sample(seq, ts)))
             .collect()
     }
 

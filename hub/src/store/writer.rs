@@ -18,13 +18,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use redb::ReadableTable;
-use shoal_proto::v1::{DeviceEvent, DeviceHello, device_event};
+use shoal_proto::v1::{DeviceEvent, DeviceHello, Sample, device_event};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
-use super::{DEVICE_KEYS, DEVICES, SAMPLES, Store, StoreError};
-use super::{retention, rollup};
+use super::{DEVICE_KEYS, DEVICES, SAMPLES, SHAPES, Store, StoreError};
+use super::{codec, retention, rollup};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
 
@@ -94,14 +94,26 @@ impl Fleet {
     }
 }
 
-/// One validated sample ready to store.
+/// One validated sample ready to store, already split into its shape and numbers
+/// ([`codec`]) so that the writer thread only looks up the shape.
 #[derive(Debug)]
 pub struct Row {
     pub seq: u64,
     /// The sample's own timestamp (epoch ms).
     pub timestamp_ms: i64,
     pub points: u32,
-    pub bytes: Vec<u8>,
+    split: codec::Split,
+}
+
+impl Row {
+    pub fn new(sample: Sample) -> Self {
+        Self {
+            seq: sample.seq,
+            timestamp_ms: sample.timestamp_ms,
+            points: shoal_proto::metrics::point_count(&sample) as u32,
+            split: codec::split(sample),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -453,6 +465,31 @@ fn apply(
     next_key: &mut u32,
     next_offset: &mut Option<u64>,
 ) -> Result<Applied, StoreError> {
+    let mut first_new_shape = None;
+    let applied = apply_txn(
+        store,
+        fleet,
+        ops,
+        next_key,
+        next_offset,
+        &mut first_new_shape,
+    );
+    if applied.is_err()
+        && let Some(id) = first_new_shape
+    {
+        store.inner.shapes.forget_from(id);
+    }
+    applied
+}
+
+fn apply_txn(
+    store: &Store,
+    fleet: &Fleet,
+    ops: &[Op],
+    next_key: &mut u32,
+    next_offset: &mut Option<u64>,
+    first_new_shape: &mut Option<u32>,
+) -> Result<Applied, StoreError> {
     let txn = store.db()?.begin_write()?;
     let committed_ms = ops
         .iter()
@@ -470,6 +507,7 @@ fn apply(
         let mut keys = txn.open_table(DEVICE_KEYS)?;
         let mut devices = txn.open_table(DEVICES)?;
         let mut samples = txn.open_table(SAMPLES)?;
+        let mut shapes = txn.open_table(SHAPES)?;
         let (mut added_bytes, mut added) = (0u64, 0u64);
         let mut late = txn.open_table(rollup::ROLLUP_LATE)?;
         let mut log = match next_offset {
@@ -533,11 +571,17 @@ fn apply(
                         let new =
                             row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
                         if new {
-                            samples.insert((state.key, row.seq), row.bytes.as_slice())?;
+                            let (shape, fresh) = store.inner.shapes.id(&row.split.shape);
+                            if fresh {
+                                first_new_shape.get_or_insert(shape);
+                                shapes.insert(shape, row.split.shape.as_slice())?;
+                            }
+                            let value = codec::value(shape, &row.split.numbers);
+                            samples.insert((state.key, row.seq), value.as_slice())?;
                             if frontier.is_some_and(|f| row.timestamp_ms < f) {
                                 late.insert((state.key, row.seq), ())?;
                             }
-                            added_bytes += retention::row_bytes(row.bytes.len());
+                            added_bytes += retention::row_bytes(value.len());
                             added += 1;
                             append(Append::Sample {
                                 key: state.key,
@@ -582,7 +626,6 @@ fn apply(
 
 #[cfg(test)]
 mod tests {
-    use prost::Message;
     use shoal_proto::v1::{Cpu, Sample};
 
     use super::*;
@@ -597,12 +640,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        Row {
-            seq,
-            timestamp_ms: ts,
-            points: 1,
-            bytes: s.encode_to_vec(),
-        }
+        Row::new(s)
     }
 
     fn hello(id: &str) -> DeviceHello {
