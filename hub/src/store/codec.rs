@@ -154,7 +154,7 @@ fn gpu<W: Walk>(w: &mut W, g: &mut Gpu) {
     w.list(&mut g.mig_devices, gpu);
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
@@ -162,11 +162,11 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(crate) fn unzigzag(v: u64) -> i64 {
     (v >> 1) as i64 ^ -((v & 1) as i64)
 }
 
@@ -174,12 +174,24 @@ const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
 /// The low 3 bits of a double's varint: digits after the point, or this for the raw bits.
 const RAW_F64: u64 = 7;
 
-fn put_f64(out: &mut Vec<u8>, v: f64) {
+/// Writes `v` as the decimal it is (a varint of its digits, shifted by 3 bits that say how
+/// many are after the point), or as its 8 bytes when no decimal of up to 6 places reads back
+/// as the same bits.
+pub(crate) fn put_f64(out: &mut Vec<u8>, v: f64) {
+    put_f64_within(out, v, 0.0);
+}
+
+/// Like [`put_f64`], but takes the shortest decimal within `v`'s magnitude times `tolerance`
+/// of it: for sums, whose last bits are the noise of adding decimals in binary.
+pub(crate) fn put_f64_within(out: &mut Vec<u8>, v: f64, tolerance: f64) {
     for (digits, p) in POW10.iter().enumerate() {
-        let m = v * p;
-        if m.abs() < (1u64 << 53) as f64 && m == m.trunc() {
+        let m = (v * p).round();
+        if m.abs() < (1u64 << 53) as f64 {
             let i = m as i64;
-            if ((i as f64) / p).to_bits() == v.to_bits() {
+            let back = (i as f64) / p;
+            if back.to_bits() == v.to_bits()
+                || (tolerance > 0.0 && (back - v).abs() <= v.abs() * tolerance)
+            {
                 put_varint(out, (zigzag(i) << 3) | digits as u64);
                 return;
             }
@@ -254,12 +266,12 @@ pub(crate) fn value(shape_id: u32, numbers: &[u8]) -> Vec<u8> {
 }
 
 /// Reads bytes front to back; running out is corruption.
-struct Reader<'a> {
-    bytes: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub bytes: &'a [u8],
 }
 
 impl Reader<'_> {
-    fn varint(&mut self) -> Result<u64, StoreError> {
+    pub fn varint(&mut self) -> Result<u64, StoreError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let (&b, rest) = self.bytes.split_first().ok_or_else(torn)?;
@@ -274,7 +286,7 @@ impl Reader<'_> {
         ))
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
+    pub fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
         if n > self.bytes.len() {
             return Err(torn());
         }
@@ -283,7 +295,7 @@ impl Reader<'_> {
         Ok(head)
     }
 
-    fn f64(&mut self) -> Result<f64, StoreError> {
+    pub fn f64(&mut self) -> Result<f64, StoreError> {
         let v = self.varint()?;
         let digits = v & 7;
         if digits == RAW_F64 {

@@ -81,7 +81,8 @@ db_err!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// How the store guards its disk (`--min-free-space`).
