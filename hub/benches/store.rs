@@ -12,7 +12,8 @@
 //! values that move as real ones do: random walks at the collectors' precision, counters that
 //! only rise, totals that stay put.
 //!
-//! Usage: `cargo bench -p shoal-hub --bench store -- [DEVICES] [HOURS] [ROUNDS]` (default 10 24 3)
+//! Usage: `cargo bench -p shoal-hub --bench store -- [DEVICES] [HOURS] [ROUNDS]` (default 10 24 3;
+//! 0 rounds: figure 1 only)
 
 // A harness that prints its figures.
 #![allow(clippy::print_stdout)]
@@ -231,18 +232,26 @@ async fn bytes_per_point(devices: u64, hours: i64) {
             .iter()
             .map(|s| shoal_proto::metrics::point_count(s) as u64)
             .sum::<u64>();
-        for chunk in samples.chunks(360) {
+        all.push((id, samples));
+    }
+    // As a fleet sends them: a minute of every device in turn, rolled up every ten minutes.
+    for (minute, at) in (0..per_device as usize).step_by(6).enumerate() {
+        for (id, samples) in &all {
+            let batch = &samples[at..(at + 6).min(samples.len())];
             writer
-                .write(id.clone(), chunk.iter().map(row).collect(), now_ms())
+                .write(id.clone(), batch.iter().map(row).collect(), now_ms())
                 .await
                 .expect("write");
         }
-        all.push((id, samples));
+        if minute % 10 == 9 {
+            rollup::roll(&store, now_ms()).expect("roll");
+        }
     }
     rollup::roll(&store, now_ms()).expect("roll");
     let file = store.file_bytes();
     let used = store.used_bytes().expect("used");
     let (sample_bytes, _) = store.sample_totals().expect("totals");
+    let tables = store.table_bytes().expect("tables");
     drop((writer, store));
     thread.join().expect("writer");
 
@@ -302,6 +311,13 @@ async fn bytes_per_point(devices: u64, hours: i64) {
         per(used),
         per(sample_bytes)
     );
+    for (name, pages, stored) in &tables {
+        println!(
+            "  {name}: pages {pages} B ({:.2} B/point), stored {stored} B ({:.2} B/point)",
+            per(*pages),
+            per(*stored)
+        );
+    }
     println!(
         "prometheus: blocks {prom_total} B ({:.2} B/point), chunks alone {prom_chunks} B ({:.2} B/point); built in {:.1} s",
         per(prom_total),
@@ -514,6 +530,9 @@ async fn main() {
     let num = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     let (devices, hours, pairs) = (num(0, 10), num(1, 24) as i64, num(2, 3) as usize);
     bytes_per_point(devices, hours).await;
+    if pairs == 0 {
+        return;
+    }
     ingest_pairs(pairs).await;
     series_queries().await;
     fleet_latest().await;

@@ -232,6 +232,26 @@ impl Store {
         Ok(stats.allocated_pages() * stats.page_size() as u64)
     }
 
+    /// Pages in use and bytes stored of the samples and the rollups, the two tables that grow
+    /// with history: `(table, page bytes, stored bytes)`. Walks both trees.
+    pub fn table_bytes(&self) -> Result<Vec<(&'static str, u64, u64)>, StoreError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db()?.begin_read()?;
+        let mut out = Vec::new();
+        // redb's page size, which the store leaves at its default.
+        let page = 4096;
+        let samples = txn.open_table(SAMPLES)?.stats()?;
+        let rollups = txn.open_table(super::rollup::ROLLUPS)?.stats()?;
+        for (name, s) in [("samples", samples), ("rollups", rollups)] {
+            out.push((
+                name,
+                (s.leaf_pages() + s.branch_pages()) * page,
+                s.stored_bytes(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Size of the store file on disk.
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.inner.path).map_or(0, |m| m.len())
