@@ -43,7 +43,10 @@ use crate::registry::DeviceRecord;
 
 pub(crate) const DEVICE_KEYS: TableDefinition<&str, u32> = TableDefinition::new("device_keys");
 pub(crate) const DEVICES: TableDefinition<u32, &[u8]> = TableDefinition::new("devices");
-pub(crate) const SAMPLES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("samples");
+/// Samples as stores before per-device tables kept them, all devices in one tree; moved into
+/// [`DeviceSamples`] when such a store is opened.
+pub(crate) const LEGACY_SAMPLES: TableDefinition<(u32, u64), &[u8]> =
+    TableDefinition::new("samples");
 pub(crate) const SHAPES: TableDefinition<u32, &[u8]> = TableDefinition::new("sample_shapes");
 
 #[derive(Debug, thiserror::Error)]
@@ -153,10 +156,10 @@ impl Store {
         let txn = db.begin_write()?;
         txn.open_table(DEVICE_KEYS)?;
         txn.open_table(DEVICES)?;
-        txn.open_table(SAMPLES)?;
         txn.open_table(SHAPES)?;
         txn.commit()?;
         retention::ensure_meta(&db)?;
+        move_legacy_samples(&db)?;
         let rollups = rollup::open(&db)?;
         let shapes = {
             let txn = db.begin_read()?;
@@ -234,18 +237,16 @@ impl Store {
     pub fn load_devices(&self) -> Result<Vec<LoadedDevice>, StoreError> {
         let txn = self.db()?.begin_read()?;
         let devices = txn.open_table(DEVICES)?;
-        let samples = txn.open_table(SAMPLES)?;
         let mut out = Vec::new();
         for row in devices.iter()? {
             let (key, value) = row?;
             let key = key.value();
             let record: DeviceRecord = serde_json::from_slice(value.value())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let max_seq = samples
-                .range((key, 0)..=(key, u64::MAX))?
-                .next_back()
-                .transpose()?
-                .map_or(0, |(k, _)| k.value().1);
+            let max_seq = match read_samples(&txn, key)? {
+                Some(samples) => samples.last()?.map_or(0, |(k, _)| k.value()),
+                None => 0,
+            };
             out.push(LoadedDevice {
                 key,
                 record,
@@ -263,12 +264,11 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Sample>, StoreError> {
         let txn = self.db()?.begin_read()?;
-        let samples = txn.open_table(SAMPLES)?;
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for row in samples
-            .range((key, after_seq.saturating_add(1))..=(key, u64::MAX))?
-            .take(limit)
-        {
+        for row in samples.range(after_seq.saturating_add(1)..)?.take(limit) {
             let (_, v) = row?;
             out.push(self.decode(v.value())?);
         }
@@ -278,11 +278,10 @@ impl Store {
     /// The newest sample of device `key`.
     pub fn latest(&self, key: u32) -> Result<Option<Sample>, StoreError> {
         let txn = self.db()?.begin_read()?;
-        let samples = txn.open_table(SAMPLES)?;
-        let last = samples
-            .range((key, 0)..=(key, u64::MAX))?
-            .next_back()
-            .transpose()?;
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok(None);
+        };
+        let last = samples.last()?;
         last.map(|(_, v)| self.decode(v.value())).transpose()
     }
 
@@ -290,9 +289,11 @@ impl Store {
     /// when its seqs have no gaps; an estimate for progress otherwise).
     pub fn count_time_range(&self, key: u32, from_ms: i64, to_ms: i64) -> Result<u64, StoreError> {
         let txn = self.db()?.begin_read()?;
-        let samples = txn.open_table(SAMPLES)?;
-        let lo = self.first_seq_at_or_after(&samples, key, from_ms)?;
-        let hi = self.first_seq_at_or_after(&samples, key, to_ms)?;
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok(0);
+        };
+        let lo = self.first_seq_at_or_after(&samples, from_ms)?;
+        let hi = self.first_seq_at_or_after(&samples, to_ms)?;
         Ok(hi.saturating_sub(lo))
     }
 
@@ -307,9 +308,11 @@ impl Store {
         mut f: impl FnMut(&Sample),
     ) -> Result<(), StoreError> {
         let txn = self.db()?.begin_read()?;
-        let samples = txn.open_table(SAMPLES)?;
-        let lo = self.first_seq_at_or_after(&samples, key, from_ms)?;
-        for row in samples.range((key, lo)..=(key, u64::MAX))? {
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok(());
+        };
+        let lo = self.first_seq_at_or_after(&samples, from_ms)?;
+        for row in samples.range(lo..)? {
             let (_, v) = row?;
             let s = self.decode(v.value())?;
             if s.timestamp_ms >= to_ms {
@@ -320,6 +323,77 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// The name of device `key`'s samples table: seq → the stored sample ([`codec`]).
+///
+/// One table per device, because redb packs a leaf full only when keys are appended at the
+/// end of its tree: a device's samples appended in the middle of a shared tree (after its own,
+/// before the next device's) split leaves in half and leave them about 57 % full.
+pub(crate) struct DeviceSamples(String);
+
+impl DeviceSamples {
+    pub fn of(key: u32) -> Self {
+        Self(format!("samples.{key}"))
+    }
+
+    pub fn def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.0)
+    }
+}
+
+/// Device `key`'s samples in a read transaction; `None` while it has none.
+pub(crate) fn read_samples(
+    txn: &redb::ReadTransaction,
+    key: u32,
+) -> Result<Option<redb::ReadOnlyTable<u64, &'static [u8]>>, StoreError> {
+    match txn.open_table(DeviceSamples::of(key).def()) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves the samples of a store written before per-device tables into them, a transaction of
+/// [`MOVE_STEP`] samples at a time (a crash in between leaves every sample in one place or
+/// the other, and the next open goes on), then drops the old table.
+fn move_legacy_samples(db: &Database) -> Result<(), StoreError> {
+    const MOVE_STEP: usize = 50_000;
+    let mut moved = 0u64;
+    loop {
+        let txn = db.begin_write()?;
+        let batch: Vec<((u32, u64), Vec<u8>)> = txn
+            .open_table(LEGACY_SAMPLES)?
+            .iter()?
+            .take(MOVE_STEP)
+            .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        if batch.is_empty() {
+            txn.delete_table(LEGACY_SAMPLES)?;
+            txn.commit()?;
+            if moved > 0 {
+                tracing::info!(samples = moved, "moved the samples into a table per device");
+            }
+            return Ok(());
+        }
+        {
+            let mut legacy = txn.open_table(LEGACY_SAMPLES)?;
+            let mut at = 0;
+            while at < batch.len() {
+                let key = batch[at].0.0;
+                let name = DeviceSamples::of(key);
+                let mut table = txn.open_table(name.def())?;
+                while at < batch.len() && batch[at].0.0 == key {
+                    let ((_, seq), v) = &batch[at];
+                    table.insert(*seq, v.as_slice())?;
+                    legacy.remove((key, *seq))?;
+                    at += 1;
+                }
+            }
+        }
+        txn.commit()?;
+        moved += batch.len() as u64;
     }
 }
 
@@ -334,33 +408,23 @@ impl Store {
         self.inner.shapes.timestamp(value)
     }
 
-    /// The smallest seq of device `key` whose sample is at or after `ts_ms` (one past the last
-    /// seq when none is), by binary search over seq.
+    /// The smallest seq of a device's `samples` whose sample is at or after `ts_ms` (one past
+    /// the last seq when none is), by binary search over seq.
     pub(crate) fn first_seq_at_or_after(
         &self,
-        samples: &impl ReadableTable<(u32, u64), &'static [u8]>,
-        key: u32,
+        samples: &impl ReadableTable<u64, &'static [u8]>,
         ts_ms: i64,
     ) -> Result<u64, StoreError> {
         let first_from = |seq: u64| -> Result<Option<(u64, i64)>, StoreError> {
-            match samples
-                .range((key, seq)..=(key, u64::MAX))?
-                .next()
-                .transpose()?
-            {
-                Some((k, v)) => Ok(Some((k.value().1, self.timestamp_of(v.value())?))),
+            match samples.range(seq..)?.next().transpose()? {
+                Some((k, v)) => Ok(Some((k.value(), self.timestamp_of(v.value())?))),
                 None => Ok(None),
             }
         };
         let Some((mut lo, _)) = first_from(0)? else {
             return Ok(0);
         };
-        let mut hi = samples
-            .range((key, 0)..=(key, u64::MAX))?
-            .next_back()
-            .transpose()?
-            .map_or(lo, |(k, _)| k.value().1)
-            + 1;
+        let mut hi = samples.last()?.map_or(lo, |(k, _)| k.value()) + 1;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match first_from(mid)? {

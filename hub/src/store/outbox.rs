@@ -18,7 +18,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use shoal_proto::v1::{DeviceEvent, Sample};
 
-use super::{DEVICES, SAMPLES, Store, StoreError};
+use super::{DEVICES, Store, StoreError, read_samples};
 use crate::registry::DeviceRecord;
 
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -133,7 +133,8 @@ impl Store {
     pub fn outbox_after(&self, cursor: u64, limit: usize) -> Result<Vec<Entry>, StoreError> {
         let txn = self.db()?.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
-        let samples = txn.open_table(SAMPLES)?;
+        let mut tables: HashMap<u32, Option<redb::ReadOnlyTable<u64, &'static [u8]>>> =
+            HashMap::new();
         let devices = txn.open_table(DEVICES)?;
         let mut known: HashMap<u32, (String, std::collections::BTreeMap<String, String>)> =
             HashMap::new();
@@ -151,7 +152,17 @@ impl Store {
                 TAG_SAMPLE if body.len() == 12 => {
                     let key = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
                     let seq = u64::from_le_bytes(body[4..].try_into().expect("8 bytes"));
-                    let Some(stored) = samples.get((key, seq))? else {
+                    let samples = match tables.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(t) => t.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            slot.insert(read_samples(&txn, key)?)
+                        }
+                    };
+                    let stored = match samples {
+                        Some(t) => t.get(seq)?,
+                        None => None,
+                    };
+                    let Some(stored) = stored else {
                         return Err(StoreError::Corrupt(format!(
                             "outbox entry {offset} names a sample that is not stored"
                         )));

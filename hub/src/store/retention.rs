@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 
 use super::outbox::OUTBOX;
 use super::rollup::{self, Level, ROLLUP_FRONTIER, ROLLUP_LATE};
-use super::{DEVICES, SAMPLES, Store, StoreError};
+use super::{DEVICES, DeviceSamples, LEGACY_SAMPLES, Store, StoreError, read_samples};
 
 /// How often retention looks at the store.
 pub const PERIOD: Duration = Duration::from_secs(10);
@@ -199,11 +199,13 @@ impl Store {
     pub fn sample_time_bounds(&self) -> Result<Option<(i64, i64)>, StoreError> {
         let txn = self.db()?.begin_read()?;
         let devices = txn.open_table(DEVICES)?;
-        let samples = txn.open_table(SAMPLES)?;
         let mut bounds: Option<(i64, i64)> = None;
         for row in devices.iter()? {
             let key = row?.0.value();
-            let mut range = samples.range((key, 0)..=(key, u64::MAX))?;
+            let Some(samples) = read_samples(&txn, key)? else {
+                continue;
+            };
+            let mut range = samples.iter()?;
             let first = range.next().transpose()?;
             let last = range.next_back().transpose()?;
             let ts = |v: &[u8]| self.timestamp_of(v);
@@ -240,15 +242,21 @@ impl Store {
         let mut out = Vec::new();
         // redb's page size, which the store leaves at its default.
         let page = 4096;
-        let samples = txn.open_table(SAMPLES)?.stats()?;
-        let rollups = txn.open_table(super::rollup::ROLLUPS)?.stats()?;
-        for (name, s) in [("samples", samples), ("rollups", rollups)] {
-            out.push((
-                name,
-                (s.leaf_pages() + s.branch_pages()) * page,
-                s.stored_bytes(),
-            ));
+        let (mut pages, mut stored) = (0, 0);
+        for row in txn.open_table(DEVICES)?.iter()? {
+            if let Some(t) = read_samples(&txn, row?.0.value())? {
+                let s = t.stats()?;
+                pages += (s.leaf_pages() + s.branch_pages()) * page;
+                stored += s.stored_bytes();
+            }
         }
+        out.push(("samples", pages, stored));
+        let s = txn.open_table(super::rollup::ROLLUPS)?.stats()?;
+        out.push((
+            "rollups",
+            (s.leaf_pages() + s.branch_pages()) * page,
+            s.stored_bytes(),
+        ));
         Ok(out)
     }
 
@@ -279,7 +287,7 @@ pub(crate) fn ensure_meta(db: &redb::Database) -> Result<(), StoreError> {
     {
         let mut meta = txn.open_table(META)?;
         if meta.get(SAMPLE_BYTES)?.is_none() {
-            let samples = txn.open_table(SAMPLES)?;
+            let samples = txn.open_table(LEGACY_SAMPLES)?;
             let (mut bytes, mut count) = (0u64, 0u64);
             for row in samples.iter()? {
                 let (_, v) = row?;
@@ -469,14 +477,13 @@ impl Retention {
         let keys: Vec<u32> = {
             let txn = store.db()?.begin_read()?;
             let devices = txn.open_table(DEVICES)?;
-            let samples = txn.open_table(SAMPLES)?;
             let mut keys = Vec::new();
             for row in devices.iter()? {
                 let key = row?.0.value();
-                let first = samples
-                    .range((key, 0)..=(key, u64::MAX))?
-                    .next()
-                    .transpose()?;
+                let Some(samples) = read_samples(&txn, key)? else {
+                    continue;
+                };
+                let first = samples.first()?;
                 if let Some((_, v)) = first
                     && store.timestamp_of(v.value())? < cut
                 {
@@ -514,16 +521,12 @@ impl Retention {
         let (n, bytes, held_by_sinks);
         {
             pending.catch_up(&txn)?;
-            let mut samples = txn.open_table(SAMPLES)?;
-            let Some(newest) = samples
-                .range((key, 0)..=(key, u64::MAX))?
-                .next_back()
-                .transpose()?
-                .map(|(k, _)| k.value().1)
-            else {
+            let name = DeviceSamples::of(key);
+            let mut samples = txn.open_table(name.def())?;
+            let Some(newest) = samples.last()?.map(|(k, _)| k.value()) else {
                 return Ok((0, false));
             };
-            let by_time = store.first_seq_at_or_after(&samples, key, cut_ms)?;
+            let by_time = store.first_seq_at_or_after(&samples, cut_ms)?;
             let mut end = by_time.min(newest);
             // Samples not yet in the rollups stay until they are.
             let frontier = txn
@@ -531,7 +534,7 @@ impl Retention {
                 .get(key)?
                 .map(|v| v.value());
             end = match frontier {
-                Some(f) => end.min(store.first_seq_at_or_after(&samples, key, f)?),
+                Some(f) => end.min(store.first_seq_at_or_after(&samples, f)?),
                 None => 0,
             };
             if let Some((k, _)) = txn
@@ -547,13 +550,13 @@ impl Retention {
                 end = end.min(s);
             }
             let doomed: Vec<u64> = samples
-                .range((key, 0)..(key, end))?
+                .range(0..end)?
                 .take(STEP)
-                .map(|r| r.map(|(k, _)| k.value().1))
+                .map(|r| r.map(|(k, _)| k.value()))
                 .collect::<Result<_, _>>()?;
             let mut freed = 0;
             for seq in &doomed {
-                if let Some(v) = samples.remove((key, *seq))? {
+                if let Some(v) = samples.remove(*seq)? {
                     freed += row_bytes(v.value().len());
                 }
             }
@@ -701,13 +704,91 @@ mod tests {
     /// The accounting the writer and retention keep, against a count of what is stored.
     fn check_totals(store: &Store) {
         let txn = store.db().unwrap().begin_read().unwrap();
-        let samples = txn.open_table(SAMPLES).unwrap();
         let (mut bytes, mut count) = (0, 0);
-        for r in samples.iter().unwrap() {
-            bytes += row_bytes(r.unwrap().1.value().len());
-            count += 1;
+        for d in txn.open_table(DEVICES).unwrap().iter().unwrap() {
+            let Some(samples) = read_samples(&txn, d.unwrap().0.value()).unwrap() else {
+                continue;
+            };
+            for r in samples.iter().unwrap() {
+                bytes += row_bytes(r.unwrap().1.value().len());
+                count += 1;
+            }
         }
         assert_eq!(store.sample_totals().unwrap(), (bytes, count));
+    }
+
+    #[tokio::test]
+    async fn a_store_with_all_samples_in_one_table_is_moved_into_a_table_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, writer) = open(dir.path(), false).await;
+            fill(&writer, "a", 10 * MIN, 120).await;
+            fill(&writer, "b", 10 * MIN, 7).await;
+            drop((store, writer));
+        }
+        // As an older hub left it: every sample in `samples`, keyed (device key, seq), in the
+        // protobuf form.
+        // The writer thread lets go of the file once it sees its channel closed.
+        let db = loop {
+            match redb::Database::create(dir.path().join("shoal.redb")) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                other => break other.unwrap(),
+            }
+        };
+        let txn = db.begin_write().unwrap();
+        {
+            let mut legacy = txn.open_table(LEGACY_SAMPLES).unwrap();
+            for key in [1u32, 2] {
+                let name = DeviceSamples::of(key);
+                let mut table = txn.open_table(name.def()).unwrap();
+                let rows: Vec<(u64, i64)> = table
+                    .iter()
+                    .unwrap()
+                    .map(|r| {
+                        let (k, v) = r.unwrap();
+                        (k.value(), codec_ts(v.value()))
+                    })
+                    .collect();
+                for (seq, ts) in rows {
+                    let old = prost::Message::encode_to_vec(&Sample {
+                        seq,
+                        timestamp_ms: ts,
+                        ..Default::default()
+                    });
+                    legacy.insert((key, seq), old.as_slice()).unwrap();
+                    table.remove(seq).unwrap();
+                }
+            }
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let (store, writer) = open(dir.path(), false).await;
+        assert_eq!(seqs(&store, "a"), (1..=120).collect::<Vec<_>>());
+        assert_eq!(seqs(&store, "b"), (1..=7).collect::<Vec<_>>());
+        let fleet = Fleet::from_loaded(&store).unwrap();
+        assert_eq!(fleet.get("a").unwrap().max_seq, 120);
+        let txn = store.db().unwrap().begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(LEGACY_SAMPLES),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
+        drop(txn);
+        // And it goes on: a resent sample is a duplicate, a new one is stored.
+        let out = writer
+            .write(
+                "a".into(),
+                vec![row(120, 130 * MIN), row(121, 131 * MIN)],
+                131 * MIN,
+            )
+            .await
+            .unwrap();
+        assert_eq!((out.accepted, out.duplicates), (1, 1));
+    }
+
+    fn codec_ts(v: &[u8]) -> i64 {
+        crate::store::codec::Shapes::default().timestamp(v).unwrap()
     }
 
     #[tokio::test]

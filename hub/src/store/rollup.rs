@@ -29,7 +29,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec;
 use super::series::{Agg, Bucket, Downsampler};
-use super::{DEVICES, SAMPLES, Store, StoreError};
+use super::{DEVICES, DeviceSamples, Store, StoreError, read_samples};
 
 pub(crate) const ROLLUPS: TableDefinition<(u32, u8, i64), &[u8]> = TableDefinition::new("rollups");
 pub(crate) const ROLLUP_LATE: TableDefinition<(u32, u64), ()> = TableDefinition::new("rollup_late");
@@ -509,16 +509,21 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
             .iter()?
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()?;
-        let samples = txn.open_table(SAMPLES)?;
         let mut pending = Pending::default();
         let mut reader = PointReader::default();
+        // Marks come in device order: one device's samples open at a time.
+        let mut samples: Option<(u32, redb::Table<'_, u64, &'static [u8]>)> = None;
         for (key, seq) in &marks {
             if pending.samples >= SAMPLES_PER_TXN {
                 break;
             }
             let frontier = frontiers.get(*key)?.map(|v| v.value());
+            if samples.as_ref().is_none_or(|(k, _)| k != key) {
+                samples = Some((*key, txn.open_table(DeviceSamples::of(*key).def())?));
+            }
+            let table = &samples.as_ref().expect("opened above").1;
             // Gone already when retention took it first: nothing to merge then.
-            if let Some(v) = samples.get((*key, *seq))? {
+            if let Some(v) = table.get(*seq)? {
                 let t = store.timestamp_of(v.value())?;
                 if frontier.is_none_or(|f| t >= f) {
                     continue;
@@ -586,7 +591,6 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
         fence.set_durability(redb::Durability::None)?;
         fence.commit()?;
         let snapshot = db.begin_read()?;
-        let samples = snapshot.open_table(SAMPLES)?;
         let late = snapshot.open_table(ROLLUP_LATE)?;
         let mut ids = Ids {
             known: state.ids.write().expect("rollup lock"),
@@ -601,9 +605,14 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                 break;
             }
             devices += 1;
+            if old.is_some_and(|f| f >= settled) {
+                continue;
+            }
+            let Some(samples) = read_samples(&snapshot, *key)? else {
+                continue;
+            };
             let from_seq = match old {
-                Some(f) if *f >= settled => continue,
-                Some(f) => store.first_seq_at_or_after(&samples, *key, *f)?,
+                Some(f) => store.first_seq_at_or_after(&samples, *f)?,
                 None => 0,
             };
             let marked: std::collections::HashSet<u64> = late
@@ -616,8 +625,9 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
             let mut cut_short = false;
             let mut to = settled;
             let mut last_minute = i64::MIN;
-            for row in samples.range((*key, from_seq)..=(*key, u64::MAX))? {
+            for row in samples.range(from_seq..)? {
                 let (k, v) = row?;
+                let seq = k.value();
                 let t = store.timestamp_of(v.value())?;
                 if t >= settled {
                     break;
@@ -630,9 +640,9 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                 }
                 added = true;
                 last_minute = minute;
-                if !marked.contains(&k.value().1) {
+                if !marked.contains(&seq) {
                     let points = reader.read(store, &mut ids, v.value())?;
-                    pending.add(*key, k.value().1, t, points);
+                    pending.add(*key, seq, t, points);
                 }
             }
             if added {
@@ -644,7 +654,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                 break;
             }
         }
-        drop((samples, late, snapshot));
+        drop((late, snapshot));
         let rolled = pending.samples as u64;
         let txn = db.begin_write()?;
         {
@@ -789,7 +799,6 @@ impl Store {
             .into_iter()
             .find(|l| step % l.ms() == 0 && from_ms.rem_euclid(l.ms()) == 0);
         let txn = self.db()?.begin_read()?;
-        let samples = txn.open_table(SAMPLES)?;
         let mut raw_from = from_ms;
         let mut source = Source::Raw;
         if let Some(level) = level {
@@ -816,8 +825,11 @@ impl Store {
                 }
             }
         }
-        let lo = self.first_seq_at_or_after(&samples, key, raw_from)?;
-        for row in samples.range((key, lo)..=(key, u64::MAX))? {
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok((down.finish(), source));
+        };
+        let lo = self.first_seq_at_or_after(&samples, raw_from)?;
+        for row in samples.range(lo..)? {
             let (k, v) = row?;
             let s = self.decode(v.value())?;
             if s.timestamp_ms >= to_ms {
@@ -826,7 +838,7 @@ impl Store {
             if s.timestamp_ms >= raw_from
                 && let Some(v) = shoal_proto::metrics::value_of(&s, metric)
             {
-                down.push(s.timestamp_ms, k.value().1, v);
+                down.push(s.timestamp_ms, k.value(), v);
             }
         }
         Ok((down.finish(), source))

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
-use super::{DEVICE_KEYS, DEVICES, SAMPLES, SHAPES, Store, StoreError};
+use super::{DEVICE_KEYS, DEVICES, DeviceSamples, SHAPES, Store, StoreError};
 use super::{codec, retention, rollup};
 use crate::metrics::Metrics;
 use crate::registry::DeviceRecord;
@@ -506,7 +506,6 @@ fn apply_txn(
     {
         let mut keys = txn.open_table(DEVICE_KEYS)?;
         let mut devices = txn.open_table(DEVICES)?;
-        let mut samples = txn.open_table(SAMPLES)?;
         let mut shapes = txn.open_table(SHAPES)?;
         let (mut added_bytes, mut added) = (0u64, 0u64);
         let mut late = txn.open_table(rollup::ROLLUP_LATE)?;
@@ -567,9 +566,10 @@ fn apply_txn(
                     let mut outcome = BatchOutcome::default();
                     // Samples behind the rollups' frontier are merged by the next pass.
                     let frontier = store.rollup_frontier(state.key);
+                    let name = DeviceSamples::of(state.key);
+                    let mut samples = txn.open_table(name.def())?;
                     for row in rows {
-                        let new =
-                            row.seq > state.max_seq || samples.get((state.key, row.seq))?.is_none();
+                        let new = row.seq > state.max_seq || samples.get(row.seq)?.is_none();
                         if new {
                             let (shape, fresh) = store.inner.shapes.id(&row.split.shape);
                             if fresh {
@@ -577,7 +577,7 @@ fn apply_txn(
                                 shapes.insert(shape, row.split.shape.as_slice())?;
                             }
                             let value = codec::value(shape, &row.split.numbers);
-                            samples.insert((state.key, row.seq), value.as_slice())?;
+                            samples.insert(row.seq, value.as_slice())?;
                             if frontier.is_some_and(|f| row.timestamp_ms < f) {
                                 late.insert((state.key, row.seq), ())?;
                             }
