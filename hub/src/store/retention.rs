@@ -251,12 +251,18 @@ impl Store {
             }
         }
         out.push(("samples", pages, stored));
-        let s = txn.open_table(super::rollup::ROLLUPS)?.stats()?;
-        out.push((
-            "rollups",
-            (s.leaf_pages() + s.branch_pages()) * page,
-            s.stored_bytes(),
-        ));
+        let (mut pages, mut stored) = (0, 0);
+        for row in txn.open_table(DEVICES)?.iter()? {
+            let key = row?.0.value();
+            for level in super::rollup::Level::ALL {
+                if let Some(t) = super::rollup::read_rollups(&txn, key, level)? {
+                    let s = t.stats()?;
+                    pages += (s.leaf_pages() + s.branch_pages()) * page;
+                    stored += s.stored_bytes();
+                }
+            }
+        }
+        out.push(("rollups", pages, stored));
         Ok(out)
     }
 

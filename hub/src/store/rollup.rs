@@ -31,7 +31,74 @@ use super::codec;
 use super::series::{Agg, Bucket, Downsampler};
 use super::{DEVICES, DeviceSamples, Store, StoreError, read_samples};
 
-pub(crate) const ROLLUPS: TableDefinition<(u32, u8, i64), &[u8]> = TableDefinition::new("rollups");
+/// Rows as stores before a table per device and level kept them; moved on open.
+const LEGACY_ROLLUPS: TableDefinition<(u32, u8, i64), &[u8]> = TableDefinition::new("rollups");
+
+/// The name of device `key`'s rows of one level: bucket start (ms) → row. A table per device
+/// and level, like the samples ([`super::DeviceSamples`]), so that new rows are appended at the
+/// end of a tree and pack its leaves.
+pub(crate) struct DeviceRollups(String);
+
+impl DeviceRollups {
+    pub fn of(key: u32, level: Level) -> Self {
+        Self(format!("rollups.{}.{key}", level.name()))
+    }
+
+    pub fn def(&self) -> TableDefinition<'_, i64, &'static [u8]> {
+        TableDefinition::new(&self.0)
+    }
+}
+
+/// Device `key`'s rows of `level` in a read transaction; `None` while it has none.
+pub(crate) fn read_rollups(
+    txn: &redb::ReadTransaction,
+    key: u32,
+    level: Level,
+) -> Result<Option<redb::ReadOnlyTable<i64, &'static [u8]>>, StoreError> {
+    match txn.open_table(DeviceRollups::of(key, level).def()) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves the rows of a store written before [`DeviceRollups`] into them, then drops the old
+/// table (in one transaction: rows are few beside samples).
+fn move_legacy_rollups(db: &redb::Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let legacy = txn.open_table(LEGACY_ROLLUPS)?;
+        let mut current: Option<((u32, u8), redb::Table<'_, i64, &'static [u8]>)> = None;
+        for row in legacy.iter()? {
+            let (k, v) = row?;
+            let (key, level, t) = k.value();
+            let level = match level {
+                1 => Level::Minute,
+                2 => Level::Hour,
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "a rollup row has level {other}"
+                    )));
+                }
+            };
+            if current
+                .as_ref()
+                .is_none_or(|(c, _)| *c != (key, level as u8))
+            {
+                let name = DeviceRollups::of(key, level);
+                current = Some(((key, level as u8), txn.open_table(name.def())?));
+            }
+            current
+                .as_mut()
+                .expect("opened above")
+                .1
+                .insert(t, v.value())?;
+        }
+    }
+    txn.delete_table(LEGACY_ROLLUPS)?;
+    txn.commit()?;
+    Ok(())
+}
 pub(crate) const ROLLUP_LATE: TableDefinition<(u32, u64), ()> = TableDefinition::new("rollup_late");
 pub(crate) const ROLLUP_FRONTIER: TableDefinition<u32, i64> =
     TableDefinition::new("rollup_frontier");
@@ -83,10 +150,10 @@ pub(crate) struct State {
 
 /// Creates the tables and loads the state.
 pub(crate) fn open(db: &redb::Database) -> Result<State, StoreError> {
+    move_legacy_rollups(db)?;
     let txn = db.begin_write()?;
     let state = State::default();
     {
-        txn.open_table(ROLLUPS)?;
         txn.open_table(ROLLUP_LATE)?;
         let frontier = txn.open_table(ROLLUP_FRONTIER)?;
         let ids = txn.open_table(METRIC_IDS)?;
@@ -362,20 +429,29 @@ impl Pending {
         }
     }
 
-    /// Merges the rows into the table.
-    fn write(self, rollups: &mut redb::Table<(u32, u8, i64), &[u8]>) -> Result<(), StoreError> {
-        for ((key, level, t), row) in self.rows {
-            let k = (key, level as u8, t);
-            let mut merged = match rollups.get(k)? {
-                Some(v) => decode_row(t, v.value())?,
-                None => Row::new(),
-            };
-            for (id, a) in row.iter().enumerate() {
-                if let Some(a) = a {
-                    merged.entry(id as u32).or_default().merge(a);
+    /// Merges the rows into their tables, a device and level at a time.
+    fn write(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut rows: Vec<_> = self.rows.into_iter().collect();
+        rows.sort_unstable_by_key(|((key, level, t), _)| (*key, *level as u8, *t));
+        let mut at = 0;
+        while at < rows.len() {
+            let (key, level, _) = rows[at].0;
+            let name = DeviceRollups::of(key, level);
+            let mut table = txn.open_table(name.def())?;
+            while at < rows.len() && (rows[at].0.0, rows[at].0.1) == (key, level) {
+                let (_, _, t) = rows[at].0;
+                let mut merged = match table.get(t)? {
+                    Some(v) => decode_row(t, v.value())?,
+                    None => Row::new(),
+                };
+                for (id, a) in rows[at].1.iter().enumerate() {
+                    if let Some(a) = a {
+                        merged.entry(id as u32).or_default().merge(a);
+                    }
                 }
+                table.insert(t, encode_row(t, &merged).as_slice())?;
+                at += 1;
             }
-            rollups.insert(k, encode_row(t, &merged).as_slice())?;
         }
         Ok(())
     }
@@ -534,7 +610,7 @@ fn merge_late(store: &Store) -> Result<u64, StoreError> {
             late.remove((*key, *seq))?;
             n += 1;
         }
-        pending.write(&mut txn.open_table(ROLLUPS)?)?;
+        pending.write(&txn)?;
         save_ids(&txn, &ids.new)?;
     }
     let new = std::mem::take(&mut ids.new);
@@ -658,7 +734,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
         let rolled = pending.samples as u64;
         let txn = db.begin_write()?;
         {
-            pending.write(&mut txn.open_table(ROLLUPS)?)?;
+            pending.write(&txn)?;
             let mut frontiers = txn.open_table(ROLLUP_FRONTIER)?;
             for (key, to) in &moved {
                 frontiers.insert(*key, *to)?;
@@ -714,25 +790,36 @@ pub(crate) fn trim(
     cut_ms: i64,
     max: usize,
 ) -> Result<u64, StoreError> {
+    // Only the devices with a row older than the cut take part in the write.
+    let keys: Vec<u32> = {
+        let txn = store.db()?.begin_read()?;
+        let mut keys = Vec::new();
+        for row in txn.open_table(DEVICES)?.iter()? {
+            let key = row?.0.value();
+            if let Some(rows) = read_rollups(&txn, key, level)?
+                && rows.first()?.is_some_and(|(t, _)| t.value() < cut_ms)
+            {
+                keys.push(key);
+            }
+        }
+        keys
+    };
+    if keys.is_empty() {
+        return Ok(0);
+    }
     let txn = store.db()?.begin_write()?;
     let mut n = 0u64;
     {
-        let keys: Vec<u32> = {
-            let devices = txn.open_table(DEVICES)?;
-            devices
-                .iter()?
-                .map(|r| r.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?
-        };
-        let mut rollups = txn.open_table(ROLLUPS)?;
         for key in keys {
+            let name = DeviceRollups::of(key, level);
+            let mut rollups = txn.open_table(name.def())?;
             let doomed: Vec<i64> = rollups
-                .range((key, level as u8, i64::MIN)..(key, level as u8, cut_ms))?
+                .range(..cut_ms)?
                 .take(max - n as usize)
-                .map(|r| r.map(|(k, _)| k.value().2))
+                .map(|r| r.map(|(k, _)| k.value()))
                 .collect::<Result<_, _>>()?;
             for t in &doomed {
-                rollups.remove((key, level as u8, *t))?;
+                rollups.remove(*t)?;
             }
             n += doomed.len() as u64;
             if n as usize >= max {
@@ -810,14 +897,13 @@ impl Store {
             if let (Some(frontier), Some(id)) = (frontier, id) {
                 let end = level.floor(frontier.min(to_ms));
                 if end > from_ms {
-                    let rollups = txn.open_table(ROLLUPS)?;
-                    for row in
-                        rollups.range((key, level as u8, from_ms)..(key, level as u8, end))?
-                    {
-                        let (k, v) = row?;
-                        let t = k.value().2;
-                        if let Some(agg) = find(t, v.value(), id)? {
-                            down.merge(t, &agg);
+                    if let Some(rollups) = read_rollups(&txn, key, level)? {
+                        for row in rollups.range(from_ms..end)? {
+                            let (k, v) = row?;
+                            let t = k.value();
+                            if let Some(agg) = find(t, v.value(), id)? {
+                                down.merge(t, &agg);
+                            }
                         }
                     }
                     raw_from = end;
@@ -1013,16 +1099,16 @@ mod tests {
             })
             .collect();
         let mut got: HashMap<(u8, i64, String), Agg> = HashMap::new();
-        for r in txn
-            .open_table(ROLLUPS)
-            .unwrap()
-            .range((key, 0, i64::MIN)..=(key, u8::MAX, i64::MAX))
-            .unwrap()
-        {
-            let (k, v) = r.unwrap();
-            let (_, level, t) = k.value();
-            for (id, agg) in decode_row(t, v.value()).unwrap() {
-                got.insert((level, t, names[&id].clone()), agg);
+        for level in Level::ALL {
+            let Some(rows) = read_rollups(&txn, key, level).unwrap() else {
+                continue;
+            };
+            for r in rows.iter().unwrap() {
+                let (k, v) = r.unwrap();
+                let t = k.value();
+                for (id, agg) in decode_row(t, v.value()).unwrap() {
+                    got.insert((level as u8, t, names[&id].clone()), agg);
+                }
             }
         }
         assert_eq!(
@@ -1123,6 +1209,65 @@ mod tests {
         let (store, _writer, _, _) = open(dir.path()).await;
         assert_eq!(roll(&store, NOW + 60_000).unwrap(), Rolled::default());
         check_against_samples(&store, ka);
+    }
+
+    #[tokio::test]
+    async fn rows_in_the_one_table_of_older_stores_are_moved_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = {
+            let (store, writer, fleet, thread) = open(dir.path()).await;
+            writer
+                .hello(
+                    DeviceHello {
+                        device_id: "a".into(),
+                        ..Default::default()
+                    },
+                    NOW,
+                )
+                .await
+                .unwrap();
+            let start = NOW - 3 * 3_600_000;
+            writer
+                .write(
+                    "a".into(),
+                    rows((1..=3 * 360).map(|s| (s, start + s as i64 * 10_000))),
+                    NOW,
+                )
+                .await
+                .unwrap();
+            roll(&store, NOW).unwrap();
+            let key = fleet.get("a").unwrap().key;
+            drop((store, writer));
+            thread.join().unwrap();
+            key
+        };
+        {
+            let db = redb::Database::create(dir.path().join("shoal.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut legacy = txn.open_table(LEGACY_ROLLUPS).unwrap();
+                for level in Level::ALL {
+                    let name = DeviceRollups::of(key, level);
+                    let table = txn.open_table(name.def()).unwrap();
+                    for r in table.iter().unwrap() {
+                        let (t, v) = r.unwrap();
+                        legacy
+                            .insert((key, level as u8, t.value()), v.value())
+                            .unwrap();
+                    }
+                    drop(table);
+                    txn.delete_table(name.def()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let (store, _writer, _fleet, _thread) = open(dir.path()).await;
+        assert!(check_against_samples(&store, key) > 3 * 60);
+        let txn = store.db().unwrap().begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(LEGACY_ROLLUPS),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
     }
 
     #[tokio::test]
