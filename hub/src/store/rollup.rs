@@ -642,22 +642,42 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
     let db = store.db()?;
     let state = &store.inner.rollups;
     let chunk = &keys[..keys.len().min(DEVICES_PER_ROUND)];
-    let stored: Vec<Option<i64>> = {
+    // Where each device's frontier goes: the settled minute, but not past the minute of its
+    // newest sample. A device draining a backlog of old samples (a spool after an outage)
+    // then sends them ahead of its frontier, to be rolled here in bulk, rather than behind it,
+    // where each would be merged alone as late.
+    let (stored, target): (Vec<Option<i64>>, Vec<i64>) = {
         let txn = db.begin_read()?;
         let frontiers = txn.open_table(ROLLUP_FRONTIER)?;
-        chunk
-            .iter()
-            .map(|k| Ok(frontiers.get(*k)?.map(|v| v.value())))
-            .collect::<Result<_, StoreError>>()?
+        let mut stored = Vec::with_capacity(chunk.len());
+        let mut target = Vec::with_capacity(chunk.len());
+        for key in chunk {
+            let old = frontiers.get(*key)?.map(|v| v.value());
+            let newest = match read_samples(&txn, *key)? {
+                Some(samples) => match samples.last()? {
+                    Some((_, v)) => Some(store.timestamp_of(v.value())?),
+                    None => None,
+                },
+                None => None,
+            };
+            let to = newest.map_or(settled, |t| settled.min(Level::Minute.floor(t)));
+            stored.push(old);
+            target.push(old.map_or(to, |o| o.max(to)));
+        }
+        (stored, target)
     };
-    if stored.iter().all(|f| f.is_some_and(|f| f >= settled)) {
+    if stored
+        .iter()
+        .zip(&target)
+        .all(|(f, to)| f.is_some_and(|f| f >= *to))
+    {
         return Ok((0, chunk.len()));
     }
     {
         let mut f = state.frontier.write().expect("rollup lock");
-        for (key, old) in chunk.iter().zip(&stored) {
-            if old.is_none_or(|o| o < settled) {
-                f.insert(*key, settled);
+        for ((key, old), to) in chunk.iter().zip(&stored).zip(&target) {
+            if old.is_none_or(|o| o < *to) {
+                f.insert(*key, *to);
             }
         }
     }
@@ -676,7 +696,7 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
         let mut reader = PointReader::default();
         let mut moved: HashMap<u32, i64> = HashMap::new();
         let mut devices = 0;
-        for (key, old) in chunk.iter().zip(&stored) {
+        for ((key, old), settled) in chunk.iter().zip(&stored).zip(target.iter().copied()) {
             if pending.samples >= SAMPLES_PER_TXN {
                 break;
             }
@@ -1176,8 +1196,9 @@ mod tests {
             .await
             .unwrap();
         let first = roll(&store, NOW).unwrap();
-        // The settled minute is NOW - 1 min: "a" up to seq 1,073, all of "b".
-        assert_eq!(first.samples, (1_073 - 101) + 7);
+        // The settled minute is NOW - 1 min: "a" up to seq 1,073; "b" up to the minute of its
+        // newest sample, which waits for the samples after it (all but that one).
+        assert_eq!(first.samples, (1_073 - 101) + 6);
         let ka = fleet.get("a").unwrap().key;
         let kb = fleet.get("b").unwrap().key;
         check_against_samples(&store, ka);
@@ -1209,6 +1230,45 @@ mod tests {
         let (store, _writer, _, _) = open(dir.path()).await;
         assert_eq!(roll(&store, NOW + 60_000).unwrap(), Rolled::default());
         check_against_samples(&store, ka);
+    }
+
+    #[tokio::test]
+    async fn a_backlog_drained_in_order_is_rolled_in_bulk_not_as_late_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, fleet, _thread) = open(dir.path()).await;
+        writer
+            .hello(
+                DeviceHello {
+                    device_id: "a".into(),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+        // A spool of two hours, 10 s apart, sent in batches with passes in between.
+        let start = NOW - 3 * 3_600_000;
+        let at = |s: u64| start + s as i64 * 10_000;
+        let mut late = 0;
+        for batch in 0..8u64 {
+            writer
+                .write(
+                    "a".into(),
+                    rows((batch * 90 + 1..=batch * 90 + 90).map(|s| (s, at(s)))),
+                    NOW,
+                )
+                .await
+                .unwrap();
+            late += roll(&store, NOW).unwrap().late;
+        }
+        assert_eq!(late, 0, "nothing drained in order is late");
+        let key = fleet.get("a").unwrap().key;
+        // Everything but the newest sample's minute is rolled.
+        assert_eq!(
+            store.rollup_frontier(key),
+            Some(Level::Minute.floor(at(720)))
+        );
+        check_against_samples(&store, key);
     }
 
     #[tokio::test]
