@@ -551,6 +551,9 @@ impl Shape {
     }
 }
 
+/// A compact stored sample: its shape and its numbers.
+pub(crate) type Parts<'a> = (Arc<Shape>, &'a [u8]);
+
 /// The store's shapes, in memory; `sample_shapes` is the truth.
 #[derive(Debug, Default)]
 pub(crate) struct Shapes {
@@ -619,7 +622,7 @@ impl Shapes {
     }
 
     /// The shape and numbers of a compact stored value; `None` for a protobuf one.
-    pub fn parts<'a>(&self, value: &'a [u8]) -> Result<Option<(Arc<Shape>, &'a [u8])>, StoreError> {
+    pub fn parts<'a>(&self, value: &'a [u8]) -> Result<Option<Parts<'a>>, StoreError> {
         if value.first() != Some(&MARK) {
             return Ok(None);
         }

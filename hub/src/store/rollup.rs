@@ -49,6 +49,9 @@ impl DeviceRollups {
     }
 }
 
+/// A device's rows of one level, open for writing.
+type RowsTable<'t> = redb::Table<'t, i64, &'static [u8]>;
+
 /// Device `key`'s rows of `level` in a read transaction; `None` while it has none.
 pub(crate) fn read_rollups(
     txn: &redb::ReadTransaction,
@@ -68,7 +71,7 @@ fn move_legacy_rollups(db: &redb::Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     {
         let legacy = txn.open_table(LEGACY_ROLLUPS)?;
-        let mut current: Option<((u32, u8), redb::Table<'_, i64, &'static [u8]>)> = None;
+        let mut current: Option<((u32, u8), RowsTable<'_>)> = None;
         for row in legacy.iter()? {
             let (k, v) = row?;
             let (key, level, t) = k.value();
