@@ -4,14 +4,15 @@
 //! concurrent readers. Ingest is dominated by fsyncs, and the writer thread (see
 //! [`writer`]) amortises them by committing every batch that arrived in the meantime in
 //! one transaction (group commit), so one fsync'd commit carries thousands of samples. Reads
-//! (REST, CLI) run on MVCC snapshots and never block ingest. Samples are keyed by
-//! `(device key, seq)`, which makes deduplication one key lookup and keeps each device's samples
-//! contiguous for range scans. No C toolchain is needed to build it.
+//! (REST, CLI) run on MVCC snapshots and never block ingest. Each device's samples are a table of
+//! their own keyed by seq, which makes deduplication one key lookup, keeps them contiguous for
+//! range scans, and appends every new sample at the end of its tree, where redb packs leaves
+//! full. No C toolchain is needed to build it.
 //!
 //! Tables:
 //! - `device_keys`: device id → small integer key
 //! - `devices`: device key → registry record (JSON)
-//! - `samples`: (device key, seq) → the sample, compact ([`codec`]): its shape's id and its
+//! - `samples.{device key}`: seq → the sample, compact ([`codec`]): its shape's id and its
 //!   numbers
 //! - `sample_shapes`: shape id → a shape samples share (sections, names, counts)
 //! - `outbox`, `sink_cursors`: what the sinks forward, in commit order ([`outbox`])

@@ -3,9 +3,11 @@
 //!
 //! **Built as samples commit, exactly once each.** Each device has a *frontier*: every sample
 //! timestamped before it is in the rollups. A pass every few seconds rolls the samples between
-//! the frontier and the last settled minute (now − 30 s, floored) into minute and hour rows and
-//! moves the frontier on, in the same transaction. A sample that commits later with a timestamp
-//! behind the frontier (a gap filled after a reconnect, a spool drained after an outage) is
+//! the frontier and the last settled minute (now − 30 s, floored), or the minute of the
+//! device's newest sample if that is earlier, into minute and hour rows and moves the frontier
+//! on, in the same transaction. (Stopping at the newest sample means a spool drained in order
+//! after an outage arrives ahead of the frontier and rolls in bulk.) A sample that commits later
+//! with a timestamp behind the frontier (a gap filled after a reconnect) is
 //! marked by the writer in `rollup_late`, in the sample's own transaction, and the next pass
 //! merges it into its minute and hour. Dedup happens before either, so a resent sample never
 //! counts twice. The frontier in memory moves inside the pass's write transaction, so the writer
@@ -16,7 +18,7 @@
 //! rows, hour rows and late samples all combine by the same [`Agg::merge`].
 //!
 //! Tables:
-//! - `rollups`: (device key, level, bucket start ms) → the row's metrics
+//! - `rollups.{1m|1h}.{device key}`: bucket start ms → the row's metrics ([`encode_row`])
 //! - `rollup_frontier`: device key → frontier (ms)
 //! - `rollup_late`: (device key, seq) of samples to merge
 //! - `metric_ids`: metric name → the small id rows use
