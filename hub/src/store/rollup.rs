@@ -648,12 +648,14 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
     let state = &store.inner.rollups;
     let chunk = &keys[..keys.len().min(DEVICES_PER_ROUND)];
     // Where each device's frontier goes: the settled minute, but not past the minute of its
-    // newest sample. A device draining a backlog of old samples (a spool after an outage)
-    // then sends them ahead of its frontier, to be rolled here in bulk, rather than behind it,
-    // where each would be merged alone as late.
+    // newest sample while the device is sending (it sent since the settled minute began). A
+    // device draining a backlog of old samples (a spool after an outage) then sends them ahead
+    // of its frontier, to be rolled here in bulk, rather than behind it, where each would be
+    // merged alone as late. Once it has gone quiet, its newest sample's minute is rolled too.
     let (stored, target): (Vec<Option<i64>>, Vec<i64>) = {
         let txn = db.begin_read()?;
         let frontiers = txn.open_table(ROLLUP_FRONTIER)?;
+        let devices = txn.open_table(DEVICES)?;
         let mut stored = Vec::with_capacity(chunk.len());
         let mut target = Vec::with_capacity(chunk.len());
         for key in chunk {
@@ -665,7 +667,23 @@ fn roll_devices(store: &Store, keys: &[u32], settled: i64) -> Result<(u64, usize
                 },
                 None => None,
             };
-            let to = newest.map_or(settled, |t| settled.min(Level::Minute.floor(t)));
+            let sending = match devices.get(*key)? {
+                Some(v) => {
+                    serde_json::from_slice::<crate::registry::DeviceRecord>(v.value())
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                        .last_seen_ms
+                        >= settled
+                }
+                None => false,
+            };
+            let to = newest.map_or(settled, |t| {
+                let minute = Level::Minute.floor(t);
+                settled.min(if sending {
+                    minute
+                } else {
+                    minute + Level::Minute.ms()
+                })
+            });
             stored.push(old);
             target.push(old.map_or(to, |o| o.max(to)));
         }
@@ -1095,6 +1113,19 @@ mod tests {
         (store, writer, fleet, t)
     }
 
+    async fn hello(writer: &Writer, id: &str) {
+        writer
+            .hello(
+                DeviceHello {
+                    device_id: id.into(),
+                    ..Default::default()
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+    }
+
     /// Every row, by brute force from the stored samples, against the table.
     fn check_against_samples(store: &Store, key: u32) -> usize {
         let mut expect: HashMap<(u8, i64, String), Agg> = HashMap::new();
@@ -1161,16 +1192,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer, fleet, thread) = open(dir.path()).await;
         for d in ["a", "b"] {
-            writer
-                .hello(
-                    DeviceHello {
-                        device_id: d.into(),
-                        ..Default::default()
-                    },
-                    NOW,
-                )
-                .await
-                .unwrap();
+            hello(&writer, d).await;
         }
         // "a": every 10 s for three hours up to now, seqs 300..=400 held back (an outage).
         let start = NOW - 3 * 3_600_000;
@@ -1201,8 +1223,8 @@ mod tests {
             .await
             .unwrap();
         let first = roll(&store, NOW).unwrap();
-        // The settled minute is NOW - 1 min: "a" up to seq 1,073; "b" up to the minute of its
-        // newest sample, which waits for the samples after it (all but that one).
+        // The settled minute is NOW - 1 min: "a" up to seq 1,073; "b", which has just sent, up
+        // to the minute of its newest sample (all but that one).
         assert_eq!(first.samples, (1_073 - 101) + 6);
         let ka = fleet.get("a").unwrap().key;
         let kb = fleet.get("b").unwrap().key;
@@ -1241,16 +1263,7 @@ mod tests {
     async fn a_backlog_drained_in_order_is_rolled_in_bulk_not_as_late_samples() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer, fleet, _thread) = open(dir.path()).await;
-        writer
-            .hello(
-                DeviceHello {
-                    device_id: "a".into(),
-                    ..Default::default()
-                },
-                NOW,
-            )
-            .await
-            .unwrap();
+        hello(&writer, "a").await;
         // A spool of two hours, 10 s apart, sent in batches with passes in between.
         let start = NOW - 3 * 3_600_000;
         let at = |s: u64| start + s as i64 * 10_000;
@@ -1268,12 +1281,42 @@ mod tests {
         }
         assert_eq!(late, 0, "nothing drained in order is late");
         let key = fleet.get("a").unwrap().key;
-        // Everything but the newest sample's minute is rolled.
+        // Everything but the newest sample's minute is rolled, while the device sends.
         assert_eq!(
             store.rollup_frontier(key),
             Some(Level::Minute.floor(at(720)))
         );
         check_against_samples(&store, key);
+        // Gone quiet (nothing since the settled minute began), that minute is rolled too.
+        assert_eq!(roll(&store, NOW + 2 * 60_000).unwrap().samples, 1);
+        assert_eq!(
+            store.rollup_frontier(key),
+            Some(Level::Minute.floor(at(720)) + 60_000)
+        );
+        check_against_samples(&store, key);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_devices_last_minute_is_rolled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, fleet, _thread) = open(dir.path()).await;
+        hello(&writer, "q").await;
+        let start = NOW - 4 * 3_600_000 + 30_000;
+        writer
+            .write(
+                "q".into(),
+                rows((1..=3).map(|s| (s, start + s as i64 * 1_000))),
+                NOW,
+            )
+            .await
+            .unwrap();
+        let key = fleet.get("q").unwrap().key;
+        assert_eq!(roll(&store, NOW + 5_000).unwrap().samples, 0);
+        assert_eq!(roll(&store, NOW + 200_000).unwrap().samples, 3);
+        assert_eq!(
+            store.rollup_frontier(key),
+            Some(Level::Minute.floor(start) + 60_000)
+        );
     }
 
     #[tokio::test]
@@ -1281,16 +1324,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = {
             let (store, writer, fleet, thread) = open(dir.path()).await;
-            writer
-                .hello(
-                    DeviceHello {
-                        device_id: "a".into(),
-                        ..Default::default()
-                    },
-                    NOW,
-                )
-                .await
-                .unwrap();
+            hello(&writer, "a").await;
             let start = NOW - 3 * 3_600_000;
             writer
                 .write(
@@ -1339,16 +1373,7 @@ mod tests {
     async fn series_from_rollups_equal_series_from_samples() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer, fleet, _thread) = open(dir.path()).await;
-        writer
-            .hello(
-                DeviceHello {
-                    device_id: "a".into(),
-                    ..Default::default()
-                },
-                NOW,
-            )
-            .await
-            .unwrap();
+        hello(&writer, "a").await;
         let start = NOW - 5 * 3_600_000;
         writer
             .write(
@@ -1420,16 +1445,7 @@ mod tests {
     async fn passes_running_beside_the_writer_count_every_sample_once() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer, fleet, _thread) = open(dir.path()).await;
-        writer
-            .hello(
-                DeviceHello {
-                    device_id: "c".into(),
-                    ..Default::default()
-                },
-                NOW,
-            )
-            .await
-            .unwrap();
+        hello(&writer, "c").await;
         let start = NOW - 3_600_000;
         let at = |seq: u64| start + seq as i64 * 1_000;
         // Odd seqs first, in order; even seqs later, as gap fills, while passes run.
