@@ -361,6 +361,9 @@ pub(crate) fn read_samples(
 /// the other, and the next open goes on), then drops the old table.
 fn move_legacy_samples(db: &Database) -> Result<(), StoreError> {
     const MOVE_STEP: usize = 50_000;
+    if !table_exists(db, LEGACY_SAMPLES)? {
+        return Ok(());
+    }
     let mut moved = 0u64;
     loop {
         let txn = db.begin_write()?;
@@ -395,6 +398,19 @@ fn move_legacy_samples(db: &Database) -> Result<(), StoreError> {
         }
         txn.commit()?;
         moved += batch.len() as u64;
+    }
+}
+
+/// Whether `table` exists, asked without a write transaction (which would create it, and
+/// fsync at every open).
+pub(crate) fn table_exists<K: redb::Key + 'static, V: redb::Value + 'static>(
+    db: &Database,
+    table: TableDefinition<'_, K, V>,
+) -> Result<bool, StoreError> {
+    match db.begin_read()?.open_table(table) {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

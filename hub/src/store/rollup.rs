@@ -70,6 +70,9 @@ pub(crate) fn read_rollups(
 /// Moves the rows of a store written before [`DeviceRollups`] into them, then drops the old
 /// table (in one transaction: rows are few beside samples).
 fn move_legacy_rollups(db: &redb::Database) -> Result<(), StoreError> {
+    if !super::table_exists(db, LEGACY_ROLLUPS)? {
+        return Ok(());
+    }
     let txn = db.begin_write()?;
     {
         let legacy = txn.open_table(LEGACY_ROLLUPS)?;
