@@ -18,7 +18,8 @@
 //! - [`models`]: deployed models (the embedded V2 server's repository), scoring the fleet's
 //!   telemetry with them, alerts on the scores.
 //! - [`provenance`]: the hash-chained ledger of signed model statements.
-//! - [`registry`]: device records and online/stale/offline status; [`metrics`]: counters.
+//! - [`registry`]: device records and online/stale/offline status; [`metrics`]: counters;
+//!   [`net`]: listeners with storm-sized accept queues, and the open-files limit.
 //!
 //! [`run`] takes bound listeners and a shutdown signal from the caller, so tests start a hub
 //! in-process on `127.0.0.1:0`.
@@ -32,6 +33,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;
+pub mod net;
 pub mod platform;
 pub mod provenance;
 pub mod registry;

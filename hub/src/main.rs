@@ -281,7 +281,7 @@ async fn serve(
     let bind = |addr: &str| {
         let addr = addr.to_string();
         async move {
-            tokio::net::TcpListener::bind(&addr)
+            shoal_hub::net::listen(&addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))
         }

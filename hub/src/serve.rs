@@ -531,6 +531,12 @@ pub async fn run(
         .set_min_free_bytes(config.store.min_free_bytes);
     let (auth, run_token) = open_auth(&config, &store)?;
     let fleet = Arc::new(Fleet::from_loaded(&store)?);
+    // Every connected device holds a descriptor: take the whole hard limit, and say what it
+    // allows.
+    match crate::net::OpenFiles::raise() {
+        Ok(files) => files.report(fleet.len()),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     let metrics = Arc::new(Metrics::default());
     let (writer, writer_thread) = Writer::start_with(
         store.clone(),

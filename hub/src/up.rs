@@ -305,10 +305,12 @@ async fn stop(child: &mut Child) {
 }
 
 async fn bind(addr: &str, field: &'static str) -> Result<TcpListener, HubError> {
-    TcpListener::bind(addr).await.map_err(|e| HubError::Config {
-        field,
-        reason: format!("cannot listen on {addr}: {e}"),
-    })
+    crate::net::listen(addr)
+        .await
+        .map_err(|e| HubError::Config {
+            field,
+            reason: format!("cannot listen on {addr}: {e}"),
+        })
 }
 
 /// What `shoal up` prints once everything listens: where things are and what to try.

@@ -1,0 +1,115 @@
+//! A fleet of real agents against one hub that crashes: every agent reconnects within its
+//! backoff cap, and every sample it spooled arrives exactly once.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_e2e::{Hub, Proc, bin, wait_until};
+
+/// As many agents as this two-core machine runs beside the hub and the suite.
+const AGENTS: usize = 200;
+/// Samples each agent takes, one a second.
+const COUNT: u64 = 20;
+/// The agent's reconnect backoff cap.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Every device's stored-up-to seq, from one listing.
+async fn stored(hub: &Hub) -> BTreeMap<String, u64> {
+    hub.get("/api/v1/devices").await["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().expect("id").to_string(),
+                d["stored_up_to_seq"].as_u64().expect("seq"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_agents_reconnect_after_the_hub_is_killed_and_lose_nothing() {
+    // Each agent is a descriptor or three here (its pipes) and a connection at the hub.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .expect("raise the open-files limit");
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(&dir.path().join("hub")).await;
+    let ids: Vec<String> = (0..AGENTS).map(|i| format!("fleet-{i:03}")).collect();
+    let mut agents: Vec<Proc> = ids
+        .iter()
+        .map(|id| {
+            let mut cmd = Command::new(bin("shoal-agent"));
+            cmd.arg("run")
+                .args(["--hub", &hub.grpc_url(), "--device-id", id])
+                .args(["--interval", "1s", "--count", &COUNT.to_string()])
+                .arg("--spool-dir")
+                .arg(dir.path().join("spools").join(id))
+                .stderr(Stdio::null())
+                .stdout(Stdio::null());
+            Proc::spawn("shoal-agent", cmd)
+        })
+        .collect();
+
+    wait_until(
+        "every agent to have samples stored",
+        Duration::from_secs(60),
+        || async {
+            let s = stored(&hub).await;
+            s.len() == AGENTS && s.values().all(|&seq| seq >= 2)
+        },
+    )
+    .await;
+    let before = stored(&hub).await;
+    assert!(
+        before.values().all(|&seq| seq < COUNT),
+        "the hub is killed while agents are still sampling: {before:?}"
+    );
+    // SIGKILL: the agents keep sampling into their spools while it is down.
+    hub.crash_and_restart(Duration::from_secs(2)).await;
+    let restarted = Instant::now();
+    wait_until(
+        "every agent to deliver again after the restart",
+        BACKOFF_CAP + Duration::from_secs(15),
+        || async {
+            let now = stored(&hub).await;
+            before
+                .iter()
+                .all(|(id, &seq)| now.get(id).is_some_and(|&n| n > seq))
+        },
+    )
+    .await;
+    let back = restarted.elapsed();
+    assert!(
+        back < BACKOFF_CAP,
+        "every agent reconnected within its backoff cap ({back:?})"
+    );
+
+    for (id, agent) in ids.iter().zip(agents.iter_mut()) {
+        let status = agent.wait(Duration::from_secs(90)).await;
+        assert!(
+            status.success(),
+            "{id} drains its spool and exits 0 (got {status})"
+        );
+    }
+    let expected: Vec<u64> = (1..=COUNT).collect();
+    for id in &ids {
+        let seqs = hub.stored_seqs(id).await;
+        assert_eq!(
+            seqs, expected,
+            "{id}: every spooled sample stored once, no gap, no duplicate"
+        );
+    }
+    eprintln!(
+        "{AGENTS} agents: every one delivering again {:.1} s after the restart",
+        back.as_secs_f64()
+    );
+}
