@@ -32,15 +32,7 @@ async fn stored(hub: &Hub) -> BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_agents_reconnect_after_the_hub_is_killed_and_lose_nothing() {
     // Each agent is a descriptor or three here (its pipes) and a connection at the hub.
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    rustix::process::setrlimit(
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    )
-    .expect("raise the open-files limit");
+    shoal_hub::net::OpenFiles::raise().expect("raise the open-files limit");
     let dir = tempfile::tempdir().unwrap();
     let mut hub = Hub::start(&dir.path().join("hub")).await;
     let ids: Vec<String> = (0..AGENTS).map(|i| format!("fleet-{i:03}")).collect();

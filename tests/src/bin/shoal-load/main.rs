@@ -683,7 +683,7 @@ fn report(args: &Args, logs: &[DeviceLog], line: &Timeline, watched: &Watched) -
                 _ => true,
             }
     };
-    let (mut lat, samples) = latencies(&all, steady);
+    let (lat, samples) = latencies(&all, steady);
     let secs = f64::from(line.stop_ms - line.settled_ms) / 1000.0;
     let rate = samples as f64 / secs;
     println!("batch size           {}", args.batch);
@@ -693,7 +693,6 @@ fn report(args: &Args, logs: &[DeviceLog], line: &Timeline, watched: &Watched) -
     println!("ack latency p50      {:.2} ms", percentile(&lat, 0.50));
     println!("ack latency p99      {:.2} ms", percentile(&lat, 0.99));
     println!("ack latency max      {:.2} ms", percentile(&lat, 1.0));
-    lat.clear();
     let (while_connecting, _) = latencies(&all, |a| a.sent_ms < line.settled_ms);
     if !while_connecting.is_empty() {
         println!("ack while connecting {}", summary(&while_connecting));
