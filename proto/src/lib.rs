@@ -5,6 +5,7 @@
 //!   (device certificates; package `shoal.v1`),
 //!   compiled at build time by protox + tonic-prost-build (no system `protoc` needed).
 //! - [`v1`]: the generated types, client and server.
+//! - [`codec`]: the small-buffer protobuf codec of the `shoal.v1` services.
 //! - [`inference`]: the Open Inference Protocol's (V2) gRPC service, for model serving.
 //! - [`metrics`]: how a [`v1::Sample`] reads as named metric points; the names are part of the
 //!   contract (the REST API, CLI and datasets use them).
@@ -13,6 +14,7 @@
 //! - [`mqtt`]: MQTT topic names and broker URLs; with feature `mqtt-client`, the client
 //!   settings agent and hub share.
 
+pub mod codec;
 pub mod device_id;
 pub mod metrics;
 pub mod mqtt;

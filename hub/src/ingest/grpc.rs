@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -22,8 +23,7 @@ use shoal_proto::v1::{
     DeviceHello, IngestRequest, IngestResponse, Welcome, ingest_request, ingest_response,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::enroll::EnrollmentService;
@@ -269,9 +269,13 @@ fn classify(status: &Status, max_bytes: usize) -> Option<(StreamReject, Status)>
     }
 }
 
+/// A stream's replies: the welcome, then one ack per batch; an error ends it.
+type Replies =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<IngestResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
-    type StreamStream = ReceiverStream<Result<IngestResponse, Status>>;
+    type StreamStream = Replies;
 
     async fn stream(
         &self,
@@ -289,17 +293,23 @@ impl Ingest for IngestService {
         let (device_id, welcome) = open(&ingestor, hello).await?;
         tracing::debug!(device_id = %device_id, stored_up_to_seq = welcome.stored_up_to_seq, "device connected");
 
-        let (tx, rx) = mpsc::channel(8);
-        let _ = tx
-            .send(Ok(IngestResponse {
-                msg: Some(ingest_response::Msg::Welcome(welcome)),
-            }))
-            .await;
-        let revoked = self.devices.clone();
-        tokio::spawn(ingest_batches(
-            ingestor, device_id, inbound, tx, max_bytes, revoked,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let welcome = IngestResponse {
+            msg: Some(ingest_response::Msg::Welcome(welcome)),
+        };
+        let batches = Batches {
+            _active: ActiveStream::new(ingestor.metrics().clone()),
+            ingestor,
+            device_id,
+            inbound,
+            max_bytes,
+            devices: self.devices.clone(),
+            ended: false,
+        };
+        // The batches are read as the replies are sent, in the task that sends them: no task
+        // and no channel of its own per device.
+        let replies = futures::stream::once(std::future::ready(Ok(welcome)))
+            .chain(futures::stream::unfold(batches, Batches::next));
+        Ok(Response::new(Box::pin(replies)))
     }
 }
 
@@ -344,70 +354,75 @@ async fn open(ingestor: &Ingestor, hello: DeviceHello) -> Result<(String, Welcom
     Ok((device_id, welcome))
 }
 
-/// Stores the batches that follow the hello, acking each on `tx`, until the stream ends or
+/// The batches that follow the hello, stored and acked one by one until the stream ends or
 /// fails.
-async fn ingest_batches(
+struct Batches {
     ingestor: Ingestor,
     device_id: String,
-    mut inbound: Streaming<IngestRequest>,
-    tx: mpsc::Sender<Result<IngestResponse, Status>>,
+    inbound: Streaming<IngestRequest>,
     max_bytes: usize,
     devices: Option<Arc<DeviceAuthority>>,
-) {
-    let _active = ActiveStream::new(ingestor.metrics().clone());
-    loop {
-        let msg = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(status) => {
-                if let Some((why, answer)) = classify(&status, max_bytes) {
-                    ingestor.refuse(why, &device_id, status.message());
-                    let _ = tx.send(Err(answer)).await;
-                }
-                break;
-            }
-        };
-        let batch = match msg.msg {
-            Some(ingest_request::Msg::Batch(b)) => b,
-            _ => {
-                ingestor.refuse(StreamReject::Malformed, &device_id, "a second hello");
-                let _ = tx
-                    .send(Err(Status::invalid_argument(
-                        "after the hello only batches may follow",
-                    )))
-                    .await;
-                break;
-            }
-        };
-        if devices.as_ref().is_some_and(|d| d.is_revoked(&device_id)) {
-            ingestor.metrics().deny_device("revoked");
-            let _ = tx
-                .send(Err(Status::permission_denied(format!(
-                    "device {device_id:?} was revoked; enroll it again to let it back in"
-                ))))
-                .await;
-            break;
+    /// An error was replied: nothing more follows.
+    ended: bool,
+    _active: ActiveStream,
+}
+
+impl Batches {
+    /// Stores the next batch and gives its ack; `None` once the device ended the stream or an
+    /// error was replied.
+    async fn next(mut self) -> Option<(Result<IngestResponse, Status>, Self)> {
+        if self.ended {
+            return None;
         }
-        let ack = match ingestor.batch(&device_id, batch.samples).await {
-            Ok(ack) => ack,
-            Err(e) => {
-                let _ = tx
-                    .send(Err(store_status(format!("hub store unavailable: {e}"), &e)))
-                    .await;
-                break;
-            }
-        };
-        if tx
-            .send(Ok(IngestResponse {
-                msg: Some(ingest_response::Msg::Ack(ack)),
-            }))
-            .await
-            .is_err()
-        {
-            break;
-        }
+        let reply = self.ingest_one().await?;
+        self.ended = reply.is_err();
+        Some((reply, self))
     }
-    tracing::debug!(device_id = %device_id, "device stream ended");
+
+    async fn ingest_one(&mut self) -> Option<Result<IngestResponse, Status>> {
+        let ingestor = &self.ingestor;
+        let device_id = &self.device_id;
+        let msg = match self.inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return None,
+            Err(status) => {
+                let (why, answer) = classify(&status, self.max_bytes)?;
+                ingestor.refuse(why, device_id, status.message());
+                return Some(Err(answer));
+            }
+        };
+        let Some(ingest_request::Msg::Batch(batch)) = msg.msg else {
+            ingestor.refuse(StreamReject::Malformed, device_id, "a second hello");
+            return Some(Err(Status::invalid_argument(
+                "after the hello only batches may follow",
+            )));
+        };
+        if self
+            .devices
+            .as_ref()
+            .is_some_and(|d| d.is_revoked(device_id))
+        {
+            ingestor.metrics().deny_device("revoked");
+            return Some(Err(Status::permission_denied(format!(
+                "device {device_id:?} was revoked; enroll it again to let it back in"
+            ))));
+        }
+        // Boxed: what storing holds while it waits is not part of every idle stream.
+        Some(
+            match Box::pin(ingestor.batch(device_id, batch.samples)).await {
+                Ok(ack) => Ok(IngestResponse {
+                    msg: Some(ingest_response::Msg::Ack(ack)),
+                }),
+                Err(e) => Err(store_status(format!("hub store unavailable: {e}"), &e)),
+            },
+        )
+    }
+}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        tracing::debug!(device_id = %self.device_id, "device stream ended");
+    }
 }
 
 /// UNAVAILABLE for a store that cannot take the data now; with a refusal that passes by itself

@@ -9,15 +9,16 @@
 //! a hub killed mid-batch gets the message again from the broker; the agent's own ack timeout
 //! covers a broker that lost it.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use shoal_proto::mqtt::client::{no_delay, options};
 use shoal_proto::mqtt::{kind, parse_broker, parse_topic, subscription, topic};
 use shoal_proto::v1::{DeviceHello, IngestResponse, Sample, TelemetryBatch, ingest_response};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::json;
 use super::{HelloError, Ingestor};
@@ -143,17 +144,19 @@ impl Replier {
     }
 }
 
-/// Routes device messages to one worker per device, so each device's messages are handled in
-/// order while devices proceed in parallel.
+/// Routes device messages to one queue per device, so each device's messages are handled in
+/// order while devices proceed in parallel. A task works through a queue while it holds
+/// messages and ends when it is empty: a device between two batches costs a queue entry,
+/// not a task and a channel.
 pub struct Dispatcher {
     ingestor: Ingestor,
     replier: Replier,
     /// Topic filter of the plain JSON form ([`json`]); empty turns it off.
     json_topic: String,
-    workers: HashMap<String, mpsc::UnboundedSender<Work>>,
+    queues: HashMap<String, Arc<Mutex<DeviceQueue>>>,
 }
 
-/// One message for a device worker.
+/// One message for a device's queue.
 enum Work {
     /// On a `shoal/v1/devices/...` topic.
     Device(Publish),
@@ -161,13 +164,30 @@ enum Work {
     Json(Box<Sample>, Publish),
 }
 
+/// One device's messages not yet handled.
+#[derive(Default)]
+struct DeviceQueue {
+    work: VecDeque<Work>,
+    /// A task is working through `work`.
+    draining: bool,
+    /// The next seq for JSON samples, learnt from the hub's store, and when it was last used:
+    /// after [`JSON_SEQ_FOR`] without JSON it is learnt again.
+    json_seq: Option<(u64, Instant)>,
+}
+
+/// How long a device's next JSON seq is trusted without asking the store again.
+const JSON_SEQ_FOR: Duration = Duration::from_secs(60);
+
+/// Room a device's queue keeps once it is empty; beyond it, the room goes back.
+const QUEUE_KEEP: usize = 8;
+
 impl Dispatcher {
     pub fn new(ingestor: Ingestor, replier: Replier, json_topic: String) -> Self {
         Self {
             ingestor,
             replier,
             json_topic,
-            workers: HashMap::new(),
+            queues: HashMap::new(),
         }
     }
 
@@ -209,49 +229,89 @@ impl Dispatcher {
             self.replier.done_now(&p);
             return;
         };
-        if let Some(w) = self.workers.get(&device_id)
-            && !w.is_closed()
-        {
-            let _ = w.send(work);
+        let queue = match self.queues.get(&device_id) {
+            Some(q) => q.clone(),
+            None => {
+                let q = Arc::<Mutex<DeviceQueue>>::default();
+                self.queues.insert(device_id.clone(), q.clone());
+                q
+            }
+        };
+        let mut q = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.work.push_back(work);
+        if q.draining {
             return;
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(work);
-        self.workers.insert(device_id.clone(), tx);
-        tokio::spawn(device_worker(
+        q.draining = true;
+        drop(q);
+        tokio::spawn(drain(
             device_id,
-            rx,
+            Draining {
+                queue,
+                finished: false,
+            },
             self.replier.clone(),
             self.ingestor.clone(),
         ));
     }
 }
 
-/// Processes one device's messages in arrival order; exits when idle for a minute.
-async fn device_worker(
-    device_id: String,
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    replier: Replier,
-    ingestor: Ingestor,
-) {
+/// A device's queue while a task works through it. Should that task end early (a panic),
+/// the next message starts another.
+struct Draining {
+    queue: Arc<Mutex<DeviceQueue>>,
+    /// The queue was found empty and handed back to the next dispatch.
+    finished: bool,
+}
+
+impl Draining {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next message; `None`, with the queue left to the next dispatch, once it is empty.
+    fn next(&mut self) -> Option<(Work, Option<u64>)> {
+        let mut q = self.lock();
+        let Some(work) = q.work.pop_front() else {
+            q.draining = false;
+            if q.work.capacity() > QUEUE_KEEP {
+                q.work = VecDeque::new();
+            }
+            drop(q);
+            self.finished = true;
+            return None;
+        };
+        let seq = q
+            .json_seq
+            .filter(|(_, used)| used.elapsed() < JSON_SEQ_FOR)
+            .map(|(seq, _)| seq);
+        Some((work, seq))
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.lock().draining = false;
+        }
+    }
+}
+
+/// Handles one device's queued messages in arrival order, until the queue is empty.
+async fn drain(device_id: String, mut queue: Draining, replier: Replier, ingestor: Ingestor) {
     let acks = topic(&device_id, kind::ACKS);
     let max = ingestor.limits().max_message_bytes;
-    // The next seq for JSON samples, learnt from the hub's store on the first one.
-    let mut json_seq: Option<u64> = None;
-    loop {
-        let work = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(w)) => w,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: refuse new messages (dispatch starts a fresh worker) and finish the rest.
-                rx.close();
-                continue;
-            }
-        };
+    while let Some((work, mut json_seq)) = queue.next() {
         let p = match work {
             Work::Device(p) => p,
             Work::Json(sample, p) => {
-                if ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await {
+                let stored = ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await;
+                queue.lock().json_seq = json_seq.map(|seq| (seq, Instant::now()));
+                if stored {
                     replier.done(&p).await;
                 }
                 continue;

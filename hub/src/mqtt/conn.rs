@@ -28,6 +28,10 @@ use crate::metrics::StreamReject;
 /// after reading, so the connection survives them.
 const MAX_PACKET: usize = 64 * 1024 * 1024;
 
+/// A connection's read buffer to begin with. Devices publish a batch of a few hundred bytes now
+/// and then, and the hub holds one buffer per device; it doubles for larger packets.
+const READ_BUFFER: usize = 1024;
+
 /// How long a connection taking over a client id waits for the old one to hand its session
 /// back; the old one is interrupted at once, so this only bounds a stuck lock or task.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -92,7 +96,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(8 * 1024);
+    let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
     let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
     let identity = match cert {
         Some(cert) => certified(handle, cert, peer, &mut wr).await?,
@@ -384,7 +388,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<'_, S> {
                 packet = read_packet(&mut self.rd, &mut self.rbuf) => {
                     let Some(packet) = packet? else { return Ok(()) };
                     heard.heard();
-                    if self.on_packet(packet).await?.is_break() {
+                    // Boxed: what handling a packet holds while it waits is not part of
+                    // every idle connection's task.
+                    if Box::pin(self.on_packet(packet)).await?.is_break() {
                         return Ok(());
                     }
                 }

@@ -5,13 +5,12 @@
 //! its connection, and counted (see [`Sessions::route`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::has_wildcards;
 use rumqttc::{Publish, QoS, matches};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::metrics::{Metrics, MqttDrop};
 
@@ -81,11 +80,54 @@ pub enum Kick {
     TooSlow,
 }
 
+/// One connection's queue. It allocates nothing until a message comes and gives its room back
+/// once emptied after a burst: most of a fleet's connections are devices that publish and
+/// never receive, and each holds one of these.
+#[derive(Debug, Default)]
+struct Mailbox {
+    state: Mutex<Mail>,
+    /// Wakes the connection task when a message arrives or the session lets go of it.
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Mail {
+    messages: VecDeque<Outgoing>,
+    /// Topic and payload bytes in `messages`.
+    bytes: usize,
+    /// The connection stopped taking messages, or its session let go of it.
+    closed: bool,
+}
+
+/// Room a queue keeps after it empties; beyond it, the room goes back.
+const QUEUE_KEEP: usize = 16;
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mail> {
+        self.state.lock().expect("queue lock")
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
+impl Mail {
+    fn pop(&mut self) -> Option<Outgoing> {
+        let m = self.messages.pop_front()?;
+        self.bytes -= m.size();
+        if self.messages.is_empty() && self.messages.capacity() > QUEUE_KEEP {
+            self.messages = VecDeque::new();
+        }
+        Some(m)
+    }
+}
+
 /// The sending side of one connection, held by its session.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    bytes: Arc<AtomicUsize>,
+    queue: Arc<Mailbox>,
     kick: Option<oneshot::Sender<Kick>>,
     /// Why the connection was told to go, once it was.
     kicked: Option<Kick>,
@@ -103,27 +145,24 @@ pub struct Link {
 
 /// The receiving end of one connection's queue.
 pub struct Inbox {
-    rx: mpsc::Receiver<Outgoing>,
-    bytes: Arc<AtomicUsize>,
+    queue: Arc<Mailbox>,
 }
 
 /// A new connection's queue: the [`Outbox`] goes to [`Sessions::connect`], the [`Link`] stays
 /// with the connection task.
 pub fn new_link() -> (Outbox, Link) {
-    let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
-    let bytes = Arc::new(AtomicUsize::new(0));
+    let queue = Arc::new(Mailbox::default());
     let (kick_tx, kick_rx) = oneshot::channel();
     let (alive_tx, alive_rx) = watch::channel(());
     (
         Outbox {
-            tx,
-            bytes: bytes.clone(),
+            queue: queue.clone(),
             kick: Some(kick_tx),
             kicked: None,
             alive: alive_rx,
         },
         Link {
-            inbox: Inbox { rx, bytes },
+            inbox: Inbox { queue },
             kicked: kick_rx,
             alive: alive_tx,
         },
@@ -131,22 +170,22 @@ pub fn new_link() -> (Outbox, Link) {
 }
 
 impl Outbox {
-    /// Queues `m` unless the queue is full (by count or bytes); never waits.
+    /// Queues `m` unless the queue is full (by count or bytes) or closed; never waits.
     fn try_send(&self, m: Outgoing) -> Result<(), Outgoing> {
         let size = m.size();
-        // Counted before sending so the receiver never subtracts what was not yet added. One
-        // message larger than the byte limit still goes to an empty queue.
-        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
-        if before > 0 && before + size > QUEUE_BYTES {
-            self.bytes.fetch_sub(size, Ordering::AcqRel);
+        let mut q = self.queue.lock();
+        // One message larger than the byte limit still goes to an empty queue.
+        if q.closed
+            || q.messages.len() >= QUEUE_MESSAGES
+            || (q.bytes > 0 && q.bytes + size > QUEUE_BYTES)
+        {
             return Err(m);
         }
-        self.tx.try_send(m).map_err(|e| {
-            self.bytes.fetch_sub(size, Ordering::AcqRel);
-            match e {
-                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
-            }
-        })
+        q.bytes += size;
+        q.messages.push_back(m);
+        drop(q);
+        self.queue.ready.notify_one();
+        Ok(())
     }
 
     fn kick(&mut self, why: Kick) {
@@ -157,23 +196,49 @@ impl Outbox {
     }
 }
 
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
 impl Inbox {
+    /// The next message; `None` once the queue is closed and empty.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        let m = self.rx.recv().await?;
-        self.bytes.fetch_sub(m.size(), Ordering::AcqRel);
-        Some(m)
+        loop {
+            {
+                let mut q = self.queue.lock();
+                if let Some(m) = q.pop() {
+                    return Some(m);
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            // A message pushed since the check left a permit: this returns at once.
+            self.queue.ready.notified().await;
+        }
+    }
+
+    /// The next message if one is queued.
+    #[cfg(test)]
+    fn try_recv(&mut self) -> Option<Outgoing> {
+        self.queue.lock().pop()
     }
 
     /// Closes the queue and returns what it still held. Call it with the sessions locked, so
     /// nothing is routed into it meanwhile.
     pub fn drain(&mut self) -> Vec<Outgoing> {
-        self.rx.close();
-        let mut left = Vec::new();
-        while let Ok(m) = self.rx.try_recv() {
-            self.bytes.fetch_sub(m.size(), Ordering::AcqRel);
-            left.push(m);
-        }
-        left
+        let mut q = self.queue.lock();
+        q.closed = true;
+        q.bytes = 0;
+        std::mem::take(&mut q.messages).into()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.queue.close();
     }
 }
 
@@ -527,9 +592,7 @@ mod tests {
 
     /// The next message in a connection's queue, if any.
     fn next(link: &mut Link) -> Option<Outgoing> {
-        let m = link.inbox.rx.try_recv().ok()?;
-        link.inbox.bytes.fetch_sub(m.size(), Ordering::AcqRel);
-        Some(m)
+        link.inbox.try_recv()
     }
 
     fn dropped(s: &Sessions, why: MqttDrop) -> u64 {
@@ -729,6 +792,30 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_holds_no_room_until_used_and_gives_a_burst_back() {
+        let mut s = Sessions::default();
+        let (outbox, mut link) = new_link();
+        let room = |l: &Link| l.inbox.queue.lock().messages.capacity();
+        assert_eq!(
+            room(&link),
+            0,
+            "an idle connection's queue allocates nothing"
+        );
+        s.connect("obs", true, outbox);
+        s.subscribe("obs", "#", QoS::AtMostOnce);
+        for _ in 0..100 {
+            s.route("a", &payload("x"), QoS::AtMostOnce);
+        }
+        assert!(room(&link) >= 100);
+        while next(&mut link).is_some() {}
+        assert_eq!(room(&link), 0, "the burst's room goes back once read");
+        s.route("a", &payload("x"), QoS::AtMostOnce);
+        assert!(room(&link) <= QUEUE_KEEP);
+        assert!(next(&mut link).is_some());
+        assert!(room(&link) <= QUEUE_KEEP, "a little room is kept");
+    }
+
+    #[test]
     fn a_queue_is_full_by_bytes_too() {
         let mut s = Sessions::default();
         let (outbox, mut link) = new_link();
@@ -744,7 +831,7 @@ mod tests {
             held += 1;
         }
         assert_eq!(held, QUEUE_BYTES / mib.len() - 1);
-        assert_eq!(link.inbox.bytes.load(Ordering::Acquire), 0);
+        assert_eq!(link.inbox.queue.lock().bytes, 0);
     }
 
     #[test]
