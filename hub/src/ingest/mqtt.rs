@@ -274,7 +274,7 @@ impl Draining {
     }
 
     /// The next message; `None`, with the queue left to the next dispatch, once it is empty.
-    fn next(&mut self) -> Option<(Work, Option<u64>)> {
+    fn next(&mut self) -> Option<Work> {
         let mut q = self.lock();
         let Some(work) = q.work.pop_front() else {
             q.draining = false;
@@ -285,11 +285,15 @@ impl Draining {
             self.finished = true;
             return None;
         };
-        let seq = q
+        Some(work)
+    }
+
+    /// The device's next JSON seq, unless unused for [`JSON_SEQ_FOR`].
+    fn json_seq(&self) -> Option<u64> {
+        self.lock()
             .json_seq
             .filter(|(_, used)| used.elapsed() < JSON_SEQ_FOR)
-            .map(|(seq, _)| seq);
-        Some((work, seq))
+            .map(|(seq, _)| seq)
     }
 }
 
@@ -305,10 +309,11 @@ impl Drop for Draining {
 async fn drain(device_id: String, mut queue: Draining, replier: Replier, ingestor: Ingestor) {
     let acks = topic(&device_id, kind::ACKS);
     let max = ingestor.limits().max_message_bytes;
-    while let Some((work, mut json_seq)) = queue.next() {
+    while let Some(work) = queue.next() {
         let p = match work {
             Work::Device(p) => p,
             Work::Json(sample, p) => {
+                let mut json_seq = queue.json_seq();
                 let stored = ingest_json(&ingestor, &device_id, *sample, &mut json_seq).await;
                 queue.lock().json_seq = json_seq.map(|seq| (seq, Instant::now()));
                 if stored {
