@@ -154,13 +154,17 @@ async fn fill_and_free(min_free: &str, leave: u64, expect: &str, refusal_metric:
         "alive all the same"
     );
     assert!(hub.metric(refusal_metric).await > 0.0, "{refusal_metric}");
-    assert_eq!(hub.metric("shoal_store_writable").await, 0.0);
     let held = total_stored(&hub).await;
+    if min_free != "0" {
+        // Under the watermark the store stays refused and nothing more is stored (or
+        // acknowledged). On a really full disk the store is reopened each second and a small
+        // commit (a reconnecting agent's hello) may fit in pages its file has free, so it may
+        // read as writable again in between: what counts there is that nothing is acknowledged
+        // unstored, which the check for gaps below shows.
+        assert_eq!(hub.metric("shoal_store_writable").await, 0.0);
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     if min_free != "0" {
-        // Under the watermark nothing more is stored (or acknowledged). On a really full disk
-        // a commit may still fit in pages the store file has free: what counts there is that
-        // nothing is acknowledged unstored, which the check for gaps below shows.
         assert_eq!(total_stored(&hub).await, held, "stored while full");
     }
 
