@@ -25,6 +25,7 @@
 //! in-process on `127.0.0.1:0`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cli;

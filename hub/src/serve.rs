@@ -325,6 +325,8 @@ fn start_ingest(
     shutdown: &watch::Receiver<bool>,
 ) -> Result<IngestTasks, HubError> {
     let mut mqtt_tasks = Vec::new();
+    // One set of opening slots for both device doors: they share the machine.
+    let admission = crate::admission::Admission::default();
     if let Some(broker) = config.mqtt_broker.clone() {
         mqtt_tasks.push(tokio::spawn(ingest::mqtt::run_external(
             broker,
@@ -339,6 +341,7 @@ fn start_ingest(
             access,
             config.mqtt_json_topic.clone(),
             ingestor.clone(),
+            admission.clone(),
             shutdown.clone(),
         )));
     }
@@ -357,7 +360,7 @@ fn start_ingest(
         service,
         enrollment,
         inference,
-        tls,
+        ingest::grpc::Door { tls, admission },
         metrics.clone(),
         shutdown.clone(),
     ));

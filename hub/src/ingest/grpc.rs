@@ -28,6 +28,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::enroll::EnrollmentService;
 use super::{DRAIN_GRACE, HelloError, Ingestor};
+use crate::admission::Admission;
 use crate::auth::audit::{AuditEntry, AuditLog, Outcome};
 use crate::auth::{DeviceAuthority, PeerCert};
 use crate::metrics::{Metrics, StreamReject};
@@ -38,15 +39,24 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// Adds services to the port's routes.
 pub type AddRoutes = Box<dyn FnOnce(tonic::service::Routes) -> tonic::service::Routes + Send>;
 
+/// How the gRPC port takes connections.
+pub struct Door {
+    /// TLS settings; with device authentication, they ask clients for a device certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Opening slots, shared with the embedded broker.
+    pub admission: Admission,
+}
+
 pub async fn serve(
     listener: TcpListener,
     service: IngestService,
     enrollment: Option<EnrollmentService>,
     other: Option<AddRoutes>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    door: Door,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let Door { tls, admission } = door;
     let max_bytes = service.ingestor.limits().max_message_bytes;
     let svc = IngestServer::new(service)
         .max_decoding_message_size(max_bytes)
@@ -68,6 +78,14 @@ pub async fn serve(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
     let graceful = GracefulShutdown::new();
+    // What every connection needs, shared: a connection's task then holds a pointer, not
+    // copies of the HTTP settings.
+    let door = Arc::new(Shared {
+        builder,
+        routes,
+        admission,
+        metrics: metrics.clone(),
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -83,25 +101,25 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 metrics.grpc_connections.inc();
                 let conn = Conn {
-                    builder: builder.clone(),
-                    routes: routes.clone(),
+                    door: door.clone(),
                     watcher: graceful.watcher(),
-                    metrics: metrics.clone(),
                     peer,
                 };
+                // Two kinds of task, so that a plaintext connection's is not as large as one
+                // with TLS.
                 match &tls {
                     None => {
-                        tokio::spawn(conn.serve(stream, None));
+                        tokio::spawn(conn.plain(stream));
                     }
                     Some(acceptor) => {
-                        tokio::spawn(conn.handshake(acceptor.clone(), stream));
+                        tokio::spawn(conn.over_tls(acceptor.clone(), stream));
                     }
                 }
             }
             _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
         }
     }
-    drop(routes);
+    drop(door);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("ingest connections still open after the drain deadline; closing them"),
@@ -109,18 +127,49 @@ pub async fn serve(
     Ok(())
 }
 
-/// One accepted connection, before and after its TLS handshake.
-struct Conn {
+/// What every connection of the port shares.
+struct Shared {
     builder: Builder<TokioExecutor>,
     routes: tonic::service::Routes,
-    watcher: hyper_util::server::graceful::Watcher,
+    admission: Admission,
     metrics: Arc<Metrics>,
+}
+
+/// One accepted connection, before and after its TLS handshake.
+struct Conn {
+    door: Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
     peer: std::net::SocketAddr,
 }
 
 impl Conn {
+    /// HTTP/2 once the peer has sent something: a socket that never speaks holds no admission
+    /// slot.
+    async fn plain(self, stream: tokio::net::TcpStream) {
+        if self.spoke(&stream).await {
+            self.serve(stream, None).await
+        }
+    }
+
+    /// TLS, then HTTP/2, once the peer has sent something; the handshake takes an admission
+    /// slot of its own, before the HTTP/2 opening.
+    async fn over_tls(self, acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {
+        if self.spoke(&stream).await {
+            self.handshake(acceptor, stream).await
+        }
+    }
+
+    async fn spoke(&self, stream: &tokio::net::TcpStream) -> bool {
+        let spoke = crate::admission::first_bytes(stream).await;
+        if !spoke {
+            tracing::debug!(peer = %self.peer, "gRPC client sent nothing; dropped");
+        }
+        spoke
+    }
+
     async fn handshake(self, acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        match Box::pin(self.door.admission.open(handshake)).await {
             Ok(Ok(tls)) => {
                 let cert = tls
                     .get_ref()
@@ -131,11 +180,11 @@ impl Conn {
                 self.serve(tls, cert).await;
             }
             Ok(Err(e)) => {
-                self.metrics.grpc_tls_failures.inc();
+                self.door.metrics.grpc_tls_failures.inc();
                 tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
             }
             Err(_) => {
-                self.metrics.grpc_tls_failures.inc();
+                self.door.metrics.grpc_tls_failures.inc();
                 tracing::debug!(peer = %self.peer, "TLS handshake timed out");
             }
         }
@@ -151,21 +200,48 @@ impl Conn {
             local_addr: None,
             remote_addr: Some(self.peer),
         };
-        let svc =
-            self.routes
-                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(connect_info.clone());
-                    if let Some(c) = &cert {
-                        req.extensions_mut().insert(c.clone());
-                    }
-                    req
-                });
+        let svc = self.door.routes.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(connect_info.clone());
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                req
+            },
+        );
+        // The opening (HTTP/2 handshake, up to the answer to the first request, the device's
+        // welcome) holds an admission slot; the connection then goes on without it.
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let svc = svc.map_future({
+            let answered = answered.clone();
+            move |response| {
+                let answered = answered.clone();
+                async move {
+                    let response = response.await;
+                    answered.notify_one();
+                    response
+                }
+            }
+        });
         let conn = self
+            .door
             .builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
-            .into_owned();
-        if let Err(e) = self.watcher.watch(conn).await {
-            self.metrics.grpc_connection_errors.inc();
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+        let mut conn = std::pin::pin!(self.watcher.watch(conn));
+        // Boxed: what opening holds is not part of every connection's task for its whole life.
+        let ended = Box::pin(self.door.admission.open(async {
+            tokio::select! {
+                ended = &mut conn => Some(ended),
+                _ = answered.notified() => None,
+            }
+        }))
+        .await;
+        let ended = match ended {
+            Some(ended) => ended,
+            None => conn.await,
+        };
+        if let Err(e) = ended {
+            self.door.metrics.grpc_connection_errors.inc();
             tracing::debug!(peer = %self.peer, error = %e, "gRPC connection ended with an error");
         }
     }

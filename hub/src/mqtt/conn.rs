@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::Handle;
 use super::acl::{Identity, Role, may_publish, may_subscribe};
 use super::state::{self, Inbox, Inflight, Kick, Link, Outgoing};
+use crate::admission::{self, Admission, Slot};
 use crate::auth::PeerCert;
 use crate::metrics::StreamReject;
 
@@ -75,11 +76,12 @@ pub(super) async fn run<S>(
     peer: SocketAddr,
     cert: Option<PeerCert>,
     handle: Handle,
+    admission: &Admission,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    if let Err(e) = serve(stream, peer, cert, &handle, shutdown).await {
+    if let Err(e) = serve(stream, peer, cert, &handle, admission, shutdown).await {
         tracing::debug!(%peer, error = %e, "MQTT connection ended");
     }
 }
@@ -90,6 +92,7 @@ async fn serve<S>(
     peer: SocketAddr,
     cert: Option<PeerCert>,
     handle: &Handle,
+    admission: &Admission,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
@@ -97,26 +100,34 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
-    let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
-    let identity = match cert {
-        Some(cert) => certified(handle, cert, peer, &mut wr).await?,
-        None => authenticate(handle, &connect, peer, &mut wr).await?,
-    };
-    let client_id = choose_client_id(&connect, peer, &mut wr).await?;
-    own_client_id(handle, &identity, &client_id, peer, &mut wr).await?;
-    take_over(handle, &client_id).await;
-    let (outbox, link) = state::new_link();
+    // The opening takes one of the hub's admission slots, until the client's first delivery
+    // (an agent's welcome) or the slot's hold runs out.
+    let mut slot = Some(admission.slot().await);
+    let opening = admission::holding(&mut slot, async {
+        let connect = read_connect(&mut rd, &mut rbuf, peer, handle).await?;
+        let identity = match cert {
+            Some(cert) => certified(handle, cert, peer, &mut wr).await?,
+            None => authenticate(handle, &connect, peer, &mut wr).await?,
+        };
+        let client_id = choose_client_id(&connect, peer, &mut wr).await?;
+        own_client_id(handle, &identity, &client_id, peer, &mut wr).await?;
+        take_over(handle, &client_id).await;
+        let (outbox, link) = state::new_link();
+        let connected = handle
+            .shared
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .connect(&client_id, connect.clean_session, outbox);
+        Ok::<_, ConnError>((connect, identity, client_id, connected, link))
+    });
+    // Boxed: what opening holds is not part of every connection's task for its whole life.
+    let (connect, identity, client_id, connected, link) = Box::pin(opening).await?;
     let Link {
         inbox,
         mut kicked,
         alive,
     } = link;
-    let connected = handle
-        .shared
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .connect(&client_id, connect.clean_session, outbox);
     let (conn_id, session_present) = (connected.conn_id, connected.session_present);
     let mut conn = Conn {
         handle,
@@ -130,6 +141,7 @@ where
         // What waited for this session goes first, before anything routed to it from now on.
         backlog: connected.queued.into(),
         inbox,
+        slot,
     };
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5);
     let heard = LastHeard::new();
@@ -366,6 +378,8 @@ struct Conn<'a, S> {
     /// Waiting for room in the in-flight window, ahead of `inbox`.
     backlog: VecDeque<Outgoing>,
     inbox: Inbox,
+    /// The admission slot, held until the first delivery.
+    slot: Option<Slot>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<'_, S> {
@@ -399,6 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<'_, S> {
                     // The session is gone (a clean takeover); the kick says why.
                     None => std::future::pending().await,
                 },
+                _ = admission::hold_over(&mut self.slot) => self.slot = None,
             }
         }
     }
@@ -415,6 +430,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<'_, S> {
 
     /// Sends one message to the client, in flight until acknowledged if it is QoS 1.
     async fn deliver(&mut self, m: Outgoing) -> Result<(), ConnError> {
+        // The client has a message (an agent, first of all its welcome): it has opened.
+        self.slot = None;
         let p = self.inflight.publish(m);
         write_packet(&mut self.wr, Packet::Publish(p)).await
     }

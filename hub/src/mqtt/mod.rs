@@ -14,15 +14,17 @@ mod conn;
 pub mod state;
 pub mod tls;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use rumqttc::QoS;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use self::acl::Users;
 use self::state::Sessions;
+use crate::admission::Admission;
 use crate::ingest::Ingestor;
 use crate::ingest::mqtt::{Dispatcher, Replier};
 
@@ -71,12 +73,16 @@ pub struct Access {
     pub require_identity: bool,
 }
 
+/// How long a client gets to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves MQTT on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     access: Access,
     json_topic: String,
     ingestor: Ingestor,
+    admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = access.tls.map(tokio_rustls::TlsAcceptor::from);
@@ -107,30 +113,14 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let (handle, shutdown) = (handle.clone(), shutdown.clone());
+                    // Two kinds of task, so that a plaintext connection's is not as large as
+                    // one with TLS.
                     match acceptor.clone() {
                         None => {
-                            tasks.spawn(conn::run(stream, peer, None, handle, shutdown));
+                            tasks.spawn(plain(stream, peer, handle, admission.clone(), shutdown));
                         }
                         Some(acceptor) => {
-                            tasks.spawn(async move {
-                                let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
-                                match handshake.await {
-                                    Ok(Ok(tls)) => {
-                                        let cert = tls
-                                            .get_ref()
-                                            .1
-                                            .peer_certificates()
-                                            .and_then(|c| c.first())
-                                            .and_then(|der| crate::auth::PeerCert::from_der(der));
-                                        conn::run(tls, peer, cert, handle, shutdown).await
-                                    }
-                                    Ok(Err(e)) => {
-                                        let why = format!("TLS handshake: {e}");
-                                        handle.shared.ingestor.refuse(crate::metrics::StreamReject::Malformed, &peer.to_string(), &why);
-                                    }
-                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                                }
-                            });
+                            tasks.spawn(over_tls(stream, peer, acceptor, handle, admission.clone(), shutdown));
                         }
                     }
                 }
@@ -149,4 +139,57 @@ pub async fn serve(
     })
     .await;
     tasks.abort_all();
+}
+
+/// A plaintext client, once it has sent something: a socket that never speaks holds no
+/// admission slot.
+async fn plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handle: Handle,
+    admission: Admission,
+    shutdown: watch::Receiver<bool>,
+) {
+    if !crate::admission::first_bytes(&stream).await {
+        tracing::debug!(%peer, "MQTT client sent nothing; dropped");
+        return;
+    }
+    conn::run(stream, peer, None, handle, &admission, shutdown).await
+}
+
+/// A client over TLS, once it has sent something; the handshake takes an admission slot of
+/// its own, before the MQTT opening.
+async fn over_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handle: Handle,
+    admission: Admission,
+    shutdown: watch::Receiver<bool>,
+) {
+    if !crate::admission::first_bytes(&stream).await {
+        tracing::debug!(%peer, "MQTT client sent nothing; dropped");
+        return;
+    }
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    match Box::pin(admission.open(handshake)).await {
+        Ok(Ok(tls)) => {
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|der| crate::auth::PeerCert::from_der(der));
+            conn::run(tls, peer, cert, handle, &admission, shutdown).await
+        }
+        Ok(Err(e)) => {
+            let why = format!("TLS handshake: {e}");
+            handle.shared.ingestor.refuse(
+                crate::metrics::StreamReject::Malformed,
+                &peer.to_string(),
+                &why,
+            );
+        }
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
 }

@@ -19,11 +19,12 @@
 //!
 //! By default every device connects at once (a storm); `--ramp` spreads the connects out.
 //! `--busy N` connects N devices first and keeps them sending while the rest storm in, and
-//! reports their ack latency before and during the storm. `--reconnect-storm` kills the hub
-//! (SIGKILL) a third into the run and starts it again on the same ports and store: the report
-//! says how long until every device was delivering again and whether any acked sample was lost.
-//! After the run every device reconnects at once and checks that the hub holds every sample it
-//! acked.
+//! reports their ack latency before and during the storm; they run on a thread of their own, so
+//! that what is measured is the hub's delay, not this program's own connects.
+//! `--reconnect-storm` kills the hub (SIGKILL) a third into the run and starts it again on the
+//! same ports and store: the report says how long until every device was delivering again and
+//! whether any acked sample was lost. After the run every device reconnects at once and checks
+//! that the hub holds every sample it acked.
 //!
 //! With `--score` the started hub gets a model deployed before the load starts and scores
 //! every sample it stores (the closed loop); the report adds the samples scored per second,
@@ -418,11 +419,23 @@ async fn run(
     let mut line = Timeline::default();
     let mut tasks = Vec::with_capacity(total);
     let since_t0 = |ms: u32| Duration::from_millis(u64::from(ms));
+    // The busy devices get a runtime (and thread) of their own: in a fleet they are other
+    // machines, so the storm's connects on this side must not queue ahead of their acks.
+    let busy_runtime = (args.busy > 0)
+        .then(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("busy-devices")
+                .enable_all()
+                .build()
+        })
+        .transpose()?;
     for i in 0..args.busy {
-        tasks.push(tokio::spawn(fleet::device(
-            plan(i, since_t0(ctx.ms()), (i, args.busy)),
-            ctx.clone(),
-        )));
+        let device = fleet::device(plan(i, since_t0(ctx.ms()), (i, args.busy)), ctx.clone());
+        tasks.push(match &busy_runtime {
+            Some(rt) => rt.spawn(device),
+            None => tokio::spawn(device),
+        });
     }
     if args.busy > 0 {
         ctx.wait_settled(args.busy).await;
@@ -474,6 +487,9 @@ async fn run(
     let mut logs = Vec::with_capacity(total);
     for t in tasks {
         logs.push(t.await?);
+    }
+    if let Some(rt) = busy_runtime {
+        rt.shutdown_background();
     }
     let mut ok = report(args, &logs, &line, &watched);
 
