@@ -15,8 +15,8 @@
 //! [`first_bytes`]), so sockets that never speak hold none. A slot goes back when the opening
 //! is done, or after [`HOLD`] in any case, so a peer that speaks and then stalls holds one for
 //! at most that long. Done is when the device has its welcome: on gRPC the answer to the
-//! connection's first request (TLS, if any, takes a slot of its own before); on MQTT the first
-//! message the broker delivers to the client, which for an agent is the hub's welcome.
+//! connection's first request; on MQTT the first message the broker delivers to the client,
+//! which for an agent is the hub's welcome. A TLS handshake takes a slot of its own first.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -111,13 +111,22 @@ pub async fn hold_over(slot: &mut Option<Slot>) {
 }
 
 /// Waits until `stream`'s peer has sent its first bytes (or closed), for at most
-/// [`FIRST_BYTES_WITHIN`]; false when it stayed silent that long.
+/// [`FIRST_BYTES_WITHIN`]; false (logged) when it stayed silent that long, and the caller
+/// drops it.
 pub async fn first_bytes(stream: &TcpStream) -> bool {
     let mut first = [0u8; 1];
-    matches!(
+    let spoke = matches!(
         tokio::time::timeout(FIRST_BYTES_WITHIN, stream.peek(&mut first)).await,
         Ok(Ok(_))
-    )
+    );
+    if !spoke {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::debug!(%peer, "client sent nothing; dropped");
+    }
+    spoke
 }
 
 #[cfg(test)]

@@ -146,7 +146,7 @@ impl Conn {
     /// HTTP/2 once the peer has sent something: a socket that never speaks holds no admission
     /// slot.
     async fn plain(self, stream: tokio::net::TcpStream) {
-        if self.spoke(&stream).await {
+        if crate::admission::first_bytes(&stream).await {
             self.serve(stream, None).await
         }
     }
@@ -154,17 +154,9 @@ impl Conn {
     /// TLS, then HTTP/2, once the peer has sent something; the handshake takes an admission
     /// slot of its own, before the HTTP/2 opening.
     async fn over_tls(self, acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {
-        if self.spoke(&stream).await {
+        if crate::admission::first_bytes(&stream).await {
             self.handshake(acceptor, stream).await
         }
-    }
-
-    async fn spoke(&self, stream: &tokio::net::TcpStream) -> bool {
-        let spoke = crate::admission::first_bytes(stream).await;
-        if !spoke {
-            tracing::debug!(peer = %self.peer, "gRPC client sent nothing; dropped");
-        }
-        spoke
     }
 
     async fn handshake(self, acceptor: tokio_rustls::TlsAcceptor, stream: tokio::net::TcpStream) {

@@ -151,7 +151,6 @@ async fn plain(
     shutdown: watch::Receiver<bool>,
 ) {
     if !crate::admission::first_bytes(&stream).await {
-        tracing::debug!(%peer, "MQTT client sent nothing; dropped");
         return;
     }
     conn::run(stream, peer, None, handle, &admission, shutdown).await
@@ -168,7 +167,6 @@ async fn over_tls(
     shutdown: watch::Receiver<bool>,
 ) {
     if !crate::admission::first_bytes(&stream).await {
-        tracing::debug!(%peer, "MQTT client sent nothing; dropped");
         return;
     }
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
