@@ -12,8 +12,9 @@ use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// Initial size of a stream's encode and decode buffers.
-pub const BUFFER_BYTES: usize = 512;
+/// Initial size of a stream's encode and decode buffers: an ack fits; a hello or a batch grows
+/// the decode buffer to its own size once, and the buffer keeps that size for the stream's life.
+pub const BUFFER_BYTES: usize = 128;
 
 /// Bytes an encoder gathers before it hands them on (tonic's default).
 const YIELD_BYTES: usize = 32 * 1024;

@@ -178,6 +178,13 @@ where
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
 
+        // Shoal patch: everything is written, so the buffer gives its memory
+        // back; the next frame reserves it again (`reserve_capacity`). A quiet
+        // connection then holds no write buffer at all.
+        if self.encoder.is_empty() && self.encoder.next.is_none() {
+            self.encoder.buf = Cursor::new(BytesMut::new());
+        }
+
         Poll::Ready(Ok(()))
     }
 

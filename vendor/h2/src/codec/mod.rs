@@ -50,7 +50,11 @@ where
             .new_codec();
         // Shoal patch: start the read buffer at 1 KiB, not tokio-util's 8 KiB;
         // it grows to fit each frame as it arrives.
-        let delimited = tokio_util::codec::FramedRead::with_capacity(framed_write, codec, 1_024);
+        let delimited = tokio_util::codec::FramedRead::with_capacity(
+            framed_write,
+            codec,
+            framed_read::READ_BUFFER_CAPACITY,
+        );
 
         let mut inner = FramedRead::new(delimited);
 

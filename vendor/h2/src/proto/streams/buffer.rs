@@ -30,6 +30,26 @@ impl<T> Buffer<T> {
         Buffer { slab: Slab::new() }
     }
 
+    /// Shoal patch: a slot for one more frame. An empty buffer holds no
+    /// memory; its first frame gets room for one, as most connections
+    /// carry one frame at a time, and more grows as a `Vec` does.
+    fn insert(&mut self, slot: Slot<T>) -> usize {
+        if self.slab.capacity() == 0 {
+            self.slab.reserve_exact(1);
+        }
+        self.slab.insert(slot)
+    }
+
+    /// Shoal patch: takes a frame out; the buffer gives its memory back once
+    /// it holds none, so an idle connection keeps no room for frames.
+    fn remove(&mut self, key: usize) -> Slot<T> {
+        let slot = self.slab.remove(key);
+        if self.slab.is_empty() {
+            self.slab = Slab::new();
+        }
+        slot
+    }
+
     pub fn is_empty(&self) -> bool {
         self.slab.is_empty()
     }
@@ -45,7 +65,7 @@ impl Deque {
     }
 
     pub fn push_back<T>(&mut self, buf: &mut Buffer<T>, value: T) {
-        let key = buf.slab.insert(Slot { value, next: None });
+        let key = buf.insert(Slot { value, next: None });
 
         match self.indices {
             Some(ref mut idxs) => {
@@ -62,7 +82,7 @@ impl Deque {
     }
 
     pub fn push_front<T>(&mut self, buf: &mut Buffer<T>, value: T) {
-        let key = buf.slab.insert(Slot { value, next: None });
+        let key = buf.insert(Slot { value, next: None });
 
         match self.indices {
             Some(ref mut idxs) => {
@@ -81,7 +101,7 @@ impl Deque {
     pub fn pop_front<T>(&mut self, buf: &mut Buffer<T>) -> Option<T> {
         match self.indices {
             Some(mut idxs) => {
-                let mut slot = buf.slab.remove(idxs.head);
+                let mut slot = buf.remove(idxs.head);
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
