@@ -6,8 +6,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use shoal_e2e::{
-    Hub, Proc, agent_with, free_port, mqtt_messages, spool_status, subscribed_mosquitto_sub,
-    wait_for_spool, wait_until, which,
+    Hub, Proc, agent_with, free_port, mqtt_messages, shoal_cli, spool_status,
+    subscribed_mosquitto_sub, wait_for_spool, wait_until, which,
 };
 
 async fn hub_with_broker(dir: &Path, mqtt: u16, extra: &[&str]) -> Hub {
@@ -127,6 +127,21 @@ async fn agents_json_scripts_and_observers_share_the_embedded_broker() {
     }
     let device = hub.get("/api/v1/devices/pi-json").await;
     assert_eq!(device["labels"]["source"], "mqtt-json");
+    // The operator's view shows what the book's form lacks as missing, not as zero.
+    let (ok, shown, err) = shoal_cli(&hub, &["devices", "show", "pi-json"]);
+    assert!(ok, "{err}");
+    let row = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{shown}"))
+    };
+    assert_eq!(row("cpu"), "-", "{shown}");
+    assert_eq!(row("memory"), "-", "{shown}");
+    assert_eq!(row("load"), "0.38 - -", "{shown}");
+    assert_eq!(row("processes"), "-", "{shown}");
+    assert!(!shown.contains("0.0 B"), "{shown}");
 
     // JSON that names another device than its topic, and JSON that is not a sample.
     pub_(

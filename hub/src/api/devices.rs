@@ -15,6 +15,7 @@ use super::schemas;
 use super::state::AppState;
 use crate::registry::{DeviceRecord, Status};
 use crate::store::StoreError;
+use crate::store::readings::Readings;
 use crate::store::series::{self, Bucket, Downsampler};
 use crate::store::writer::DeviceState;
 
@@ -41,6 +42,9 @@ pub struct DeviceView {
     /// Its latest anomaly score from the scoring model; `null` until one is scored.
     #[schema(required)]
     pub anomaly: Option<crate::models::scoring::DeviceScore>,
+    /// Its newest sample in brief (what the fleet table shows); `null` until one is stored.
+    #[schema(required)]
+    pub latest: Option<Readings>,
 }
 
 /// `GET /api/v1/devices`.
@@ -58,6 +62,31 @@ pub struct DeviceDetail {
     /// The newest stored sample; `null` when none is stored.
     #[schema(value_type = Option<schemas::Sample>, required)]
     pub latest_sample: Option<Sample>,
+    /// The seqs stored for it; `null` when none is.
+    #[schema(required)]
+    pub stored: Option<StoredSeqs>,
+}
+
+/// The seqs a device has stored: retention removes the oldest, so `first_seq` rises over time;
+/// `missing` counts seqs between the first and the last that never arrived (0 for an agent,
+/// whose spool resends until the hub acknowledges).
+#[derive(Serialize, ToSchema)]
+pub struct StoredSeqs {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub samples: u64,
+    pub missing: u64,
+}
+
+impl StoredSeqs {
+    fn of((first_seq, last_seq, samples): (u64, u64, u64)) -> Self {
+        Self {
+            first_seq,
+            last_seq,
+            samples,
+            missing: (last_seq - first_seq + 1).saturating_sub(samples),
+        }
+    }
 }
 
 fn view(s: &AppState, d: DeviceState, now: i64) -> DeviceView {
@@ -65,6 +94,7 @@ fn view(s: &AppState, d: DeviceState, now: i64) -> DeviceView {
         status: s.thresholds.status(d.record.last_seen_ms, now),
         stored_up_to_seq: d.max_seq,
         anomaly: s.models.scores.get(&d.record.device_id),
+        latest: d.latest.as_deref().cloned(),
         record: d.record,
     }
 }
@@ -117,12 +147,15 @@ async fn show_device(
     let d = device(&s, &id)?;
     let key = d.key;
     let store = s.store.clone();
-    let latest_sample = tokio::task::spawn_blocking(move || store.latest(key))
-        .await
-        .expect("read task")?;
+    let (latest_sample, stored) = tokio::task::spawn_blocking(move || {
+        Ok::<_, StoreError>((store.latest(key)?, store.stored_range(key)?))
+    })
+    .await
+    .expect("read task")?;
     Ok(Json(DeviceDetail {
         view: view(&s, d, series::now_ms()),
         latest_sample,
+        stored: stored.map(StoredSeqs::of),
     }))
 }
 

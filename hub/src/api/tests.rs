@@ -253,14 +253,27 @@ fn the_device_schemas_match_what_devices_serialise_to() {
             seq: 9,
             time_ms: 1_700_000_000_000,
         }),
+        latest: Some(crate::store::readings::Readings::of(&full_sample())),
     };
     assert_matches(view(), "DeviceView");
+    let mut unread = view();
+    unread.latest = Some(crate::store::readings::Readings::of(&Sample::default()));
+    assert_matches(unread, "DeviceView");
+    let mut never = view();
+    never.latest = None;
+    assert_matches(never, "DeviceView");
     assert_matches(full_sample(), "Sample");
     assert_matches(Sample::default(), "Sample");
     assert_matches(
         DeviceDetail {
             view: view(),
             latest_sample: Some(full_sample()),
+            stored: Some(super::devices::StoredSeqs {
+                first_seq: 3,
+                last_seq: 9,
+                samples: 6,
+                missing: 1,
+            }),
         },
         "DeviceDetail",
     );
@@ -268,6 +281,7 @@ fn the_device_schemas_match_what_devices_serialise_to() {
         DeviceDetail {
             view: view(),
             latest_sample: None,
+            stored: None,
         },
         "DeviceDetail",
     );

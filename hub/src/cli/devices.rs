@@ -1,6 +1,7 @@
 //! `shoal devices`.
 
 use serde_json::Value;
+use shoal_proto::metrics::Unit;
 
 use super::client::{CliError, Client, Output, encode};
 use super::format::*;
@@ -201,70 +202,86 @@ fn identity_rows(d: &Value, now: i64) -> Vec<Vec<String>> {
 }
 
 /// `devices show`'s rows for the latest sample: CPU, load, memory, disks, sensors, GPUs, Pi.
+/// A reading the device did not send shows as "-", never as zero.
 fn sample_rows(s: &Value) -> Vec<Vec<String>> {
+    let fixed = |v: &Value, digits: usize| {
+        v.as_f64()
+            .map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+    };
+    let of = |used: &Value, total: &Value| match (used.as_f64(), total.as_f64()) {
+        (None, None) => "-".to_string(),
+        (u, t) => format!("{} of {}", bytes(u), bytes(t)),
+    };
+    let load = &s["load"];
     let mut rows = vec![
         vec![
             "cpu".into(),
-            format!("{:.1}%", s["cpu"]["total_percent"].as_f64().unwrap_or(0.0)),
+            with_unit(&s["cpu"]["total_percent"], Unit::Percent),
         ],
         vec![
             "load".into(),
-            format!(
-                "{:.2} {:.2} {:.2}",
-                s["load"]["one"].as_f64().unwrap_or(0.0),
-                s["load"]["five"].as_f64().unwrap_or(0.0),
-                s["load"]["fifteen"].as_f64().unwrap_or(0.0)
-            ),
+            if load.is_object() {
+                format!(
+                    "{} {} {}",
+                    fixed(&load["one"], 2),
+                    fixed(&load["five"], 2),
+                    fixed(&load["fifteen"], 2)
+                )
+            } else {
+                "-".into()
+            },
         ],
         vec![
             "memory".into(),
-            format!(
-                "{} of {}",
-                bytes(s["memory"]["used_bytes"].as_f64()),
-                bytes(s["memory"]["total_bytes"].as_f64())
-            ),
+            of(&s["memory"]["used_bytes"], &s["memory"]["total_bytes"]),
         ],
     ];
     for disk in list(&s["disks"]) {
         rows.push(vec![
             format!("disk {}", str_of(&disk["mount_point"])),
-            format!(
-                "{} of {}",
-                bytes(disk["used_bytes"].as_f64()),
-                bytes(disk["total_bytes"].as_f64())
-            ),
+            of(&disk["used_bytes"], &disk["total_bytes"]),
         ]);
     }
     for t in list(&s["temperatures"]) {
         rows.push(vec![
             format!("temp {}", str_of(&t["sensor"])),
-            format!("{:.1} °C", t["celsius"].as_f64().unwrap_or(0.0)),
+            with_unit(&t["celsius"], Unit::Celsius),
         ]);
     }
-    rows.push(vec!["processes".into(), s["process_count"].to_string()]);
+    rows.push(vec![
+        "processes".into(),
+        s["process_count"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |n| n.to_string()),
+    ]);
     for g in list(&s["gpus"]) {
         rows.push(vec![
             format!("gpu {} ({})", g["index"], str_of(&g["source"])),
             format!(
-                "{} · {:.0}% · {} of {} · {:.0} °C · {} MHz",
+                "{} · {} · {} · {} · {} MHz",
                 str_of(&g["name"]),
-                g["utilization_percent"].as_f64().unwrap_or(0.0),
-                bytes(g["memory_used_bytes"].as_f64()),
-                bytes(g["memory_total_bytes"].as_f64()),
-                g["temperature_celsius"].as_f64().unwrap_or(0.0),
+                fixed(&g["utilization_percent"], 0) + "%",
+                of(&g["memory_used_bytes"], &g["memory_total_bytes"]),
+                with_unit(&g["temperature_celsius"], Unit::Celsius),
                 g["sm_clock_mhz"]
             ),
         ]);
     }
     let pi = &s["pi"];
     if pi.is_object() {
+        let flags = match (
+            pi["throttled_known"].as_bool(),
+            pi["throttled_flags"].as_u64(),
+        ) {
+            (Some(true), Some(f)) => format!("throttle flags {f:#x}"),
+            _ => "throttle flags unknown".into(),
+        };
         rows.push(vec![
             "pi".into(),
             format!(
-                "SoC {:.1} °C · {} MHz · throttle flags {:#x}",
-                pi["soc_temperature_celsius"].as_f64().unwrap_or(0.0),
+                "SoC {} · {} MHz · {flags}",
+                with_unit(&pi["soc_temperature_celsius"], Unit::Celsius),
                 pi["cpu_frequency_mhz"],
-                pi["throttled_flags"].as_u64().unwrap_or(0)
             ),
         ]);
     }

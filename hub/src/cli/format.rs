@@ -24,8 +24,11 @@ pub fn num(v: &Value) -> String {
     v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.2}"))
 }
 
+/// A size in binary units, or "-" when there is none (a missing reading is not zero).
 pub fn bytes(v: Option<f64>) -> String {
-    let v = v.unwrap_or(0.0);
+    let Some(v) = v else {
+        return "-".into();
+    };
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut x = v;
     let mut i = 0;

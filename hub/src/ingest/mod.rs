@@ -13,6 +13,7 @@ use std::time::Duration;
 use shoal_proto::v1::{Ack, DeviceHello, Rejection, Sample, Welcome};
 
 use crate::metrics::{LogLimiter, Metrics, SampleReject, StreamReject};
+use crate::store::readings::Readings;
 use crate::store::series::now_ms;
 use crate::store::writer::{Row, Writer};
 
@@ -166,6 +167,7 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
     let mut out = Checked::default();
     let limit = now_ms.saturating_add(max_skew.as_millis() as i64);
     let mut prev = 0u64;
+    let mut newest = None;
     for s in samples {
         let seq = s.seq;
         out.up_to_seq = out.up_to_seq.max(seq);
@@ -201,8 +203,15 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
         prev = prev.max(seq);
         match problem {
             Some((why, reason)) => out.rejected.push((seq, why, reason)),
-            None => out.rows.push(Row::new(s)),
+            None => {
+                newest = Some(Readings::of(&s));
+                out.rows.push(Row::new(s));
+            }
         }
+    }
+    // The fleet table's brief of the device comes from its newest good sample.
+    if let (Some(row), Some(r)) = (out.rows.last_mut(), newest) {
+        row.readings = Some(Box::new(r));
     }
     out
 }

@@ -25,6 +25,7 @@
 pub mod codec;
 pub mod health;
 pub mod outbox;
+pub mod readings;
 pub mod records;
 pub mod retention;
 pub mod rollup;
@@ -37,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use shoal_proto::v1::Sample;
 
 use crate::registry::DeviceRecord;
@@ -122,6 +123,8 @@ pub struct LoadedDevice {
     pub key: u32,
     pub record: DeviceRecord,
     pub max_seq: u64,
+    /// Its newest sample in brief.
+    pub latest: Option<readings::Readings>,
 }
 
 #[derive(Clone)]
@@ -244,14 +247,21 @@ impl Store {
             let key = key.value();
             let record: DeviceRecord = serde_json::from_slice(value.value())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let max_seq = match read_samples(&txn, key)? {
-                Some(samples) => samples.last()?.map_or(0, |(k, _)| k.value()),
-                None => 0,
+            let (max_seq, latest) = match read_samples(&txn, key)? {
+                Some(samples) => match samples.last()? {
+                    Some((k, v)) => (
+                        k.value(),
+                        Some(readings::Readings::of(&self.decode(v.value())?)),
+                    ),
+                    None => (0, None),
+                },
+                None => (0, None),
             };
             out.push(LoadedDevice {
                 key,
                 record,
                 max_seq,
+                latest,
             });
         }
         Ok(out)
@@ -284,6 +294,19 @@ impl Store {
         };
         let last = samples.last()?;
         last.map(|(_, v)| self.decode(v.value())).transpose()
+    }
+
+    /// The seqs device `key` has stored: the first, the last and how many (fewer than
+    /// `last - first + 1` when some between them never arrived); `None` with none stored.
+    pub fn stored_range(&self, key: u32) -> Result<Option<(u64, u64, u64)>, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        let Some(samples) = read_samples(&txn, key)? else {
+            return Ok(None);
+        };
+        let (Some((first, _)), Some((last, _))) = (samples.first()?, samples.last()?) else {
+            return Ok(None);
+        };
+        Ok(Some((first.value(), last.value(), samples.len()?)))
     }
 
     /// How many samples device `key` has in `[from_ms, to_ms)`, from two binary searches (exact

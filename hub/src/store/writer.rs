@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::health::{self, WriteState};
 use super::outbox::{self, Append, OUTBOX};
+use super::readings::Readings;
 use super::{DEVICE_KEYS, DEVICES, DeviceSamples, SHAPES, Store, StoreError};
 use super::{codec, retention, rollup};
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ pub struct DeviceState {
     pub key: u32,
     pub record: DeviceRecord,
     pub max_seq: u64,
+    /// Its newest sample in brief; `None` until one is stored.
+    pub latest: Option<Arc<Readings>>,
 }
 
 impl Fleet {
@@ -56,6 +59,7 @@ impl Fleet {
                         key: d.key,
                         record: d.record,
                         max_seq: d.max_seq,
+                        latest: d.latest.map(Arc::new),
                     },
                 )
             })
@@ -103,6 +107,8 @@ pub struct Row {
     pub timestamp_ms: i64,
     pub points: u32,
     split: codec::Split,
+    /// The sample in brief, for the newest row of a batch only.
+    pub readings: Option<Box<Readings>>,
 }
 
 impl Row {
@@ -112,6 +118,7 @@ impl Row {
             timestamp_ms: sample.timestamp_ms,
             points: shoal_proto::metrics::point_count(&sample) as u32,
             split: codec::split(sample),
+            readings: None,
         }
     }
 }
@@ -536,6 +543,7 @@ fn apply_txn(
                                 key,
                                 record: DeviceRecord::default(),
                                 max_seq: 0,
+                                latest: None,
                             }
                         }
                     };
@@ -588,6 +596,11 @@ fn apply_txn(
                                 seq: row.seq,
                             })?;
                             state.max_seq = state.max_seq.max(row.seq);
+                            if let Some(r) =
+                                row.readings.as_ref().filter(|_| row.seq == state.max_seq)
+                            {
+                                state.latest = Some(Arc::new((**r).clone()));
+                            }
                             outcome.accepted += 1;
                             outcome.points += u64::from(row.points);
                         } else {
