@@ -105,3 +105,43 @@ async fn two_hundred_agents_reconnect_after_the_hub_is_killed_and_lose_nothing()
         back.as_secs_f64()
     );
 }
+
+/// SIGTERM stops the hub while an agent streams on (HTTP/2's GOAWAY does not end a stream
+/// already open, so the hub closes the connection after its drain deadline), and nothing the
+/// agent sent is lost or stored twice across the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_told_to_stop_stops_while_an_agent_streams_on() {
+    // 20 s of samples: the agent still streams when the drain deadline (5 s) passes.
+    const SAMPLES: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (shoal_e2e::free_port(), shoal_e2e::free_port());
+    let mut hub = Hub::start_on(&dir.path().join("hub"), grpc, http, &[]).await;
+    let mut agent = shoal_e2e::agent_with(
+        &hub.grpc_url(),
+        "streaming-on",
+        &dir.path().join("spool"),
+        "50ms",
+        Some(SAMPLES),
+        &[],
+    );
+    wait_until(
+        "samples before the stop",
+        Duration::from_secs(30),
+        || async { hub.stored_up_to("streaming-on").await >= 5 },
+    )
+    .await;
+    let asked = Instant::now();
+    let status = hub.proc.terminate().await;
+    assert!(status.success(), "the hub stopped with {status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "the hub took {:?} to stop",
+        asked.elapsed()
+    );
+    let hub = Hub::start_on(&dir.path().join("hub"), grpc, http, &[]).await;
+    agent.wait(Duration::from_secs(120)).await;
+    let d = hub.get("/api/v1/devices/streaming-on").await;
+    assert_eq!(d["stored_up_to_seq"], SAMPLES, "{d}");
+    assert_eq!(d["stored"]["samples"], SAMPLES, "{d}");
+    assert_eq!(d["stored"]["missing"], 0, "{d}");
+}

@@ -86,8 +86,13 @@ pub async fn serve(
         admission,
         metrics: metrics.clone(),
     });
+    // Every connection's task, so that those still open after the drain deadline (a device
+    // streaming on, which GOAWAY does not end) can be closed: without this they would keep
+    // the hub's store open after it said it stopped.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(x) => x,
@@ -109,10 +114,10 @@ pub async fn serve(
                 // with TLS.
                 match &tls {
                     None => {
-                        tokio::spawn(conn.plain(stream));
+                        conns.spawn(conn.plain(stream));
                     }
                     Some(acceptor) => {
-                        tokio::spawn(conn.over_tls(acceptor.clone(), stream));
+                        conns.spawn(conn.over_tls(acceptor.clone(), stream));
                     }
                 }
             }
@@ -122,8 +127,12 @@ pub async fn serve(
     drop(door);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("ingest connections still open after the drain deadline; closing them"),
+        _ = tokio::time::sleep(DRAIN_GRACE) => {
+            tracing::warn!(open = conns.len(), "ingest connections still open after the drain deadline; closing them");
+            conns.abort_all();
+        }
     }
+    while conns.join_next().await.is_some() {}
     Ok(())
 }
 
