@@ -29,6 +29,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod dashboard;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;

@@ -127,6 +127,10 @@ pub async fn gate(State(g): State<Gate>, mut request: Request, next: Next) -> Re
         // The Open Inference Protocol's routes: their own gate (`models::v2`) checks them.
         return next.run(request).await;
     }
+    if crate::dashboard::is_dashboard(&route) {
+        // The dashboard's pages and assets: no data (the pages fetch it from this API).
+        return next.run(request).await;
+    }
     let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let from = request
         .extensions()

@@ -185,8 +185,15 @@ pub fn router(state: AppState) -> Router {
     let doc = finish(doc)
         .to_json()
         .expect("the OpenAPI document serialises");
+    let dashboard = crate::dashboard::Config {
+        oidc: state.auth.oidc.as_ref().map(|o| crate::dashboard::Sso {
+            issuer: o.config().issuer.clone(),
+            client_id: o.config().audience.clone(),
+        }),
+    };
     routes
         .merge(models::v2(state.clone()))
+        .merge(crate::dashboard::router(dashboard))
         .fallback(error::not_found)
         .layer(Extension(Served(Bytes::from(doc))))
         .layer(middleware::from_fn_with_state(gate, access::gate))

@@ -1,0 +1,119 @@
+// Models: what the hub serves and where (GET /api/v1/models/deployments), whether each model
+// file is in the provenance ledger and anchored on chain (GET /api/v1/provenance), the ledger's
+// entries with what they name (models, dataset manifests), and the anomaly alerts, which a
+// role allowed to (operator, admin) can acknowledge.
+
+import { Table, api, badge, drawn, el, every, may, missing, notice, num, show, when } from "./app.js";
+
+let ledger = { entries: [], chain: { intact: true } };
+let canAck = false;
+
+function provenanceOf(sha) {
+  const hit = ledger.entries.find((e) => e.entry.subjects.some((s) => s.sha256 === sha));
+  if (!hit) return el("span", { class: "flag" }, "not in the ledger");
+  const a = hit.anchor;
+  const anchored = !a ? "not anchored" : a.state === "anchored" ? `anchored${a.anchor?.block_number ? ` in block ${a.anchor.block_number}` : ""}` : a.state;
+  return `entry #${hit.entry.index} · ${anchored}`;
+}
+
+const deployments = new Table(
+  [
+    { key: "name", label: "Model" },
+    { key: "version", label: "Version" },
+    { key: "to", label: "Served", cell: (d) => (d.to === "embedded" ? el("code", {}, `/v2/models/${d.name}`) : d.endpoint || d.to) },
+    { key: "target", label: "Predicts", cell: (d) => d.target || missing() },
+    { key: "features", label: "Reads", wrap: true, sort: (d) => d.features.length, cell: (d) => (d.features.length ? d.features.join(", ") : missing()) },
+    { key: "threshold", label: "Alert above", num: true, cell: (d) => num(d.threshold, 2) },
+    { key: "deployed_ms", label: "Deployed", cell: (d) => when(d.deployed_ms) },
+    { key: "deployed_by", label: "By" },
+    { key: "sha256", label: "File SHA-256", cell: (d) => el("code", { title: d.sha256 }, d.sha256.slice(0, 12)) },
+    { key: "provenance", label: "Provenance", sort: null, cell: (d) => provenanceOf(d.sha256) },
+  ],
+  { caption: "Deployed models" },
+);
+
+const entries = new Table(
+  [
+    { key: "index", label: "#", num: true, sort: (e) => e.entry.index, cell: (e) => String(e.entry.index) },
+    { key: "time", label: "Recorded", sort: (e) => e.entry.time_ms, cell: (e) => when(e.entry.time_ms) },
+    { key: "subjects", label: "Subjects", wrap: true, sort: (e) => e.entry.subjects.map((s) => s.name).join(","), cell: (e) => e.entry.subjects.map((s) => el("div", {}, s.name, " ", el("code", { title: s.sha256 }, s.sha256.slice(0, 12)))) },
+    { key: "key", label: "Signed by key", sort: (e) => e.entry.key_id, cell: (e) => el("code", {}, e.entry.key_id) },
+    { key: "by", label: "Recorded by", sort: (e) => e.entry.by, cell: (e) => e.entry.by },
+    { key: "anchor", label: "On chain", sort: (e) => e.anchor?.state ?? null, cell: (e) => (e.anchor ? `${e.anchor.state}${e.anchor.anchor?.block_number ? ` (block ${e.anchor.anchor.block_number})` : ""}` : missing()) },
+  ],
+  { sortKey: "index", descending: true, caption: "Provenance ledger" },
+);
+
+async function ack(id) {
+  try {
+    await api(`/api/v1/alerts/${encodeURIComponent(id)}/ack`, { method: "POST" });
+    await refresh();
+  } catch (e) {
+    notice(e.message, true);
+  }
+}
+
+const alerts = new Table(
+  [
+    { key: "device_id", label: "Device", cell: (a) => el("a", { href: `/ui/devices/${encodeURIComponent(a.device_id)}` }, a.device_id) },
+    { key: "state", label: "State", cell: (a) => badge(a.state) },
+    { key: "peak_score", label: "Peak score", num: true, cell: (a) => num(a.peak_score, 2) },
+    { key: "last_score", label: "Last score", num: true, cell: (a) => num(a.last_score, 2) },
+    { key: "threshold", label: "Threshold", num: true, cell: (a) => num(a.threshold, 2) },
+    { key: "model", label: "Model", cell: (a) => `${a.model} v${a.version}` },
+    { key: "opened_ms", label: "Opened", cell: (a) => when(a.opened_ms) },
+    { key: "acknowledged_by", label: "Acknowledged", cell: (a) => (a.acknowledged_by ? `${a.acknowledged_by}` : canAck && !a.resolved_ms ? el("button", { type: "button", onclick: () => ack(a.id) }, "Acknowledge") : missing()) },
+  ],
+  { sortKey: "opened_ms", descending: true, caption: "Alerts" },
+);
+
+const scoring = el("p", { class: "missing" });
+const chain = el("p");
+let lists = { deployments: [], entries: [], alerts: [] };
+
+async function refresh() {
+  const [d, l, a] = await Promise.all([
+    api("/api/v1/models/deployments"),
+    api("/api/v1/provenance").catch((e) => ({ entries: [], chain: { intact: true }, unavailable: e.message })),
+    api("/api/v1/alerts"),
+  ]);
+  ledger = l;
+  lists = { deployments: d.deployments, entries: l.entries, alerts: a.alerts };
+  deployments.draw(deployments.sorted(lists.deployments));
+  entries.draw(entries.sorted(lists.entries));
+  alerts.draw(alerts.sorted(lists.alerts));
+  scoring.textContent = d.deployments.length
+    ? d.scoring_model ? `The fleet is scored with ${d.scoring_model}.` : "Scoring is off on this hub."
+    : "No model is deployed. Deploy one with `shoal models deploy NAME`.";
+  chain.replaceChildren(
+    l.unavailable
+      ? el("span", { class: "missing" }, l.unavailable)
+      : l.chain.intact
+        ? `The ledger's ${l.entries.length} entries follow one from another (checked now).`
+        : el("span", { class: "flag" }, `The ledger is broken at entry ${l.chain.broken_at}: ${l.chain.reason}`),
+  );
+}
+
+deployments.onsort = () => deployments.draw(deployments.sorted(lists.deployments));
+entries.onsort = () => entries.draw(entries.sorted(lists.entries));
+alerts.onsort = () => alerts.draw(alerts.sorted(lists.alerts));
+
+let first = true;
+every(10_000, async () => {
+  if (first) canAck = await may("post", "/api/v1/alerts/{id}/ack");
+  await refresh();
+  if (first) {
+    show(
+      el("h2", {}, "Deployed"),
+      scoring,
+      el("div", { class: "scroll" }, deployments.table),
+      el("h2", {}, "Alerts"),
+      el("div", { class: "scroll" }, alerts.table),
+      el("h2", {}, "Provenance"),
+      chain,
+      el("div", { class: "scroll" }, entries.table),
+    );
+    drawn("models");
+  }
+  first = false;
+});

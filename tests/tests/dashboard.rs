@@ -1,0 +1,382 @@
+//! The web dashboard in a real browser: headless Chromium (Debian's `chromium` and
+//! `chromium-driver`) driven by Selenium (tests/python/dashboard.py) against a hub with real
+//! agents, a device sending the book's JSON form, and a job. Signs in through the page, checks
+//! every page draws with no console error, runs the job from the page and reads its log, and
+//! checks that every request the pages made is an operation of the hub's documented API.
+//! Screenshots land in `$CARGO_TARGET_TMPDIR/dashboard` (the ones in docs/ are from there).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shoal_e2e::{Hub, agent_with, free_port, python_json, wait_until, which};
+
+const JOB: &str = r#"apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: nightly-train
+spec:
+  schedule: "0 3 * * *"
+  timeZone: Europe/Berlin
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers:
+            - name: train
+              image: python:3.12
+              command: ["sh", "-c"]
+              args: ["echo training for $SHOAL_JOB; for i in 1 2 3; do echo epoch $i; sleep 1; done; echo weights > $SHOAL_ARTIFACTS_DIR/model.txt; echo training finished"]
+"#;
+
+/// The OpenAPI path templates as patterns: `{id}` matches one segment, `{path}` the rest.
+fn documented(doc: &Value) -> Vec<(String, Vec<String>)> {
+    doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .map(|(p, item)| {
+            let methods = item
+                .as_object()
+                .map_or_else(Vec::new, |o| o.keys().cloned().collect());
+            (p.clone(), methods)
+        })
+        .collect()
+}
+
+fn matches(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    for (i, seg) in t.iter().enumerate() {
+        if *seg == "{path}" {
+            return p.len() > i;
+        }
+        match p.get(i) {
+            Some(s) if seg.starts_with('{') => {
+                if s.is_empty() {
+                    return false;
+                }
+            }
+            Some(s) if s == seg => {}
+            _ => return false,
+        }
+    }
+    t.len() == p.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_real_browser() {
+    for tool in ["chromium", "chromedriver"] {
+        assert!(
+            which(tool).is_some() || std::path::Path::new(&format!("/usr/bin/{tool}")).exists(),
+            "{tool} is not installed (tests/run installs Debian's chromium and chromium-driver)"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = free_port();
+    let mqtt_addr = format!("127.0.0.1:{mqtt}");
+    let hub = Hub::start_on(
+        &dir.path().join("hub"),
+        free_port(),
+        free_port(),
+        &["--mqtt-listen", &mqtt_addr],
+    )
+    .await;
+    let mut agents = Vec::new();
+    for (id, site) in [("edge-lab-1", "lab"), ("edge-field-2", "field")] {
+        agents.push(agent_with(
+            &hub.grpc_url(),
+            id,
+            &dir.path().join(id),
+            "1s",
+            None,
+            &["--label", &format!("site={site}")],
+        ));
+    }
+    // A device as the book's script sends it: a temperature and the 1-minute load only.
+    let publish = which("mosquitto_pub")
+        .expect("mosquitto_pub is not installed (tests/run installs mosquitto-clients)");
+    for (temp, load) in [(48312, "0.42"), (49000, "0.50")] {
+        let ok = Command::new(&publish)
+            .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
+            .args(["-i", "pi-book", "-t", "sensor/pi-book"])
+            .args([
+                "-m",
+                &format!("{{\"device\":\"pi-book\",\"temp\":{temp},\"load\":{load}}}"),
+            ])
+            .stdin(Stdio::null())
+            .status()
+            .expect("run mosquitto_pub");
+        assert!(ok.success());
+    }
+    wait_until(
+        "three devices with samples",
+        Duration::from_secs(30),
+        || async {
+            hub.stored_up_to("edge-lab-1").await >= 3
+                && hub.stored_up_to("edge-field-2").await >= 3
+                && hub.stored_up_to("pi-book").await == 2
+        },
+    )
+    .await;
+    let client = hub.client();
+    let url = hub.http_url();
+    let applied = client
+        .post(format!("{url}/api/v1/jobs"))
+        .header("content-type", "application/yaml")
+        .body(JOB)
+        .send()
+        .await
+        .unwrap();
+    assert!(applied.status().is_success(), "{:?}", applied.text().await);
+    let viewer: Value = client
+        .post(format!("{url}/api/v1/tokens"))
+        .json(&json!({"name": "dashboard-viewer", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // The pages are open (they hold no data); the API behind them is not.
+    let page = reqwest::get(format!("{url}/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self';"), "{csp}");
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("<title>Fleet · Shoal</title>")
+    );
+    let api = reqwest::get(format!("{url}/api/v1/devices")).await.unwrap();
+    assert_eq!(api.status(), 401);
+
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    let out = python_json(
+        "dashboard.py",
+        &[],
+        &json!({
+            "hub": url,
+            "token": hub.token,
+            "viewer": viewer["token"],
+            "devices": ["edge-lab-1", "edge-field-2", "pi-book"],
+            "chart_device": "edge-lab-1",
+            "json_device": "pi-book",
+            "job": "nightly-train",
+            "log_text": "training finished",
+            "shots": shots,
+        }),
+    );
+    for a in &mut agents {
+        a.kill9();
+    }
+    let o = &out;
+    let console: Vec<(&str, &Value)> = [
+        "fleet",
+        "device",
+        "json_device",
+        "jobs",
+        "run",
+        "models",
+        "viewer",
+    ]
+    .iter()
+    .map(|p| (*p, &o[p]["console"]))
+    .chain([
+        ("device windows", &o["device"]["console_windows"]),
+        ("phone", &o["phone_console"]),
+    ])
+    .collect();
+    for (page, errors) in console {
+        assert_eq!(errors, &json!([]), "console errors on the {page} page");
+    }
+    assert!(
+        o["refused"].as_str().unwrap().contains("token"),
+        "a wrong token is refused with the hub's reason: {}",
+        o["refused"]
+    );
+
+    // Fleet: every device, its status, readings, and missing ones shown as missing.
+    let rows = &o["fleet"]["rows"];
+    let headers: Vec<&str> = o["fleet"]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().trim_end_matches([' ', '▲', '▼']))
+        .collect();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} column: {headers:?}"))
+    };
+    for (id, row) in rows.as_object().unwrap() {
+        assert_eq!(row[col("Status")], "online", "{id}: {row}");
+    }
+    let lab = &rows["edge-lab-1"];
+    assert!(lab[col("CPU")].as_str().unwrap().ends_with('%'), "{lab}");
+    assert!(lab[col("Memory")].as_str().unwrap().ends_with('%'), "{lab}");
+    assert_eq!(lab[col("Labels")], "site=lab", "{lab}");
+    let book = &rows["pi-book"];
+    for missing in ["CPU", "Memory", "GPU °C", "Throttling"] {
+        assert_eq!(book[col(missing)], "—", "pi-book's {missing}: {book}");
+    }
+    assert_eq!(book[col("SoC °C")], "49.0", "{book}");
+    assert!(
+        o["fleet"]["counts"]
+            .as_str()
+            .unwrap()
+            .starts_with("3\ndevices\n3\nonline"),
+        "{}",
+        o["fleet"]["counts"]
+    );
+    assert_eq!(o["fleet"]["searched"], json!(["edge-lab-1"]));
+    assert_eq!(
+        o["fleet"]["sorted_desc"],
+        json!(["pi-book", "edge-lab-1", "edge-field-2"])
+    );
+    assert!(o["fleet"]["who"].as_str().unwrap().contains("admin"));
+
+    // Keyboard.
+    assert_eq!(
+        o["keyboard"]["tabs"][0], "Skip to content",
+        "{}",
+        o["keyboard"]
+    );
+    assert_eq!(o["keyboard"]["slash_focuses"], "q");
+    assert_eq!(o["keyboard"]["enter_sorts"], "ascending");
+
+    // Device: charts with points, drawn, at one bucket per pixel or coarser.
+    let charts = &o["device"]["charts"];
+    for chart in ["CPU", "Load average", "Memory"] {
+        assert!(charts[chart].as_u64().unwrap_or(0) > 0, "{chart}: {charts}");
+    }
+    assert!(
+        o["device"]["canvases"].as_u64().unwrap() >= 3,
+        "{}",
+        o["device"]
+    );
+    assert!(
+        o["device"]["facts"]
+            .as_str()
+            .unwrap()
+            .contains("Gaps\nnone"),
+        "{}",
+        o["device"]["facts"]
+    );
+    let step: u64 = o["device"]["step_7d"].as_str().unwrap().parse().unwrap();
+    assert!(step >= 600 && step.is_multiple_of(60), "7 days at {step} s a bucket");
+    let jd = &o["json_device"];
+    assert!(jd["charts"]["Temperatures"].as_u64().unwrap() > 0, "{jd}");
+    assert!(jd["charts"]["Load average"].as_u64().unwrap() > 0, "{jd}");
+    assert!(
+        jd["charts"].get("CPU").is_none(),
+        "no CPU chart for a device that sends none: {jd}"
+    );
+
+    // Jobs: run from the page, its log followed to the end, its artifact listed.
+    assert!(
+        o["jobs"]["jobs"]
+            .as_str()
+            .unwrap()
+            .contains("nightly-train")
+    );
+    assert!(
+        o["run"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/ui/runs/nightly-train-")
+    );
+    assert!(
+        o["run"]["log"]
+            .as_str()
+            .unwrap()
+            .contains("epoch 3\ntraining finished"),
+        "{}",
+        o["run"]
+    );
+    assert!(
+        o["run"]["facts"].as_str().unwrap().contains("succeeded"),
+        "{}",
+        o["run"]
+    );
+    assert!(
+        o["run"]["artifacts"]
+            .as_str()
+            .unwrap()
+            .contains("model.txt"),
+        "{}",
+        o["run"]
+    );
+    assert!(
+        o["models"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("No model is deployed")
+    );
+
+    // Dark and light, a phone's width, and a viewer's narrower page.
+    assert_eq!(o["dark_background"], "rgb(15, 20, 25)");
+    assert_eq!(o["light_background"], "rgb(247, 248, 250)");
+    for (page, w) in o["phone"].as_object().unwrap() {
+        assert!(
+            w[0].as_u64() <= w[1].as_u64(),
+            "{page} is wider than a phone: {w}"
+        );
+    }
+    assert!(o["viewer"]["who"].as_str().unwrap().contains("viewer"));
+    assert_eq!(
+        o["viewer"]["run_buttons"], 0,
+        "a viewer is offered no Run now"
+    );
+    assert!(
+        o["viewer"]["jobs"]
+            .as_str()
+            .unwrap()
+            .contains("nightly-train")
+    );
+
+    // Every request the pages made is an operation of the documented API, or a page or asset.
+    let doc: Value = reqwest::get(format!("{url}/api/v1/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ops = documented(&doc);
+    let requests = o["requests"].as_array().unwrap();
+    assert!(requests.len() > 5, "{requests:?}");
+    for r in requests {
+        let path = r
+            .as_str()
+            .unwrap()
+            .strip_prefix(&url)
+            .unwrap_or_else(|| panic!("a request elsewhere: {r}"));
+        let path = path.split('?').next().unwrap();
+        if path == "/" || path.starts_with("/ui/") {
+            continue;
+        }
+        assert!(
+            ops.iter().any(|(t, _)| matches(t, path)),
+            "the dashboard asked for {path}, which the API does not document"
+        );
+    }
+    for shot in [
+        "fleet",
+        "device",
+        "jobs",
+        "run",
+        "models",
+        "fleet-dark",
+        "fleet-phone",
+    ] {
+        assert!(
+            shots.join(format!("{shot}.png")).is_file(),
+            "no {shot} screenshot"
+        );
+    }
+}
