@@ -54,6 +54,9 @@ pub struct Plan {
     /// The device's own certificate (with --tls).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub template: Sample,
+    /// Samples a minute apart over this long before now, sent first (the first device only,
+    /// with --history).
+    pub history: Option<Duration>,
 }
 
 /// One acknowledged batch.
@@ -110,6 +113,18 @@ pub async fn device(plan: Plan, ctx: Arc<Ctx>) -> DeviceLog {
 
     let mut link = Some(link);
     let mut seq = stored;
+    if let (Some(span), Some(current)) = (plan.history, link.as_mut()) {
+        match send_history(current, &plan.template, span, plan.batch, seq).await {
+            Ok(up_to) => {
+                log.last_acked = up_to;
+                seq = up_to;
+            }
+            Err(e) => {
+                log.failed = Some(format!("sending history: {e}"));
+                return log;
+            }
+        }
+    }
     let mut pending: Option<Vec<Sample>> = None;
     tokio::select! {
         _ = tokio::time::sleep(plan.offset) => {}
@@ -203,4 +218,59 @@ pub async fn device(plan: Plan, ctx: Arc<Ctx>) -> DeviceLog {
         }
     }
     log
+}
+
+/// Sends samples a minute apart over the `span` before now, with readings that wander like a
+/// working machine's (a daily cycle and some noise), in batches; returns the last seq acked.
+async fn send_history(
+    link: &mut crate::link::Link,
+    template: &Sample,
+    span: Duration,
+    batch: usize,
+    after_seq: u64,
+) -> Result<u64, String> {
+    let now = crate::now_ms();
+    let n = (span.as_secs() / 60) as u64;
+    let mut seq = after_seq;
+    let mut i = 0u64;
+    while i < n {
+        let samples: Vec<Sample> = (i..(i + batch.max(1) as u64).min(n))
+            .map(|k| {
+                seq += 1;
+                let ts = now - ((n - k) * 60_000) as i64;
+                let day = (ts as f64 / 86_400_000.0) * std::f64::consts::TAU;
+                let wobble = ((k * 7919) % 100) as f64 / 100.0;
+                let mut s = Sample {
+                    seq,
+                    timestamp_ms: ts,
+                    ..template.clone()
+                };
+                if let Some(c) = s.cpu.as_mut() {
+                    c.total_percent = 35.0 + 25.0 * day.sin() + 10.0 * wobble;
+                }
+                if let Some(l) = s.load.as_mut() {
+                    l.one = 1.5 + day.sin() + wobble;
+                }
+                if let Some(m) = s.memory.as_mut() {
+                    m.used_bytes = ((8.0 + 3.0 * day.cos() + wobble) * (1u64 << 30) as f64) as u64;
+                }
+                for t in &mut s.temperatures {
+                    t.celsius = 50.0 + 8.0 * day.sin() + 3.0 * wobble;
+                }
+                for n in &mut s.networks {
+                    n.rx_bytes_per_second = 20_000.0 * (1.0 + day.sin()) + 5_000.0 * wobble;
+                }
+                s
+            })
+            .collect();
+        i += samples.len() as u64;
+        let ack = link.send(samples).await.map_err(|e| e.to_string())?;
+        if ack.up_to_seq != seq {
+            return Err(format!(
+                "the ack up to {} does not cover {seq}",
+                ack.up_to_seq
+            ));
+        }
+    }
+    Ok(seq)
 }

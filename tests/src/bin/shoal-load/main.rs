@@ -121,6 +121,10 @@ struct Args {
     /// Deploy a temperature model to the started hub first, so it scores what it stores.
     #[arg(long)]
     score: bool,
+    /// The first device first sends samples a minute apart over this long before now (e.g.
+    /// 7d), so that its charts have a history to draw.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    history: Option<Duration>,
     /// Another flag for the started hub, e.g. --hub-arg=--sink=kafka://127.0.0.1:9092
     /// (repeatable). With sinks, their lag is sampled every 100 ms during the run and, after
     /// it, the time until they have caught up is measured.
@@ -415,6 +419,7 @@ async fn run(
         deadline: args.connect_deadline,
         tls: tls[i].clone(),
         template: template(),
+        history: args.history.filter(|_| i == 0),
     };
     let mut line = Timeline::default();
     let mut tasks = Vec::with_capacity(total);
