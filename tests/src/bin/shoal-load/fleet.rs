@@ -230,7 +230,7 @@ async fn send_history(
     after_seq: u64,
 ) -> Result<u64, String> {
     let now = crate::now_ms();
-    let n = (span.as_secs() / 60) as u64;
+    let n = span.as_secs() / 60;
     let mut seq = after_seq;
     let mut i = 0u64;
     while i < n {
