@@ -76,10 +76,14 @@ function span() {
   return { from: to - WINDOWS[windowName], to };
 }
 
-/** A bucket width that gives about one point per pixel, on whole seconds, minutes or hours. */
+/**
+ * A bucket width that gives at most one point per pixel, on whole seconds, minutes or hours
+ * (from a quarter of an hour up, whole hours: the hub then reads its hour rollups, 60 times
+ * fewer rows than minutes, for at most four pixels a point).
+ */
 function stepFor(ms, px) {
   let s = Math.max(1, Math.ceil(ms / 1000 / Math.max(100, px)));
-  if (s >= 3600) s = Math.ceil(s / 3600) * 3600;
+  if (s >= 900) s = Math.ceil(s / 3600) * 3600;
   else if (s >= 60) s = Math.ceil(s / 60) * 60;
   return s;
 }

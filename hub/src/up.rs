@@ -329,7 +329,7 @@ pub fn banner(ep: &Endpoints, agent: &LocalAgent, login: &Login) -> String {
         ),
     };
     format!(
-        "Shoal is up.\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     https://{grpc} (gRPC, enrolled devices: shoal devices enroll --name NAME) or mqtt://{mqtt} (MQTT)\n  access     {access}\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
+        "Shoal is up.\n  dashboard  http://{http}/ (sign in with the admin token below, or one from shoal tokens create)\n  REST API   http://{http}/api/v1/devices\n  metrics    http://{http}/metrics\n  ingest     https://{grpc} (gRPC, enrolled devices: shoal devices enroll --name NAME) or mqtt://{mqtt} (MQTT)\n  access     {access}\n  data       {data}\n  agent      sampling every {interval}, spool {spool}\n\nTry:  shoal{hub} devices list\n      shoal{hub} telemetry <DEVICE> --metric cpu_percent --since 5m\nCtrl-C stops.\n",
         hub = hub_flag(ep.http),
         http = ep.http,
         grpc = ep.grpc,

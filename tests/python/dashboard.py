@@ -11,7 +11,10 @@ drawing is reported, not waited on for ever.
 
 With {"bench": true, "hub": URL, "token": T, "chart_device": ID, "runs": N} it instead times
 the Fleet page and the Device page's 7-day charts N times each (the pages' own performance
-marks, from navigation start) and prints the figures.
+marks, from navigation start) and prints the figures. With {"watch": SECONDS, "hub": URL,
+"token": T} it keeps the Fleet page open that long and prints how often it refreshed. With
+{"oidc": true, "hub": URL} it signs in through the hub's OpenID Connect issuer and prints who
+the page says is signed in.
 """
 import base64
 import json
@@ -105,21 +108,61 @@ def shot(name):
 if req.get("bench"):
     d.get(hub + "/")
     d.execute_script("sessionStorage.setItem('shoal.token', arguments[0])", req["token"])
-    out = {"fleet_ms": [], "device_7d_ms": [], "devices_shown": None, "chart_points": []}
+    out = {"fleet_ms": [], "fleet_fetch_ms": [], "fleet_bytes": None, "device_7d_ms": [],
+           "devices_shown": None, "chart_points": [], "step_7d": None}
+    listing = ("const e = performance.getEntriesByType('resource')"
+               ".filter(e => e.name.endsWith('/api/v1/devices'))[0];"
+               "return e ? [e.duration, e.encodedBodySize] : [null, null]")
     for _ in range(req.get("runs", 5)):
         d.get(hub + "/")
         ready("fleet", 60)
         out["fleet_ms"].append(mark("fleet"))
+        took, size = d.execute_script(listing)
+        out["fleet_fetch_ms"].append(took)
+        out["fleet_bytes"] = size
         out["devices_shown"] = d.find_element(By.ID, "shown").text
+    shot("fleet")
     for _ in range(req.get("runs", 5)):
         d.get(f"{hub}/ui/devices/{req['chart_device']}?window=7d")
         ready("device", 60)
         out["device_7d_ms"].append(mark("device"))
         out["chart_points"].append(d.execute_script(
             "return [...document.querySelectorAll('figure.chart')].map(f => Number(f.dataset.points))"))
+        out["step_7d"] = d.find_element(By.ID, "charts").get_attribute("data-step")
+    shot("device")
     out["console"] = console()
     d.quit()
     print(json.dumps(out))
+    sys.exit(0)
+
+if req.get("oidc"):
+    # "Sign in with your organisation": to the issuer and back, then the Fleet page.
+    d.get(hub + "/")
+    wait.until(EC.visibility_of_element_located((By.ID, "sign-in")))
+    console()  # the signed-out requests' 401s are expected
+    sso = wait.until(EC.element_to_be_clickable((By.ID, "sso")))
+    sso.click()
+    ready("fleet")
+    WebDriverWait(d, 10).until(lambda x: x.find_element(By.ID, "who").text != "")
+    out = {"who": d.find_element(By.ID, "who").text, "url": d.current_url, "console": console()}
+    d.get(hub + "/ui/signed-in?code=forged&state=forged")
+    WebDriverWait(d, 10).until(lambda x: x.find_element(By.ID, "content").text != "")
+    out["unstarted"] = d.find_element(By.ID, "content").text
+    d.quit()
+    print(json.dumps(out))
+    sys.exit(0)
+
+if req.get("watch"):
+    # A browser left open on the Fleet page for `watch` seconds (it refreshes every 10 s).
+    d.get(hub + "/")
+    d.execute_script("sessionStorage.setItem('shoal.token', arguments[0])", req["token"])
+    d.get(hub + "/")
+    ready("fleet", 60)
+    time.sleep(req["watch"])
+    fetched = d.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/api/v1/devices')).length")
+    d.quit()
+    print(json.dumps({"fleet_fetches": fetched}))
     sys.exit(0)
 
 out = {}

@@ -317,6 +317,10 @@ async fn shoal_up_runs_a_hub_and_a_reporting_agent() {
         "on non-default ports the printed commands carry --hub: {printed}"
     );
     assert!(printed.contains("admin token in"), "{printed}");
+    assert!(
+        printed.contains(&format!("dashboard  http://127.0.0.1:{http}/ ")),
+        "{printed}"
+    );
     assert!(dir.path().join("hub/shoal.redb").exists() && dir.path().join("agent-spool").exists());
 }
 

@@ -269,7 +269,10 @@ async fn the_dashboard_in_a_real_browser() {
         o["device"]["facts"]
     );
     let step: u64 = o["device"]["step_7d"].as_str().unwrap().parse().unwrap();
-    assert!(step >= 600 && step.is_multiple_of(60), "7 days at {step} s a bucket");
+    assert!(
+        step >= 600 && step.is_multiple_of(60),
+        "7 days at {step} s a bucket"
+    );
     let jd = &o["json_device"];
     assert!(jd["charts"]["Temperatures"].as_u64().unwrap() > 0, "{jd}");
     assert!(jd["charts"]["Load average"].as_u64().unwrap() > 0, "{jd}");

@@ -24,11 +24,22 @@ struct Issuer {
 }
 
 async fn issuer() -> Issuer {
+    issuer_with(|_| axum::Router::new()).await
+}
+
+/// The issuer with more routes (`extra` gets its URL); every answer allows any origin (CORS),
+/// as an issuer configured with the hub as a web origin does.
+async fn issuer_with(extra: impl FnOnce(&str) -> axum::Router) -> Issuer {
     use axum::routing::get;
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/realms/shoal");
     let keys: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let doc = json!({ "issuer": url, "jwks_uri": format!("{url}/protocol/openid-connect/certs") });
+    let doc = json!({
+        "issuer": url,
+        "jwks_uri": format!("{url}/protocol/openid-connect/certs"),
+        "authorization_endpoint": format!("{url}/protocol/openid-connect/auth"),
+        "token_endpoint": format!("{url}/protocol/openid-connect/token"),
+    });
     let served = keys.clone();
     let app = axum::Router::new()
         .route(
@@ -44,12 +55,112 @@ async fn issuer() -> Issuer {
                 let keys = served.lock().unwrap().clone();
                 async move { axum::Json(json!({ "keys": keys })) }
             }),
-        );
+        )
+        .merge(extra(&url))
+        .layer(axum::middleware::map_response(
+            |mut r: axum::response::Response| async move {
+                r.headers_mut().insert(
+                    "access-control-allow-origin",
+                    axum::http::HeaderValue::from_static("*"),
+                );
+                r
+            },
+        ));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Issuer { url, keys }
+}
+
+/// The authorization code flow with PKCE for one person, `dana` (role `shoal-operator`), who
+/// is signed in at the issuer already: `/auth` sends the browser straight back with a code;
+/// `/token` gives an ID token for it only with the verifier that matches the challenge, for
+/// the same client and redirect URI.
+fn code_flow(url: &str, signer: Arc<Signer>) -> axum::Router {
+    use axum::extract::Query;
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::{get, post};
+    use std::collections::HashMap;
+    type Pending = Arc<Mutex<HashMap<String, (String, String, String)>>>;
+    let pending: Pending = Arc::default();
+    let issued = pending.clone();
+    let iss = url.to_string();
+    axum::Router::new()
+        .route(
+            "/realms/shoal/protocol/openid-connect/auth",
+            get(move |Query(q): Query<HashMap<String, String>>| {
+                let issued = issued.clone();
+                async move {
+                    let ok = q.get("response_type").map(String::as_str) == Some("code")
+                        && q.get("code_challenge_method").map(String::as_str) == Some("S256")
+                        && q.get("scope")
+                            .is_some_and(|s| s.split(' ').any(|x| x == "openid"));
+                    if !ok {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            "bad authorization request",
+                        )
+                            .into_response();
+                    }
+                    let code = format!("code-{}", issued.lock().unwrap().len() + 1);
+                    issued.lock().unwrap().insert(
+                        code.clone(),
+                        (
+                            q["code_challenge"].clone(),
+                            q["client_id"].clone(),
+                            q["redirect_uri"].clone(),
+                        ),
+                    );
+                    Redirect::to(&format!(
+                        "{}?code={code}&state={}",
+                        q["redirect_uri"], q["state"]
+                    ))
+                    .into_response()
+                }
+            }),
+        )
+        .route(
+            "/realms/shoal/protocol/openid-connect/token",
+            post(move |body: String| {
+                let pending = pending.clone();
+                let (signer, iss) = (signer.clone(), iss.clone());
+                async move {
+                    // A form body is a query string (axum's Form is not built here).
+                    let uri: axum::http::Uri = format!("/?{body}").parse().unwrap_or_default();
+                    let f: HashMap<String, String> =
+                        Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
+                    let refused = || {
+                        (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            axum::Json(json!({"error": "invalid_grant"})),
+                        )
+                    };
+                    let Some((challenge, client, redirect)) = pending
+                        .lock()
+                        .unwrap()
+                        .remove(f.get("code").map_or("", String::as_str))
+                    else {
+                        return refused().into_response();
+                    };
+                    let verifier = f.get("code_verifier").map_or("", String::as_str);
+                    let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+                    if B64.encode(digest.as_ref()) != challenge
+                        || f.get("client_id") != Some(&client)
+                        || f.get("redirect_uri") != Some(&redirect)
+                        || f.get("grant_type").map(String::as_str) != Some("authorization_code")
+                    {
+                        return refused().into_response();
+                    }
+                    let mut c = claims(&iss, "dana", &["shoal-operator"]);
+                    c["aud"] = json!(client);
+                    axum::Json(
+                        json!({ "id_token": signer.token("es-1", &c), "token_type": "Bearer" }),
+                    )
+                    .into_response()
+                }
+            }),
+        )
 }
 
 enum Signer {
@@ -300,4 +411,45 @@ async fn jwts_from_the_issuer_sign_people_in_and_every_bad_one_is_refused() {
     let carol = rotated.token("es-2", &claims(&idp.url, "carol", &["shoal-admin"]));
     let (status, me) = whoami(&hub, &carol).await;
     assert_eq!((status, me["role"].as_str()), (200, Some("admin")), "{me}");
+}
+
+/// The dashboard's "Sign in with your organisation": the authorization code flow with PKCE in
+/// headless Chromium, against the test's issuer; the page then holds the person's ID token and
+/// shows their role. A sign-in page reached without a flow started in the tab refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_signs_in_at_the_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let es = Arc::new(Signer::es256());
+    let signer = es.clone();
+    let idp = issuer_with(move |url| code_flow(url, signer)).await;
+    idp.keys.lock().unwrap().push(es.jwk("es-1"));
+    let hub = Hub::start_on(
+        &dir.path().join("hub"),
+        free_port(),
+        free_port(),
+        &[
+            "--oidc-issuer",
+            &idp.url,
+            "--oidc-audience",
+            "shoal",
+            "--oidc-role-prefix",
+            "shoal-",
+        ],
+    )
+    .await;
+    let out = shoal_e2e::python_json(
+        "dashboard.py",
+        &[],
+        &json!({ "oidc": true, "hub": hub.http_url() }),
+    );
+    assert_eq!(out["who"], "oidc:dana · operator", "{out}");
+    assert_eq!(out["url"], format!("{}/", hub.http_url()), "{out}");
+    assert_eq!(out["console"], json!([]), "{out}");
+    assert!(
+        out["unstarted"]
+            .as_str()
+            .unwrap()
+            .contains("not started from this tab"),
+        "{out}"
+    );
 }

@@ -221,7 +221,8 @@ pub async fn device(plan: Plan, ctx: Arc<Ctx>) -> DeviceLog {
 }
 
 /// Sends samples a minute apart over the `span` before now, with readings that wander like a
-/// working machine's (a daily cycle and some noise), in batches; returns the last seq acked.
+/// working machine's (a daily cycle and some noise), in batches of at least 500; returns the
+/// last seq acked.
 async fn send_history(
     link: &mut crate::link::Link,
     template: &Sample,
@@ -234,7 +235,7 @@ async fn send_history(
     let mut seq = after_seq;
     let mut i = 0u64;
     while i < n {
-        let samples: Vec<Sample> = (i..(i + batch.max(1) as u64).min(n))
+        let samples: Vec<Sample> = (i..(i + batch.max(500) as u64).min(n))
             .map(|k| {
                 seq += 1;
                 let ts = now - ((n - k) * 60_000) as i64;
