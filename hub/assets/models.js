@@ -1,4 +1,6 @@
-// Models: what the hub serves and where (GET /api/v1/models/deployments), whether each model
+// Models: MLflow's registry as the hub sees it, each version with its run's metrics and the
+// dataset it trained on (GET /api/v1/models/registry); what the hub serves and where
+// (GET /api/v1/models/deployments), whether each model
 // file is in the provenance ledger and anchored on chain (GET /api/v1/provenance), the ledger's
 // entries with what they name (models, dataset manifests), and the anomaly alerts, which a
 // role allowed to (operator, admin) can acknowledge.
@@ -67,17 +69,81 @@ const alerts = new Table(
   { sortKey: "opened_ms", descending: true, caption: "Alerts" },
 );
 
+const registryNote = el("p", { class: "missing" });
+const registryBox = el("div", { id: "registry" });
+let deployedList = [];
+
+function metricsOf(v) {
+  const m = Object.entries(v.metrics);
+  if (!m.length) return missing();
+  return m.map(([k, x]) => el("div", {}, `${k} `, el("strong", {}, Number(x).toPrecision(4))));
+}
+
+function datasetOf(v) {
+  const uri = v.tags["shoal.dataset_uri"];
+  const sha = v.tags["shoal.dataset_sha256"];
+  if (!uri && !sha) return missing();
+  const rows = v.params.dataset_rows;
+  const files = v.params.dataset_files;
+  return el(
+    "div",
+    {},
+    uri ? el("div", {}, el("code", {}, uri)) : null,
+    sha ? el("div", {}, "manifest ", el("code", { title: sha }, sha.slice(0, 12))) : null,
+    rows ? el("div", {}, `${Number(rows).toLocaleString()} rows${files ? ` in ${files} files` : ""}`) : null,
+  );
+}
+
+function drawRegistry(r) {
+  if (!r.tracking_uri) {
+    registryNote.textContent = "This hub has no MLflow tracking server (--mlflow-tracking-uri), so no registry to show.";
+    registryBox.replaceChildren();
+    return;
+  }
+  registryNote.textContent = r.models.length ? `From ${r.tracking_uri}.` : `No model is registered in ${r.tracking_uri} yet.`;
+  registryBox.replaceChildren(
+    ...r.models.map((m) => {
+      const t = new Table(
+        [
+          { key: "version", label: "Version", num: true, sort: (v) => Number(v.version) },
+          { key: "status", label: "Status", cell: (v) => v.status.toLowerCase().replace(/_/g, " ") },
+          { key: "created_ms", label: "Registered", cell: (v) => when(v.created_ms) },
+          { key: "metrics", label: "Metrics", wrap: true, sort: null, cell: metricsOf },
+          { key: "dataset", label: "Trained on", wrap: true, sort: (v) => v.tags["shoal.dataset_uri"] ?? null, cell: datasetOf },
+          {
+            key: "deployed",
+            label: "Deployed",
+            sort: null,
+            cell: (v) => {
+              const d = deployedList.find((x) => x.name === m.name && x.version === v.version);
+              return d ? (d.to === "embedded" ? el("code", {}, `/v2/models/${d.name}`) : d.endpoint || d.to) : "no";
+            },
+          },
+        ],
+        { sortKey: "version", descending: true, caption: `Versions of ${m.name}` },
+      );
+      t.draw(t.sorted(m.versions));
+      t.onsort = () => t.draw(t.sorted(m.versions));
+      return el("section", { "data-model": m.name }, el("h3", {}, m.name), m.description ? el("p", {}, m.description) : null, el("div", { class: "scroll" }, t.table));
+    }),
+  );
+}
+
 const scoring = el("p", { class: "missing" });
 const chain = el("p");
 let lists = { deployments: [], entries: [], alerts: [] };
 
 async function refresh() {
-  const [d, l, a] = await Promise.all([
+  const [d, l, a, r] = await Promise.all([
     api("/api/v1/models/deployments"),
     api("/api/v1/provenance").catch((e) => ({ entries: [], chain: { intact: true }, unavailable: e.message })),
     api("/api/v1/alerts"),
+    api("/api/v1/models/registry").catch((e) => ({ tracking_uri: "the registry", models: [], error: e.message })),
   ]);
   ledger = l;
+  deployedList = d.deployments;
+  drawRegistry(r);
+  if (r.error) registryNote.replaceChildren(el("span", { class: "flag" }, r.error));
   lists = { deployments: d.deployments, entries: l.entries, alerts: a.alerts };
   deployments.draw(deployments.sorted(lists.deployments));
   entries.draw(entries.sorted(lists.entries));
@@ -104,6 +170,9 @@ every(10_000, async () => {
   await refresh();
   if (first) {
     show(
+      el("h2", {}, "Registered"),
+      registryNote,
+      registryBox,
       el("h2", {}, "Deployed"),
       scoring,
       el("div", { class: "scroll" }, deployments.table),

@@ -6,6 +6,7 @@
 //! answers 5xx; a 4xx is the caller's mistake and is not retried. Connections are not pooled,
 //! so each call stands alone and a restarted server is picked up at once.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -58,6 +59,34 @@ pub struct RunInfo {
     pub run_id: String,
     pub experiment_id: String,
     pub artifact_uri: String,
+}
+
+/// A registered model and its newest versions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisteredModel {
+    pub name: String,
+    pub description: String,
+    /// Newest first.
+    pub versions: Vec<ModelVersion>,
+}
+
+/// A version of a registered model, with what its training run recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelVersion {
+    pub version: String,
+    /// `READY`, `PENDING_REGISTRATION` or `FAILED_REGISTRATION`.
+    pub status: String,
+    pub created_ms: i64,
+    /// Where its files are (an artifact URI).
+    pub source: String,
+    /// The run that made it; empty when registered without one.
+    pub run_id: String,
+    /// The run's latest value of each metric.
+    pub metrics: BTreeMap<String, f64>,
+    /// The run's parameters.
+    pub params: BTreeMap<String, String>,
+    /// The run's tags that are Shoal's (`shoal.dataset_uri`, `shoal.dataset_sha256`, ...).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A metric point.
@@ -436,6 +465,94 @@ impl Mlflow {
             .as_str()
             .unwrap_or_default()
             .to_string())
+    }
+}
+
+impl Mlflow {
+    /// The registry: up to `models` registered models (by name), each with its newest
+    /// `versions` versions and what their runs recorded (metrics, parameters, Shoal's tags).
+    pub async fn registered_models(
+        &self,
+        models: usize,
+        versions: usize,
+    ) -> Result<Vec<RegisteredModel>, MlflowError> {
+        let found = self
+            .get(
+                "registered-models/search",
+                &[
+                    ("max_results", &models.to_string()),
+                    ("order_by", "name ASC"),
+                ],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for m in found["registered_models"].as_array().into_iter().flatten() {
+            let name = m["name"].as_str().unwrap_or_default().to_string();
+            let filter = format!("name='{}'", name.replace('\'', "\\'"));
+            let listed = self
+                .get(
+                    "model-versions/search",
+                    &[
+                        ("filter", filter.as_str()),
+                        ("max_results", "1000"),
+                        ("order_by", "version_number DESC"),
+                    ],
+                )
+                .await?;
+            let mut found: Vec<&Value> = listed["model_versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .collect();
+            // Newest first, whatever order the server kept.
+            found.sort_by_key(|v| {
+                std::cmp::Reverse(v["version"].as_str().and_then(|x| x.parse::<u64>().ok()))
+            });
+            let mut list = Vec::new();
+            for v in found.into_iter().take(versions) {
+                let run_id = v["run_id"].as_str().unwrap_or_default().to_string();
+                let run = if run_id.is_empty() {
+                    Value::Null
+                } else {
+                    self.get("runs/get", &[("run_id", run_id.as_str())]).await?
+                };
+                let pairs = |key: &str| -> BTreeMap<String, Value> {
+                    run["run"]["data"][key]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| Some((p["key"].as_str()?.to_string(), p["value"].clone())))
+                        .collect()
+                };
+                let text = |v: Value| v.as_str().map(str::to_string);
+                list.push(ModelVersion {
+                    version: v["version"].as_str().unwrap_or_default().to_string(),
+                    status: v["status"].as_str().unwrap_or_default().to_string(),
+                    created_ms: v["creation_timestamp"].as_i64().unwrap_or_default(),
+                    source: v["source"].as_str().unwrap_or_default().to_string(),
+                    run_id,
+                    metrics: pairs("metrics")
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+                        .collect(),
+                    params: pairs("params")
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k, text(v)?)))
+                        .collect(),
+                    tags: pairs("tags")
+                        .into_iter()
+                        .filter(|(k, _)| k.starts_with("shoal."))
+                        .filter_map(|(k, v)| Some((k, text(v)?)))
+                        .collect(),
+                });
+            }
+            out.push(RegisteredModel {
+                name,
+                description: m["description"].as_str().unwrap_or_default().to_string(),
+                versions: list,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -92,22 +92,27 @@ def cells(row):
     return [c.text for c in row.find_elements(By.TAG_NAME, "td")]
 
 
-def shot(name):
-    """The whole page, not only what the window shows."""
+def shot(name, tallest=4000):
+    """The whole page (up to `tallest` pixels), not only what the window shows."""
     if not req.get("shots"):
         return
     os.makedirs(req["shots"], exist_ok=True)
     size = d.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 4000), "scale": 1}
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], tallest), "scale": 1}
     png = d.execute_cdp_cmd("Page.captureScreenshot",
                             {"format": "png", "captureBeyondViewport": True, "clip": clip})
     with open(os.path.join(req["shots"], f"{name}.png"), "wb") as f:
         f.write(base64.b64decode(png["data"]))
 
 
+def signed_in_tab(token):
+    """Keeps `token` for this tab, as the sign-in form does, before any page asks the API."""
+    d.get(hub + "/ui/assets/icon.svg")
+    d.execute_script("sessionStorage.setItem('shoal.token', arguments[0])", token)
+
+
 if req.get("bench"):
-    d.get(hub + "/")
-    d.execute_script("sessionStorage.setItem('shoal.token', arguments[0])", req["token"])
+    signed_in_tab(req["token"])
     out = {"fleet_ms": [], "fleet_fetch_ms": [], "fleet_bytes": None, "device_7d_ms": [],
            "devices_shown": None, "chart_points": [], "step_7d": None}
     listing = ("const e = performance.getEntriesByType('resource')"
@@ -121,7 +126,7 @@ if req.get("bench"):
         out["fleet_fetch_ms"].append(took)
         out["fleet_bytes"] = size
         out["devices_shown"] = d.find_element(By.ID, "shown").text
-    shot("fleet")
+    shot("fleet", 1100)
     for _ in range(req.get("runs", 5)):
         d.get(f"{hub}/ui/devices/{req['chart_device']}?window=7d")
         ready("device", 60)
@@ -154,8 +159,7 @@ if req.get("oidc"):
 
 if req.get("watch"):
     # A browser left open on the Fleet page for `watch` seconds (it refreshes every 10 s).
-    d.get(hub + "/")
-    d.execute_script("sessionStorage.setItem('shoal.token', arguments[0])", req["token"])
+    signed_in_tab(req["token"])
     d.get(hub + "/")
     ready("fleet", 60)
     time.sleep(req["watch"])
@@ -275,7 +279,25 @@ try:
     WebDriverWait(d, 60).until(lambda x: x.find_element(By.ID, "log").get_attribute("data-state") == "done")
 except TimeoutException:
     pass
+downloaded = None
+if req.get("shots"):
+    # The artifact, downloaded through the page (with the token) into a folder of our own.
+    into = os.path.join(req["shots"], "downloads")
+    os.makedirs(into, exist_ok=True)
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": into})
+    target = os.path.join(into, "model.txt")
+    if os.path.exists(target):
+        os.remove(target)
+    d.find_element(By.XPATH, "//ul[@id='artifacts']//button[text()='model.txt']").click()
+    for _ in range(100):
+        if os.path.exists(target):
+            with open(target) as f:
+                downloaded = f.read()
+            if downloaded:
+                break
+        time.sleep(0.1)
 out["run"] = {
+    "downloaded": downloaded,
     "url": d.current_url,
     "log": d.find_element(By.ID, "log").text,
     "facts": d.find_element(By.CSS_SELECTOR, "#content dl").text,
@@ -287,7 +309,8 @@ shot("run")
 # Models.
 go(hub + "/ui/models")
 ready("models")
-out["models"] = {"text": d.find_element(By.ID, "content").text, "console": console()}
+out["models"] = {"text": d.find_element(By.ID, "content").text,
+                 "registry": d.find_element(By.ID, "registry").text, "console": console()}
 shot("models")
 
 # Dark: the user's preference is followed.

@@ -9,7 +9,63 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_e2e::{Hub, agent_with, free_port, python_json, wait_until, which};
+use shoal_e2e::{
+    Hub, MlflowServer, agent_with, free_port, pi_model, python_json, shoal_cli, wait_until, which,
+};
+use shoal_ml::mlflow::{Metric, Mlflow};
+
+/// Registers version 1 of `shoal-anomaly` in MLflow as a training run does: a run with
+/// Shoal's dataset tags, parameters and metrics, the ONNX file under `model/`.
+async fn register(mlflow: &str) {
+    let c = Mlflow::new(mlflow).unwrap();
+    let experiment = c.experiment("fleet-anomaly").await.unwrap();
+    let tags = [
+        ("shoal.dataset_uri", "s3://datasets/fleet-2026-11"),
+        (
+            "shoal.dataset_sha256",
+            "4be1c3a0d9f2e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3",
+        ),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let run = c
+        .create_run(&experiment, "train-nightly", &tags)
+        .await
+        .unwrap();
+    let params = [
+        ("target", "temperature_celsius"),
+        ("dataset_rows", "86400"),
+        ("dataset_files", "24"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let metric = |key: &str, value: f64| Metric {
+        key: key.into(),
+        value,
+        step: 0,
+        timestamp_ms: 1_796_000_000_000,
+    };
+    c.log_batch(
+        &run.run_id,
+        &params,
+        &[metric("holdout_rmse", 0.412), metric("holdout_r2", 0.931)],
+        &[],
+    )
+    .await
+    .unwrap();
+    c.upload(
+        &run,
+        "model/model.onnx",
+        shoal_ml::onnx::export(&pi_model(38.0), &[]),
+    )
+    .await
+    .unwrap();
+    c.end_run(&run.run_id, "FINISHED").await.unwrap();
+    let source = format!("{}/model", run.artifact_uri);
+    let version = c
+        .register("shoal-anomaly", &source, &run.run_id, &[])
+        .await
+        .unwrap();
+    assert_eq!(version, "1");
+}
 
 const JOB: &str = r#"apiVersion: batch/v1
 kind: CronJob
@@ -72,15 +128,33 @@ async fn the_dashboard_in_a_real_browser() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
+    let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
+    register(&mlflow.url()).await;
     let mqtt = free_port();
     let mqtt_addr = format!("127.0.0.1:{mqtt}");
     let hub = Hub::start_on(
         &dir.path().join("hub"),
         free_port(),
         free_port(),
-        &["--mqtt-listen", &mqtt_addr],
+        &[
+            "--mqtt-listen",
+            &mqtt_addr,
+            "--mlflow-tracking-uri",
+            &mlflow.url(),
+        ],
     )
     .await;
+    // The registry's newest version, deployed: the Models page shows both, joined.
+    let (ok, _, err) = shoal_cli(&hub, &["models", "deploy", "shoal-anomaly"]);
+    assert!(ok, "{err}");
+    // The CLI reads the same registry the page does.
+    let (ok, registered, err) = shoal_cli(&hub, &["models", "registry"]);
+    assert!(ok, "{err}");
+    assert!(
+        registered.contains("holdout_rmse=0.41")
+            && registered.contains("s3://datasets/fleet-2026-11"),
+        "{registered}"
+    );
     let mut agents = Vec::new();
     for (id, site) in [("edge-lab-1", "lab"), ("edge-field-2", "field")] {
         agents.push(agent_with(
@@ -315,12 +389,27 @@ async fn the_dashboard_in_a_real_browser() {
         "{}",
         o["run"]
     );
-    assert!(
-        o["models"]["text"]
-            .as_str()
-            .unwrap()
-            .contains("No model is deployed")
+    assert_eq!(
+        o["run"]["downloaded"], "weights\n",
+        "the artifact, downloaded through the page: {}",
+        o["run"]
     );
+    let registry = o["models"]["registry"].as_str().unwrap();
+    for shown in [
+        "shoal-anomaly",
+        "holdout_rmse 0.4120",
+        "s3://datasets/fleet-2026-11",
+        "manifest 4be1c3a0d9f2",
+        "86,400 rows in 24 files",
+        "/v2/models/shoal-anomaly",
+    ] {
+        assert!(
+            registry.contains(shown),
+            "the registry shows {shown:?}: {registry}"
+        );
+    }
+    let models = o["models"]["text"].as_str().unwrap();
+    assert!(models.contains("not in the ledger"), "{models}");
 
     // Dark and light, a phone's width, and a viewer's narrower page.
     assert_eq!(o["dark_background"], "rgb(15, 20, 25)");

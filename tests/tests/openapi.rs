@@ -52,6 +52,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/identities"),
     ("post", "/api/v1/devices/{id}/revoke"),
     ("get", "/api/v1/models/deployments"),
+    ("get", "/api/v1/models/registry"),
     ("post", "/api/v1/models/deployments"),
     ("delete", "/api/v1/models/deployments/{name}"),
     ("post", "/api/v1/models/seldon"),
@@ -793,6 +794,11 @@ async fn the_openapi_document_is_valid_complete_and_true_to_real_answers() {
             200,
         )
         .await;
+    // Without a tracking server, the registry is empty (the real one: tests/tests/dashboard.rs).
+    let registry = r
+        .get("/api/v1/models/registry", "/api/v1/models/registry", 200)
+        .await;
+    assert_eq!(registry["tracking_uri"], Value::Null, "{registry}");
     assert_eq!(listed["deployments"][0]["version"], "1", "{listed}");
     let seldon =
         json!({ "model": "shoal-anomaly", "source": model_dir, "storage": "/tmp/x" }).to_string();

@@ -1,4 +1,5 @@
-//! Models and alerts: deployments (`/api/v1/models/deployments`, scientist to change), the
+//! Models and alerts: MLflow's registry as the hub sees it (`/api/v1/models/registry`),
+//! deployments (`/api/v1/models/deployments`, scientist to change), the
 //! alerts on anomaly scores (`/api/v1/alerts`, operator to acknowledge), and the embedded
 //! Open Inference Protocol server at `/v2` (any role), behind the same tokens.
 
@@ -24,6 +25,7 @@ use crate::models::{DeployError, DeployRequest, Deployment, SeldonDeployed, Seld
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::default()
         .routes(routes!(list_deployments, deploy))
+        .routes(routes!(registry))
         .routes(routes!(undeploy))
         .routes(routes!(deploy_seldon))
         .routes(routes!(list_alerts))
@@ -75,6 +77,95 @@ async fn list_deployments(State(s): State<AppState>) -> Json<DeploymentList> {
         deployments: s.models.list(),
         scoring_model: s.models.scoring_model.clone(),
     })
+}
+
+/// `GET /api/v1/models/registry`.
+#[derive(Serialize, ToSchema)]
+pub struct Registry {
+    /// The hub's MLflow tracking server (`--mlflow-tracking-uri`); `null` without one, and then
+    /// `models` is empty.
+    #[schema(required)]
+    pub tracking_uri: Option<String>,
+    /// By name; each with its newest versions (at most 10).
+    pub models: Vec<RegisteredModel>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RegisteredModel {
+    pub name: String,
+    pub description: String,
+    /// Newest first.
+    pub versions: Vec<RegisteredVersion>,
+}
+
+/// A registered version and what its training run recorded.
+#[derive(Serialize, ToSchema)]
+pub struct RegisteredVersion {
+    pub version: String,
+    /// MLflow's status: `READY`, `PENDING_REGISTRATION` or `FAILED_REGISTRATION`.
+    pub status: String,
+    pub created_ms: i64,
+    /// Where its files are (an artifact URI).
+    pub source: String,
+    /// The MLflow run that made it ("" when registered without one).
+    pub run_id: String,
+    /// The run's latest value of each metric (e.g. `holdout_rmse`).
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// The run's parameters (features, target, `dataset_rows`, ...).
+    pub params: std::collections::BTreeMap<String, String>,
+    /// The run's Shoal tags: the dataset it trained on (`shoal.dataset_uri`, and
+    /// `shoal.dataset_sha256`, its manifest's digest), the job and run that trained it.
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// MLflow's model registry as the hub's tracking server has it: registered models, their
+/// newest versions, and each version's run metrics, parameters and training dataset.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models/registry",
+    tag = "models",
+    security(("token" = ["viewer"])),
+    responses(
+        (status = 200, description = "The registry (empty without a tracking server)", body = Registry),
+        (status = 502, description = "The tracking server could not be read", body = ErrorBody),
+    ),
+)]
+async fn registry(State(s): State<AppState>) -> Result<Json<Registry>, ApiError> {
+    let tracking_uri = s.models.tracking_uri().map(str::to_string);
+    let models = match s.models.registry().await {
+        None => Vec::new(),
+        Some(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("MLflow's registry could not be read: {e}"),
+            ));
+        }
+        Some(Ok(models)) => models
+            .into_iter()
+            .map(|m| RegisteredModel {
+                name: m.name,
+                description: m.description,
+                versions: m
+                    .versions
+                    .into_iter()
+                    .map(|v| RegisteredVersion {
+                        version: v.version,
+                        status: v.status,
+                        created_ms: v.created_ms,
+                        source: v.source,
+                        run_id: v.run_id,
+                        metrics: v.metrics,
+                        params: v.params,
+                        tags: v.tags,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    Ok(Json(Registry {
+        tracking_uri,
+        models,
+    }))
 }
 
 /// Deploys a model: fetched from its source (MLflow's registry by default), checked by

@@ -41,6 +41,9 @@ pub enum ModelsCommand {
     },
     /// Deployed models and the one that scores telemetry. [role: viewer]
     List,
+    /// MLflow's registry as the hub's tracking server has it: each model's newest versions,
+    /// their runs' metrics and the dataset each trained on. [role: viewer]
+    Registry,
     /// One deployed model: where it runs, its file's digest, and its provenance (the ledger
     /// entry whose signed statement names its model.onnx, and where that stands on chain:
     /// pending, confirming or anchored). [role: viewer]
@@ -296,6 +299,61 @@ impl ModelsCommand {
                         str_of(&d["sha256"])
                     )
                 })
+            }
+            ModelsCommand::Registry => {
+                let v = client.get("/api/v1/models/registry", &[]).await?;
+                if output == Output::Json {
+                    return Ok(pretty(&v));
+                }
+                if v["tracking_uri"].is_null() {
+                    return Ok(
+                        "this hub has no MLflow tracking server (shoal serve --mlflow-tracking-uri)\n"
+                            .into(),
+                    );
+                }
+                let mut rows = Vec::new();
+                for m in list(&v["models"]) {
+                    for ver in list(&m["versions"]) {
+                        let metrics: Vec<String> = ver["metrics"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(k, x)| format!("{k}={}", num(x)))
+                            .collect();
+                        let tags = &ver["tags"];
+                        rows.push(vec![
+                            str_of(&m["name"]),
+                            str_of(&ver["version"]),
+                            str_of(&ver["status"]),
+                            if metrics.is_empty() {
+                                "-".into()
+                            } else {
+                                metrics.join(" ")
+                            },
+                            tags["shoal.dataset_uri"]
+                                .as_str()
+                                .map_or_else(|| "-".into(), str::to_string),
+                            time_of(&ver["created_ms"]),
+                        ]);
+                    }
+                }
+                if rows.is_empty() {
+                    return Ok(format!(
+                        "no model is registered in {} yet\n",
+                        str_of(&v["tracking_uri"])
+                    ));
+                }
+                Ok(table(
+                    &[
+                        "MODEL",
+                        "VERSION",
+                        "STATUS",
+                        "METRICS",
+                        "DATASET",
+                        "REGISTERED",
+                    ],
+                    &rows,
+                ))
             }
             ModelsCommand::List => {
                 let v = client.get("/api/v1/models/deployments", &[]).await?;

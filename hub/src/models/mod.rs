@@ -102,6 +102,11 @@ pub enum DeployError {
     Policy(String),
 }
 
+/// At most this many registered models, each with its newest this many versions, in the
+/// registry's listing.
+const REGISTRY_MODELS: usize = 100;
+const REGISTRY_VERSIONS: usize = 10;
+
 /// The deployed models and the embedded server's repository.
 pub struct Models {
     store: Store,
@@ -198,6 +203,28 @@ impl Models {
             cluster,
             policy,
         })
+    }
+
+    /// The hub's MLflow tracking server, if it has one.
+    pub fn tracking_uri(&self) -> Option<&str> {
+        self.mlflow.as_deref()
+    }
+
+    /// MLflow's registry: the registered models with their newest versions and what each
+    /// version's run recorded; `None` without a tracking server.
+    pub async fn registry(
+        &self,
+    ) -> Option<Result<Vec<shoal_ml::mlflow::RegisteredModel>, shoal_ml::mlflow::MlflowError>> {
+        let uri = self.mlflow.as_deref()?;
+        let client = match shoal_ml::mlflow::Mlflow::new(uri) {
+            Ok(c) => c.with_retries(1, std::time::Duration::ZERO),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            client
+                .registered_models(REGISTRY_MODELS, REGISTRY_VERSIONS)
+                .await,
+        )
     }
 
     pub fn list(&self) -> Vec<Deployment> {
