@@ -44,7 +44,7 @@ const table = new Table(
     { key: "device_id", label: "Device", cell: (d) => el("a", { href: `/ui/devices/${encodeURIComponent(d.device_id)}` }, d.device_id) },
     { key: "status", label: "Status", sort: (d) => STATUSES.indexOf(d.status), cell: (d) => badge(d.status) },
     { key: "last_seen_ms", label: "Last seen", num: true, sort: (d) => -d.last_seen_ms, cell: (d) => ago(d.last_seen_ms, now) },
-    { key: "arch", label: "Arch" },
+    { key: "arch", label: "Arch", cell: (d) => d.arch || missing() },
     { key: "hardware_model", label: "Board", cell: (d) => d.hardware_model || missing() },
     { key: "agent_version", label: "Agent", cell: (d) => d.agent_version || missing() },
     {

@@ -121,12 +121,17 @@ pub fn router<S: Clone + Send + Sync + 'static>(config: Config) -> Router<S> {
         .route("/ui/models", get(models))
         .route("/ui/signed-in", get(signed_in))
         .route("/ui/assets/{name}", get(asset))
+        // Asked for by browsers on their own (a JSON answer opened in a tab, for one).
+        .route(
+            "/favicon.ico",
+            get(|headers: HeaderMap| asset(Path("icon.svg".to_string()), headers)),
+        )
         .with_state(config)
 }
 
 /// Whether `route` (a matched route template) is one of the dashboard's.
 pub fn is_dashboard(route: &str) -> bool {
-    route == "/" || route.starts_with("/ui/")
+    route == "/" || route == "/favicon.ico" || route.starts_with("/ui/")
 }
 
 async fn fleet(State(c): State<Arc<Config>>) -> Response {

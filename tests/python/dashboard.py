@@ -98,7 +98,10 @@ def shot(name, tallest=4000):
         return
     os.makedirs(req["shots"], exist_ok=True)
     size = d.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], tallest), "scale": 1}
+    # The capture lays the page out without a scroll bar: as wide as the window, not as the
+    # content area beside the bar.
+    width = max(size["width"], d.execute_script("return window.innerWidth"))
+    clip = {"x": 0, "y": 0, "width": width, "height": min(size["height"], tallest), "scale": 1}
     png = d.execute_cdp_cmd("Page.captureScreenshot",
                             {"format": "png", "captureBeyondViewport": True, "clip": clip})
     with open(os.path.join(req["shots"], f"{name}.png"), "wb") as f:

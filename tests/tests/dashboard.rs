@@ -226,6 +226,14 @@ async fn the_dashboard_in_a_real_browser() {
             .unwrap()
             .contains("<title>Fleet · Shoal</title>")
     );
+    let icon = reqwest::get(format!("{url}/favicon.ico")).await.unwrap();
+    assert_eq!(
+        (
+            icon.status().as_u16(),
+            icon.headers()["content-type"].to_str().unwrap()
+        ),
+        (200, "image/svg+xml")
+    );
     let api = reqwest::get(format!("{url}/api/v1/devices")).await.unwrap();
     assert_eq!(api.status(), 401);
 
@@ -449,7 +457,7 @@ async fn the_dashboard_in_a_real_browser() {
             .strip_prefix(&url)
             .unwrap_or_else(|| panic!("a request elsewhere: {r}"));
         let path = path.split('?').next().unwrap();
-        if path == "/" || path.starts_with("/ui/") {
+        if path == "/" || path == "/favicon.ico" || path.starts_with("/ui/") {
             continue;
         }
         assert!(

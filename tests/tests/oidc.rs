@@ -163,6 +163,24 @@ fn code_flow(url: &str, signer: Arc<Signer>) -> axum::Router {
         )
 }
 
+/// A hub that takes the issuer's JWTs for audience `shoal`, roles prefixed `shoal-`.
+async fn hub_trusting(dir: &Path, idp: &Issuer) -> Hub {
+    Hub::start_on(
+        &dir.join("hub"),
+        free_port(),
+        free_port(),
+        &[
+            "--oidc-issuer",
+            &idp.url,
+            "--oidc-audience",
+            "shoal",
+            "--oidc-role-prefix",
+            "shoal-",
+        ],
+    )
+    .await
+}
+
 enum Signer {
     Es(EcdsaKeyPair),
     Rs(RsaKeyPair),
@@ -294,20 +312,7 @@ async fn jwts_from_the_issuer_sign_people_in_and_every_bad_one_is_refused() {
         .lock()
         .unwrap()
         .extend([es.jwk("es-1"), rs.jwk("rs-1")]);
-    let hub = Hub::start_on(
-        &dir.path().join("hub"),
-        free_port(),
-        free_port(),
-        &[
-            "--oidc-issuer",
-            &idp.url,
-            "--oidc-audience",
-            "shoal",
-            "--oidc-role-prefix",
-            "shoal-",
-        ],
-    )
-    .await;
+    let hub = hub_trusting(dir.path(), &idp).await;
 
     // Good tokens, either algorithm; the role comes from the claim.
     let alice = es.token(
@@ -423,20 +428,7 @@ async fn the_dashboard_signs_in_at_the_issuer() {
     let signer = es.clone();
     let idp = issuer_with(move |url| code_flow(url, signer)).await;
     idp.keys.lock().unwrap().push(es.jwk("es-1"));
-    let hub = Hub::start_on(
-        &dir.path().join("hub"),
-        free_port(),
-        free_port(),
-        &[
-            "--oidc-issuer",
-            &idp.url,
-            "--oidc-audience",
-            "shoal",
-            "--oidc-role-prefix",
-            "shoal-",
-        ],
-    )
-    .await;
+    let hub = hub_trusting(dir.path(), &idp).await;
     let out = shoal_e2e::python_json(
         "dashboard.py",
         &[],
