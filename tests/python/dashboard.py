@@ -308,6 +308,10 @@ out["run"] = {
     "console": console(),
 }
 shot("run")
+go(hub + "/ui/jobs")
+ready("jobs")
+WebDriverWait(d, 10).until(lambda x: "succeeded" in x.find_element(By.ID, "content").text)
+shot("jobs")  # again, with the run in it
 
 # Models.
 go(hub + "/ui/models")
