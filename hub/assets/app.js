@@ -243,12 +243,25 @@ export function show(...nodes) {
  */
 export function every(ms, f) {
   let timer = null;
+  let busy = false;
+  let again = false;
   const run = async () => {
     clearTimeout(timer);
+    if (busy) {
+      again = true; // one loop only: run once more when this run ends
+      return;
+    }
+    busy = true;
     try {
       await f();
     } catch (e) {
       if (!(e instanceof ApiError && e.status === 401)) notice(e.message, true);
+    }
+    busy = false;
+    clearTimeout(timer);
+    if (again) {
+      again = false;
+      return run();
     }
     if (!document.hidden) timer = setTimeout(run, ms);
   };

@@ -90,7 +90,8 @@ function remember() {
 function matches(d) {
   if (state.status && d.status !== state.status) return false;
   if (state.label) {
-    const [k, v] = state.label.split("=");
+    const at = state.label.indexOf("=");
+    const [k, v] = [state.label.slice(0, at), state.label.slice(at + 1)];
     if ((d.labels || {})[k] !== v) return false;
   }
   if (state.q) {

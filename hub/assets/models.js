@@ -11,11 +11,11 @@ let ledger = { entries: [], chain: { intact: true } };
 let canAck = false;
 
 function provenanceOf(sha) {
-  const hit = ledger.entries.find((e) => e.entry.subjects.some((s) => s.sha256 === sha));
+  const hit = ledger.entries.find((e) => e.subjects.some((s) => s.sha256 === sha));
   if (!hit) return el("span", { class: "flag" }, "not in the ledger");
   const a = hit.anchor;
   const anchored = !a ? "not anchored" : a.state === "anchored" ? `anchored${a.anchor?.block_number ? ` in block ${a.anchor.block_number}` : ""}` : a.state;
-  return `entry #${hit.entry.index} · ${anchored}`;
+  return `entry #${hit.index} · ${anchored}`;
 }
 
 const deployments = new Table(
@@ -23,24 +23,24 @@ const deployments = new Table(
     { key: "name", label: "Model" },
     { key: "version", label: "Version" },
     { key: "to", label: "Served", cell: (d) => (d.to === "embedded" ? el("code", {}, `/v2/models/${d.name}`) : d.endpoint || d.to) },
+    { key: "provenance", label: "Provenance", sort: null, cell: (d) => provenanceOf(d.sha256) },
     { key: "target", label: "Predicts", cell: (d) => d.target || missing() },
     { key: "features", label: "Reads", wrap: true, sort: (d) => d.features.length, cell: (d) => (d.features.length ? d.features.join(", ") : missing()) },
     { key: "threshold", label: "Alert above", num: true, cell: (d) => num(d.threshold, 2) },
     { key: "deployed_ms", label: "Deployed", cell: (d) => when(d.deployed_ms) },
     { key: "deployed_by", label: "By" },
     { key: "sha256", label: "File SHA-256", cell: (d) => el("code", { title: d.sha256 }, d.sha256.slice(0, 12)) },
-    { key: "provenance", label: "Provenance", sort: null, cell: (d) => provenanceOf(d.sha256) },
   ],
   { caption: "Deployed models" },
 );
 
 const entries = new Table(
   [
-    { key: "index", label: "#", num: true, sort: (e) => e.entry.index, cell: (e) => String(e.entry.index) },
-    { key: "time", label: "Recorded", sort: (e) => e.entry.time_ms, cell: (e) => when(e.entry.time_ms) },
-    { key: "subjects", label: "Subjects", wrap: true, sort: (e) => e.entry.subjects.map((s) => s.name).join(","), cell: (e) => e.entry.subjects.map((s) => el("div", {}, s.name, " ", el("code", { title: s.sha256 }, s.sha256.slice(0, 12)))) },
-    { key: "key", label: "Signed by key", sort: (e) => e.entry.key_id, cell: (e) => el("code", {}, e.entry.key_id) },
-    { key: "by", label: "Recorded by", sort: (e) => e.entry.by, cell: (e) => e.entry.by },
+    { key: "index", label: "#", num: true, cell: (e) => String(e.index) },
+    { key: "time_ms", label: "Recorded", cell: (e) => when(e.time_ms) },
+    { key: "subjects", label: "Subjects", wrap: true, sort: (e) => e.subjects.map((s) => s.name).join(","), cell: (e) => e.subjects.map((s) => el("div", {}, s.name, " ", el("code", { title: s.sha256 }, s.sha256.slice(0, 12)))) },
+    { key: "key_id", label: "Signed by key", cell: (e) => el("code", {}, e.key_id) },
+    { key: "by", label: "Recorded by" },
     { key: "anchor", label: "On chain", sort: (e) => e.anchor?.state ?? null, cell: (e) => (e.anchor ? `${e.anchor.state}${e.anchor.anchor?.block_number ? ` (block ${e.anchor.anchor.block_number})` : ""}` : missing()) },
   ],
   { sortKey: "index", descending: true, caption: "Provenance ledger" },
@@ -155,7 +155,7 @@ async function refresh() {
     l.unavailable
       ? el("span", { class: "missing" }, l.unavailable)
       : l.chain.intact
-        ? `The ledger's ${l.entries.length} entries follow one from another (checked now).`
+        ? `The ledger holds ${l.entries.length} ${l.entries.length === 1 ? "entry" : "entries"}, each following from the one before (checked now).`
         : el("span", { class: "flag" }, `The ledger is broken at entry ${l.chain.broken_at}: ${l.chain.reason}`),
   );
 }

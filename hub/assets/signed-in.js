@@ -64,7 +64,9 @@ async function finish() {
   const token = tokens.id_token || tokens.access_token;
   if (!r.ok || !token) return say(`The issuer gave no token: ${tokens.error_description || tokens.error || r.status}`);
   sessionStorage.setItem("shoal.token", token);
-  location.replace(flow.back || "/");
+  // Back to a page of this hub only.
+  const back = typeof flow.back === "string" && flow.back.startsWith("/") && !flow.back.startsWith("//") ? flow.back : "/";
+  location.replace(back);
 }
 
 if (location.pathname === "/ui/signed-in") finish().catch((e) => (document.getElementById("content").textContent = e.message));

@@ -514,7 +514,12 @@ impl Mlflow {
                 let run = if run_id.is_empty() {
                     Value::Null
                 } else {
-                    self.get("runs/get", &[("run_id", run_id.as_str())]).await?
+                    match self.get("runs/get", &[("run_id", run_id.as_str())]).await {
+                        Ok(run) => run,
+                        // Its run was deleted (`mlflow gc`): the version stands without it.
+                        Err(e) if e.code() == Some("RESOURCE_DOES_NOT_EXIST") => Value::Null,
+                        Err(e) => return Err(e),
+                    }
                 };
                 let pairs = |key: &str| -> BTreeMap<String, Value> {
                     run["run"]["data"][key]

@@ -23,7 +23,7 @@ import sys
 import time
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -88,8 +88,10 @@ def sign_in(token):
     wait.until(EC.invisibility_of_element(dialog))
 
 
-def cells(row):
-    return [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+def click(xpath):
+    """Clicks what `xpath` finds, finding it again when a refresh replaced it meanwhile."""
+    WebDriverWait(d, 10, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda x: x.find_element(By.XPATH, xpath).click() or True)
 
 
 def shot(name, tallest=4000):
@@ -188,13 +190,13 @@ console()  # the signed-out requests' 401s are expected
 go(hub + "/")
 ready("fleet")
 want = set(req["devices"])
+# The table redraws every 10 s: read it in one go, in the page, not cell by cell.
+ROWS = ("return [...document.querySelectorAll('#content tbody tr')]"
+        ".map(r => [...r.querySelectorAll('td')].map(c => c.innerText))")
 WebDriverWait(d, 30).until(
-    lambda x: want <= {r.text.split("\n")[0] for r in x.find_elements(By.CSS_SELECTOR, "#content tbody tr td:first-child")},
+    lambda x: want <= {r[0] for r in x.execute_script(ROWS)},
     message="the fleet table never showed every device")
-rows = {}
-for r in d.find_elements(By.CSS_SELECTOR, "#content tbody tr"):
-    c = cells(r)
-    rows[c[0]] = c
+rows = {r[0]: r for r in d.execute_script(ROWS)}
 out["fleet"] = {
     "rows": rows,
     "headers": [h.text for h in d.find_elements(By.CSS_SELECTOR, "#content thead th")],
@@ -205,14 +207,14 @@ out["fleet"] = {
 # Search narrows the table; sorting by a column orders it.
 search = d.find_element(By.ID, "q")
 search.send_keys(req["chart_device"])
-WebDriverWait(d, 10).until(lambda x: len(x.find_elements(By.CSS_SELECTOR, "#content tbody tr")) == 1)
-out["fleet"]["searched"] = [cells(r)[0] for r in d.find_elements(By.CSS_SELECTOR, "#content tbody tr")]
+WebDriverWait(d, 10).until(lambda x: len(x.execute_script(ROWS)) == 1)
+out["fleet"]["searched"] = [r[0] for r in d.execute_script(ROWS)]
 search.send_keys(Keys.CONTROL, "a")
 search.send_keys(Keys.BACKSPACE)
-WebDriverWait(d, 10).until(lambda x: len(x.find_elements(By.CSS_SELECTOR, "#content tbody tr")) == len(rows))
-d.find_element(By.XPATH, "//th/button[text()='Device']").click()
-out["fleet"]["sorted_desc"] = [cells(r)[0] for r in d.find_elements(By.CSS_SELECTOR, "#content tbody tr")]
-d.find_element(By.XPATH, "//th/button[text()='Device']").click()
+WebDriverWait(d, 10).until(lambda x: len(x.execute_script(ROWS)) == len(rows))
+click("//th/button[text()='Device']")
+out["fleet"]["sorted_desc"] = [r[0] for r in d.execute_script(ROWS)]
+click("//th/button[text()='Device']")
 shot("fleet")
 
 # Keyboard: Tab from the top reaches the skip link first, then the navigation; "/" jumps to
@@ -235,7 +237,7 @@ out["keyboard"]["enter_sorts"] = d.find_element(By.XPATH, "//th[button[text()='C
 
 # Device: reached from its row; its charts have points.
 collect()
-d.find_element(By.LINK_TEXT, req["chart_device"]).click()
+click(f"//a[text()='{req['chart_device']}']")
 ready("device")
 WebDriverWait(d, 30).until(
     lambda x: any(int(f.get_attribute("data-points") or 0) > 0 for f in x.find_elements(By.CSS_SELECTOR, "figure.chart")),
@@ -254,7 +256,10 @@ for w in ("24h", "7d"):
     WebDriverWait(d, 30).until(lambda x: w in x.current_url)
     WebDriverWait(d, 30).until(
         lambda x: x.find_element(By.XPATH, f"//button[text()='Last {w}']").get_attribute("aria-pressed") == "true")
-time.sleep(1)
+WebDriverWait(d, 30).until(
+    lambda x: x.execute_script(
+        "return [...document.querySelectorAll('figure.chart')].some(f => Number(f.dataset.points) > 0)"),
+    message="the 7-day charts never drew")
 out["device"]["step_7d"] = d.find_element(By.ID, "charts").get_attribute("data-step")
 out["device"]["console_windows"] = console()
 
@@ -274,7 +279,7 @@ ready("jobs")
 out["jobs"] = {"jobs": d.find_element(By.CSS_SELECTOR, "#content table").text, "console": console()}
 shot("jobs")
 collect()
-d.find_element(By.CSS_SELECTOR, f"button[data-run='{req['job']}']").click()
+click(f"//button[@data-run='{req['job']}']")
 WebDriverWait(d, 30).until(lambda x: "/ui/runs/" in x.current_url, message="Run now did not open the run")
 ready("run")
 try:
@@ -317,7 +322,9 @@ shot("jobs")  # again, with the run in it
 go(hub + "/ui/models")
 ready("models")
 out["models"] = {"text": d.find_element(By.ID, "content").text,
-                 "registry": d.find_element(By.ID, "registry").text, "console": console()}
+                 "registry": d.find_element(By.ID, "registry").text,
+                 "ledger": d.find_element(By.XPATH, "//table[caption='Provenance ledger']").text,
+                 "console": console()}
 shot("models")
 
 # Dark: the user's preference is followed.

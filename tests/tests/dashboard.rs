@@ -13,6 +13,29 @@ use shoal_e2e::{
     Hub, MlflowServer, agent_with, free_port, pi_model, python_json, shoal_cli, wait_until, which,
 };
 use shoal_ml::mlflow::{Metric, Mlflow};
+use shoal_ml::provenance::{Build, SigningKey, statement};
+
+/// The signed statement (a DSSE envelope) over a folder holding the registered model's file.
+fn signed_statement(dir: &std::path::Path, key: &SigningKey) -> Value {
+    let folder = dir.join("signed-model");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("model.onnx"),
+        shoal_ml::onnx::export(&pi_model(38.0), &[]),
+    )
+    .unwrap();
+    let build = Build {
+        dataset_uri: "s3://datasets/fleet-2026-11",
+        dataset_sha256: "4be1c3a0d9f2e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3",
+        arguments: vec!["train".into()],
+        builder: "dashboard-test".into(),
+        run_id: None,
+        mlflow_run_id: None,
+        started: "2026-11-30T00:00:00Z".into(),
+        finished: "2026-11-30T00:00:01Z".into(),
+    };
+    serde_json::to_value(key.sign(&statement(&folder, &build).unwrap()).unwrap()).unwrap()
+}
 
 /// Registers version 1 of `shoal-anomaly` in MLflow as a training run does: a run with
 /// Shoal's dataset tags, parameters and metrics, the ONNX file under `model/`.
@@ -130,6 +153,9 @@ async fn the_dashboard_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
     let mlflow = MlflowServer::start(&dir.path().join("mlflow")).await;
     register(&mlflow.url()).await;
+    let (signing, _, public) = SigningKey::generate().unwrap();
+    let public_key = dir.path().join("signing.pub");
+    std::fs::write(&public_key, public).unwrap();
     let mqtt = free_port();
     let mqtt_addr = format!("127.0.0.1:{mqtt}");
     let hub = Hub::start_on(
@@ -141,12 +167,27 @@ async fn the_dashboard_in_a_real_browser() {
             &mqtt_addr,
             "--mlflow-tracking-uri",
             &mlflow.url(),
+            "--provenance-key",
+            public_key.to_str().unwrap(),
         ],
     )
     .await;
     // The registry's newest version, deployed: the Models page shows both, joined.
     let (ok, _, err) = shoal_cli(&hub, &["models", "deploy", "shoal-anomaly"]);
     assert!(ok, "{err}");
+    // Its signed statement in the ledger (no chain here: recorded, not anchored).
+    let recorded = hub
+        .client()
+        .post(format!("{}/api/v1/provenance", hub.http_url()))
+        .json(&signed_statement(dir.path(), &signing))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        recorded.status().is_success(),
+        "{:?}",
+        recorded.text().await
+    );
     // The CLI reads the same registry the page does.
     let (ok, registered, err) = shoal_cli(&hub, &["models", "registry"]);
     assert!(ok, "{err}");
@@ -169,7 +210,7 @@ async fn the_dashboard_in_a_real_browser() {
     // A device as the book's script sends it: a temperature and the 1-minute load only.
     let publish = which("mosquitto_pub")
         .expect("mosquitto_pub is not installed (tests/run installs mosquitto-clients)");
-    for (temp, load) in [(48312, "0.42"), (49000, "0.50")] {
+    let book = |temp: u32, load: &str| {
         let ok = Command::new(&publish)
             .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
             .args(["-i", "pi-book", "-t", "sensor/pi-book"])
@@ -181,7 +222,9 @@ async fn the_dashboard_in_a_real_browser() {
             .status()
             .expect("run mosquitto_pub");
         assert!(ok.success());
-    }
+    };
+    book(48312, "0.42");
+    book(49000, "0.50");
     wait_until(
         "three devices with samples",
         Duration::from_secs(30),
@@ -237,6 +280,8 @@ async fn the_dashboard_in_a_real_browser() {
     let api = reqwest::get(format!("{url}/api/v1/devices")).await.unwrap();
     assert_eq!(api.status(), 401);
 
+    // Once more, so that the JSON device is still online (60 s) however long the set-up took.
+    book(49000, "0.50");
     let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     let out = python_json(
         "dashboard.py",
@@ -417,7 +462,19 @@ async fn the_dashboard_in_a_real_browser() {
         );
     }
     let models = o["models"]["text"].as_str().unwrap();
-    assert!(models.contains("not in the ledger"), "{models}");
+    assert!(models.contains("entry #1 · not anchored"), "{models}");
+    assert!(
+        models.contains("The ledger holds 1 entry, each following from the one before"),
+        "{models}"
+    );
+    assert!(
+        o["models"]["ledger"]
+            .as_str()
+            .unwrap()
+            .contains("model.onnx"),
+        "{}",
+        o["models"]
+    );
 
     // Dark and light, a phone's width, and a viewer's narrower page.
     assert_eq!(o["dark_background"], "rgb(15, 20, 25)");

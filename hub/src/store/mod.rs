@@ -249,9 +249,16 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let (max_seq, latest) = match read_samples(&txn, key)? {
                 Some(samples) => match samples.last()? {
+                    // A newest sample that does not decode leaves the brief empty until the
+                    // next one arrives; it does not keep the hub from starting.
                     Some((k, v)) => (
                         k.value(),
-                        Some(readings::Readings::of(&self.decode(v.value())?)),
+                        self.decode(v.value())
+                            .inspect_err(|e| {
+                                tracing::warn!(key, error = %e, "cannot read a device's newest sample")
+                            })
+                            .ok()
+                            .map(|s| readings::Readings::of(&s)),
                     ),
                     None => (0, None),
                 },
