@@ -167,53 +167,71 @@ pub fn check_batch(samples: Vec<Sample>, now_ms: i64, max_skew: Duration) -> Che
     let mut out = Checked::default();
     let limit = now_ms.saturating_add(max_skew.as_millis() as i64);
     let mut prev = 0u64;
-    let mut newest = None;
-    for s in samples {
-        let seq = s.seq;
-        out.up_to_seq = out.up_to_seq.max(seq);
-        let problem = if seq == 0 {
-            Some((
-                SampleReject::BadSeq,
-                "seq 0 is not valid; seqs start at 1".to_string(),
-            ))
-        } else if seq <= prev {
-            Some((
-                SampleReject::BadSeq,
-                format!("seq {seq} does not rise above {prev} earlier in the batch"),
-            ))
-        } else if s.timestamp_ms <= 0 {
-            Some((
-                SampleReject::MissingTimestamp,
-                format!("seq {seq} has no timestamp"),
-            ))
-        } else if s.timestamp_ms > limit {
-            let ahead = Duration::from_millis((s.timestamp_ms - now_ms) as u64);
-            Some((
-                SampleReject::FutureTimestamp,
-                format!(
-                    "seq {seq}: timestamp {} is {} ahead of the hub's clock (at most {} allowed); check the device clock (NTP)",
-                    fmt_ms(s.timestamp_ms),
-                    humantime::format_duration(Duration::from_secs(ahead.as_secs())),
-                    humantime::format_duration(max_skew)
-                ),
-            ))
-        } else {
-            None
-        };
-        prev = prev.max(seq);
+    let problems: Vec<_> = samples
+        .iter()
+        .map(|s| {
+            let seq = s.seq;
+            out.up_to_seq = out.up_to_seq.max(seq);
+            let problem = problem(s, prev, now_ms, limit, max_skew);
+            prev = prev.max(seq);
+            problem
+        })
+        .collect();
+    // The fleet table's brief of the device comes from its newest good sample, read once.
+    let newest = problems.iter().rposition(Option::is_none);
+    for (i, (s, problem)) in samples.into_iter().zip(problems).enumerate() {
         match problem {
-            Some((why, reason)) => out.rejected.push((seq, why, reason)),
+            Some((why, reason)) => out.rejected.push((s.seq, why, reason)),
             None => {
-                newest = Some(Readings::of(&s));
-                out.rows.push(Row::new(s));
+                let readings = (Some(i) == newest).then(|| Box::new(Readings::of(&s)));
+                let mut row = Row::new(s);
+                row.readings = readings;
+                out.rows.push(row);
             }
         }
     }
-    // The fleet table's brief of the device comes from its newest good sample.
-    if let (Some(row), Some(r)) = (out.rows.last_mut(), newest) {
-        row.readings = Some(Box::new(r));
-    }
     out
+}
+
+/// Why sample `s` is refused, if it is: `prev` is the highest seq before it in the batch,
+/// `limit` the latest timestamp taken.
+fn problem(
+    s: &Sample,
+    prev: u64,
+    now_ms: i64,
+    limit: i64,
+    max_skew: Duration,
+) -> Option<(SampleReject, String)> {
+    let seq = s.seq;
+    if seq == 0 {
+        Some((
+            SampleReject::BadSeq,
+            "seq 0 is not valid; seqs start at 1".to_string(),
+        ))
+    } else if seq <= prev {
+        Some((
+            SampleReject::BadSeq,
+            format!("seq {seq} does not rise above {prev} earlier in the batch"),
+        ))
+    } else if s.timestamp_ms <= 0 {
+        Some((
+            SampleReject::MissingTimestamp,
+            format!("seq {seq} has no timestamp"),
+        ))
+    } else if s.timestamp_ms > limit {
+        let ahead = Duration::from_millis((s.timestamp_ms - now_ms) as u64);
+        Some((
+            SampleReject::FutureTimestamp,
+            format!(
+                "seq {seq}: timestamp {} is {} ahead of the hub's clock (at most {} allowed); check the device clock (NTP)",
+                fmt_ms(s.timestamp_ms),
+                humantime::format_duration(Duration::from_secs(ahead.as_secs())),
+                humantime::format_duration(max_skew)
+            ),
+        ))
+    } else {
+        None
+    }
 }
 
 fn fmt_ms(ms: i64) -> String {
@@ -230,6 +248,23 @@ mod tests {
             timestamp_ms: ts,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_the_newest_good_sample_is_briefed_for_the_fleet_table() {
+        // The batch's last sample is refused (seq 0): the brief is the one before it.
+        let c = check_batch(
+            vec![sample(1, 10), sample(2, 20), sample(0, 30)],
+            1_000,
+            Duration::from_secs(60),
+        );
+        let briefed: Vec<Option<i64>> = c
+            .rows
+            .iter()
+            .map(|r| r.readings.as_ref().map(|b| b.timestamp_ms))
+            .collect();
+        assert_eq!(briefed, [None, Some(20)]);
+        assert_eq!(c.rejected.len(), 1);
     }
 
     #[test]
