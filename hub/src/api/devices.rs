@@ -147,11 +147,9 @@ async fn show_device(
     let d = device(&s, &id)?;
     let key = d.key;
     let store = s.store.clone();
-    let (latest_sample, stored) = tokio::task::spawn_blocking(move || {
-        Ok::<_, StoreError>((store.latest(key)?, store.stored_range(key)?))
-    })
-    .await
-    .expect("read task")?;
+    let (latest_sample, stored) = tokio::task::spawn_blocking(move || store.newest_and_stored(key))
+        .await
+        .expect("read task")?;
     Ok(Json(DeviceDetail {
         view: view(&s, d, series::now_ms()),
         latest_sample,

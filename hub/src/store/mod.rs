@@ -303,17 +303,26 @@ impl Store {
         last.map(|(_, v)| self.decode(v.value())).transpose()
     }
 
-    /// The seqs device `key` has stored: the first, the last and how many (fewer than
-    /// `last - first + 1` when some between them never arrived); `None` with none stored.
-    pub fn stored_range(&self, key: u32) -> Result<Option<(u64, u64, u64)>, StoreError> {
+    /// Device `key`'s newest sample, and the seqs it has stored: the first, the last and how
+    /// many (fewer than `last - first + 1` when some between them never arrived); from one
+    /// read, `None`s with none stored.
+    #[allow(clippy::type_complexity)]
+    pub fn newest_and_stored(
+        &self,
+        key: u32,
+    ) -> Result<(Option<Sample>, Option<(u64, u64, u64)>), StoreError> {
         let txn = self.db()?.begin_read()?;
         let Some(samples) = read_samples(&txn, key)? else {
-            return Ok(None);
+            return Ok((None, None));
         };
-        let (Some((first, _)), Some((last, _))) = (samples.first()?, samples.last()?) else {
-            return Ok(None);
+        let (Some((first, _)), Some((last, value))) = (samples.first()?, samples.last()?) else {
+            return Ok((None, None));
         };
-        Ok(Some((first.value(), last.value(), samples.len()?)))
+        let newest = self.decode(value.value())?;
+        Ok((
+            Some(newest),
+            Some((first.value(), last.value(), samples.len()?)),
+        ))
     }
 
     /// How many samples device `key` has in `[from_ms, to_ms)`, from two binary searches (exact
