@@ -277,6 +277,42 @@ async fn the_dashboard_in_a_real_browser() {
         ),
         (200, "image/svg+xml")
     );
+    // An anonymous caller gets every page's frame and nothing of the fleet in it: no device,
+    // label, reading, job or model; each page's data comes only from the API, which refuses it.
+    for page in [
+        "/",
+        "/ui/devices/edge-lab-1",
+        "/ui/jobs",
+        "/ui/models",
+        "/ui/runs/x",
+    ] {
+        let r = reqwest::get(format!("{url}{page}")).await.unwrap();
+        assert_eq!(r.status(), 200, "{page}");
+        let body = r.text().await.unwrap();
+        for data in [
+            "site=lab",
+            "edge-field-2",
+            "x86_64",
+            "nightly-train",
+            "holdout_rmse",
+            "pi-book",
+        ] {
+            assert!(
+                !body.contains(data),
+                "{page} holds {data:?} for an anonymous caller"
+            );
+        }
+    }
+    for path in [
+        "/api/v1/devices/edge-lab-1",
+        "/api/v1/devices/edge-lab-1/series?metric=cpu_percent",
+        "/api/v1/runs",
+        "/api/v1/models/registry",
+        "/api/v1/alerts",
+    ] {
+        let r = reqwest::get(format!("{url}{path}")).await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without a token");
+    }
     let api = reqwest::get(format!("{url}/api/v1/devices")).await.unwrap();
     assert_eq!(api.status(), 401);
 
